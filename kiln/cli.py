@@ -1,0 +1,145 @@
+"""The ``kiln`` command line: one subcommand per user verb.
+
+Errors a user can cause print one line on stderr and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kiln import __version__
+from kiln.errors import KilnError, UnsupportedOpError
+
+EXIT_USAGE = 2  # bad input: the user's file, flags or data
+EXIT_MISMATCH = 1  # the command ran, and found a numerical mismatch
+EXIT_INTERNAL = 3  # a bug in kiln
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from kiln.ir.onnx_io import format_unsupported, load_with_report
+    from kiln.ir.summary import summarize
+
+    graph, unsupported = load_with_report(args.model)
+    summary = summarize(graph, unsupported)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(summary.format())
+    if unsupported:
+        raise UnsupportedOpError(format_unsupported(unsupported, str(args.model)), unsupported)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kiln.check import check_model, parse_shape_overrides
+
+    feeds = None
+    if args.inputs:
+        feeds = _read_npz(args.inputs)
+    report = check_model(
+        args.model,
+        input_shapes=parse_shape_overrides(args.input_shape),
+        inputs=feeds,
+        seed=args.seed,
+        use_evaluator=not args.no_evaluator,
+    )
+    g = report.graph
+    print(f"imported '{g.name}': {sum(1 for _ in g.walk_nodes())} nodes, verify() ok")
+    shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in report.inputs.items())
+    print(f"inputs: {shapes}")
+    for cmp in report.comparisons:
+        status = "ok" if cmp.passed else "MISMATCH"
+        worst = max(cmp.max_abs.values(), default=0.0)
+        print(f"{cmp.name}: {status}  (max abs error {worst:.3g}; rtol {cmp.rtol:g}, atol {cmp.atol:g})")
+        for name, ok in cmp.ok.items():
+            if not ok:
+                print(f"  output '{name}' differs: max abs error {cmp.max_abs[name]:.3g}")
+    return 0 if report.passed else EXIT_MISMATCH
+
+
+def _read_npz(path: str) -> dict:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise KilnError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise KilnError(f"{p}: not a readable .npz file ({e})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    parser = argparse.ArgumentParser(
+        prog="kiln", parents=[common],
+        description="kiln: an ahead-of-time compiler for ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", parents=[common], help="summarise a model: signature, ops, parameters, MACs")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "check", parents=[common],
+        help="check that kiln imports a model faithfully (round trip and evaluator vs onnxruntime)",
+    )
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
+                   help="concrete sizes for an input with symbolic dims (repeatable)")
+    p.add_argument("--inputs", metavar="IN.npz", help="inputs keyed by graph input name (default: seeded random)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    p.add_argument("--no-evaluator", action="store_true", help="skip the reference-evaluator comparison")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kiln`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KilnError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kiln: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a raw traceback
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"kiln: internal error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

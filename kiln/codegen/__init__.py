@@ -1,0 +1,1 @@
+"""Code generation through Apache TVM (not yet built)."""

@@ -1,0 +1,18 @@
+"""kiln's graph IR and its ONNX bridge (the only part of kiln that imports onnx)."""
+
+from __future__ import annotations
+
+from kiln.ir.core import (
+    DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Graph, Node, Shape, Tensor, Use, Value, is_static,
+    is_unknown_dim,
+)
+from kiln.ir.dtypes import DType
+from kiln.ir.interpreter import Evaluator, evaluate, evaluate_node
+from kiln.ir.onnx_io import load, save_onnx, to_onnx
+from kiln.ir.shape_inference import infer_shapes
+
+__all__ = [
+    "DEFAULT_DOMAIN", "KILN_DOMAIN", "Attr", "AttrType", "DType", "Dim", "Evaluator", "Graph", "Node", "Shape",
+    "Tensor", "Use", "Value", "evaluate", "evaluate_node", "infer_shapes", "is_static", "is_unknown_dim", "load",
+    "save_onnx", "to_onnx",
+]

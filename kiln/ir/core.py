@@ -1,0 +1,706 @@
+"""kiln's graph IR: ``Graph``, ``Node``, ``Value``, ``Tensor`` and typed attributes.
+
+The IR is SSA. Every ``Value`` is defined exactly once: by a node output, as a
+graph input, or as a constant (a ``Value`` holding a ``Tensor``). Each value
+keeps its list of uses, ``(node, input index)`` pairs, and the mutation methods
+(``Node.set_input``, ``Value.replace_all_uses_with``, ``Graph.remove_node``, ...)
+keep producers and uses correct. ``Graph.verify()`` checks all of it.
+
+Shapes are tuples of dims. A dim is an ``int`` (static), or a ``str`` naming a
+symbol. Unknown dims are symbols too, each with a distinct name that starts
+with ``?`` (see :func:`is_unknown_dim`), so two unknown dims are never assumed
+equal. A shape of ``None`` means the rank itself is unknown.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from kiln.errors import GraphError
+from kiln.ir.dtypes import DType
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+DEFAULT_DOMAIN = ""
+KILN_DOMAIN = "kiln"
+
+
+def is_unknown_dim(dim: Dim) -> bool:
+    """True for a dim that is an anonymous unknown symbol (``?0``, ``?1``, ...)."""
+    return isinstance(dim, str) and dim.startswith("?")
+
+
+def is_static(shape: Shape | None) -> bool:
+    """True if the rank and every dim are known integers."""
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def normalize_domain(domain: str) -> str:
+    """Map ONNX's two spellings of the default domain to ``""``."""
+    return DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class Tensor:
+    """A constant payload: a numpy array, or a loader that reads one lazily.
+
+    External data is loaded on first access to :meth:`numpy`; ``dtype`` and
+    ``shape`` are known without loading.
+    """
+
+    __slots__ = ("name", "dtype", "shape", "_array", "_loader")
+
+    def __init__(
+        self,
+        array: np.ndarray | None = None,
+        *,
+        name: str = "",
+        dtype: DType | None = None,
+        shape: Sequence[int] | None = None,
+        loader: Callable[[], np.ndarray] | None = None,
+    ):
+        if array is None and loader is None:
+            raise ValueError("Tensor needs an array or a loader")
+        if array is not None:
+            array = np.asarray(array)
+            dtype = dtype or DType.from_numpy(array.dtype)
+            shape = array.shape
+        assert dtype is not None and shape is not None, "a lazy Tensor needs dtype and shape"
+        self.name = name
+        self.dtype: DType = dtype
+        self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
+        self._array = array
+        self._loader = loader
+
+    def numpy(self) -> np.ndarray:
+        """The payload as a numpy array, loading external data on first use."""
+        if self._array is None:
+            assert self._loader is not None
+            arr = np.asarray(self._loader())
+            if arr.shape != self.shape:
+                arr = arr.reshape(self.shape)
+            self._array = arr.astype(self.dtype.numpy, copy=False)
+            self._loader = None
+        return self._array
+
+    @property
+    def is_loaded(self) -> bool:
+        """True once the payload is in memory."""
+        return self._array is not None
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the payload."""
+        return self.size * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        dims = ",".join(str(d) for d in self.shape)
+        return f"Tensor({self.name!r}, {self.dtype}[{dims}])"
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+class AttrType(enum.Enum):
+    """The attribute kinds of ONNX, with the same numbering as ``AttributeProto``."""
+
+    FLOAT = 1
+    INT = 2
+    STRING = 3
+    TENSOR = 4
+    GRAPH = 5
+    FLOATS = 6
+    INTS = 7
+    STRINGS = 8
+    TENSORS = 9
+    GRAPHS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """A typed attribute value. Use the constructors (``Attr.ints([1, 1])``) or :meth:`infer`."""
+
+    type: AttrType
+    value: Any
+
+    @staticmethod
+    def float(v: float) -> Attr:
+        return Attr(AttrType.FLOAT, float(v))
+
+    @staticmethod
+    def int(v: int) -> Attr:
+        return Attr(AttrType.INT, int(v))
+
+    @staticmethod
+    def string(v: str) -> Attr:
+        return Attr(AttrType.STRING, str(v))
+
+    @staticmethod
+    def tensor(v: Tensor | np.ndarray) -> Attr:
+        return Attr(AttrType.TENSOR, v if isinstance(v, Tensor) else Tensor(np.asarray(v)))
+
+    @staticmethod
+    def graph(v: Graph) -> Attr:
+        return Attr(AttrType.GRAPH, v)
+
+    @staticmethod
+    def floats(v: Iterable[float]) -> Attr:
+        return Attr(AttrType.FLOATS, tuple(float(x) for x in v))
+
+    @staticmethod
+    def ints(v: Iterable[int]) -> Attr:
+        return Attr(AttrType.INTS, tuple(int(x) for x in v))
+
+    @staticmethod
+    def strings(v: Iterable[str]) -> Attr:
+        return Attr(AttrType.STRINGS, tuple(str(x) for x in v))
+
+    @staticmethod
+    def infer(v: Any) -> Attr:
+        """Build an Attr from a plain Python value, guessing its type."""
+        if isinstance(v, Attr):
+            return v
+        if isinstance(v, bool | int | np.integer):
+            return Attr.int(int(v))
+        if isinstance(v, float | np.floating):
+            return Attr.float(float(v))
+        if isinstance(v, str):
+            return Attr.string(v)
+        if isinstance(v, Tensor | np.ndarray):
+            return Attr.tensor(v)
+        if isinstance(v, Graph):
+            return Attr.graph(v)
+        if isinstance(v, list | tuple):
+            items = list(v)
+            if items and all(isinstance(x, Graph) for x in items):
+                return Attr(AttrType.GRAPHS, tuple(items))
+            if items and all(isinstance(x, Tensor | np.ndarray) for x in items):
+                return Attr(AttrType.TENSORS, tuple(Attr.tensor(x).value for x in items))
+            if items and all(isinstance(x, str) for x in items):
+                return Attr.strings(items)
+            if all(isinstance(x, bool | int | np.integer) for x in items):
+                return Attr.ints(items)
+            if all(isinstance(x, int | float | np.number) for x in items):
+                return Attr.floats(items)
+        raise TypeError(f"cannot infer an attribute type for {v!r}")
+
+    def graphs(self) -> tuple[Graph, ...]:
+        """The subgraphs this attribute holds (empty unless GRAPH or GRAPHS)."""
+        if self.type is AttrType.GRAPH:
+            return (self.value,)
+        if self.type is AttrType.GRAPHS:
+            return tuple(self.value)
+        return ()
+
+
+# --------------------------------------------------------------------------- values and nodes
+
+
+class Use(NamedTuple):
+    """One use of a value: ``node.inputs[index] is value``."""
+
+    node: Node
+    index: int
+
+
+class Value:
+    """An SSA value: a graph input, a constant, or a node output."""
+
+    __slots__ = ("name", "dtype", "shape", "producer", "index", "const", "graph", "_uses", "__weakref__")
+
+    def __init__(
+        self,
+        name: str,
+        dtype: DType | None = None,
+        shape: Shape | None = None,
+        *,
+        const: Tensor | None = None,
+    ):
+        self.name = name
+        self.dtype = dtype if dtype is not None or const is None else const.dtype
+        self.shape: Shape | None = tuple(shape) if shape is not None else (const.shape if const is not None else None)
+        self.producer: Node | None = None
+        self.index: int = 0
+        self.const: Tensor | None = const
+        self.graph: Graph | None = None
+        self._uses: list[Use] = []
+
+    # -- queries
+    @property
+    def uses(self) -> tuple[Use, ...]:
+        """The ``(node, input index)`` pairs that read this value."""
+        return tuple(self._uses)
+
+    @property
+    def users(self) -> list[Node]:
+        """The distinct nodes that read this value, in use order."""
+        seen: dict[int, Node] = {}
+        for u in self._uses:
+            seen.setdefault(id(u.node), u.node)
+        return list(seen.values())
+
+    @property
+    def is_constant(self) -> bool:
+        return self.const is not None
+
+    @property
+    def is_graph_input(self) -> bool:
+        return self.graph is not None and self.producer is None and self.const is None and self in self.graph.inputs
+
+    @property
+    def is_graph_output(self) -> bool:
+        return self.graph is not None and any(v is self for v in self.graph.outputs)
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """The constant payload; raises if the value is not a constant."""
+        if self.const is None:
+            raise GraphError(f"value '{self.name}' is not a constant")
+        return self.const.numpy()
+
+    def type_str(self) -> str:
+        """``f32[1,3,224,224]``-style type text."""
+        dt = self.dtype.short if self.dtype is not None else "?type"
+        if self.shape is None:
+            return f"{dt}[*]"
+        return f"{dt}[{','.join(str(d) for d in self.shape)}]"
+
+    # -- mutation
+    def replace_all_uses_with(self, other: Value, *, graph_outputs: bool = True) -> None:
+        """Make every reader of this value read ``other`` instead.
+
+        With ``graph_outputs`` (the default) a graph output that is this value
+        becomes ``other`` too, in the owning graph and in its subgraphs.
+        """
+        if other is self:
+            return
+        for use in list(self._uses):
+            use.node.set_input(use.index, other)
+        if graph_outputs and self.graph is not None:
+            for g in self.graph.walk_graphs():
+                g.outputs = [other if v is self else v for v in g.outputs]
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type_str()}"
+
+
+class Node:
+    """One operation: op type, domain, inputs, outputs and typed attributes.
+
+    Missing optional inputs are ``None``. Subgraphs (If/Loop/Scan bodies) live
+    in GRAPH attributes, and their ``parent_node`` points back here.
+    """
+
+    __slots__ = ("op_type", "domain", "name", "_inputs", "outputs", "attrs", "graph", "doc", "__weakref__")
+
+    def __init__(
+        self,
+        op_type: str,
+        inputs: Sequence[Value | None] = (),
+        attrs: dict[str, Any] | None = None,
+        *,
+        domain: str = DEFAULT_DOMAIN,
+        outputs: Sequence[Value | str] | int = 1,
+        name: str = "",
+    ):
+        self.op_type = op_type
+        self.domain = normalize_domain(domain)
+        self.name = name
+        self.graph: Graph | None = None
+        self.doc = ""
+        self.attrs: dict[str, Attr] = {k: Attr.infer(v) for k, v in (attrs or {}).items()}
+        self._inputs: list[Value | None] = []
+        for v in inputs:
+            self._append_input(v)
+        if isinstance(outputs, int):
+            outputs = [""] * outputs
+        self.outputs: list[Value] = []
+        for i, o in enumerate(outputs):
+            value = o if isinstance(o, Value) else Value(o)
+            if value.producer is not None:
+                raise GraphError(f"value '{value.name}' already has a producer ({value.producer.op_type})")
+            value.producer, value.index = self, i
+            self.outputs.append(value)
+        for sub in self.subgraphs():
+            sub.parent_node = self
+
+    # -- inputs and use-def
+    def _append_input(self, v: Value | None) -> None:
+        idx = len(self._inputs)
+        self._inputs.append(v)
+        if v is not None:
+            v._uses.append(Use(self, idx))
+
+    @property
+    def inputs(self) -> tuple[Value | None, ...]:
+        return tuple(self._inputs)
+
+    def input(self, i: int) -> Value | None:
+        """Input ``i``, or None if it is absent or past the end."""
+        return self._inputs[i] if i < len(self._inputs) else None
+
+    def set_input(self, i: int, v: Value | None) -> None:
+        """Replace input ``i``, keeping both values' use lists correct."""
+        old = self._inputs[i]
+        if old is v:
+            return
+        if old is not None:
+            old._uses.remove(Use(self, i))
+        self._inputs[i] = v
+        if v is not None:
+            v._uses.append(Use(self, i))
+
+    def set_inputs(self, values: Sequence[Value | None]) -> None:
+        """Replace the whole input list."""
+        self.detach_inputs()
+        for v in values:
+            self._append_input(v)
+
+    def replace_input_with(self, old: Value, new: Value) -> None:
+        """Replace every occurrence of ``old`` among the inputs with ``new``."""
+        for i, v in enumerate(self._inputs):
+            if v is old:
+                self.set_input(i, new)
+
+    def detach_inputs(self) -> None:
+        """Drop all inputs, removing this node from their use lists."""
+        for i, v in enumerate(self._inputs):
+            if v is not None:
+                v._uses.remove(Use(self, i))
+        self._inputs = []
+
+    # -- attributes and subgraphs
+    def attr(self, name: str, default: Any = None) -> Any:
+        """The plain value of attribute ``name``, or ``default``."""
+        a = self.attrs.get(name)
+        return default if a is None else a.value
+
+    def set_attr(self, name: str, value: Any) -> None:
+        """Set an attribute from a plain value or an ``Attr``."""
+        a = Attr.infer(value)
+        self.attrs[name] = a
+        for sub in a.graphs():
+            sub.parent_node = self
+
+    def subgraphs(self) -> Iterator[Graph]:
+        """The subgraphs held in this node's attributes."""
+        for a in self.attrs.values():
+            yield from a.graphs()
+
+    @property
+    def qualified_op(self) -> str:
+        """``op_type`` for the default domain, else ``domain::op_type``."""
+        return self.op_type if self.domain == DEFAULT_DOMAIN else f"{self.domain}::{self.op_type}"
+
+    def label(self) -> str:
+        """How errors name this node: ``'name' (Op)``."""
+        return f"'{self.name}' ({self.qualified_op})" if self.name else f"<unnamed> ({self.qualified_op})"
+
+    def __repr__(self) -> str:
+        outs = ", ".join(f"%{o.name}" for o in self.outputs)
+        ins = ", ".join("None" if v is None else f"%{v.name}" for v in self._inputs)
+        return f"<Node {outs} = {self.qualified_op}({ins})>"
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+class _Names:
+    """The names in use in one namespace of a model, shared by a graph and its subgraphs.
+
+    Value names and node names are separate namespaces, as in ONNX.
+    """
+
+    __slots__ = ("used", "_counter")
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self._counter = itertools.count()
+
+    def fresh(self, base: str) -> str:
+        base = base or "v"
+        if base not in self.used:
+            self.used.add(base)
+            return base
+        while True:
+            name = f"{base}_{next(self._counter)}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+    def claim(self, name: str) -> str:
+        """``name`` itself if it is free (and mark it used), else a fresh variant."""
+        return self.fresh(name)
+
+
+class Graph:
+    """A computation graph: nodes in topological order, inputs, outputs, constants, opsets.
+
+    The top-level graph also carries model-level facts (``ir_version``,
+    ``producer``, ``metadata``). A subgraph has ``parent_node`` set and shares
+    its model's opset and name table.
+    """
+
+    __slots__ = (
+        "name", "inputs", "outputs", "_nodes", "constants", "opset", "parent_node",
+        "ir_version", "producer", "doc", "metadata", "_names", "_node_names", "__weakref__",
+    )
+
+    def __init__(
+        self,
+        name: str = "main",
+        *,
+        opset: dict[str, int] | None = None,
+        parent_node: Node | None = None,
+        names: tuple[_Names, _Names] | None = None,
+    ):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self._nodes: list[Node] = []
+        self.constants: dict[str, Value] = {}
+        self.opset: dict[str, int] = {normalize_domain(k): v for k, v in (opset or {}).items()}
+        self.parent_node = parent_node
+        self.ir_version: int | None = None
+        self.producer = ""
+        self.doc = ""
+        self.metadata: dict[str, str] = {}
+        self._names, self._node_names = names or (_Names(), _Names())
+
+    # -- structure
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The nodes in topological order (a snapshot; mutate through methods)."""
+        return tuple(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(tuple(self._nodes))
+
+    @property
+    def parent_graph(self) -> Graph | None:
+        return self.parent_node.graph if self.parent_node is not None else None
+
+    @property
+    def root(self) -> Graph:
+        g = self
+        while g.parent_graph is not None:
+            g = g.parent_graph
+        return g
+
+    @property
+    def model_opset(self) -> dict[str, int]:
+        """The opset imports in force for this graph (its root's)."""
+        return self.root.opset
+
+    def walk_graphs(self) -> Iterator[Graph]:
+        """This graph, then every subgraph below it, depth first."""
+        yield self
+        for n in self._nodes:
+            for sub in n.subgraphs():
+                yield from sub.walk_graphs()
+
+    def walk_nodes(self) -> Iterator[Node]:
+        """Every node in this graph and its subgraphs."""
+        for g in self.walk_graphs():
+            yield from g._nodes
+
+    def values(self) -> Iterator[Value]:
+        """Every value defined in this graph (not subgraphs): inputs, constants, node outputs."""
+        yield from self.inputs
+        yield from self.constants.values()
+        for n in self._nodes:
+            yield from n.outputs
+
+    def subgraph(self, name: str) -> Graph:
+        """A new empty subgraph sharing this model's name table (attach it with ``Node.set_attr``)."""
+        return Graph(name, names=(self._names, self._node_names))
+
+    # -- names
+    def fresh_name(self, base: str) -> str:
+        """A value name not yet used anywhere in this model."""
+        return self._names.fresh(base)
+
+    def _claim(self, value: Value, base: str) -> None:
+        value.name = self._names.claim(value.name or base)
+
+    # -- building
+    def add_input(self, name: str, dtype: DType, shape: Shape | None) -> Value:
+        """Append a graph input."""
+        v = Value(name, dtype, shape)
+        self._claim(v, "input")
+        v.graph = self
+        self.inputs.append(v)
+        return v
+
+    def add_constant(self, data: np.ndarray | Tensor, name: str = "const") -> Value:
+        """Add a constant value holding ``data``; the name is made unique."""
+        tensor = data if isinstance(data, Tensor) else Tensor(np.asarray(data))
+        v = Value(name, const=tensor)
+        self._claim(v, "const")
+        tensor.name = v.name
+        v.graph = self
+        self.constants[v.name] = v
+        return v
+
+    def remove_constant(self, value: Value) -> None:
+        """Remove an unused constant."""
+        if value._uses:
+            raise GraphError(f"constant '{value.name}' still has {len(value._uses)} use(s)")
+        self.constants.pop(value.name, None)
+        value.graph = None
+
+    def _adopt(self, node: Node) -> None:
+        if node.graph is not None:
+            raise GraphError(f"node {node.label()} already belongs to graph '{node.graph.name}'")
+        node.graph = self
+        node.name = self._node_names.claim(node.name or node.op_type.lower())
+        for o in node.outputs:
+            self._claim(o, f"{node.name}_out")
+            o.graph = self
+
+    def append(self, node: Node) -> Node:
+        """Add ``node`` at the end of the graph."""
+        self._adopt(node)
+        self._nodes.append(node)
+        return node
+
+    def insert_before(self, anchor: Node, node: Node) -> Node:
+        """Add ``node`` just before ``anchor``."""
+        idx = self._index(anchor)
+        self._adopt(node)
+        self._nodes.insert(idx, node)
+        return node
+
+    def insert_after(self, anchor: Node, node: Node) -> Node:
+        """Add ``node`` just after ``anchor``."""
+        idx = self._index(anchor)
+        self._adopt(node)
+        self._nodes.insert(idx + 1, node)
+        return node
+
+    def make_node(
+        self,
+        op_type: str,
+        inputs: Sequence[Value | None],
+        attrs: dict[str, Any] | None = None,
+        *,
+        domain: str = DEFAULT_DOMAIN,
+        num_outputs: int = 1,
+        name: str = "",
+        before: Node | None = None,
+    ) -> Node:
+        """Create a node and add it to the graph (at the end, or before ``before``)."""
+        node = Node(op_type, inputs, attrs, domain=domain, outputs=num_outputs, name=name)
+        return self.insert_before(before, node) if before is not None else self.append(node)
+
+    def _index(self, node: Node) -> int:
+        for i, n in enumerate(self._nodes):
+            if n is node:
+                return i
+        raise GraphError(f"node {node.label()} is not in graph '{self.name}'")
+
+    def remove_node(self, node: Node, *, force: bool = False) -> None:
+        """Remove ``node``, detaching it from its inputs' use lists.
+
+        Refuses while its outputs still have uses or are graph outputs, unless
+        ``force`` is set (the caller then owns the dangling readers).
+        """
+        if not force:
+            for o in node.outputs:
+                if o._uses:
+                    users = ", ".join(u.node.label() for u in o._uses[:3])
+                    raise GraphError(f"cannot remove {node.label()}: output '{o.name}' is still used by {users}")
+                if o.is_graph_output:
+                    raise GraphError(f"cannot remove {node.label()}: output '{o.name}' is a graph output")
+        self._nodes.pop(self._index(node))
+        node.detach_inputs()
+        node.graph = None
+
+    def set_nodes(self, nodes: Sequence[Node]) -> None:
+        """Reorder the graph's nodes (same set, new order), e.g. after a topological sort."""
+        if {id(n) for n in nodes} != {id(n) for n in self._nodes} or len(nodes) != len(self._nodes):
+            raise GraphError("set_nodes must be given exactly the graph's nodes")
+        self._nodes = list(nodes)
+
+    # -- analysis helpers
+    def to_networkx(self) -> Any:
+        """A ``networkx.DiGraph`` of this graph's nodes, an edge per producer→consumer.
+
+        Nodes are keyed by node name and carry the ``Node`` as the ``node``
+        attribute. Uses from inside subgraphs count as uses by the owning node.
+        """
+        import networkx as nx
+
+        dg = nx.DiGraph()
+        for n in self._nodes:
+            dg.add_node(n.name, node=n)
+        for n in self._nodes:
+            for v in _free_inputs(n):
+                p = v.producer
+                if p is not None and p.graph is self:
+                    dg.add_edge(p.name, n.name, value=v.name)
+        return dg
+
+    def sort(self) -> None:
+        """Put the nodes in topological order; raises ``GraphError`` on a cycle."""
+        import networkx as nx
+
+        dg = self.to_networkx()
+        position = {n.name: i for i, n in enumerate(self._nodes)}
+        try:
+            order = list(nx.lexicographical_topological_sort(dg, key=lambda k: position[k]))
+        except nx.NetworkXUnfeasible:
+            cycle = nx.find_cycle(dg)
+            names = " -> ".join(e[0] for e in cycle) + f" -> {cycle[0][0]}"
+            raise GraphError(f"graph '{self.name}' has a cycle: {names}") from None
+        self._nodes = [dg.nodes[k]["node"] for k in order]
+
+    def verify(self) -> None:
+        """Check the IR's invariants; raises ``VerifyError`` naming the first problems."""
+        from kiln.ir.verify import verify_graph
+
+        verify_graph(self)
+
+    def __str__(self) -> str:
+        from kiln.ir.printer import format_graph
+
+        return format_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self._nodes)} nodes, {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
+
+
+def _free_inputs(node: Node) -> Iterator[Value]:
+    """The values ``node`` reads: its inputs, plus outer values its subgraphs read."""
+    for v in node.inputs:
+        if v is not None:
+            yield v
+    for sub in node.subgraphs():
+        inner = {id(v) for g in sub.walk_graphs() for v in g.values()}
+        for n in sub.walk_nodes():
+            for v in n.inputs:
+                if v is not None and id(v) not in inner:
+                    yield v
+        for g in sub.walk_graphs():
+            for v in g.outputs:
+                if id(v) not in inner:
+                    yield v

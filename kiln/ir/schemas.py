@@ -1,0 +1,146 @@
+"""Op schemas and op support.
+
+Standard ops (the ``ai.onnx`` and ``ai.onnx.ml`` domains) are checked against
+onnx's own schemas. kiln's own ops (the ``kiln`` domain) are declared here with
+:func:`register_kiln_op`, which records their signature and the numpy function
+the evaluator runs.
+
+"Supported" means kiln can evaluate the op: onnx's reference implementation
+has it (directly or through the op's function body), or it is a registered
+kiln op.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx.defs
+from onnx.reference.ops import load_op as _load_std_op
+from onnx.reference.ops.aionnxml import load_op as _load_ml_op
+
+from kiln.ir.core import DEFAULT_DOMAIN, KILN_DOMAIN, AttrType, Node
+
+ML_DOMAIN = "ai.onnx.ml"
+
+
+@dataclass(frozen=True)
+class KilnOp:
+    """The schema of an op in the ``kiln`` domain, with its numpy implementation.
+
+    ``impl(*inputs, **attrs)`` returns a tuple of arrays, one per output.
+    ``attrs`` maps attribute names to their type and default (``None``: required).
+    ``infer(node)``, when given, returns ``(dtype, shape)`` per output for shape
+    inference.
+    """
+
+    name: str
+    impl: Callable[..., tuple]
+    num_inputs: tuple[int, int]
+    num_outputs: tuple[int, int] = (1, 1)
+    attrs: dict[str, tuple[AttrType, object]] = field(default_factory=dict)
+    doc: str = ""
+    infer: Callable[[Node], list[tuple]] | None = None
+
+
+KILN_OPS: dict[str, KilnOp] = {}
+
+
+def register_kiln_op(
+    name: str,
+    *,
+    inputs: tuple[int, int],
+    outputs: tuple[int, int] = (1, 1),
+    attrs: dict[str, tuple[AttrType, object]] | None = None,
+    infer: Callable[[Node], list[tuple]] | None = None,
+) -> Callable[[Callable[..., tuple]], Callable[..., tuple]]:
+    """Decorator: declare ``kiln::name`` with the decorated numpy function as its semantics."""
+
+    def wrap(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+        if name in KILN_OPS and KILN_OPS[name].impl is not fn:
+            raise ValueError(f"kiln op '{name}' is registered twice")
+        KILN_OPS[name] = KilnOp(name, fn, inputs, outputs, dict(attrs or {}), (fn.__doc__ or "").strip(), infer)
+        return fn
+
+    return wrap
+
+
+def onnx_schema(domain: str, op_type: str, version: int) -> onnx.defs.OpSchema | None:
+    """onnx's schema for a standard op at an opset version, or None."""
+    try:
+        return onnx.defs.get_schema(op_type, version, domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def is_supported(domain: str, op_type: str, version: int) -> bool:
+    """True if kiln can evaluate ``domain::op_type`` at opset ``version``."""
+    if domain == KILN_DOMAIN:
+        return op_type in KILN_OPS
+    if domain not in (DEFAULT_DOMAIN, ML_DOMAIN):
+        return False
+    schema = onnx_schema(domain, op_type, version)
+    if schema is None:
+        return False
+    try:
+        (_load_ml_op if domain == ML_DOMAIN else _load_std_op)(domain, op_type, version)
+        return True
+    except Exception:  # noqa: BLE001 - onnx raises several types for "no kernel"
+        # ops defined by a function body are expanded by the reference evaluator
+        return bool(schema.has_function or schema.has_context_dependent_function)
+
+
+def check_node(node: Node, opset: dict[str, int]) -> list[str]:
+    """Schema problems of one node, as readable strings (empty if it fits)."""
+    if node.domain == KILN_DOMAIN:
+        return _check_kiln(node)
+    if node.domain not in opset:
+        return [f"domain '{node.domain or 'ai.onnx'}' is not in the model's opset imports"]
+    schema = onnx_schema(node.domain, node.op_type, opset[node.domain])
+    if schema is None:
+        return [f"no schema for {node.qualified_op} at opset {opset[node.domain]}"]
+    problems: list[str] = []
+    n_in = len(node.inputs)
+    while n_in and node.inputs[n_in - 1] is None:
+        n_in -= 1
+    if not schema.min_input <= n_in <= schema.max_input:
+        problems.append(f"has {n_in} inputs, schema allows {schema.min_input}..{schema.max_input}")
+    if not schema.min_output <= len(node.outputs) <= schema.max_output:
+        problems.append(
+            f"has {len(node.outputs)} outputs, schema allows {schema.min_output}..{schema.max_output}"
+        )
+    for name, a in node.attrs.items():
+        spec = schema.attributes.get(name)
+        if spec is None:
+            problems.append(f"unknown attribute '{name}'")
+        elif spec.type.value != a.type.value:
+            problems.append(f"attribute '{name}' is {a.type.name}, schema wants {spec.type.name}")
+    for name, spec in schema.attributes.items():
+        if spec.required and name not in node.attrs:
+            problems.append(f"missing required attribute '{name}'")
+    return problems
+
+
+def _check_kiln(node: Node) -> list[str]:
+    op = KILN_OPS.get(node.op_type)
+    if op is None:
+        return [f"no kiln op named '{node.op_type}'"]
+    problems = []
+    lo, hi = op.num_inputs
+    if not lo <= len(node.inputs) <= hi:
+        problems.append(f"has {len(node.inputs)} inputs, kiln::{op.name} takes {lo}..{hi}")
+    lo, hi = op.num_outputs
+    if not lo <= len(node.outputs) <= hi:
+        problems.append(f"has {len(node.outputs)} outputs, kiln::{op.name} gives {lo}..{hi}")
+    for name, a in node.attrs.items():
+        spec = op.attrs.get(name)
+        if spec is None:
+            problems.append(f"unknown attribute '{name}'")
+        elif spec[0] is not a.type:
+            problems.append(f"attribute '{name}' is {a.type.name}, kiln::{op.name} wants {spec[0].name}")
+    for name, (_, default) in op.attrs.items():
+        if default is None and name not in node.attrs:
+            problems.append(f"missing required attribute '{name}'")
+    return problems

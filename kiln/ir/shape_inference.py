@@ -1,0 +1,251 @@
+"""Dtype and shape inference for kiln graphs.
+
+First onnx's own inference runs, in strict mode with data propagation (so a
+``Shape → Gather → Concat → Reshape`` chain yields a static shape). If strict
+mode rejects the model, the lenient mode runs instead. Then kiln fills the gaps
+onnx leaves with its own rules:
+
+- ``If``: the outputs take the branches' types, with the dims the branches agree on;
+- a node whose inputs are all (small) constants is evaluated to get its type;
+- unary and broadcasting elementwise ops, ``Cast`` and ``Identity``;
+- kiln-domain ops use the ``infer`` function they were registered with.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from kiln.ir import schemas
+from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim
+from kiln.ir.dtypes import DType
+
+_EVAL_LIMIT = 1 << 16  # elements: evaluate all-constant nodes only when inputs are small
+
+UNARY_OPS = frozenset(
+    "Abs Acos Acosh Asin Asinh Atan Atanh Ceil Celu Cos Cosh Elu Erf Exp Floor Gelu HardSigmoid HardSwish "
+    "Identity IsInf IsNaN LeakyRelu Log LogSoftmax LpNormalization Mish Neg Not Reciprocal Relu Round Selu "
+    "Shrink Sigmoid Sign Sin Sinh Softmax Softplus Softsign Sqrt Tan Tanh ThresholdedRelu Clip Hardmax".split()
+)
+BROADCAST_OPS = frozenset("Add Sub Mul Div Pow Mod PRelu Max Min Sum Mean BitShift BitwiseAnd BitwiseOr BitwiseXor".split())
+COMPARE_OPS = frozenset("Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor".split())
+_BOOL_OUT = frozenset({"IsInf", "IsNaN", "Not"}) | COMPARE_OPS
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"})
+
+
+class _Unknowns:
+    """Hands out fresh unknown-dim names (``?N``) not used anywhere in the graph."""
+
+    def __init__(self, graph: Graph):
+        top = -1
+        for g in graph.walk_graphs():
+            for v in g.values():
+                for d in v.shape or ():
+                    m = re.fullmatch(r"\?(\d+)", d) if isinstance(d, str) else None
+                    if m:
+                        top = max(top, int(m.group(1)))
+        self._next = top + 1
+
+    def fresh(self) -> str:
+        name = f"?{self._next}"
+        self._next += 1
+        return name
+
+
+def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
+    """Fill in every value's dtype and shape that can be inferred, in place.
+
+    ``model`` is the graph's ONNX form when the caller already has it (import
+    does); otherwise the graph is exported without its weights for onnx.
+    """
+    from kiln.ir.onnx_io import to_onnx
+
+    proto = model if model is not None else to_onnx(graph, weights=False)
+    inferred = _onnx_infer(proto)
+    unknowns = _Unknowns(graph)
+    if inferred is not None:
+        types = _collect_types(inferred.graph)
+        for g in graph.walk_graphs():
+            for n in g.nodes:
+                for o in n.outputs:
+                    if o.name and o.name in types:
+                        _merge(o, *types[o.name], unknowns)
+            for v in g.outputs:
+                if v.name in types and v.producer is None and not v.is_constant:
+                    _merge(v, *types[v.name], unknowns)
+    for g in graph.walk_graphs():
+        _kiln_rules(g, unknowns)
+
+
+def _onnx_infer(proto: ModelProto) -> ModelProto | None:
+    for strict in (True, False):
+        try:
+            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
+        except Exception:  # noqa: BLE001 - InferenceError, ValidationError, RuntimeError...
+            continue
+    return None
+
+
+def _collect_types(gp: onnx.GraphProto) -> dict[str, tuple[DType | None, Shape | None]]:
+    out: dict[str, tuple[DType | None, Shape | None]] = {}
+
+    def visit(g: onnx.GraphProto) -> None:
+        for vi in list(g.value_info) + list(g.output):
+            tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+            if tt is None:
+                continue
+            try:
+                dtype = DType.from_onnx(tt.elem_type) if tt.elem_type else None
+            except KeyError:
+                dtype = None
+            shape: tuple | None = None
+            if tt.HasField("shape"):
+                dims: list[int | str | None] = []
+                for d in tt.shape.dim:
+                    if d.HasField("dim_value") and d.dim_value >= 0:
+                        dims.append(int(d.dim_value))
+                    elif d.HasField("dim_param") and d.dim_param not in ("", "?", "-1") and not d.dim_param.startswith("unk__"):
+                        dims.append(d.dim_param)
+                    else:
+                        dims.append(None)
+                shape = tuple(dims)
+            out[vi.name] = (dtype, shape)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                for sg in a.graphs:
+                    visit(sg)
+
+    visit(gp)
+    return out
+
+
+def _merge(v: Value, dtype: DType | None, shape: tuple | None, unknowns: _Unknowns) -> None:
+    """Combine what is known of ``v`` with an inferred type; known facts win over unknowns."""
+    if v.dtype is None:
+        v.dtype = dtype
+    if shape is None:
+        return
+    if v.shape is None or len(v.shape) != len(shape):
+        v.shape = tuple(unknowns.fresh() if d is None else d for d in shape)
+        return
+    merged: list[int | str] = []
+    for old, new in zip(v.shape, shape):
+        if isinstance(old, int):
+            merged.append(old)
+        elif isinstance(new, int):
+            merged.append(new)
+        elif new is not None and is_unknown_dim(old):
+            merged.append(new)
+        else:
+            merged.append(old)
+    v.shape = tuple(merged)
+
+
+def _known(v: Value | None) -> bool:
+    return v is not None and v.dtype is not None and v.shape is not None
+
+
+def broadcast_shapes(shapes: list[Shape], unknowns: _Unknowns | None = None) -> Shape | None:
+    """Numpy-style broadcast of kiln shapes; symbolic dims broadcast against 1 and themselves."""
+    rank = max(len(s) for s in shapes)
+    out: list[int | str] = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        non_one = [d for d in dims if d != 1]
+        if not non_one:
+            out.append(1)
+            continue
+        ints = {d for d in non_one if isinstance(d, int)}
+        if len(ints) > 1:
+            return None  # incompatible; leave it to the schema checks
+        syms = {d for d in non_one if isinstance(d, str)}
+        if ints:
+            out.append(ints.pop())
+        elif len(syms) == 1:
+            out.append(syms.pop())
+        else:
+            out.append(unknowns.fresh() if unknowns else "?")
+    return tuple(out)
+
+
+def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
+    for node in g.nodes:
+        outs = [o for o in node.outputs if o.name]
+        if all(_known(o) for o in outs):
+            continue
+        if node.op_type == "If" and node.domain == "":
+            _infer_if(node, unknowns)
+        elif node.domain == KILN_DOMAIN:
+            op = schemas.KILN_OPS.get(node.op_type)
+            if op is not None and op.infer is not None:
+                for o, (dt, sh) in zip(node.outputs, op.infer(node)):
+                    _merge(o, dt, sh, unknowns)
+        if all(_known(o) for o in outs):
+            continue
+        if _all_small_constants(node):
+            _infer_by_evaluation(node, unknowns)
+        elif node.domain == "":
+            _infer_elementwise(node, unknowns)
+
+
+def _infer_if(node: Node, unknowns: _Unknowns) -> None:
+    branches = [node.attr("then_branch"), node.attr("else_branch")]
+    if any(b is None for b in branches):
+        return
+    for i, o in enumerate(node.outputs):
+        a, b = (br.outputs[i] if i < len(br.outputs) else None for br in branches)
+        if a is None or b is None:
+            continue
+        dtype = a.dtype or b.dtype
+        shape: tuple | None = None
+        if a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape):
+            shape = tuple(x if x == y else None for x, y in zip(a.shape, b.shape))
+        _merge(o, dtype, shape, unknowns)
+
+
+def _all_small_constants(node: Node) -> bool:
+    if node.op_type in _RANDOM_OPS or any(True for _ in node.subgraphs()):
+        return False
+    ins = [v for v in node.inputs if v is not None]
+    return bool(ins) and all(v.is_constant and v.const is not None and v.const.size <= _EVAL_LIMIT for v in ins)
+
+
+def _infer_by_evaluation(node: Node, unknowns: _Unknowns) -> None:
+    from kiln.ir.interpreter import evaluate_node
+
+    try:
+        results = evaluate_node(node, {})
+    except Exception:  # noqa: BLE001 - inference is best effort; verify() reports what stays unknown
+        return
+    for o, r in zip([o for o in node.outputs if o.name], results):
+        arr = np.asarray(r)
+        try:
+            _merge(o, DType.from_numpy(arr.dtype), arr.shape, unknowns)
+        except KeyError:
+            continue
+
+
+def _infer_elementwise(node: Node, unknowns: _Unknowns) -> None:
+    op = node.op_type
+    ins = [v for v in node.inputs if v is not None]
+    if not ins or not node.outputs:
+        return
+    out = node.outputs[0]
+    if op in UNARY_OPS or op == "Dropout":
+        x = ins[0]
+        _merge(out, DType.BOOL if op in _BOOL_OUT else x.dtype, x.shape, unknowns)
+    elif op == "Cast":
+        _merge(out, DType.from_onnx(node.attr("to")), ins[0].shape, unknowns)
+    elif op == "CastLike" and len(ins) == 2:
+        _merge(out, ins[1].dtype, ins[0].shape, unknowns)
+    elif op in BROADCAST_OPS or op in COMPARE_OPS or op == "Where":
+        data = ins[1:] if op == "Where" else ins
+        dtype = DType.BOOL if op in COMPARE_OPS else data[0].dtype
+        shapes = [v.shape for v in ins]
+        shape = broadcast_shapes(shapes, unknowns) if all(s is not None for s in shapes) else None  # type: ignore[arg-type]
+        _merge(out, dtype, shape, unknowns)

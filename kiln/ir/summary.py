@@ -1,0 +1,210 @@
+"""What ``kiln inspect`` reports about a graph: signature, op histogram, parameters, MACs.
+
+MAC counts are polynomials in the graph's symbolic dims: a Conv whose output is
+``[N, 64, H, W]`` costs ``k·N·H·W`` MACs, reported as such rather than guessed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln.ir.core import Graph, Node, Shape, Value
+
+
+class Poly:
+    """A polynomial with integer coefficients over dim symbols: ``{(sym, ...): coeff}``."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: dict[tuple[str, ...], int] | None = None):
+        self.terms = {k: v for k, v in (terms or {}).items() if v}
+
+    @staticmethod
+    def product(dims: Shape) -> Poly:
+        coeff, syms = 1, []
+        for d in dims:
+            if isinstance(d, int):
+                coeff *= d
+            else:
+                syms.append(d)
+        return Poly({tuple(sorted(syms)): coeff})
+
+    def __add__(self, other: Poly) -> Poly:
+        out = dict(self.terms)
+        for k, v in other.terms.items():
+            out[k] = out.get(k, 0) + v
+        return Poly(out)
+
+    def __mul__(self, k: int) -> Poly:
+        return Poly({s: c * k for s, c in self.terms.items()})
+
+    @property
+    def is_constant(self) -> bool:
+        return all(not s for s in self.terms)
+
+    def constant(self) -> int:
+        return self.terms.get((), 0)
+
+    def __str__(self) -> str:
+        if not self.terms:
+            return "0"
+        parts = []
+        for syms, c in sorted(self.terms.items(), key=lambda kv: (len(kv[0]), kv[0])):
+            factor = "·".join(syms)
+            parts.append(human(c) + (f"·{factor}" if factor else ""))
+        return " + ".join(parts)
+
+    def to_json(self) -> Any:
+        if self.is_constant:
+            return self.constant()
+        return [{"coeff": c, "dims": list(s)} for s, c in sorted(self.terms.items())]
+
+
+def human(n: float, unit: str = "") -> str:
+    """``1234567`` → ``1.23 M``; keeps small numbers exact."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {suffix}{unit}".rstrip()
+    return f"{n:g}{(' ' + unit) if unit else ''}"
+
+
+@dataclass
+class Summary:
+    """Everything ``kiln inspect`` prints."""
+
+    name: str
+    producer: str
+    ir_version: int | None
+    opset: dict[str, int]
+    inputs: list[Value]
+    outputs: list[Value]
+    op_counts: Counter
+    num_nodes: int
+    num_subgraphs: int
+    params: int
+    param_bytes: int
+    fill_params: int  # weights held as ConstantOfShape fills (counted in params)
+    macs: dict[str, Poly]
+    unsupported: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    @property
+    def total_macs(self) -> Poly:
+        total = Poly()
+        for p in self.macs.values():
+            total = total + p
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        def sig(v: Value) -> dict[str, Any]:
+            return {"name": v.name, "dtype": v.dtype.name.lower() if v.dtype else None,
+                    "shape": None if v.shape is None else list(v.shape)}
+
+        return {
+            "graph": self.name,
+            "producer": self.producer,
+            "ir_version": self.ir_version,
+            "opsets": {d or "ai.onnx": v for d, v in sorted(self.opset.items())},
+            "inputs": [sig(v) for v in self.inputs],
+            "outputs": [sig(v) for v in self.outputs],
+            "nodes": self.num_nodes,
+            "subgraphs": self.num_subgraphs,
+            "ops": dict(self.op_counts.most_common()),
+            "parameters": {"count": self.params, "bytes": self.param_bytes, "constant_of_shape_fills": self.fill_params},
+            "macs": {"total": self.total_macs.to_json(), **{k: v.to_json() for k, v in sorted(self.macs.items())}},
+            "unsupported": [
+                {"domain": d or "ai.onnx", "op": op, "nodes": nodes} for (d, op), nodes in sorted(self.unsupported.items())
+            ],
+        }
+
+    def format(self) -> str:
+        """The human-readable report."""
+
+        def sig(v: Value) -> str:
+            return f"    {v.name}: {v.type_str()}"
+
+        lines = [f"graph '{self.name}'" + (f"  (producer: {self.producer})" if self.producer else "")]
+        lines.append("  opsets: " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in sorted(self.opset.items()))
+                     + (f"   ir_version {self.ir_version}" if self.ir_version else ""))
+        lines.append("  inputs:")
+        lines += [sig(v) for v in self.inputs]
+        lines.append("  outputs:")
+        lines += [sig(v) for v in self.outputs]
+        sub = f", {self.num_subgraphs} subgraphs" if self.num_subgraphs else ""
+        lines.append(f"  nodes: {self.num_nodes}{sub}")
+        width = max((len(op) for op in self.op_counts), default=0)
+        for op, n in self.op_counts.most_common():
+            lines.append(f"    {op.ljust(width)}  {n}")
+        fills = f", {human(self.fill_params)} of them as ConstantOfShape fills" if self.fill_params else ""
+        lines.append(f"  parameters: {human(self.params)} ({human(self.param_bytes, 'B')}){fills}")
+        lines.append(f"  MACs: {self.total_macs}")
+        for op, p in sorted(self.macs.items()):
+            lines.append(f"    {op}: {p}")
+        if self.unsupported:
+            lines.append("  unsupported ops:")
+            for (d, op), nodes in sorted(self.unsupported.items()):
+                lines.append(f"    {d or 'ai.onnx'}::{op}  ({len(nodes)} nodes: {', '.join(nodes[:5])})")
+        return "\n".join(lines)
+
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def node_macs(node: Node) -> Poly | None:
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul node, if its shapes are known."""
+    if node.domain != "" or node.op_type not in MAC_OPS:
+        return None
+    x, w = node.input(0), node.input(1)
+    y = node.outputs[0]
+    if x is None or w is None or x.shape is None or w.shape is None or y.shape is None:
+        return None
+    op = node.op_type
+    if op == "Conv":
+        return Poly.product(y.shape) * _static_product(w.shape[1:])
+    if op == "ConvTranspose":
+        return Poly.product(x.shape) * _static_product(w.shape[1:])
+    if op == "Gemm":
+        k = x.shape[0] if node.attr("transA", 0) else x.shape[-1]
+        return Poly.product((*y.shape, k))
+    # MatMul: the contracted dim is the last of A
+    return Poly.product((*y.shape, x.shape[-1]))
+
+
+def _static_product(dims: Shape) -> int:
+    return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64))
+
+
+def summarize(graph: Graph, unsupported: dict[tuple[str, str], list[str]] | None = None) -> Summary:
+    """Build the inspect report for ``graph`` (and its subgraphs)."""
+    op_counts: Counter = Counter()
+    macs: dict[str, Poly] = {}
+    params = param_bytes = fills = 0
+    nodes = 0
+    subgraphs = sum(1 for _ in graph.walk_graphs()) - 1
+    for g in graph.walk_graphs():
+        for v in g.constants.values():
+            assert v.const is not None
+            params += v.const.size
+            param_bytes += v.const.nbytes
+        for n in g.nodes:
+            nodes += 1
+            op_counts[n.qualified_op] += 1
+            m = node_macs(n)
+            if m is not None:
+                macs[n.op_type] = macs.get(n.op_type, Poly()) + m
+            shape = n.input(0)
+            if n.op_type == "ConstantOfShape" and shape is not None and shape.is_constant and n.outputs[0].uses:
+                count = int(np.prod(shape.numpy(), dtype=np.int64))
+                fills += count
+                params += count
+                dtype = n.outputs[0].dtype
+                param_bytes += count * (dtype.itemsize if dtype else 4)
+    return Summary(
+        name=graph.name, producer=graph.producer, ir_version=graph.ir_version, opset=dict(graph.opset),
+        inputs=list(graph.inputs), outputs=list(graph.outputs), op_counts=op_counts, num_nodes=nodes,
+        num_subgraphs=subgraphs, params=params, param_bytes=param_bytes, fill_params=fills, macs=macs,
+        unsupported=dict(unsupported or {}),
+    )
