@@ -18,6 +18,7 @@ import numpy as np
 from kiln.errors import InputError, KilnError
 from kiln.ir import Graph, Value, evaluate, load, to_onnx
 from kiln.ir.dtypes import DType
+from kiln.ir.interpreter import check_inputs
 
 ROUND_TRIP_RTOL = 1e-6
 EVAL_RTOL, EVAL_ATOL = 1e-4, 1e-5
@@ -143,7 +144,7 @@ def check_model(
     """Import, verify, round-trip and evaluate ``path``; compare everything with onnxruntime."""
     graph = load(path)
     graph.verify()
-    feeds = dict(inputs) if inputs is not None else seeded_inputs(graph, input_shapes or {}, seed)
+    feeds = check_inputs(graph, inputs) if inputs is not None else seeded_inputs(graph, input_shapes or {}, seed)
     reference = _ort_run(str(Path(path)), feeds)
     round_trip = _ort_run(to_onnx(graph).SerializeToString(), feeds)
     comparisons = [compare("ONNX round trip vs original (onnxruntime)", round_trip, reference, ROUND_TRIP_RTOL, 0.0)]

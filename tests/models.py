@@ -134,7 +134,14 @@ def randomize_constant_of_shape_weights(model: onnx.ModelProto, seed: int = 0) -
             keep.append(node)
     del model.graph.node[:]
     model.graph.node.extend(keep)
-    model.graph.initializer.extend(new_inits)
+    # drop the fills' shape tensors, now unused
+    used = {i for n in keep for i in n.input} | {o.name for o in model.graph.output}
+    live = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live + new_inits)
+    graph_inputs = [i for i in model.graph.input if i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(graph_inputs)
     # IR 3 lists initializers among the inputs: list the new ones too, so the model stays valid
     if model.ir_version < 4:
         for t in new_inits:

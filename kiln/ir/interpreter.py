@@ -164,13 +164,19 @@ def _kiln_op_classes() -> list[type[OpRun]]:
     """The evaluator's extra ops: the standard-op overrides, and one class per kiln op."""
     classes: list[type[OpRun]] = list(STANDARD_OVERRIDES)
     for name, op in schemas.KILN_OPS.items():
-
-        def _run(self: OpRun, *inputs: Any, _impl=op.impl) -> tuple:
-            attrs = {a.name: getattr(self, a.name) for a in self.onnx_node.attribute}
-            return tuple(_impl(*inputs, **attrs))
-
-        classes.append(type(name, (OpRun,), {"op_domain": KILN_DOMAIN, "_run": _run}))
+        classes.append(type(name, (_KilnOpRun,), {"impl": staticmethod(op.impl)}))
     return classes
+
+
+class _KilnOpRun(OpRun):
+    """Runs a kiln-domain op through its registered numpy function (``impl``)."""
+
+    op_domain = KILN_DOMAIN
+    impl: Any = None
+
+    def _run(self, *inputs: Any, **attrs: Any) -> tuple:
+        # OpRun passes the node's attributes as keyword arguments
+        return tuple(type(self).impl(*inputs, **attrs))
 
 
 class Evaluator:

@@ -191,6 +191,39 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             _infer_by_evaluation(node, unknowns)
         elif node.domain == "":
             _infer_elementwise(node, unknowns)
+        if node.domain in ("", "ai.onnx.ml") and any(o.dtype is None for o in outs):
+            _infer_dtype_from_schema(node)
+
+
+_SCHEMA_TYPES = {
+    "tensor(float)": DType.FLOAT32, "tensor(double)": DType.FLOAT64, "tensor(float16)": DType.FLOAT16,
+    "tensor(bfloat16)": DType.BFLOAT16, "tensor(bool)": DType.BOOL,
+    **{f"tensor({d.name.lower()})": d for d in DType if d.is_integer},
+}
+
+
+def _infer_dtype_from_schema(node: Node) -> None:
+    """Output dtypes from the op schema's type constraints.
+
+    An output whose constraint allows a single type gets it (Dropout's bool
+    mask); one that shares its constraint with a typed input gets that input's.
+    """
+    schema = schemas.onnx_schema(node.domain, node.op_type, node.graph.model_opset.get(node.domain, 0) if node.graph else 0)
+    if schema is None:
+        return
+    allowed = {c.type_param_str: list(c.allowed_type_strs) for c in schema.type_constraints}
+    by_param: dict[str, DType] = {}
+    for formal, actual in zip(schema.inputs, node.inputs):
+        if actual is not None and actual.dtype is not None:
+            by_param.setdefault(formal.type_str, actual.dtype)
+    for formal, out in zip(schema.outputs, node.outputs):
+        if not out.name or out.dtype is not None:
+            continue
+        options = allowed.get(formal.type_str, [formal.type_str])
+        if len(options) == 1 and options[0] in _SCHEMA_TYPES:
+            out.dtype = _SCHEMA_TYPES[options[0]]
+        elif formal.type_str in by_param:
+            out.dtype = by_param[formal.type_str]
 
 
 def _infer_if(node: Node, unknowns: _Unknowns) -> None:
@@ -236,9 +269,13 @@ def _infer_elementwise(node: Node, unknowns: _Unknowns) -> None:
     if not ins or not node.outputs:
         return
     out = node.outputs[0]
-    if op in UNARY_OPS or op == "Dropout":
+    if op in UNARY_OPS:
         x = ins[0]
         _merge(out, DType.BOOL if op in _BOOL_OUT else x.dtype, x.shape, unknowns)
+    elif op == "Dropout":  # output and mask both have the input's shape; the mask dtype comes from the schema
+        for o in node.outputs:
+            if o.name:
+                _merge(o, ins[0].dtype if o is out else None, ins[0].shape, unknowns)
     elif op == "Cast":
         _merge(out, DType.from_onnx(node.attr("to")), ins[0].shape, unknowns)
     elif op == "CastLike" and len(ins) == 2:
