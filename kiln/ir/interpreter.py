@@ -69,6 +69,8 @@ class _SoftmaxFamily(OpRun):
 
     def _run(self, x, axis=None):
         # OpRun fills in the newest schema's default; only an explicit attribute counts
+        if x.size == 0:
+            return (x,)
         given = {a.name: a.i for a in self.onnx_node.attribute}
         version = self.run_params["opsets"].get("", 13)
         if version >= 13:
@@ -89,8 +91,6 @@ class Softmax(_SoftmaxFamily):
 
     @staticmethod
     def _normalise(x, axis):
-        if x.size == 0:
-            return x
         e = np.exp(x - x.max(axis=axis, keepdims=True))
         return e / e.sum(axis=axis, keepdims=True)
 
@@ -100,8 +100,6 @@ class LogSoftmax(_SoftmaxFamily):
 
     @staticmethod
     def _normalise(x, axis):
-        if x.size == 0:
-            return x
         shifted = x - x.max(axis=axis, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
@@ -111,8 +109,6 @@ class Hardmax(_SoftmaxFamily):
 
     @staticmethod
     def _normalise(x, axis):
-        if x.size == 0:
-            return x
         idx = np.expand_dims(np.argmax(x, axis=axis), axis)
         out = np.zeros_like(x)
         np.put_along_axis(out, idx, 1, axis=axis)

@@ -41,6 +41,18 @@ KILN_OPSET_VERSION = 1
 _ANONYMOUS_DIMS = {"", "?", "-1"}
 
 
+def dim_from_proto(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """An ONNX dim as kiln reads it: an int, a symbol name, or None for unknown.
+
+    ``-1``, an unnamed dim, ``?`` and onnx's generated ``unk__N`` names are all unknown.
+    """
+    if d.HasField("dim_value") and d.dim_value >= 0:
+        return int(d.dim_value)
+    if d.HasField("dim_param") and d.dim_param not in _ANONYMOUS_DIMS and not d.dim_param.startswith("unk__"):
+        return d.dim_param
+    return None
+
+
 # =========================================================================== reading
 
 
@@ -214,15 +226,8 @@ class _Importer:
         tt = tp.tensor_type
         if not tt.HasField("shape"):
             return None
-        dims: list[int | str] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value") and d.dim_value >= 0:
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param not in _ANONYMOUS_DIMS and not d.dim_param.startswith("unk__"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(self.fresh_unknown())
-        return tuple(dims)
+        dims = (dim_from_proto(d) for d in tt.shape.dim)
+        return tuple(self.fresh_unknown() if d is None else d for d in dims)
 
     def fresh_unknown(self) -> str:
         name = f"?{self._unknown}"

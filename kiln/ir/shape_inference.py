@@ -90,6 +90,8 @@ def _onnx_infer(proto: ModelProto) -> ModelProto | None:
 
 
 def _collect_types(gp: onnx.GraphProto) -> dict[str, tuple[DType | None, Shape | None]]:
+    from kiln.ir.onnx_io import dim_from_proto
+
     out: dict[str, tuple[DType | None, Shape | None]] = {}
 
     def visit(g: onnx.GraphProto) -> None:
@@ -101,17 +103,7 @@ def _collect_types(gp: onnx.GraphProto) -> dict[str, tuple[DType | None, Shape |
                 dtype = DType.from_onnx(tt.elem_type) if tt.elem_type else None
             except KeyError:
                 dtype = None
-            shape: tuple | None = None
-            if tt.HasField("shape"):
-                dims: list[int | str | None] = []
-                for d in tt.shape.dim:
-                    if d.HasField("dim_value") and d.dim_value >= 0:
-                        dims.append(int(d.dim_value))
-                    elif d.HasField("dim_param") and d.dim_param not in ("", "?", "-1") and not d.dim_param.startswith("unk__"):
-                        dims.append(d.dim_param)
-                    else:
-                        dims.append(None)
-                shape = tuple(dims)
+            shape = tuple(dim_from_proto(d) for d in tt.shape.dim) if tt.HasField("shape") else None
             out[vi.name] = (dtype, shape)
         for n in g.node:
             for a in n.attribute:
