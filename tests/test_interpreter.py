@@ -171,3 +171,27 @@ def test_evaluator_on_integer_and_bool_graphs():
     )
     feeds = {"a": np.array([1, 5, 3, 0]), "b": np.array([2, 2, 3, -1])}
     _check_against_ort(model, feeds)
+
+
+def test_loop_scan_outputs_are_stacked_per_the_spec():
+    """A Loop whose body emits a 2x3 matrix per iteration: the scan output is (N, 2, 3)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["acc_in", "fi"], ["acc_out"]),
+         helper.make_node("Mul", ["base", "fi"], ["scan"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), f32("acc_in", [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), f32("acc_out", []), f32("scan", [2, 3])],
+    )
+    model = make_model(
+        [helper.make_node("Loop", ["n", "", "acc0"], ["acc", "stacked"], body=body)],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, []), f32("acc0", [])],
+        [f32("acc", []), f32("stacked", [None, 2, 3])],
+        [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "base")],
+    )
+    feeds = {"n": np.array(4, np.int64), "acc0": np.array(0.5, np.float32)}
+    got = evaluate(load(model), feeds)
+    assert got["stacked"].shape == (4, 2, 3)
+    _check_against_ort(model, feeds)

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops import load_op
+from onnx.reference.ops.op_loop import Loop as _ReferenceLoop
 
 from kiln.errors import EvaluationError, InputError
 from kiln.ir import schemas
@@ -149,9 +150,47 @@ class _WideAccumulation(OpRun):
 _NARROW_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
+class Loop(_ReferenceLoop):
+    """Fixes two departures of onnx's reference Loop from the spec.
+
+    - The reference joins the per-iteration scan outputs with ``np.vstack``: a
+      scalar output comes out ``(N, 1)`` instead of ``(N,)``, and a ``(d0, d1)``
+      output comes out ``(N·d0, d1)`` instead of ``(N, d0, d1)``. The elements
+      are in the right order, so kiln reshapes them to ``(N, *per_iteration)``.
+    - An absent ``cond`` input means "true" (run ``M`` times); the reference
+      runs no iteration at all.
+    """
+
+    op_domain = ""
+
+    def __init__(self, onnx_node, run_params, *args, **kwargs):
+        super().__init__(onnx_node, run_params, *args, **kwargs)
+        run_body = self._run_body  # an instance attribute OpRun makes for the 'body' graph
+
+        def recording(*a, **k):
+            outputs = run_body(*a, **k)
+            if self.K:
+                self._iteration_shapes = [np.shape(o) for o in outputs[-self.K:]]
+            return outputs
+
+        self._run_body = recording
+        self._iteration_shapes = None
+
+    def _run(self, M, cond, *args, **kwargs):
+        self._iteration_shapes = None
+        if cond is None:
+            cond = np.array(True)
+        results = tuple(super()._run(M, cond, *args, **kwargs))
+        if not self.K or self._iteration_shapes is None:
+            return results
+        head, scans = results[: -self.K], results[-self.K:]
+        fixed = tuple(np.asarray(a).reshape(-1, *shape) for a, shape in zip(scans, self._iteration_shapes))
+        return head + fixed
+
+
 #: Standard ops whose onnx reference implementation kiln replaces or wraps, each with its reason.
 STANDARD_OVERRIDES: list[type[OpRun]] = [
-    BatchNormalization, Softmax, LogSoftmax, Hardmax,
+    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop,
     *(type(op, (_WideAccumulation,), {"__doc__": _WideAccumulation.__doc__}) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
 ]
 
