@@ -9,34 +9,21 @@ same inputs and compares it with onnxruntime (rtol 1e-4, atol 1e-5 for floats).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError
-from kiln.ir import Graph, Value, evaluate, load, to_onnx
-from kiln.ir.dtypes import DType
+from kiln.errors import InputError
+from kiln.ir import Graph, evaluate, load, to_onnx
 from kiln.ir.interpreter import check_inputs
+from kiln.ir.oracle import Comparison, compare, run_onnxruntime, seeded_inputs
+
+__all__ = ["CheckReport", "Comparison", "check_model", "compare", "parse_shape_overrides", "seeded_inputs"]
 
 ROUND_TRIP_RTOL = 1e-6
 EVAL_RTOL, EVAL_ATOL = 1e-4, 1e-5
-
-
-@dataclass
-class Comparison:
-    """How two engines' outputs compare, output by output."""
-
-    name: str
-    rtol: float
-    atol: float
-    max_abs: dict[str, float] = field(default_factory=dict)
-    ok: dict[str, bool] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return all(self.ok.values())
 
 
 def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -51,73 +38,6 @@ def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int, ...]]
         except ValueError:
             raise InputError(f"--input-shape '{spec}': dims must be integers separated by 'x'") from None
     return out
-
-
-def concrete_shape(v: Value, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape to feed for input ``v``: its static shape, or the user's override."""
-    if v.name in overrides:
-        shape = overrides[v.name]
-        if v.shape is not None and (
-            len(shape) != len(v.shape) or any(isinstance(d, int) and d != s for d, s in zip(v.shape, shape))
-        ):
-            raise InputError(f"--input-shape for '{v.name}' is {'x'.join(map(str, shape))}, but the model says {v.type_str()}")
-        return shape
-    if v.shape is None or any(not isinstance(d, int) for d in v.shape):
-        example = "x".join(str(d) if isinstance(d, int) else "1" for d in (v.shape or ("1",)))
-        raise InputError(
-            f"input '{v.name}' is {v.type_str()}, which has symbolic dims; give sizes with --input-shape {v.name}={example}"
-        )
-    return tuple(v.shape)  # type: ignore[arg-type]
-
-
-def seeded_inputs(graph: Graph, overrides: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the graph's signature (normal floats, small ints, random bools)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for v in graph.inputs:
-        shape = concrete_shape(v, overrides)
-        dtype = v.dtype or DType.FLOAT32
-        if dtype.is_float:
-            arr = rng.standard_normal(shape).astype(dtype.numpy)
-        elif dtype is DType.BOOL:
-            arr = rng.random(shape) < 0.5
-        else:
-            arr = rng.integers(0, 4, size=shape).astype(dtype.numpy)
-        feeds[v.name] = arr
-    return feeds
-
-
-def compare(name: str, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], rtol: float, atol: float) -> Comparison:
-    """Compare two engines' outputs, name by name (NaNs equal NaNs; shapes must match)."""
-    cmp = Comparison(name, rtol, atol)
-    for key, expected in want.items():
-        actual = np.asarray(got[key])
-        expected = np.asarray(expected)
-        if actual.shape != expected.shape:
-            cmp.ok[key], cmp.max_abs[key] = False, float("inf")
-            continue
-        if expected.dtype.kind in "fc":
-            diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-            cmp.max_abs[key] = float(np.nanmax(diff)) if diff.size else 0.0
-            cmp.ok[key] = bool(np.allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True))
-        else:
-            cmp.ok[key] = bool(np.array_equal(actual, expected))
-            cmp.max_abs[key] = 0.0 if cmp.ok[key] else float("inf")
-    return cmp
-
-
-def _ort_run(model: str | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(None, dict(feeds))))
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"onnxruntime failed: {msg}") from None
 
 
 @dataclass
@@ -145,8 +65,8 @@ def check_model(
     graph = load(path)
     graph.verify()
     feeds = check_inputs(graph, inputs) if inputs is not None else seeded_inputs(graph, input_shapes or {}, seed)
-    reference = _ort_run(str(Path(path)), feeds)
-    round_trip = _ort_run(to_onnx(graph).SerializeToString(), feeds)
+    reference = run_onnxruntime(str(Path(path)), feeds)
+    round_trip = run_onnxruntime(to_onnx(graph).SerializeToString(), feeds)
     comparisons = [compare("ONNX round trip vs original (onnxruntime)", round_trip, reference, ROUND_TRIP_RTOL, 0.0)]
     if use_evaluator:
         got = evaluate(graph, feeds)

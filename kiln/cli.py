@@ -65,6 +65,58 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_MISMATCH
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from kiln.ir import load, save_onnx
+    from kiln.passes import PassManager, explain
+    from kiln.passes.pipeline import passes_for
+
+    src, dst = Path(args.model), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
+    graph = load(src)
+    names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
+    manager = PassManager(passes_for(args.level, names), verify_each=args.verify_each,
+                          print_after=args.print_after or ())
+    graph, report = manager.run(graph)
+    save_onnx(graph, dst)
+    summary = {
+        "input": str(src), "output": str(dst), "level": None if names else args.level,
+        "nodes": {"before": report.nodes_before, "after": report.nodes_after},
+        "iterations": report.iterations,
+        "passes": {n: {"runs": s.runs, "changes": s.changes, "seconds": round(s.seconds, 6)}
+                   for n, s in report.stats.items()},
+        "rules": dict(sorted(report.rule_counts().items())),
+    }
+    print(_format_optimize(summary))
+    if args.explain:
+        try:
+            remaining = explain(graph, args.explain)
+        except KeyError as e:
+            raise KilnError(str(e.args[0])) from None
+        fired = report.rule_counts().get(args.explain, 0)
+        if fired:
+            print(f"rule '{args.explain}' fired {fired} time(s); on the result: {remaining}")
+        else:
+            print(remaining)
+    if args.report:
+        Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _format_optimize(summary: dict) -> str:
+    nodes = summary["nodes"]
+    lines = [f"{summary['input']} -> {summary['output']}: {nodes['before']} -> {nodes['after']} nodes "
+             f"({summary['iterations']} iteration(s) to a fixed point)"]
+    if summary["passes"]:
+        width = max(len(n) for n in summary["passes"])
+        lines.append(f"  {'pass'.ljust(width)}  runs  changes  time")
+        for name, s in summary["passes"].items():
+            lines.append(f"  {name.ljust(width)}  {s['runs']:>4}  {s['changes']:>7}  {s['seconds'] * 1000:.1f} ms")
+    if summary["rules"]:
+        lines.append("  rules fired: " + ", ".join(f"{k} x{v}" for k, v in summary["rules"].items()))
+    return "\n".join(lines)
+
+
 def _read_npz(path: str) -> dict:
     import numpy as np
 
@@ -106,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--no-evaluator", action="store_true", help="skip the reference-evaluator comparison")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("optimize", parents=[common], help="rewrite a model with kiln's passes and write ONNX")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the optimized model")
+    p.add_argument("--level", default="O2", help="optimisation level: O0, O1 or O2 (default O2)")
+    p.add_argument("--passes", metavar="A,B", help="run these passes instead of a level")
+    p.add_argument("--report", metavar="REPORT.json", help="write node counts, pass times and rule counts as JSON")
+    p.add_argument("--explain", metavar="RULE", help="say why RULE did or did not fire")
+    p.add_argument("--verify-each", action="store_true", help="run Graph.verify() after every pass")
+    p.add_argument("--print-after", action="append", metavar="PASS", help="print the graph after PASS")
+    p.set_defaults(func=_cmd_optimize)
     return parser
 
 

@@ -174,3 +174,52 @@ def test_graph_and_data_errors_are_one_line(tmp_path, capsys, case, expected):
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
+
+
+def test_optimize_writes_a_model_that_matches(tmp_path, capsys):
+    out, report = tmp_path / "opt.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(EXAMPLE), "-o", str(out), "--report", str(report), "--explain", "conv-bn",
+                 "--verify-each"]) == 0
+    text = capsys.readouterr().out
+    assert "18 -> 14 nodes" in text and "conv-bn x4" in text
+    assert "rule 'conv-bn' fired 4 time(s)" in text
+    data = json.loads(report.read_text())
+    assert data["rules"] == {"conv-bn": 4} and data["nodes"] == {"before": 18, "after": 14}
+    assert set(data["passes"]) == {"fold-constants", "cse", "dce", "fuse-conv"}
+    assert main(["check", str(out), "--input-shape", "input=3x3x64x64"]) == 0
+
+
+def test_optimize_explains_a_near_miss(tmp_path, capsys):
+    from onnx import numpy_helper
+
+    c = 4
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 1, 1)).astype(np.float32), "w")] + [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), n) for n in ("b", "m", "v")]
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"]),
+         helper.make_node("BatchNormalization", ["y", "scale", "b", "m", "v"], ["z"], name="bn")],
+        [f32("x", [1, 3, 4, 4]), f32("scale", [c])], [f32("z", [1, c, 4, 4])], inits,
+    )
+    src = _write(model, tmp_path / "m.onnx")
+    assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--explain", "conv-bn"]) == 0
+    out = capsys.readouterr().out
+    assert "nearest miss at 'bn' (BatchNormalization): check failed: the BN scale %scale is not a constant" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--passes", "nope"], "no pass named 'nope'"),
+    (["--level", "O7"], "no optimisation level 'O7'"),
+    (["--explain", "nope"], "no rule named 'nope'"),
+])
+def test_optimize_usage_errors(tmp_path, capsys, args, message):
+    assert main(["optimize", str(EXAMPLE), "-o", str(tmp_path / "o.onnx"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_optimize_refuses_to_overwrite_its_input(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(EXAMPLE.read_bytes())
+    assert main(["optimize", str(src), "-o", str(src)]) == 2
+    assert "refusing to overwrite the input model" in capsys.readouterr().err
+    assert src.read_bytes() == EXAMPLE.read_bytes()

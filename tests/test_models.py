@@ -104,3 +104,19 @@ def test_silero_subgraphs_are_imported(real_model):
     assert sum(1 for _ in g.walk_graphs()) > 25
     assert any(n.op_type == "LSTM" for n in g.walk_nodes())
     g.verify()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_o2_pipeline_keeps_the_numbers(name, real_model):
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import passes_for
+
+    path = real_model(name)
+    g, report = PassManager(passes_for("O2"), verify_each=True).run(kiln.load(path))
+    assert report.nodes_after <= report.nodes_before
+    feeds = make_inputs(name)
+    cmp = compare("O2", ort_outputs(kiln.to_onnx(g), feeds), ort_outputs(str(path), feeds), rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs
+    if name in ("light_resnet50", "ocr_cls", "yolov8n"):
+        # every BatchNormalization there follows a Conv, so all of them fold
+        assert not [n for n in g.walk_nodes() if n.op_type == "BatchNormalization"]

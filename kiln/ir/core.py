@@ -539,6 +539,15 @@ class Graph:
         """A value name not yet used anywhere in this model."""
         return self._names.fresh(base)
 
+    def rename_value(self, value: Value, name: str) -> None:
+        """Give ``value`` (defined in this graph) a new name, keeping the constant table right."""
+        if value.const is not None and self.constants.get(value.name) is value:
+            del self.constants[value.name]
+            self.constants[name] = value
+            value.const.name = name
+        self._names.used.add(name)
+        value.name = name
+
     def _claim(self, value: Value, base: str) -> None:
         value.name = self._names.claim(value.name or base)
 

@@ -1,1 +1,17 @@
-"""Graph passes: the pass manager, the pattern-rewrite engine and the rewrite rules (not yet built)."""
+"""Graph passes: the pass manager, the pattern-rewrite engine, and kiln's rules.
+
+Write a rule as pattern, check and rewrite functions (see ``kiln.passes.pattern``)
+and register it with :func:`kiln.passes.rules.register_rule`.
+"""
+
+from __future__ import annotations
+
+from kiln.passes.manager import PASSES, Pass, PassError, PassManager, PassResult, register_pass
+from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
+from kiln.passes.rules import RULES, RewritePass, RewriteRule, RuleSet, apply_rules, explain, register_rule
+
+__all__ = [
+    "PASSES", "RULES", "Const", "MatchResult", "Optional", "Pass", "PassError", "PassManager", "PassResult",
+    "RewritePass", "RewriteRule", "RuleSet", "Var", "apply_rules", "copy_attrs", "explain", "register_pass",
+    "register_rule",
+]

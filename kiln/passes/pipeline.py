@@ -1,0 +1,30 @@
+"""kiln's pipelines, top to bottom: which passes each optimisation level runs.
+
+    O0  nothing
+    O1  cleanup and folding: fold-constants, cse, dce
+    O2  O1, then the fusions: fuse-conv
+"""
+
+from __future__ import annotations
+
+from kiln.passes import cleanup, fold_constants, fuse_conv  # noqa: F401 - registers passes and rules
+from kiln.passes.manager import Pass, PassError, get_pass, register_pass_factory
+from kiln.passes.rules import RewritePass, RuleSet
+
+register_pass_factory("fuse-conv", lambda: RewritePass(rule_set=RuleSet("fuse-conv", list(fuse_conv.RULES))))
+
+LEVELS: dict[str, list[str]] = {
+    "O0": [],
+    "O1": ["fold-constants", "cse", "dce"],
+    "O2": ["fold-constants", "cse", "dce", "fuse-conv", "dce"],
+}
+
+
+def passes_for(level: str | None = None, names: list[str] | None = None) -> list[Pass]:
+    """The passes of an optimisation level, or of an explicit list of pass names."""
+    if names:
+        return [get_pass(n) for n in names]
+    level = level or "O2"
+    if level not in LEVELS:
+        raise PassError(f"no optimisation level '{level}'; levels: {', '.join(LEVELS)}")
+    return [get_pass(n) for n in LEVELS[level]]

@@ -1,0 +1,298 @@
+"""The pass manager, the pattern engine, and the cleanup and folding passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+import kiln
+from kiln.check import compare
+from kiln.ir import DType, Graph, evaluate, load
+from kiln.passes import (
+    Const, MatchResult, Optional, Pass, PassError, PassManager, PassResult, RewriteRule, Var, apply_rules, explain,
+)
+from kiln.passes.cleanup import CommonSubexpressionElimination, DeadCodeElimination
+from kiln.passes.fold_constants import FoldConstants
+from kiln.passes.pipeline import passes_for
+from kiln.passes.rules import example_graph
+from test_onnx_io import f32, make_model, ort_outputs, shape_chain_model
+
+RNG = np.random.default_rng(0)
+
+
+def _numbers_unchanged(before: Graph, after: Graph, feeds, rtol=1e-6, atol=1e-7):
+    cmp = compare("pass", evaluate(after, feeds), evaluate(before, feeds), rtol, atol)
+    assert cmp.passed, cmp.max_abs
+
+
+# --------------------------------------------------------------------------- pattern engine
+
+
+def _mul_add_rule(**kw) -> RewriteRule:
+    """x * c + d  ->  kiln-free form: Add(Mul(x, c), d) matched in either order, rewritten as Mul then Add."""
+
+    def pattern(op, x, c, d):
+        return op.Add(op.Mul(x, Const("c"), _name="mul"), d, _name="add")
+
+    def rewrite(op, x, c, d):
+        return op.Add(op.Mul(x, c), d)
+
+    return RewriteRule("test-mul-add", pattern, rewrite, **kw)
+
+
+def _mul_add_graph(swap: bool) -> Graph:
+    def build(op, x, d):
+        m = op.Mul(op.constant(np.float32(2.0)), x) if swap else op.Mul(x, op.constant(np.float32(2.0)))
+        return op.Add(d, m) if swap else op.Add(m, d)
+
+    return example_graph("ma", {"x": (DType.FLOAT32, (3,)), "d": (DType.FLOAT32, (3,))}, build)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_add_and_mul_match_in_either_order(swap):
+    g = _mul_add_graph(swap)
+    stats = apply_rules(g, [_mul_add_rule()], max_rounds=1)
+    assert stats.fired == {"test-mul-add": 1}
+
+
+def test_constant_predicate_reports_a_reason():
+    g = example_graph("m", {"x": (DType.FLOAT32, (3,)), "y": (DType.FLOAT32, (3,))},
+                      lambda op, x, y: op.Add(op.Mul(x, y), x))
+    stats = apply_rules(g, [_mul_add_rule()])
+    assert stats.fired == {}
+    assert "'c' must be a constant" in stats.near_miss["test-mul-add"].reason
+
+
+def test_check_failure_is_reported_with_its_reason():
+    rule = _mul_add_rule(check=lambda ctx, c: MatchResult.fail("c is two") if float(c.numpy()) == 2 else MatchResult.ok())
+    g = _mul_add_graph(False)
+    stats = apply_rules(g, [rule])
+    assert stats.fired == {} and stats.near_miss[rule.name].reason == "check failed: c is two"
+
+
+def test_intermediate_with_other_uses_is_not_fused():
+    def build(op, x, d):
+        m = op.Mul(x, op.constant(np.float32(2.0)))
+        return op.Add(m, d), op.Neg(m)
+
+    g = example_graph("m", {"x": (DType.FLOAT32, (3,)), "d": (DType.FLOAT32, (3,))}, build)
+    stats = apply_rules(g, [_mul_add_rule()])
+    assert stats.fired == {}
+    assert "is also used by" in stats.near_miss["test-mul-add"].reason
+
+
+def test_attribute_predicates_and_optional_inputs():
+    def pattern(op, x, lo):
+        return op.Clip(x, lo, Optional(Var("hi")), _name="clip")
+
+    seen = {}
+
+    def rewrite(op, x, lo, hi):
+        seen["hi"] = hi
+        return op.Relu(x)
+
+    rule = RewriteRule("test-clip", pattern, rewrite)
+    g = example_graph("c", {"x": (DType.FLOAT32, (3,))}, lambda op, x: op.Clip(x, op.constant(np.float32(0))))
+    assert apply_rules(g, [rule]).fired == {"test-clip": 1} and seen["hi"] is None
+
+    def leaky(op, x):
+        return op.LeakyRelu(x, alpha=lambda a: a is not None and a < 0.5)
+
+    rule = RewriteRule("test-leaky", leaky, lambda op, x: op.Relu(x))
+    g = example_graph("l", {"x": (DType.FLOAT32, (3,))}, lambda op, x: op.LeakyRelu(x, alpha=0.9))
+    stats = apply_rules(g, [rule])
+    assert stats.fired == {} and "attribute alpha=0.9" in stats.near_miss["test-leaky"].reason
+
+
+def test_rule_priority_decides_overlaps():
+    fired = []
+
+    def mk(name, prio):
+        return RewriteRule(name, lambda op, x: op.Relu(x), lambda op, x: (fired.append(name), op.Sigmoid(x))[1],
+                           priority=prio)
+
+    g = example_graph("r", {"x": (DType.FLOAT32, (3,))}, lambda op, x: op.Relu(x))
+    apply_rules(g, [mk("low", 0), mk("high", 5)])
+    assert fired == ["high"]
+
+
+def test_rewrite_never_mutates_a_shared_constant():
+    """Conv+BN where the weight is shared with a second conv: the other conv still reads the original."""
+    from kiln.passes.fuse_conv import CONV_BN
+
+    w = RNG.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    stats = [RNG.uniform(0.5, 1.5, 4).astype(np.float32) for _ in range(4)]
+
+    def build(op, x):
+        wc = op.constant(w)
+        y = op.Conv(x, wc)
+        return op.BatchNormalization(y, *[op.constant(s) for s in stats]), op.Conv(x, wc)
+
+    g = example_graph("shared", {"x": (DType.FLOAT32, (1, 3, 4, 4))}, build)
+    before = example_graph("shared", {"x": (DType.FLOAT32, (1, 3, 4, 4))}, build)
+    original = next(iter(g.constants.values()))
+    assert apply_rules(g, [CONV_BN]).fired == {"conv-bn": 1}
+    np.testing.assert_array_equal(original.numpy(), w)
+    assert any(n.input(1) is original for n in g.nodes)
+    feeds = {"x": RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    cmp = compare("shared", evaluate(g, feeds), evaluate(before, feeds), 1e-5, 1e-6)
+    assert cmp.passed
+
+
+def test_graph_output_keeps_its_name_after_a_rewrite():
+    from kiln.passes.fuse_conv import CONV_BN
+
+    g = CONV_BN.example()
+    out_name = g.outputs[0].name
+    apply_rules(g, [CONV_BN])
+    assert g.outputs[0].name == out_name and g.outputs[0].producer.op_type == "Conv"
+    g.verify()
+
+
+def test_explain_reports_the_nearest_miss():
+    """Conv+BN where the BN scale is a graph input, not a constant."""
+    c = 4
+
+    def build(op, x, scale):
+        y = op.Conv(x, op.constant(RNG.standard_normal((c, 3, 1, 1)).astype(np.float32)))
+        stats = [op.constant(RNG.uniform(0.5, 1.5, c).astype(np.float32)) for _ in range(3)]
+        return op.BatchNormalization(y, scale, *stats)
+
+    g = example_graph("miss", {"x": (DType.FLOAT32, (1, 3, 4, 4)), "scale": (DType.FLOAT32, (c,))}, build)
+    text = explain(g, "conv-bn")
+    assert "nearest miss at" in text and "the BN scale %scale is not a constant" in text
+    no_bn = example_graph("e", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Neg(x))
+    assert "the graph has no BatchNormalization node" in explain(no_bn, "conv-bn")
+    with pytest.raises(KeyError, match="no rule named 'nope'"):
+        explain(g, "nope")
+
+
+# --------------------------------------------------------------------------- pass manager
+
+
+class _Counter(Pass):
+    name = "count-down"
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def run(self, graph):
+        self.budget -= 1
+        return PassResult.of(graph, 1 if self.budget > 0 else 0)
+
+
+class _Broken(Pass):
+    name = "broken"
+
+    def run(self, graph):
+        raise RuntimeError("boom")
+
+
+class _Corrupting(Pass):
+    name = "corrupting"
+
+    def run(self, graph):
+        graph.nodes[0].outputs[0].dtype = None
+        return PassResult.of(graph, 1)
+
+
+def _tiny() -> Graph:
+    return example_graph("t", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Relu(x))
+
+
+def test_pipeline_iterates_to_a_fixed_point():
+    counter = _Counter(3)
+    _, report = PassManager([counter]).run(_tiny())
+    assert report.iterations == 3 and report.stats["count-down"].runs == 3
+    assert report.stats["count-down"].changes == 2
+
+
+def test_a_failing_pass_is_named_with_its_predecessors():
+    with pytest.raises(PassError, match=r"pass 'broken' failed \(after count-down\): RuntimeError: boom"):
+        PassManager([_Counter(1), _Broken()]).run(_tiny())
+
+
+def test_verify_each_catches_a_pass_that_breaks_the_graph():
+    with pytest.raises(PassError, match="graph is invalid after pass 'corrupting'.*no known dtype"):
+        PassManager([_Corrupting()], verify_each=True).run(_tiny())
+
+
+def test_print_after():
+    lines = []
+    PassManager([DeadCodeElimination()], print_after=["dce"], printer=lines.append).run(_tiny())
+    assert lines and lines[0].startswith("# after dce") and "Relu" in lines[0]
+
+
+def test_unknown_pass_and_level():
+    with pytest.raises(PassError, match="no pass named 'nope'; known passes: .*fold-constants"):
+        passes_for(names=["nope"])
+    with pytest.raises(PassError, match="no optimisation level 'O9'"):
+        passes_for("O9")
+
+
+# --------------------------------------------------------------------------- cleanup and folding
+
+
+def test_fold_shape_chain_to_a_constant():
+    model = shape_chain_model()
+    g = load(model)
+    g, report = PassManager(passes_for("O1"), verify_each=True).run(g)
+    assert [n.op_type for n in g.nodes] == ["Reshape"]
+    assert g.nodes[0].input(1).numpy().tolist() == [2, -1]
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    assert compare("fold", evaluate(g, {"x": x}), ort_outputs(model, {"x": x}), 0, 0).passed
+
+
+def test_constant_of_shape_weights_fold():
+    shape = numpy_helper.from_array(np.array([2, 2], np.int64), "wshape")
+    model = make_model(
+        [helper.make_node("ConstantOfShape", ["wshape"], ["w"], value=helper.make_tensor("v", 1, [1], [0.5])),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [f32("x", [1, 2])], [f32("y", [1, 2])], [shape],
+    )
+    g = load(model)
+    FoldConstants().run(g)
+    DeadCodeElimination().run(g)
+    assert [n.op_type for n in g.nodes] == ["MatMul"] and list(g.constants) == ["w"]
+    assert g.constants["w"].numpy().tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
+def test_folding_a_graph_output_keeps_its_name():
+    g = example_graph("f", {"x": (DType.FLOAT32, (2,))},
+                      lambda op, x: (op.Relu(x), op.Neg(op.constant(np.array([1.0, -2.0], np.float32)))))
+    name = g.outputs[1].name
+    FoldConstants().run(g)
+    assert g.outputs[1].name == name and g.outputs[1].is_constant
+    assert evaluate(g, {"x": np.zeros(2, np.float32)})[name].tolist() == [-1.0, 2.0]
+    g.verify()
+
+
+def test_dce_and_cse():
+    def build(op, x):
+        a = op.Relu(x)
+        b = op.Relu(x)  # same as a
+        op.Neg(x)  # dead
+        k1, k2 = op.constant(np.float32(3.0)), op.constant(np.float32(3.0))
+        return op.Add(op.Mul(a, k1), op.Mul(b, k2))
+
+    g = example_graph("c", {"x": (DType.FLOAT32, (4,))}, build)
+    before = example_graph("c", {"x": (DType.FLOAT32, (4,))}, build)
+    assert DeadCodeElimination().run(g).changes == 1
+    res = CommonSubexpressionElimination().run(g)
+    assert res.changes == 3  # the constant, then Relu, then Mul
+    assert [n.op_type for n in g.nodes] == ["Relu", "Mul", "Add"]
+    g.verify()
+    _numbers_unchanged(before, g, {"x": RNG.standard_normal(4).astype(np.float32)})
+
+
+def test_o2_on_the_example_folds_every_batchnorm():
+    g = kiln.load("examples/tiny_cnn.onnx")
+    before = kiln.load("examples/tiny_cnn.onnx")
+    g, report = PassManager(passes_for("O2"), verify_each=True).run(g)
+    assert report.rule_counts() == {"conv-bn": 4}
+    assert not [n for n in g.nodes if n.op_type == "BatchNormalization"]
+    assert report.nodes_after == report.nodes_before - 4
+    feeds = {"input": RNG.standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    cmp = compare("O2", ort_outputs(kiln.to_onnx(g), feeds), ort_outputs(kiln.to_onnx(before), feeds), 1e-4, 1e-5)
+    assert cmp.passed, cmp.max_abs
