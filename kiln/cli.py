@@ -70,6 +70,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from kiln.passes import PassManager, explain
     from kiln.passes.pipeline import passes_for
 
+    for plugin in args.load or ():
+        _load_plugin(plugin)
     src, dst = Path(args.model), Path(args.output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
@@ -101,6 +103,24 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _load_plugin(path: str) -> None:
+    """Run a Python file that registers rules or passes (``kiln optimize --load my_rules.py``)."""
+    import importlib.util
+
+    p = Path(path)
+    if not p.is_file():
+        raise KilnError(f"{p}: no such file (--load takes a Python file that registers rules or passes)")
+    spec = importlib.util.spec_from_file_location(f"kiln_plugin_{p.stem}", p)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except KilnError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's file: report it in one line
+        raise KilnError(f"{p}: failed to load: {type(e).__name__}: {e}") from None
 
 
 def _format_optimize(summary: dict) -> str:
@@ -168,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="RULE", help="say why RULE did or did not fire")
     p.add_argument("--verify-each", action="store_true", help="run Graph.verify() after every pass")
     p.add_argument("--print-after", action="append", metavar="PASS", help="print the graph after PASS")
+    p.add_argument("--load", action="append", metavar="RULES.py",
+                   help="a Python file that registers extra rules or passes (repeatable)")
     p.set_defaults(func=_cmd_optimize)
     return parser
 

@@ -37,3 +37,35 @@ def test_a_wrong_rule_fails_verification():
     )
     with pytest.raises(RuleVerificationError, match="changed the numbers"):
         verify_rule(rule)
+
+
+def test_custom_rule_example_runs(tmp_path):
+    """examples/custom_rule.py, as a user runs it, and through `kiln optimize --load`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "examples/custom_rule.py"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fired: {'hardswish': 1}" in proc.stdout
+    assert "needs 1/6 and 0.5" in proc.stdout
+
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("HardSigmoid", ["x"], ["h"], alpha=1 / 6, beta=0.5),
+         helper.make_node("Mul", ["h", "x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    ), opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "optimize", str(src), "-o", str(tmp_path / "o.onnx"),
+         "--load", "examples/custom_rule.py", "--passes", "hardswish,dce"],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "hardswish x1" in proc.stdout

@@ -6,7 +6,7 @@ import numpy as np
 
 from kiln.ir import DType, Node, Value
 from kiln.passes.pattern import Optional, Var, copy_attrs
-from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph, register_rule
+from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph
 
 
 def _conv_bn_pattern(op, x, w, scale, bias, mean, var):
@@ -54,10 +54,10 @@ def _conv_bn_example():
     return example_graph("conv_bn", {"x": (DType.FLOAT32, (1, c_in, 9, 9))}, build)
 
 
-CONV_BN = register_rule(RewriteRule(
+CONV_BN = RewriteRule(
     name="conv-bn",
     description="Conv followed by inference BatchNormalization becomes one Conv with scaled weights and a bias.",
     pattern=_conv_bn_pattern, check=_conv_bn_check, rewrite=_conv_bn_rewrite, example=_conv_bn_example,
-))
+)
 
 RULES = [CONV_BN]

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 from kiln.passes import cleanup, fold_constants, fuse_conv  # noqa: F401 - registers passes and rules
-from kiln.passes.manager import Pass, PassError, get_pass, register_pass_factory
-from kiln.passes.rules import RewritePass, RuleSet
+from kiln.passes.manager import Pass, PassError, get_pass
+from kiln.passes.rules import register_rule_set
 
-register_pass_factory("fuse-conv", lambda: RewritePass(rule_set=RuleSet("fuse-conv", list(fuse_conv.RULES))))
+register_rule_set("fuse-conv", fuse_conv.RULES)
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],

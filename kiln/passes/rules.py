@@ -168,6 +168,17 @@ class RewritePass(Pass):
         return PassResult.of(graph, sum(stats.fired.values()), stats.fired)
 
 
+def register_rule_set(name: str, rules: Sequence[RewriteRule]) -> RuleSet:
+    """Register ``rules`` and a pass named ``name`` that applies them (``--passes name``)."""
+    from kiln.passes.manager import register_pass_factory
+
+    for r in rules:
+        register_rule(r)
+    rule_set = RuleSet(name, list(rules))
+    register_pass_factory(name, lambda: RewritePass(rule_set=rule_set))
+    return rule_set
+
+
 def explain(graph: Graph, rule_name: str) -> str:
     """Why ``rule_name`` does or does not fire on ``graph``: its fire count or nearest miss."""
     rule = RULES.get(rule_name)
