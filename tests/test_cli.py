@@ -181,10 +181,11 @@ def test_optimize_writes_a_model_that_matches(tmp_path, capsys):
     assert main(["optimize", str(EXAMPLE), "-o", str(out), "--report", str(report), "--explain", "conv-bn",
                  "--verify-each"]) == 0
     text = capsys.readouterr().out
-    assert "18 -> 14 nodes" in text and "conv-bn x4" in text
+    assert "18 -> 9 nodes" in text and "conv-bn x4" in text and "conv-residual x1" in text
     assert "rule 'conv-bn' fired 4 time(s)" in text
     data = json.loads(report.read_text())
-    assert data["rules"] == {"conv-bn": 4} and data["nodes"] == {"before": 18, "after": 14}
+    assert data["rules"] == {"conv-bn": 4, "conv-relu": 3, "conv-residual": 1, "fused-conv-relu": 1}
+    assert data["nodes"] == {"before": 18, "after": 9}
     assert set(data["passes"]) == {"fold-constants", "cse", "dce", "fuse-conv"}
     assert main(["check", str(out), "--input-shape", "input=3x3x64x64"]) == 0
 

@@ -7,6 +7,7 @@ from kiln.ir.core import (
     is_unknown_dim,
 )
 from kiln.ir.dtypes import DType
+from kiln.ir import kiln_ops  # noqa: F401 - registers the kiln-domain ops
 from kiln.ir.interpreter import Evaluator, evaluate, evaluate_node
 from kiln.ir.onnx_io import load, save_onnx, to_onnx
 from kiln.ir.shape_inference import infer_shapes

@@ -221,7 +221,7 @@ class Evaluator:
         from kiln.ir.onnx_io import to_onnx
 
         self.graph = graph
-        self._model = to_onnx(graph)
+        self._model = to_onnx(graph, kiln_functions=False)  # kiln ops run through their numpy definitions
         try:
             self._ref = ReferenceEvaluator(self._model, new_ops=_kiln_op_classes())
         except Exception as e:  # noqa: BLE001 - onnx raises many types while preparing ops

@@ -36,6 +36,8 @@ MAX_IR_VERSION = 10
 MIN_IR_VERSION = 7
 #: Version of the ``kiln`` op domain written into exported models.
 KILN_OPSET_VERSION = 1
+#: Local functions picked by a node's ``overload`` need IR 10.
+FUNCTION_OVERLOAD_IR_VERSION = 10
 
 # dim_param spellings that mean "unknown", not a named symbol
 _ANONYMOUS_DIMS = {"", "?", "-1"}
@@ -204,15 +206,29 @@ def load_with_report(
     if unsupported and not allow_unsupported:
         raise UnsupportedOpError(format_unsupported(unsupported, where), unsupported)
     if model.functions:
-        import onnx.inliner
-
-        model = onnx.inliner.inline_local_functions(model)
+        model = _inline_foreign_functions(model)
     graph = _Importer(base_dir, where).model(model)
     if infer_shapes:
         from kiln.ir.shape_inference import infer_shapes as _infer
 
         _infer(graph, model=model)
     return graph, unsupported
+
+
+def _inline_foreign_functions(model: ModelProto) -> ModelProto:
+    """Inline the model's local functions, except those that define kiln's own ops.
+
+    A model kiln exported carries each fused ``kiln::`` op as a local function
+    (so other runtimes can run it); kiln reads those nodes back as its own ops.
+    """
+    import onnx.inliner
+
+    keep = [(f.domain, f.name) for f in model.functions if f.domain == KILN_DOMAIN and f.name in schemas.KILN_OPS]
+    if not keep:
+        return onnx.inliner.inline_local_functions(model)
+    inlined = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+    del inlined.functions[:]
+    return inlined
 
 
 class _Importer:
@@ -448,20 +464,35 @@ class _Importer:
 # =========================================================================== export
 
 
-def to_onnx(graph: Graph, *, weights: bool = True) -> ModelProto:
+def to_onnx(graph: Graph, *, weights: bool = True, kiln_functions: bool = True) -> ModelProto:
     """Convert a kiln ``Graph`` to an ONNX ``ModelProto``.
 
     With ``weights=False``, constants larger than a few elements become typed
     graph inputs instead of initializers: enough for shape inference, without
-    copying the weights.
+    copying the weights. With ``kiln_functions`` (the default) every kiln op
+    also gets a local function holding its decomposition into standard ops,
+    picked by the node's ``overload``, so that any ONNX runtime can run it.
     """
     opset = dict(graph.opset)
-    if any(n.domain == KILN_DOMAIN for n in graph.walk_nodes()):
+    kiln_nodes = [n for n in graph.walk_nodes() if n.domain == KILN_DOMAIN]
+    if kiln_nodes:
         opset.setdefault(KILN_DOMAIN, KILN_OPSET_VERSION)
     opset_ids = [helper.make_opsetid(d, v) for d, v in sorted(opset.items())]
-    gp = _graph_proto(graph, weights)
-    model = helper.make_model(gp, opset_imports=opset_ids, producer_name="kiln")
+    functions: dict[str, onnx.FunctionProto] = {}
+    overloads: dict[int, str] = {}
+    if kiln_functions:
+        for n in kiln_nodes:
+            spec = schemas.KILN_OPS.get(n.op_type)
+            if spec is None or spec.decompose is None:
+                continue  # no standard-op form: other runtimes cannot run it, kiln can
+            fn = kiln_function(n, opset)
+            functions.setdefault(fn.overload, fn)
+            overloads[id(n)] = fn.overload
+    gp = _graph_proto(graph, weights, overloads)
+    model = helper.make_model(gp, opset_imports=opset_ids, producer_name="kiln", functions=list(functions.values()))
     model.ir_version = choose_ir_version(opset_ids, graph.ir_version)
+    if functions:
+        model.ir_version = max(model.ir_version, FUNCTION_OVERLOAD_IR_VERSION)
     model.doc_string = graph.doc
     for k, v in graph.metadata.items():
         model.metadata_props.add(key=k, value=v)
@@ -529,8 +560,36 @@ def tensor_proto(t: Tensor, name: str) -> TensorProto:
 _SMALL_CONST = 64
 
 
-def _graph_proto(graph: Graph, weights: bool) -> GraphProto:
-    nodes = [_node_proto(n, weights) for n in graph.nodes]
+def kiln_function(node: Node, opset: dict[str, int]) -> onnx.FunctionProto:
+    """The local function that defines one kiln node's op in standard ONNX ops.
+
+    Nodes with the same op, attributes and input pattern share one function,
+    named by a short hash in its ``overload``.
+    """
+    import hashlib
+
+    from kiln.ir.kiln_ops import decomposition_graph
+
+    body = decomposition_graph(node, opset)
+    key = repr((node.op_type, sorted((k, repr(a.value)) for k, a in node.attrs.items()),
+                [None if v is None else (v.dtype, v.rank) for v in node.inputs], opset.get("", 0)))
+    overload = hashlib.sha256(key.encode()).hexdigest()[:12]
+    nodes = [
+        helper.make_node("Constant", [], [v.name], value=tensor_proto(v.const, v.name))  # type: ignore[arg-type]
+        for v in body.constants.values()
+    ] + [_node_proto(n, True) for n in body.nodes]
+    fn = helper.make_function(
+        KILN_DOMAIN, node.op_type, [f"in{i}" for i in range(len(node.inputs))],  # absent ones go unused
+        [v.name for v in body.outputs], nodes,
+        opset_imports=[helper.make_opsetid("", opset.get("", 17))], attributes=sorted(node.attrs),
+    )
+    fn.overload = overload
+    return fn
+
+
+def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None = None) -> GraphProto:
+    overloads = overloads or {}
+    nodes = [_node_proto(n, weights, overloads) for n in graph.nodes]
     inputs = [value_info(v) for v in graph.inputs]
     inits = []
     for v in graph.constants.values():
@@ -550,7 +609,7 @@ def _graph_proto(graph: Graph, weights: bool) -> GraphProto:
     return helper.make_graph(nodes, graph.name, inputs, outputs, initializer=inits, value_info=infos)
 
 
-def _node_proto(n: Node, weights: bool) -> NodeProto:
+def _node_proto(n: Node, weights: bool, overloads: dict[int, str] | None = None) -> NodeProto:
     proto = helper.make_node(
         n.op_type,
         ["" if v is None else v.name for v in n.inputs],
@@ -558,23 +617,26 @@ def _node_proto(n: Node, weights: bool) -> NodeProto:
         name=n.name,
         domain=n.domain,
     )
+    if overloads and id(n) in overloads:
+        proto.overload = overloads[id(n)]
     if n.doc:
         proto.doc_string = n.doc
     for k, a in n.attrs.items():
-        proto.attribute.append(_attr_proto(k, a, weights))
+        proto.attribute.append(_attr_proto(k, a, weights, overloads))
     return proto
 
 
-def _attr_proto(name: str, a: Attr, weights: bool) -> AttributeProto:
+def _attr_proto(name: str, a: Attr, weights: bool, overloads: dict[int, str] | None = None) -> AttributeProto:
     t = a.type
     if t is AttrType.TENSOR:
         return helper.make_attribute(name, tensor_proto(a.value, ""))
     if t is AttrType.TENSORS:
         return helper.make_attribute(name, [tensor_proto(x, "") for x in a.value], attr_type=AttributeProto.TENSORS)
     if t is AttrType.GRAPH:
-        return helper.make_attribute(name, _graph_proto(a.value, weights))
+        return helper.make_attribute(name, _graph_proto(a.value, weights, overloads))
     if t is AttrType.GRAPHS:
-        return helper.make_attribute(name, [_graph_proto(g, weights) for g in a.value], attr_type=AttributeProto.GRAPHS)
+        return helper.make_attribute(name, [_graph_proto(g, weights, overloads) for g in a.value],
+                                     attr_type=AttributeProto.GRAPHS)
     if t is AttrType.FLOATS:
         return helper.make_attribute(name, list(a.value), attr_type=AttributeProto.FLOATS)
     if t is AttrType.INTS:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import onnx.defs
 from onnx.reference.ops import load_op as _load_std_op
 from onnx.reference.ops.aionnxml import load_op as _load_ml_op
 
-from kiln.ir.core import DEFAULT_DOMAIN, KILN_DOMAIN, AttrType, Node
+from kiln.ir.core import DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Node
 
 ML_DOMAIN = "ai.onnx.ml"
 
@@ -32,7 +32,9 @@ class KilnOp:
     ``impl(*inputs, **attrs)`` returns a tuple of arrays, one per output.
     ``attrs`` maps attribute names to their type and default (``None``: required).
     ``infer(node)``, when given, returns ``(dtype, shape)`` per output for shape
-    inference.
+    inference. ``decompose(op, node, inputs, opset)``, when given, builds the op
+    from standard ONNX ops; export writes it as a local function so that other
+    runtimes can run the op.
     """
 
     name: str
@@ -42,6 +44,8 @@ class KilnOp:
     attrs: dict[str, tuple[AttrType, object]] = field(default_factory=dict)
     doc: str = ""
     infer: Callable[[Node], list[tuple]] | None = None
+    decompose: Callable[..., list] | None = None
+    validate: Callable[[Node], list[str]] | None = None
 
 
 KILN_OPS: dict[str, KilnOp] = {}
@@ -54,13 +58,16 @@ def register_kiln_op(
     outputs: tuple[int, int] = (1, 1),
     attrs: dict[str, tuple[AttrType, object]] | None = None,
     infer: Callable[[Node], list[tuple]] | None = None,
+    decompose: Callable[..., list] | None = None,
+    validate: Callable[[Node], list[str]] | None = None,
 ) -> Callable[[Callable[..., tuple]], Callable[..., tuple]]:
     """Decorator: declare ``kiln::name`` with the decorated numpy function as its semantics."""
 
     def wrap(fn: Callable[..., tuple]) -> Callable[..., tuple]:
         if name in KILN_OPS and KILN_OPS[name].impl is not fn:
             raise ValueError(f"kiln op '{name}' is registered twice")
-        KILN_OPS[name] = KilnOp(name, fn, inputs, outputs, dict(attrs or {}), (fn.__doc__ or "").strip(), infer)
+        KILN_OPS[name] = KilnOp(name, fn, inputs, outputs, dict(attrs or {}), (fn.__doc__ or "").strip(), infer,
+                                decompose, validate)
         return fn
 
     return wrap
@@ -123,6 +130,46 @@ def check_node(node: Node, opset: dict[str, int]) -> list[str]:
     return problems
 
 
+def coerce_attrs(domain: str, op_type: str, attrs: dict[str, Any], version: int | None = None) -> dict[str, Attr]:
+    """Typed attributes for a new node: each value gets the type its op schema declares.
+
+    Plain Python values are ambiguous (``[]`` or ``[0, 6]`` for a FLOATS
+    attribute); the schema decides. ``None`` values are dropped. Names the
+    schema does not know keep their inferred type (``verify()`` reports them).
+    """
+    declared: dict[str, AttrType] = {}
+    if domain == KILN_DOMAIN and op_type in KILN_OPS:
+        declared = {k: t for k, (t, _) in KILN_OPS[op_type].attrs.items()}
+    elif domain in (DEFAULT_DOMAIN, ML_DOMAIN):
+        schema = onnx_schema(domain, op_type, version or onnx.defs.onnx_opset_version())
+        if schema is not None:
+            declared = {k: AttrType(a.type.value) for k, a in schema.attributes.items() if a.type.value in _ATTR_TYPES}
+    out: dict[str, Attr] = {}
+    for k, v in attrs.items():
+        if v is None:
+            continue
+        if isinstance(v, Attr):
+            out[k] = v
+            continue
+        t = declared.get(k)
+        if t is AttrType.FLOATS:
+            out[k] = Attr.floats(v)
+        elif t is AttrType.INTS:
+            out[k] = Attr.ints(v)
+        elif t is AttrType.STRINGS:
+            out[k] = Attr.strings(v)
+        elif t is AttrType.FLOAT:
+            out[k] = Attr.float(v)
+        elif t is AttrType.INT:
+            out[k] = Attr.int(v)
+        else:
+            out[k] = Attr.infer(v)
+    return out
+
+
+_ATTR_TYPES = {t.value for t in AttrType}
+
+
 def _check_kiln(node: Node) -> list[str]:
     op = KILN_OPS.get(node.op_type)
     if op is None:
@@ -143,4 +190,6 @@ def _check_kiln(node: Node) -> list[str]:
     for name, (_, default) in op.attrs.items():
         if default is None and name not in node.attrs:
             problems.append(f"missing required attribute '{name}'")
+    if op.validate is not None and not problems:
+        problems.extend(op.validate(node))
     return problems

@@ -1,63 +1,537 @@
-"""Conv fusions: fold BatchNormalization into the convolution that feeds it."""
+"""Conv and Gemm fusions: fold BatchNormalization, bias, scale and padding into the
+producing op, and fuse residual adds and activations into one ``kiln::FusedConv`` /
+``kiln::FusedGemm`` epilogue.
+
+Rules (priority in brackets where rules overlap at the same root):
+
+- ``conv-bn``, ``convtranspose-bn``, ``gemm-bn``: BatchNormalization with constant
+  statistics folds into the weights and bias of the op before it;
+- ``bn-affine``: any other inference BatchNormalization becomes ``x * k + b``;
+- ``conv-add-bias`` [10], ``conv-mul-scale``: a per-channel constant added to, or
+  multiplying, a Conv's output folds into its bias (and weights);
+- ``pad-conv``: a zero ``Pad`` of the spatial dims folds into the Conv's pads;
+- ``matmul-add-gemm``: a 2-D MatMul by a constant matrix plus a bias becomes Gemm;
+- ``conv-residual``: ``Conv(...) + z`` of the same shape becomes ``FusedConv(..., Z=z)``;
+- ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``: an activation after a Conv,
+  a FusedConv without one, or a Gemm becomes the op's epilogue.
+"""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import numpy as np
 
 from kiln.ir import DType, Node, Value
-from kiln.passes.pattern import Optional, Var, copy_attrs
+from kiln.passes.pattern import Const, Optional, Var, copy_attrs
 from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph
 
-
-def _conv_bn_pattern(op, x, w, scale, bias, mean, var):
-    conv = op.Conv(x, w, Optional(Var("b")), _name="conv")
-    return op.BatchNormalization(conv, scale, bias, mean, var, _name="bn")
+RNG_SEED = 0
 
 
-def _conv_bn_check(ctx: MatchContext, w: Value, b: Value | None, scale: Value, bias: Value, mean: Value,
-                   var: Value, bn: Node) -> MatchResult:
-    for label, v in (("conv weight", w), ("BN scale", scale), ("BN bias", bias), ("BN mean", mean),
-                     ("BN variance", var), ("conv bias", b)):
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(RNG_SEED)
+
+
+def _f32(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+def _all_constant(**values: Value | None) -> MatchResult:
+    for label, v in values.items():
         if v is not None and not v.is_constant:
-            return MatchResult.fail(f"the {label} %{v.name} is not a constant")
-    if bn.attr("training_mode", 0) or len([o for o in bn.outputs if o.name]) > 1:
-        return MatchResult.fail("BatchNormalization runs in training mode")
-    if w.dtype is None or not w.dtype.is_float:
-        return MatchResult.fail(f"the conv weight is {w.dtype}, not a float type")
+            return MatchResult.fail(f"the {label.replace('_', ' ')} %{v.name} is not a constant")
     return MatchResult.ok()
 
 
-def _conv_bn_rewrite(op, x: Value, w: Value, b: Value | None, scale: Value, bias: Value, mean: Value, var: Value,
-                     conv: Node, bn: Node) -> Value:
+def _bn_factors(bn: Node, scale: Value, bias: Value, mean: Value, var: Value) -> tuple[np.ndarray, np.ndarray]:
+    """BN as ``y = x * k + shift``, in float64."""
     eps = bn.attr("epsilon", 1e-5)
-    weight = w.numpy().astype(np.float64)
     k = scale.numpy().astype(np.float64) / np.sqrt(var.numpy().astype(np.float64) + eps)
-    old_bias = b.numpy().astype(np.float64) if b is not None else 0.0
+    shift = bias.numpy().astype(np.float64) - mean.numpy().astype(np.float64) * k
+    return k, shift
+
+
+def _bn_inference(bn: Node) -> MatchResult:
+    if bn.attr("training_mode", 0) or len([o for o in bn.outputs if o.name]) > 1:
+        return MatchResult.fail("BatchNormalization runs in training mode")
+    return MatchResult.ok()
+
+
+def _bn_stats_example(c: int) -> list[np.ndarray]:
+    rng = _rng()
+    return [_f32(rng.uniform(0.5, 1.5, c)), _f32(rng.uniform(-0.2, 0.2, c)), _f32(rng.uniform(-0.2, 0.2, c)),
+            _f32(rng.uniform(0.5, 1.5, c))]
+
+
+# --------------------------------------------------------------------------- BatchNormalization folds
+
+
+def _conv_bn_pattern(op, x, w, scale, bias, mean, var):
+    return op.BatchNormalization(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), scale, bias, mean, var,
+                                 _name="bn")
+
+
+def _bn_check(ctx: MatchContext, scale: Value, bias: Value, mean: Value, var: Value, bn: Node) -> MatchResult:
+    return _all_constant(BN_scale=scale, BN_bias=bias, BN_mean=mean, BN_variance=var) and _bn_inference(bn)
+
+
+def _conv_bn_rewrite(op, x, w, b, scale, bias, mean, var, conv, bn):
+    k, shift = _bn_factors(bn, scale, bias, mean, var)
+    weight = w.numpy().astype(np.float64)
     new_w = weight * k.reshape((-1,) + (1,) * (weight.ndim - 1))
-    new_b = (old_bias - mean.numpy().astype(np.float64)) * k + bias.numpy().astype(np.float64)
-    dt = w.dtype.numpy  # type: ignore[union-attr]
-    return op.Conv(x, op.constant(new_w.astype(dt), f"{w.name}_bn"), op.constant(new_b.astype(dt), f"{w.name}_bn_bias"),
+    new_b = (b.numpy().astype(np.float64) * k if b is not None else 0.0) + shift
+    dt = w.dtype.numpy
+    return op.Conv(x, op.constant(new_w.astype(dt), f"{w.name}_bn"), op.constant(new_b.astype(dt), f"{w.name}_bn_b"),
                    **copy_attrs(conv))
 
 
 def _conv_bn_example():
-    rng = np.random.default_rng(0)
-    c_in, c_out = 3, 8
+    rng = _rng()
 
     def build(op, x):
-        w = op.constant(rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32) * 0.3)
-        y = op.Conv(x, w, pads=[1, 1, 1, 1], strides=[2, 2])
-        stats = [rng.uniform(0.5, 1.5, c_out), rng.uniform(-0.2, 0.2, c_out), rng.uniform(-0.2, 0.2, c_out),
-                 rng.uniform(0.5, 1.5, c_out)]
-        return op.BatchNormalization(y, *[op.constant(s.astype(np.float32)) for s in stats], epsilon=1e-3)
+        y = op.Conv(x, op.constant(_f32(rng.standard_normal((8, 3, 3, 3)) * 0.3)), pads=[1, 1, 1, 1], strides=[2, 2])
+        return op.BatchNormalization(y, *[op.constant(s) for s in _bn_stats_example(8)], epsilon=1e-3)
 
-    return example_graph("conv_bn", {"x": (DType.FLOAT32, (1, c_in, 9, 9))}, build)
+    return example_graph("conv_bn", {"x": (DType.FLOAT32, (1, 3, 9, 9))}, build)
 
 
 CONV_BN = RewriteRule(
-    name="conv-bn",
+    "conv-bn", _conv_bn_pattern, _conv_bn_rewrite, check=_bn_check, example=_conv_bn_example,
     description="Conv followed by inference BatchNormalization becomes one Conv with scaled weights and a bias.",
-    pattern=_conv_bn_pattern, check=_conv_bn_check, rewrite=_conv_bn_rewrite, example=_conv_bn_example,
 )
 
-RULES = [CONV_BN]
+
+def _convt_bn_pattern(op, x, w, scale, bias, mean, var):
+    core = op.ConvTranspose(x, Const("w"), Optional(Const("b")), _name="convt")
+    return op.BatchNormalization(core, scale, bias, mean, var, _name="bn")
+
+
+def _convt_bn_rewrite(op, x, w, b, scale, bias, mean, var, convt, bn):
+    k, shift = _bn_factors(bn, scale, bias, mean, var)
+    weight = w.numpy().astype(np.float64)  # [C_in, C_out / group, k...]
+    group = convt.attr("group", 1)
+    c_in, c_out_g = weight.shape[:2]
+    per_group = weight.reshape(group, c_in // group, c_out_g, *weight.shape[2:])
+    per_group = per_group * k.reshape(group, 1, c_out_g, *([1] * (weight.ndim - 2)))
+    new_b = (b.numpy().astype(np.float64) * k if b is not None else 0.0) + shift
+    dt = w.dtype.numpy
+    return op.ConvTranspose(x, op.constant(per_group.reshape(weight.shape).astype(dt), f"{w.name}_bn"),
+                            op.constant(new_b.astype(dt), f"{w.name}_bn_b"), **copy_attrs(convt))
+
+
+def _convt_bn_example():
+    rng = _rng()
+
+    def build(op, x):
+        y = op.ConvTranspose(x, op.constant(_f32(rng.standard_normal((4, 3, 2, 2)))), strides=[2, 2], group=1)
+        return op.BatchNormalization(y, *[op.constant(s) for s in _bn_stats_example(3)])
+
+    return example_graph("convt_bn", {"x": (DType.FLOAT32, (1, 4, 5, 5))}, build)
+
+
+CONVT_BN = RewriteRule(
+    "convtranspose-bn", _convt_bn_pattern, _convt_bn_rewrite, check=_bn_check, example=_convt_bn_example,
+    description="ConvTranspose followed by inference BatchNormalization folds into its weights and bias.",
+)
+
+
+def _gemm_bn_pattern(op, a, b, scale, bias, mean, var):
+    return op.BatchNormalization(op.Gemm(a, Const("b"), Optional(Const("c")), _name="gemm"), scale, bias, mean, var,
+                                 _name="bn")
+
+
+def _gemm_bn_check(ctx, c, gemm, scale, bias, mean, var, bn) -> MatchResult:
+    verdict = _bn_check(ctx, scale, bias, mean, var, bn)
+    if not verdict:
+        return verdict
+    if c is not None and c.rank not in (0, 1):
+        return MatchResult.fail("the Gemm bias is not a scalar or a row vector")
+    return MatchResult.ok()
+
+
+def _gemm_bn_rewrite(op, a, b, c, scale, bias, mean, var, gemm, bn):
+    k, shift = _bn_factors(bn, scale, bias, mean, var)
+    alpha, beta = gemm.attr("alpha", 1.0), gemm.attr("beta", 1.0)
+    w = b.numpy().astype(np.float64)
+    w = w * k.reshape(-1, 1) if gemm.attr("transB", 0) else w * k.reshape(1, -1)
+    new_c = (beta * np.broadcast_to(c.numpy().astype(np.float64), k.shape) * k if c is not None else 0.0) + shift
+    dt = b.dtype.numpy
+    return op.Gemm(a, op.constant((w * alpha).astype(dt), f"{b.name}_bn"), op.constant(new_c.astype(dt), f"{b.name}_bn_c"),
+                   **copy_attrs(gemm, "alpha", "beta"))
+
+
+def _gemm_bn_example():
+    rng = _rng()
+
+    def build(op, a):
+        y = op.Gemm(a, op.constant(_f32(rng.standard_normal((6, 5)))), op.constant(_f32(rng.standard_normal(6))),
+                    transB=1, alpha=0.5, beta=2.0)
+        return op.BatchNormalization(y, *[op.constant(s) for s in _bn_stats_example(6)])
+
+    return example_graph("gemm_bn", {"a": (DType.FLOAT32, (3, 5))}, build)
+
+
+GEMM_BN = RewriteRule(
+    "gemm-bn", _gemm_bn_pattern, _gemm_bn_rewrite, check=_gemm_bn_check, example=_gemm_bn_example,
+    description="Gemm followed by inference BatchNormalization folds into B and C.",
+)
+
+
+def _bn_affine_pattern(op, x, scale, bias, mean, var):
+    return op.BatchNormalization(x, scale, bias, mean, var, _name="bn")
+
+
+def _bn_affine_check(ctx, x, scale, bias, mean, var, bn) -> MatchResult:
+    verdict = _bn_check(ctx, scale, bias, mean, var, bn)
+    if verdict and (x.rank is None or x.rank < 2):
+        return MatchResult.fail("the input's rank is unknown or below 2")
+    return verdict
+
+
+def _bn_affine_rewrite(op, x, scale, bias, mean, var, bn):
+    k, shift = _bn_factors(bn, scale, bias, mean, var)
+    shape = (-1,) + (1,) * (x.rank - 2)
+    dt = x.dtype.numpy
+    return op.Add(op.Mul(x, op.constant(k.reshape(shape).astype(dt), "bn_scale")),
+                  op.constant(shift.reshape(shape).astype(dt), "bn_shift"))
+
+
+def _bn_affine_example():
+    def build(op, x):
+        return op.BatchNormalization(op.Relu(x), *[op.constant(s) for s in _bn_stats_example(4)])
+
+    return example_graph("bn_affine", {"x": (DType.FLOAT32, (2, 4, 3, 3))}, build)
+
+
+BN_AFFINE = RewriteRule(
+    "bn-affine", _bn_affine_pattern, _bn_affine_rewrite, check=_bn_affine_check, example=_bn_affine_example,
+    priority=-10,
+    description="A BatchNormalization that follows no foldable op becomes a per-channel multiply and add.",
+)
+
+
+# --------------------------------------------------------------------------- bias, scale and pad folds
+
+
+def _per_channel(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
+    """``c`` as a length-``channels`` vector if, broadcast against [N, C, ...], it varies only along C."""
+    if c.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1) if c.size else c, (channels,)).astype(np.float64)
+
+
+def _channel_check(w: Value, c: Value, y: Value) -> MatchResult:
+    if w.shape is None or y.rank is None:
+        return MatchResult.fail("the conv's output rank is unknown")
+    if c.dtype is not w.dtype:
+        return MatchResult.fail(f"the constant is {c.dtype}, the weight {w.dtype}")
+    if _per_channel(c.numpy(), int(w.shape[0]), y.rank) is None:
+        return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
+    return MatchResult.ok()
+
+
+def _conv_add_pattern(op, x, w, c):
+    return op.Add(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), Const("c"), _name="add")
+
+
+def _conv_add_check(ctx, w, c, conv) -> MatchResult:
+    return _channel_check(w, c, conv.outputs[0])
+
+
+def _conv_add_rewrite(op, x, w, b, c, conv):
+    extra = _per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
+    new_b = (b.numpy().astype(np.float64) if b is not None else 0.0) + extra
+    return op.Conv(x, w, op.constant(new_b.astype(w.dtype.numpy), f"{w.name}_bias"), **copy_attrs(conv))
+
+
+def _conv_add_example():
+    rng = _rng()
+
+    def build(op, x):
+        y = op.Conv(x, op.constant(_f32(rng.standard_normal((4, 3, 1, 1)))), op.constant(_f32(rng.standard_normal(4))))
+        return op.Add(op.constant(_f32(rng.standard_normal((4, 1, 1)))), y)
+
+    return example_graph("conv_add", {"x": (DType.FLOAT32, (1, 3, 4, 4))}, build)
+
+
+CONV_ADD_BIAS = RewriteRule(
+    "conv-add-bias", _conv_add_pattern, _conv_add_rewrite, check=_conv_add_check, example=_conv_add_example,
+    priority=10, description="A per-channel constant added to a Conv's output joins its bias.",
+)
+
+
+def _conv_mul_pattern(op, x, w, c):
+    return op.Mul(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), Const("c"))
+
+
+def _conv_mul_rewrite(op, x, w, b, c, conv):
+    k = _per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
+    weight = w.numpy().astype(np.float64)
+    dt = w.dtype.numpy
+    new_w = op.constant((weight * k.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(dt), f"{w.name}_scaled")
+    new_b = op.constant((b.numpy().astype(np.float64) * k).astype(dt), f"{w.name}_scaled_b") if b is not None else None
+    return op.Conv(x, new_w, new_b, **copy_attrs(conv)) if new_b is not None else op.Conv(x, new_w, **copy_attrs(conv))
+
+
+def _conv_mul_example():
+    rng = _rng()
+
+    def build(op, x):
+        y = op.Conv(x, op.constant(_f32(rng.standard_normal((4, 3, 3, 3)))), op.constant(_f32(rng.standard_normal(4))))
+        return op.Mul(y, op.constant(_f32(rng.uniform(0.5, 2, (1, 4, 1, 1)))))
+
+    return example_graph("conv_mul", {"x": (DType.FLOAT32, (1, 3, 6, 6))}, build)
+
+
+CONV_MUL_SCALE = RewriteRule(
+    "conv-mul-scale", _conv_mul_pattern, _conv_mul_rewrite, check=_conv_add_check, example=_conv_mul_example,
+    description="A per-channel constant multiplying a Conv's output scales its weights and bias.",
+)
+
+
+def _pad_conv_pattern(op, x, pads, w):
+    return op.Conv(op.Pad(x, Const("pads"), Optional(Var("value")), _name="pad", _allow_extra_inputs=True), w,
+                   Optional(Var("b")), _name="conv")
+
+
+def _pad_conv_check(ctx, pads, value, pad, conv) -> MatchResult:
+    if pad.attr("mode", "constant") != "constant":
+        return MatchResult.fail(f"Pad mode is {pad.attr('mode')!r}, not constant")
+    if value is not None and (not value.is_constant or np.any(value.numpy() != 0)):
+        return MatchResult.fail("Pad fills with a value other than zero")
+    if len(pad.inputs) > 3 and pad.input(3) is not None:
+        return MatchResult.fail("Pad has an axes input")
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return MatchResult.fail("the Conv uses auto_pad")
+    p = pads.numpy()
+    rank = p.size // 2
+    if np.any(p < 0) or np.any(p[:2] != 0) or np.any(p[rank:rank + 2] != 0):
+        return MatchResult.fail(f"Pad pads the batch or channel dims, or crops: {p.tolist()}")
+    return MatchResult.ok()
+
+
+def _pad_conv_rewrite(op, x, pads, w, b, conv):
+    p = pads.numpy().astype(np.int64)
+    rank = p.size // 2
+    spatial = rank - 2
+    old = list(conv.attr("pads", ()) or [0] * (2 * spatial))
+    merged = [int(old[i] + p[2 + i]) for i in range(spatial)] + [int(old[spatial + i] + p[rank + 2 + i])
+                                                                  for i in range(spatial)]
+    attrs = copy_attrs(conv, pads=merged)
+    return op.Conv(x, w, b, **attrs) if b is not None else op.Conv(x, w, **attrs)
+
+
+def _pad_conv_example():
+    rng = _rng()
+
+    def build(op, x):
+        padded = op.Pad(x, op.constant(np.array([0, 0, 1, 2, 0, 0, 1, 0], np.int64)))
+        return op.Conv(padded, op.constant(_f32(rng.standard_normal((4, 3, 3, 3)))), pads=[0, 1, 0, 1])
+
+    return example_graph("pad_conv", {"x": (DType.FLOAT32, (1, 3, 6, 6))}, build)
+
+
+PAD_CONV = RewriteRule(
+    "pad-conv", _pad_conv_pattern, _pad_conv_rewrite, check=_pad_conv_check, example=_pad_conv_example,
+    description="A zero Pad of the spatial dims folds into the Conv's pads.",
+)
+
+
+def _matmul_add_pattern(op, a, b, c):
+    return op.Add(op.MatMul(a, Const("b"), _name="mm"), Const("c"))
+
+
+def _matmul_add_check(ctx, a, b, c) -> MatchResult:
+    if a.rank != 2 or b.rank != 2:
+        return MatchResult.fail(f"Gemm needs 2-D operands; A is {a.type_str()}, B is {b.type_str()}")
+    if c.rank is None or c.rank > 2:
+        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to a 2-D Gemm output")
+    if c.rank == 2 and c.shape[0] != 1 and c.shape[0] != a.shape[0]:
+        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to the output rows")
+    n = b.shape[1]
+    if c.rank >= 1 and c.shape[-1] not in (1, n):
+        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to {n} columns")
+    return MatchResult.ok()
+
+
+def _matmul_add_rewrite(op, a, b, c):
+    return op.Gemm(a, b, c)
+
+
+def _matmul_add_example():
+    rng = _rng()
+
+    def build(op, a):
+        return op.Add(op.MatMul(a, op.constant(_f32(rng.standard_normal((5, 3))))), op.constant(_f32(rng.standard_normal(3))))
+
+    return example_graph("matmul_add", {"a": (DType.FLOAT32, (4, 5))}, build)
+
+
+MATMUL_ADD_GEMM = RewriteRule(
+    "matmul-add-gemm", _matmul_add_pattern, _matmul_add_rewrite, check=_matmul_add_check, example=_matmul_add_example,
+    description="A 2-D MatMul by a constant matrix plus a broadcastable bias becomes Gemm.",
+)
+
+
+# --------------------------------------------------------------------------- residual add and activation epilogues
+
+
+def _residual_pattern(op, x, w, z):
+    return op.Add(op.Conv(x, w, Optional(Var("b")), _name="conv"), z, _name="add")
+
+
+def _same_shape(a: Value, b: Value) -> bool:
+    return a.shape is not None and b.shape is not None and tuple(a.shape) == tuple(b.shape) and a.dtype is b.dtype
+
+
+def _residual_check(ctx, z, conv, add) -> MatchResult:
+    y = conv.outputs[0]
+    if not _same_shape(y, z) or not _same_shape(y, add.outputs[0]):
+        return MatchResult.fail(f"the residual {z.type_str()} does not have the conv output's type {y.type_str()}")
+    return MatchResult.ok()
+
+
+def _residual_rewrite(op, x, w, b, z, conv):
+    return op.kiln.FusedConv(x, w, b, z, **copy_attrs(conv, "auto_pad"))
+
+
+def _residual_example():
+    rng = _rng()
+
+    def build(op, x, z):
+        y = op.Conv(x, op.constant(_f32(rng.standard_normal((4, 3, 3, 3)))), op.constant(_f32(rng.standard_normal(4))),
+                    pads=[1, 1, 1, 1])
+        return op.Add(z, y)
+
+    return example_graph("residual", {"x": (DType.FLOAT32, (1, 3, 5, 5)), "z": (DType.FLOAT32, (1, 4, 5, 5))}, build)
+
+
+def _residual_conv_check(ctx, z, conv, add) -> MatchResult:
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return MatchResult.fail("the Conv uses auto_pad")
+    return _residual_check(ctx, z, conv, add)
+
+
+CONV_RESIDUAL = RewriteRule(
+    "conv-residual", _residual_pattern, _residual_rewrite, check=_residual_conv_check, example=_residual_example,
+    description="Conv(...) + z of the same shape becomes kiln::FusedConv with residual z.",
+)
+
+
+# activation name -> (pattern over the core's output y, extractor of params from the bound nodes)
+def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[float, ...] | str]]]:
+    def simple(name: str):
+        return lambda op, y: getattr(op, name)(y, _name="act"), lambda act, **_: ()
+
+    def clip_params(act, lo=None, hi=None, **_):
+        if lo is not None and hi is not None:
+            if not (lo.is_constant and hi.is_constant and lo.numpy().size == 1 and hi.numpy().size == 1):
+                return "Clip bounds are not scalar constants"
+            return (float(lo.numpy()), float(hi.numpy()))
+        mn, mx = act.attr("min"), act.attr("max")
+        if mn is None or mx is None:
+            return "Clip needs both bounds to become an epilogue"
+        return (float(mn), float(mx))
+
+    return {
+        "Relu": simple("Relu"),
+        "Sigmoid": simple("Sigmoid"),
+        "Tanh": simple("Tanh"),
+        "HardSwish": simple("HardSwish"),
+        "LeakyRelu": (lambda op, y: op.LeakyRelu(y, _name="act"), lambda act, **_: (float(act.attr("alpha", 0.01)),)),
+        "HardSigmoid": (lambda op, y: op.HardSigmoid(y, _name="act"),
+                        lambda act, **_: (float(act.attr("alpha", 0.2)), float(act.attr("beta", 0.5)))),
+        "Clip": (lambda op, y: op.Clip(y, Optional(Var("lo")), Optional(Var("hi")), _name="act"), clip_params),
+        "SiLU": (lambda op, y: op.Mul(y, op.Sigmoid(y), _name="act"), lambda act, **_: ()),
+        "Gelu": (lambda op, y: op.Gelu(y, _name="act"),
+                 lambda act, **_: (1.0,) if act.attr("approximate", "none") == "tanh" else ()),
+    }
+
+
+ACTIVATION_PATTERNS = _act_table()
+
+
+def _epilogue_rule(core: str, act_name: str) -> RewriteRule:
+    make_act, params_of = ACTIVATION_PATTERNS[act_name]
+
+    if core == "conv":
+        def core_pattern(op, x, w):
+            return op.Conv(x, w, Optional(Var("b")), _name="core")
+    elif core == "fused-conv":
+        def core_pattern(op, x, w):
+            return op.kiln.FusedConv(x, w, Optional(Var("b")), Optional(Var("z")), activation=lambda a: not a,
+                                     _name="core")
+    else:
+        def core_pattern(op, x, w):
+            return op.Gemm(x, w, Optional(Var("b")), _name="core")
+
+    def pattern(op, x, w):
+        return make_act(op, core_pattern(op, x, w))
+
+    def check(ctx, act, core, **bound) -> MatchResult:
+        if core.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            return MatchResult.fail("the Conv uses auto_pad")
+        params = params_of(act, **bound)
+        if isinstance(params, str):
+            return MatchResult.fail(params)
+        return MatchResult.ok()
+
+    def rewrite(op, x, w, act, core, **bound):
+        params = params_of(act, **bound)
+        b, z = bound.get("b"), bound.get("z")
+        attrs = copy_attrs(core, "auto_pad", "activation", "activation_params", activation=act_name,
+                           activation_params=list(params))
+        if core.op_type == "Gemm":
+            return op.kiln.FusedGemm(x, w, b, **attrs)
+        return op.kiln.FusedConv(x, w, b, z, **attrs)
+
+    def example():
+        rng = _rng()
+
+        def build(op, x, *rest):
+            if core == "gemm":
+                y = op.Gemm(x, op.constant(_f32(rng.standard_normal((6, 5)))), op.constant(_f32(rng.standard_normal(6))),
+                            transB=1)
+            else:
+                w = op.constant(_f32(rng.standard_normal((4, 3, 3, 3)) * 0.5))
+                b = op.constant(_f32(rng.standard_normal(4)))
+                if core == "conv":
+                    y = op.Conv(x, w, b, pads=[1, 1, 1, 1])
+                else:
+                    y = op.kiln.FusedConv(x, w, b, rest[0], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+            return _example_activation(op, y, act_name)
+
+        if core == "gemm":
+            inputs = {"x": (DType.FLOAT32, (3, 5))}
+        else:
+            inputs = {"x": (DType.FLOAT32, (1, 3, 5, 5))}
+            if core == "fused-conv":
+                inputs["z"] = (DType.FLOAT32, (1, 4, 5, 5))
+        return example_graph(f"{core}_{act_name.lower()}", inputs, build, opset=20 if act_name == "Gelu" else 17)
+
+    return RewriteRule(
+        f"{core}-{act_name.lower()}", pattern, rewrite, check=check, example=example,
+        description=f"{act_name} after {core.replace('-', ' ')} becomes its fused epilogue.",
+    )
+
+
+def _example_activation(op, y: Value, name: str) -> Value:
+    if name == "Clip":
+        return op.Clip(y, op.constant(np.float32(0.0)), op.constant(np.float32(6.0)))
+    if name == "LeakyRelu":
+        return op.LeakyRelu(y, alpha=0.1)
+    if name == "HardSigmoid":
+        return op.HardSigmoid(y, alpha=0.2, beta=0.5)
+    if name == "SiLU":
+        return op.Mul(op.Sigmoid(y), y)
+    return getattr(op, name)(y)
+
+
+EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
+
+RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, MATMUL_ADD_GEMM,
+         CONV_RESIDUAL, *EPILOGUE_RULES]

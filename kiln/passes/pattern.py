@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from kiln.ir import Attr, Graph, Node, Value
+from kiln.ir.schemas import coerce_attrs
 
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"})
 
@@ -360,9 +361,9 @@ class RewriteBuilder:
 
         def build(*inputs: Value | None, _domain: str | None = None, _outputs: int = 1, _name: str = "",
                   **attrs: Any) -> Any:
-            attrs = {k: v for k, v in attrs.items() if v is not None}
-            node = Node(op_type, list(inputs), attrs, domain=self._domain if _domain is None else _domain,
-                        outputs=_outputs, name=_name)
+            domain = self._domain if _domain is None else _domain
+            typed = coerce_attrs(domain, op_type, attrs, self._graph.model_opset.get(domain))
+            node = Node(op_type, list(inputs), typed, domain=domain, outputs=_outputs, name=_name)
             if self._anchor is not None:
                 self._graph.insert_before(self._anchor, node)
             else:

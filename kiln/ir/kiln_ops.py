@@ -1,0 +1,278 @@
+"""kiln's own ops (the ``kiln`` domain): fused kernels that codegen lowers to one kernel each.
+
+Every op has three definitions that must agree, and the verified-rewrite test
+checks that they do:
+
+- ``impl``: numpy semantics, run by kiln's evaluator;
+- ``infer``: output dtype and shape;
+- ``decompose``: the same computation in standard ONNX ops, written into
+  exported models as a local function so that any ONNX runtime can run it.
+
+Ops
+---
+``kiln::FusedConv(X, W, B?, Z?)``
+    ``Y = act(Conv(X, W, B) + Z)``. Conv attributes as ONNX ``Conv`` (explicit
+    ``pads``; no ``auto_pad``). ``Z`` is an optional residual of ``Y``'s shape.
+``kiln::FusedGemm(A, B, C?)``
+    ``Y = act(Gemm(A, B, C))``, with Gemm's ``alpha``, ``beta``, ``transA``, ``transB``.
+
+Both take ``activation`` (a string, empty for none) and ``activation_params``
+(floats). Activations and their parameters:
+
+=============  ===================  ===========================================
+activation     params               meaning
+=============  ===================  ===========================================
+``""``         --                   identity
+``Relu``       --                   max(x, 0)
+``Clip``       [min, max]           min(max(x, min), max)
+``LeakyRelu``  [alpha]              x if x >= 0 else alpha * x
+``Sigmoid``    --                   1 / (1 + exp(-x))
+``HardSigmoid`` [alpha, beta]       max(0, min(1, alpha * x + beta))
+``HardSwish``  --                   x * max(0, min(1, x / 6 + 1 / 2))
+``SiLU``       --                   x * sigmoid(x)
+``Tanh``       --                   tanh(x)
+``Gelu``       [tanh?]              x/2 * (1 + erf(x / sqrt 2)); with 1: the tanh form
+=============  ===================  ===========================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from onnx.reference.ops.op_conv import Conv as _RefConv
+
+from kiln.ir.core import AttrType, Graph, Node, Value
+from kiln.ir.schemas import KILN_OPS, coerce_attrs, register_kiln_op
+
+# --------------------------------------------------------------------------- activations
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(x.dtype)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from math import erf
+
+    return np.vectorize(erf, otypes=[np.float64])(x.astype(np.float64))
+
+
+def _gelu(x: np.ndarray, p: Sequence[float]) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    if p and p[0]:
+        inner = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)
+        return (0.5 * x64 * (1 + np.tanh(inner))).astype(x.dtype)
+    return (0.5 * x64 * (1 + _erf(x64 / math.sqrt(2)))).astype(x.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray, Sequence[float]], np.ndarray]] = {
+    "": lambda x, p: x,
+    "Relu": lambda x, p: np.maximum(x, 0).astype(x.dtype),
+    "Clip": lambda x, p: np.clip(x, p[0], p[1]).astype(x.dtype),
+    "LeakyRelu": lambda x, p: np.where(x >= 0, x, x * p[0]).astype(x.dtype),
+    "Sigmoid": lambda x, p: _sigmoid(x),
+    "HardSigmoid": lambda x, p: np.clip(x * p[0] + p[1], 0, 1).astype(x.dtype),
+    "HardSwish": lambda x, p: (x * np.clip(x / 6 + 0.5, 0, 1)).astype(x.dtype),
+    "SiLU": lambda x, p: (x * _sigmoid(x)).astype(x.dtype),
+    "Tanh": lambda x, p: np.tanh(x).astype(x.dtype),
+    "Gelu": _gelu,
+}
+
+#: How many parameters each activation takes.
+ACTIVATION_ARITY = {"Clip": 2, "LeakyRelu": 1, "HardSigmoid": 2, "Gelu": 1}
+
+
+def apply_activation(x: np.ndarray, name: str, params: Sequence[float]) -> np.ndarray:
+    """Run activation ``name`` on ``x`` (the evaluator's semantics)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; known: {', '.join(a or '(none)' for a in ACTIVATIONS)}")
+    return ACTIVATIONS[name](x, tuple(params))
+
+
+def decompose_activation(op: Any, x: Value, name: str, params: Sequence[float], opset: int) -> Value:
+    """The activation as standard ONNX ops valid at ``opset`` (``op`` builds nodes)."""
+    dt = x.dtype.numpy if x.dtype is not None else np.dtype(np.float32)
+
+    def c(v: float) -> Value:
+        return op.constant(np.array(v, dtype=dt))
+
+    if name == "":
+        return op.Identity(x)
+    if name in ("Relu", "Sigmoid", "Tanh"):
+        return getattr(op, name)(x)
+    if name == "Clip":
+        if opset >= 11:
+            return op.Clip(x, c(params[0]), c(params[1]))
+        return op.Clip(x, min=float(params[0]), max=float(params[1]))
+    if name == "LeakyRelu":
+        return op.LeakyRelu(x, alpha=float(params[0]))
+    if name == "HardSigmoid":
+        return op.HardSigmoid(x, alpha=float(params[0]), beta=float(params[1]))
+    if name == "HardSwish":
+        if opset >= 14:
+            return op.HardSwish(x)
+        return op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=0.5))
+    if name == "SiLU":
+        return op.Mul(x, op.Sigmoid(x))
+    if name == "Gelu":
+        tanh_form = bool(params and params[0])
+        if opset >= 20:
+            return op.Gelu(x, approximate="tanh" if tanh_form else "none")
+        if tanh_form:
+            cube = op.Mul(op.Mul(x, x), x)
+            inner = op.Mul(op.Add(x, op.Mul(cube, c(0.044715))), c(math.sqrt(2 / math.pi)))
+            return op.Mul(op.Mul(x, c(0.5)), op.Add(op.Tanh(inner), c(1.0)))
+        return op.Mul(op.Mul(x, c(0.5)), op.Add(op.Erf(op.Div(x, c(math.sqrt(2)))), c(1.0)))
+    raise ValueError(f"unknown activation '{name}'")
+
+
+def check_activation(name: str, params: Sequence[float]) -> str:
+    """Empty if (name, params) is a valid epilogue, else the reason."""
+    if name not in ACTIVATIONS:
+        return f"unknown activation '{name}'"
+    want = ACTIVATION_ARITY.get(name, 0)
+    if len(params) != want and not (name == "Gelu" and len(params) == 0):
+        return f"activation {name} takes {want} parameter(s), got {len(params)}"
+    return ""
+
+
+_EPILOGUE_ATTRS = {"activation": (AttrType.STRING, ""), "activation_params": (AttrType.FLOATS, ())}
+_CONV_ATTRS = {
+    "dilations": (AttrType.INTS, ()), "group": (AttrType.INT, 1), "kernel_shape": (AttrType.INTS, ()),
+    "pads": (AttrType.INTS, ()), "strides": (AttrType.INTS, ()),
+}
+_GEMM_ATTRS = {
+    "alpha": (AttrType.FLOAT, 1.0), "beta": (AttrType.FLOAT, 1.0), "transA": (AttrType.INT, 0),
+    "transB": (AttrType.INT, 0),
+}
+
+
+# --------------------------------------------------------------------------- FusedConv
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, attrs: dict[str, Any]) -> np.ndarray:
+    conv_attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items() if k in _CONV_ATTRS}
+    conv_attrs = {k: (v if v != [] else None) for k, v in conv_attrs.items()}
+    dtype = x.dtype
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    b64 = None if b is None else b.astype(np.float64)
+    out = _RefConv.eval(x64, w64, b64, auto_pad="NOTSET", **conv_attrs)
+    return np.asarray(out).astype(dtype)
+
+
+def fused_conv(x, w, b=None, z=None, activation="", activation_params=(), **conv_attrs):
+    """kiln::FusedConv: act(Conv(X, W, B) + Z)."""
+    y = _conv(x, w, b, conv_attrs)
+    if z is not None:
+        y = (y.astype(np.float64) + z.astype(np.float64)).astype(x.dtype)
+    return (apply_activation(y, activation, activation_params),)
+
+
+def _conv_out_shape(node: Node) -> list[tuple]:
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or x.shape is None or w.shape is None:
+        return [(x.dtype if x else None, None)]
+    spatial = len(x.shape) - 2
+    k = list(node.attr("kernel_shape", ()) or w.shape[2:])
+    pads = list(node.attr("pads", ()) or [0] * (2 * spatial))
+    strides = list(node.attr("strides", ()) or [1] * spatial)
+    dil = list(node.attr("dilations", ()) or [1] * spatial)
+    dims: list[int | str | None] = [x.shape[0], w.shape[0]]
+    for i in range(spatial):
+        d = x.shape[2 + i]
+        if isinstance(d, int):
+            dims.append((d + pads[i] + pads[i + spatial] - dil[i] * (k[i] - 1) - 1) // strides[i] + 1)
+        else:
+            dims.append(d if (k[i] == 1 and strides[i] == 1 and pads[i] + pads[i + spatial] == 0) else None)
+    return [(x.dtype, tuple(dims))]
+
+
+def _decompose_conv(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    attrs, act, params = _split_epilogue(node)
+    x, w, b, z = (list(inputs) + [None, None])[:4]
+    y = op.Conv(x, w, b, **attrs) if b is not None else op.Conv(x, w, **attrs)
+    if z is not None:
+        y = op.Add(y, z)
+    return [decompose_activation(op, y, act, params, opset)]
+
+
+def _split_epilogue(node: Node) -> tuple[dict[str, Any], str, tuple[float, ...]]:
+    attrs = {k: a.value for k, a in node.attrs.items()}
+    act, params = attrs.pop("activation", ""), tuple(attrs.pop("activation_params", ()))
+    attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items() if v not in ((), [])}
+    return attrs, act, params
+
+
+def _validate_epilogue(node: Node) -> list[str]:
+    reason = check_activation(node.attr("activation", "") or "", node.attr("activation_params", ()) or ())
+    return [reason] if reason else []
+
+
+register_kiln_op("FusedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE_ATTRS}, infer=_conv_out_shape,
+                 decompose=_decompose_conv, validate=_validate_epilogue)(fused_conv)
+
+
+# --------------------------------------------------------------------------- FusedGemm
+
+
+def fused_gemm(a, b, c=None, activation="", activation_params=(), alpha=1.0, beta=1.0, transA=0, transB=0):
+    """kiln::FusedGemm: act(alpha * A' B' + beta * C)."""
+    a64 = a.astype(np.float64).T if transA else a.astype(np.float64)
+    b64 = b.astype(np.float64).T if transB else b.astype(np.float64)
+    y = alpha * (a64 @ b64)
+    if c is not None:
+        y = y + beta * c.astype(np.float64)
+    return (apply_activation(y.astype(a.dtype), activation, activation_params),)
+
+
+def _gemm_out_shape(node: Node) -> list[tuple]:
+    a, b = node.input(0), node.input(1)
+    if a is None or b is None or a.shape is None or b.shape is None:
+        return [(a.dtype if a else None, None)]
+    m = a.shape[1] if node.attr("transA", 0) else a.shape[0]
+    n = b.shape[0] if node.attr("transB", 0) else b.shape[1]
+    return [(a.dtype, (m, n))]
+
+
+def _decompose_gemm(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    attrs, act, params = _split_epilogue(node)
+    a, b, c = (list(inputs) + [None])[:3]
+    y = op.Gemm(a, b, c, **attrs) if c is not None else op.Gemm(a, b, **attrs)
+    return [decompose_activation(op, y, act, params, opset)]
+
+
+register_kiln_op("FusedGemm", inputs=(2, 3), attrs={**_GEMM_ATTRS, **_EPILOGUE_ATTRS}, infer=_gemm_out_shape,
+                 decompose=_decompose_gemm, validate=_validate_epilogue)(fused_gemm)
+
+
+# --------------------------------------------------------------------------- decompositions
+
+
+def decomposition_graph(node: Node, opset: dict[str, int]) -> Graph:
+    """A standalone graph whose inputs are ``node``'s inputs and whose body is its decomposition."""
+    from kiln.ir.core import Node as _Node
+
+    g = Graph(f"{node.op_type}_body", opset={"": opset.get("", 17)})
+    ins: list[Value | None] = []
+    for i, v in enumerate(node.inputs):
+        ins.append(None if v is None else g.add_input(f"in{i}", v.dtype, v.shape))  # type: ignore[arg-type]
+
+    class _Builder:
+        def __getattr__(self, op_type: str) -> Callable[..., Value]:
+            def build(*args: Value | None, **attrs: Any) -> Value:
+                n = _Node(op_type, list(args), coerce_attrs("", op_type, attrs, g.opset.get("")))
+                g.append(n)
+                return n.outputs[0]
+
+            return build
+
+        def constant(self, array: Any, name: str = "k") -> Value:
+            return g.add_constant(np.asarray(array), name)
+
+    spec = KILN_OPS[node.op_type]
+    assert spec.decompose is not None, f"kiln::{node.op_type} has no decomposition"
+    outs = spec.decompose(_Builder(), node, ins, opset.get("", 17))
+    g.outputs.extend(outs)
+    return g
