@@ -11,7 +11,8 @@ Rules (priority in brackets where rules overlap at the same root):
   multiplying, a Conv's output folds into its bias (and weights);
 - ``pad-conv``: a zero ``Pad`` of the spatial dims folds into the Conv's pads;
 - ``matmul-add-gemm``: a 2-D MatMul by a constant matrix plus a bias becomes Gemm;
-- ``conv-residual``: ``Conv(...) + z`` of the same shape becomes ``FusedConv(..., Z=z)``;
+- ``conv-residual``, ``conv-residual-sum``: ``Conv(...) + z`` (an Add, or a two-input Sum) of
+  the same shape becomes ``FusedConv(..., Z=z)``;
 - ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``: an activation after a Conv,
   a FusedConv without one, or a Gemm becomes the op's epilogue.
 """
@@ -380,15 +381,13 @@ MATMUL_ADD_GEMM = RewriteRule(
 # --------------------------------------------------------------------------- residual add and activation epilogues
 
 
-def _residual_pattern(op, x, w, z):
-    return op.Add(op.Conv(x, w, Optional(Var("b")), _name="conv"), z, _name="add")
-
-
 def _same_shape(a: Value, b: Value) -> bool:
     return a.shape is not None and b.shape is not None and tuple(a.shape) == tuple(b.shape) and a.dtype is b.dtype
 
 
 def _residual_check(ctx, z, conv, add) -> MatchResult:
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return MatchResult.fail("the Conv uses auto_pad")
     y = conv.outputs[0]
     if not _same_shape(y, z) or not _same_shape(y, add.outputs[0]):
         return MatchResult.fail(f"the residual {z.type_str()} does not have the conv output's type {y.type_str()}")
@@ -399,27 +398,30 @@ def _residual_rewrite(op, x, w, b, z, conv):
     return op.kiln.FusedConv(x, w, b, z, **copy_attrs(conv, "auto_pad"))
 
 
-def _residual_example():
-    rng = _rng()
+def _residual_rule(root: str) -> RewriteRule:
+    """``root(Conv(...), z)`` for root Add, or a two-input Sum (as ResNet exports from Caffe2 use)."""
 
-    def build(op, x, z):
-        y = op.Conv(x, op.constant(_f32(rng.standard_normal((4, 3, 3, 3)))), op.constant(_f32(rng.standard_normal(4))),
-                    pads=[1, 1, 1, 1])
-        return op.Add(z, y)
+    def pattern(op, x, w, z):
+        return getattr(op, root)(op.Conv(x, w, Optional(Var("b")), _name="conv"), z, _name="add")
 
-    return example_graph("residual", {"x": (DType.FLOAT32, (1, 3, 5, 5)), "z": (DType.FLOAT32, (1, 4, 5, 5))}, build)
+    def example():
+        rng = _rng()
+
+        def build(op, x, z):
+            y = op.Conv(x, op.constant(_f32(rng.standard_normal((4, 3, 3, 3)))),
+                        op.constant(_f32(rng.standard_normal(4))), pads=[1, 1, 1, 1])
+            return getattr(op, root)(z, y)
+
+        inputs = {"x": (DType.FLOAT32, (1, 3, 5, 5)), "z": (DType.FLOAT32, (1, 4, 5, 5))}
+        return example_graph(f"residual_{root.lower()}", inputs, build)
+
+    name = "conv-residual" if root == "Add" else f"conv-residual-{root.lower()}"
+    return RewriteRule(name, pattern, _residual_rewrite, check=_residual_check, example=example,
+                       description=f"{root}(Conv(...), z) with z of the same shape becomes kiln::FusedConv with residual z.")
 
 
-def _residual_conv_check(ctx, z, conv, add) -> MatchResult:
-    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return MatchResult.fail("the Conv uses auto_pad")
-    return _residual_check(ctx, z, conv, add)
-
-
-CONV_RESIDUAL = RewriteRule(
-    "conv-residual", _residual_pattern, _residual_rewrite, check=_residual_conv_check, example=_residual_example,
-    description="Conv(...) + z of the same shape becomes kiln::FusedConv with residual z.",
-)
+CONV_RESIDUAL = _residual_rule("Add")
+CONV_RESIDUAL_SUM = _residual_rule("Sum")
 
 
 # activation name -> (pattern over the core's output y, extractor of params from the bound nodes)
@@ -534,4 +536,4 @@ def _example_activation(op, y: Value, name: str) -> Value:
 EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
 
 RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, MATMUL_ADD_GEMM,
-         CONV_RESIDUAL, *EPILOGUE_RULES]
+         CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES]
