@@ -298,3 +298,35 @@ def test_o2_on_the_example_folds_every_batchnorm():
     feeds = {"input": RNG.standard_normal((2, 3, 64, 64)).astype(np.float32)}
     cmp = compare("O2", ort_outputs(kiln.to_onnx(g), feeds), ort_outputs(kiln.to_onnx(before), feeds), 1e-4, 1e-5)
     assert cmp.passed, cmp.max_abs
+
+
+_FORWARD = RewriteRule("test-forward", lambda op, x: op.Identity(x), lambda op, x: x)
+
+
+def test_forwarding_a_graph_input_keeps_the_interface():
+    g = example_graph("g", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Identity(x))
+    out = g.outputs[0].name
+    assert apply_rules(g, [_FORWARD]).fired == {}  # an Identity is needed anyway: nothing to do, and no loop
+    assert [v.name for v in g.inputs] == ["x"] and [v.name for v in g.outputs] == [out]
+    g.verify()
+
+
+def test_forwarding_into_two_graph_outputs_keeps_both_names():
+    def build(op, x):
+        r = op.Relu(x)
+        return r, op.Identity(op.Identity(r))
+
+    g = example_graph("g", {"x": (DType.FLOAT32, (2,))}, build)
+    names = [v.name for v in g.outputs]
+    assert apply_rules(g, [_FORWARD]).fired == {"test-forward": 1}
+    assert [v.name for v in g.outputs] == names and g.outputs[0] is not g.outputs[1]
+    g.verify()
+    x = np.array([-1.0, 2.0], np.float32)
+    assert [a.tolist() for a in evaluate(g, {"x": x}).values()] == [[0.0, 2.0], [0.0, 2.0]]
+
+
+def test_rewrite_may_return_none_for_an_unread_output():
+    rule = RewriteRule("test-drop", lambda op, x: op.Dropout(x, _outputs=2)[0], lambda op, x: (op.Relu(x), None))
+    g = example_graph("g", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Neg(op.Dropout(x, _outputs=2)[0]))
+    assert apply_rules(g, [rule]).fired == {"test-drop": 1}
+    g.verify()

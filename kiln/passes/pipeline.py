@@ -1,22 +1,23 @@
 """kiln's pipelines, top to bottom: which passes each optimisation level runs.
 
     O0  nothing
-    O1  cleanup and folding: fold-constants, cse, dce
+    O1  cleanup and folding: fold-constants, simplify (no-ops and algebra), cse, dce
     O2  O1, then the fusions: fuse-conv
 """
 
 from __future__ import annotations
 
-from kiln.passes import cleanup, fold_constants, fuse_conv  # noqa: F401 - registers passes and rules
+from kiln.passes import cleanup, fold_constants, fuse_conv, simplify  # noqa: F401 - registers passes and rules
 from kiln.passes.manager import Pass, PassError, get_pass
 from kiln.passes.rules import register_rule_set
 
+register_rule_set("simplify", [*simplify.NOOP_RULES, *simplify.ALGEBRA_RULES])
 register_rule_set("fuse-conv", fuse_conv.RULES)
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],
-    "O1": ["fold-constants", "cse", "dce"],
-    "O2": ["fold-constants", "cse", "dce", "fuse-conv", "dce"],
+    "O1": ["fold-constants", "simplify", "cse", "dce"],
+    "O2": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "dce"],
 }
 
 

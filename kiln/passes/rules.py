@@ -58,17 +58,38 @@ class RewriteRule:
             return Attempt(node, len(result.matched) + 1, f"check failed: {verdict.reason}")
         return result
 
-    def apply(self, m: Match) -> None:
-        """Replace the match with the rewrite's result."""
+    def apply(self, m: Match) -> bool:
+        """Replace the match with the rewrite's result.
+
+        A rewrite returns one value per named output of the root; ``None`` is
+        allowed for an output nobody reads. Graph outputs keep their names: if
+        the replacement cannot take the name (it is a graph input, another graph
+        output, or a value of an outer graph), an Identity carries it instead.
+        Returns False, changing nothing, when that Identity would just recreate
+        the matched root (an Identity from that same value).
+        """
         graph = m.root.graph
         assert graph is not None
         builder = RewriteBuilder(graph, m.root)
         result = call_with_bindings(self.rewrite, builder, m.bindings())
-        new = list(iter_outputs(result))
+        new = [result] if result is None or isinstance(result, Value) else list(result)
         old = [o for o in m.root.outputs if o.name]
         if len(new) != len(old):
             raise ValueError(f"rule '{self.name}' replaced {len(old)} output(s) with {len(new)}")
+        def needs_identity(o: Value, n: Value) -> bool:
+            return o.is_graph_output and (n.is_graph_input or n.is_graph_output or n.graph is not graph)
+
+        root = m.root
+        if (len(old) == 1 and new[0] is not None and needs_identity(old[0], new[0]) and root.op_type == "Identity"
+                and root.domain == "" and root.input(0) is new[0] and not builder.created):
+            return False  # it would put back the very Identity it removes
         for o, n in zip(old, new):
+            if n is None:
+                if o.uses or o.is_graph_output:
+                    raise ValueError(f"rule '{self.name}' returned None for %{o.name}, which is read")
+                continue
+            if needs_identity(o, n):
+                n = builder.Identity(n)
             if n.dtype is None:
                 n.dtype = o.dtype
             if n.shape is None:
@@ -82,6 +103,7 @@ class RewriteRule:
         for node in reversed(m.matched):
             if node.graph is graph and not any(o.uses or o.is_graph_output for o in node.outputs):
                 graph.remove_node(node)
+        return True
 
 
 RULES: dict[str, RewriteRule] = {}
@@ -134,7 +156,10 @@ def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20)
                         if best is None or result.depth > best.depth:
                             stats.near_miss[rule.name] = result
                         continue
-                    rule.apply(result)
+                    if not rule.apply(result):
+                        stats.near_miss.setdefault(rule.name, Attempt(
+                            node, len(result.matched), "the value must stay a graph output under its own name"))
+                        continue
                     stats.fired[rule.name] = stats.fired.get(rule.name, 0) + 1
                     changed = True
                     break
