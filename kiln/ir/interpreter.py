@@ -207,6 +207,7 @@ class _KilnOpRun(OpRun):
     """Runs a kiln-domain op through its registered numpy function (``impl``)."""
 
     op_domain = KILN_DOMAIN
+    op_schema = None  # never borrow a standard op's schema (kiln::Attention is not ai.onnx Attention)
     impl: Any = None
 
     def _run(self, *inputs: Any, **attrs: Any) -> tuple:

@@ -276,3 +276,109 @@ def decomposition_graph(node: Node, opset: dict[str, int]) -> Graph:
     outs = spec.decompose(_Builder(), node, ins, opset.get("", 17))
     g.outputs.extend(outs)
     return g
+
+
+# --------------------------------------------------------------------------- LayerNorm, Gelu, Attention
+#
+# ``kiln::LayerNorm(X, Scale, B?)``: ONNX LayerNormalization-17 semantics (normalise over
+#     axes ``axis`` .. rank-1; ``Y = (X - mean) / sqrt(var + epsilon) * Scale + B``), for models
+#     whose opset predates it. Rules emit the standard op at opset 17+.
+# ``kiln::Gelu(X)``: ``approximate`` "none" (erf form) or "tanh"; ONNX Gelu-20 semantics for
+#     older opsets. Rules emit the standard op at opset 20+.
+# ``kiln::Attention(Q, Kt, V, Mask?)``: ``softmax(scale * Q @ Kt + Mask, axis=-1) @ V``, where
+#     ``Kt`` is the key already transposed to ``[..., D, S]``.
+
+
+def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
+    """kiln::LayerNorm: normalise over axes axis..rank-1, then scale and shift."""
+    axis = axis + x.ndim if axis < 0 else axis
+    axes = tuple(range(axis, x.ndim))
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x64 - mean) / np.sqrt(var + epsilon) * scale.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return (y.astype(x.dtype),)
+
+
+def _same_as_input(node: Node) -> list[tuple]:
+    x = node.input(0)
+    return [(x.dtype if x else None, x.shape if x else None)]
+
+
+def _decompose_layer_norm(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    x, scale, bias = (list(inputs) + [None])[:3]
+    axis, eps = node.attr("axis", -1), node.attr("epsilon", 1e-5)
+    if opset >= 17:
+        return [op.LayerNormalization(x, scale, bias, axis=axis, epsilon=eps) if bias is not None
+                else op.LayerNormalization(x, scale, axis=axis, epsilon=eps)]
+    rank = x.rank
+    axes = list(range(axis + rank if axis < 0 else axis, rank))
+    dt = x.dtype.numpy
+
+    def mean(v: Value) -> Value:
+        if opset >= 18:
+            return op.ReduceMean(v, op.constant(np.array(axes, np.int64)), keepdims=1)
+        return op.ReduceMean(v, axes=axes, keepdims=1)
+
+    d = op.Sub(x, mean(x))
+    var = mean(op.Mul(d, d))
+    y = op.Mul(op.Div(d, op.Sqrt(op.Add(var, op.constant(np.array(eps, dt))))), scale)
+    return [op.Add(y, bias) if bias is not None else y]
+
+
+register_kiln_op("LayerNorm", inputs=(2, 3), attrs={"axis": (AttrType.INT, -1), "epsilon": (AttrType.FLOAT, 1e-5)},
+                 infer=_same_as_input, decompose=_decompose_layer_norm)(layer_norm)
+
+
+def gelu(x, approximate="none"):
+    """kiln::Gelu: x * Phi(x), exactly (erf) or with the tanh approximation."""
+    return (_gelu(x, (1.0,) if approximate == "tanh" else ()),)
+
+
+def _decompose_gelu(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    tanh_form = node.attr("approximate", "none") == "tanh"
+    return [decompose_activation(op, inputs[0], "Gelu", (1.0,) if tanh_form else (), opset)]
+
+
+def _validate_gelu(node: Node) -> list[str]:
+    a = node.attr("approximate", "none")
+    return [] if a in ("none", "tanh") else [f"approximate must be 'none' or 'tanh', not {a!r}"]
+
+
+register_kiln_op("Gelu", inputs=(1, 1), attrs={"approximate": (AttrType.STRING, "none")}, infer=_same_as_input,
+                 decompose=_decompose_gelu, validate=_validate_gelu)(gelu)
+
+
+def attention(q, kt, v, mask=None, scale=1.0):
+    """kiln::Attention: softmax(scale * Q @ Kt + Mask) @ V over the last axis."""
+    s = (q.astype(np.float64) @ kt.astype(np.float64)) * scale
+    if mask is not None:
+        s = s + mask.astype(np.float64)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p = p / p.sum(axis=-1, keepdims=True)
+    return ((p @ v.astype(np.float64)).astype(q.dtype),)
+
+
+def _attention_shape(node: Node) -> list[tuple]:
+    q, v = node.input(0), node.input(2)
+    if q is None or v is None or q.shape is None or v.shape is None:
+        return [(q.dtype if q else None, None)]
+    return [(q.dtype, (*q.shape[:-1], v.shape[-1]))]
+
+
+def _decompose_attention(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    q, kt, v, mask = (list(inputs) + [None])[:4]
+    scores = op.MatMul(q, kt)
+    scale = node.attr("scale", 1.0)
+    if scale != 1.0:
+        scores = op.Mul(scores, op.constant(np.array(scale, q.dtype.numpy)))
+    if mask is not None:
+        scores = op.Add(scores, mask)
+    return [op.MatMul(op.Softmax(scores, axis=-1), v)]
+
+
+register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.0)}, infer=_attention_shape,
+                 decompose=_decompose_attention)(attention)

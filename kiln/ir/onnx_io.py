@@ -464,7 +464,7 @@ class _Importer:
 # =========================================================================== export
 
 
-def to_onnx(graph: Graph, *, weights: bool = True, kiln_functions: bool = True) -> ModelProto:
+def to_onnx(graph: Graph, *, weights: bool = True, kiln_functions: bool = True, value_info: bool = False) -> ModelProto:
     """Convert a kiln ``Graph`` to an ONNX ``ModelProto``.
 
     With ``weights=False``, constants larger than a few elements become typed
@@ -472,6 +472,8 @@ def to_onnx(graph: Graph, *, weights: bool = True, kiln_functions: bool = True) 
     copying the weights. With ``kiln_functions`` (the default) every kiln op
     also gets a local function holding its decomposition into standard ops,
     picked by the node's ``overload``, so that any ONNX runtime can run it.
+    Intermediate types are written as ``value_info`` only on request: a runtime
+    then optimises the model just as it would the original.
     """
     opset = dict(graph.opset)
     kiln_nodes = [n for n in graph.walk_nodes() if n.domain == KILN_DOMAIN]
@@ -488,7 +490,7 @@ def to_onnx(graph: Graph, *, weights: bool = True, kiln_functions: bool = True) 
             fn = kiln_function(n, opset)
             functions.setdefault(fn.overload, fn)
             overloads[id(n)] = fn.overload
-    gp = _graph_proto(graph, weights, overloads)
+    gp = _graph_proto(graph, weights, overloads, value_info)
     model = helper.make_model(gp, opset_imports=opset_ids, producer_name="kiln", functions=list(functions.values()))
     model.ir_version = choose_ir_version(opset_ids, graph.ir_version)
     if functions:
@@ -587,7 +589,8 @@ def kiln_function(node: Node, opset: dict[str, int]) -> onnx.FunctionProto:
     return fn
 
 
-def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None = None) -> GraphProto:
+def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None = None,
+                 with_value_info: bool = False) -> GraphProto:
     overloads = overloads or {}
     nodes = [_node_proto(n, weights, overloads) for n in graph.nodes]
     inputs = [value_info(v) for v in graph.inputs]
@@ -604,7 +607,7 @@ def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None =
         value_info(o)
         for n in graph.nodes
         for o in n.outputs
-        if o.name and o.dtype is not None and o.name not in out_names
+        if with_value_info and o.name and o.dtype is not None and o.name not in out_names
     ]
     return helper.make_graph(nodes, graph.name, inputs, outputs, initializer=inits, value_info=infos)
 

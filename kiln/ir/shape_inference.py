@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from kiln.ir import schemas
+from kiln.ir import schemas, shape_rules
 from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim
 from kiln.ir.dtypes import DType
 
@@ -78,6 +78,7 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
                     _merge(v, *types[v.name], unknowns)
     for g in graph.walk_graphs():
         _kiln_rules(g, unknowns)
+        refine(g, unknowns)
 
 
 def _onnx_infer(proto: ModelProto) -> ModelProto | None:
@@ -142,29 +143,6 @@ def _known(v: Value | None) -> bool:
     return v is not None and v.dtype is not None and v.shape is not None
 
 
-def broadcast_shapes(shapes: list[Shape], unknowns: _Unknowns | None = None) -> Shape | None:
-    """Numpy-style broadcast of kiln shapes; symbolic dims broadcast against 1 and themselves."""
-    rank = max(len(s) for s in shapes)
-    out: list[int | str] = []
-    for i in range(rank):
-        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
-        non_one = [d for d in dims if d != 1]
-        if not non_one:
-            out.append(1)
-            continue
-        ints = {d for d in non_one if isinstance(d, int)}
-        if len(ints) > 1:
-            return None  # incompatible; leave it to the schema checks
-        syms = {d for d in non_one if isinstance(d, str)}
-        if ints:
-            out.append(ints.pop())
-        elif len(syms) == 1:
-            out.append(syms.pop())
-        else:
-            out.append(unknowns.fresh() if unknowns else "?")
-    return tuple(out)
-
-
 def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
     for node in g.nodes:
         outs = [o for o in node.outputs if o.name]
@@ -185,6 +163,37 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             _infer_elementwise(node, unknowns)
         if node.domain in ("", "ai.onnx.ml") and any(o.dtype is None for o in outs):
             _infer_dtype_from_schema(node)
+
+
+def refine(g: Graph, unknowns: _Unknowns) -> None:
+    """Sharpen shapes with kiln's own rules (``shape_rules``), in topological order.
+
+    An int beats a symbol; a named symbol stays; a dim carried over from an
+    input (even an unknown one) replaces a fresh unknown; a rank onnx lost is
+    filled in.
+    """
+    for node in g.nodes:
+        derived = shape_rules.infer(node)
+        if derived is None:
+            continue
+        for o, shape in zip(node.outputs, derived):
+            if o.name and shape is not None:
+                _refine_value(o, shape, unknowns)
+
+
+def _refine_value(v: Value, derived: tuple, unknowns: _Unknowns) -> None:
+    if v.shape is None:
+        v.shape = tuple(unknowns.fresh() if d is None else d for d in derived)
+        return
+    if len(v.shape) != len(derived):
+        return
+    out: list[int | str] = []
+    for old, new in zip(v.shape, derived):
+        if isinstance(old, int) or new is None or (not is_unknown_dim(old) and not isinstance(new, int)):
+            out.append(old)
+        else:
+            out.append(new)
+    v.shape = tuple(out)
 
 
 _SCHEMA_TYPES = {
@@ -275,6 +284,4 @@ def _infer_elementwise(node: Node, unknowns: _Unknowns) -> None:
     elif op in BROADCAST_OPS or op in COMPARE_OPS or op == "Where":
         data = ins[1:] if op == "Where" else ins
         dtype = DType.BOOL if op in COMPARE_OPS else data[0].dtype
-        shapes = [v.shape for v in ins]
-        shape = broadcast_shapes(shapes, unknowns) if all(s is not None for s in shapes) else None  # type: ignore[arg-type]
-        _merge(out, dtype, shape, unknowns)
+        _merge(out, dtype, shape_rules.broadcast([v.shape for v in ins]), unknowns)

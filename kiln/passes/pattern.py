@@ -380,6 +380,11 @@ class RewriteBuilder:
         sub.created = self.created
         return sub
 
+    @property
+    def opset(self) -> int:
+        """The model's ``ai.onnx`` opset version, for rewrites that emit a standard op where it exists."""
+        return self._graph.model_opset.get("", 0)
+
     def constant(self, array: Any, name: str = "const") -> Value:
         """A new constant (never a change to an existing one)."""
         return self._graph.add_constant(np.asarray(array), name)

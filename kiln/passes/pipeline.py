@@ -2,22 +2,23 @@
 
     O0  nothing
     O1  cleanup and folding: fold-constants, simplify (no-ops and algebra), cse, dce
-    O2  O1, then the fusions: fuse-conv
+    O2  O1, then the fusions: fuse-conv, fuse-transformer
 """
 
 from __future__ import annotations
 
-from kiln.passes import cleanup, fold_constants, fuse_conv, simplify  # noqa: F401 - registers passes and rules
+from kiln.passes import cleanup, fold_constants, fuse_conv, fuse_transformer, simplify  # noqa: F401 - registration
 from kiln.passes.manager import Pass, PassError, get_pass
 from kiln.passes.rules import register_rule_set
 
 register_rule_set("simplify", [*simplify.NOOP_RULES, *simplify.ALGEBRA_RULES])
 register_rule_set("fuse-conv", fuse_conv.RULES)
+register_rule_set("fuse-transformer", fuse_transformer.RULES)
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],
     "O1": ["fold-constants", "simplify", "cse", "dce"],
-    "O2": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "dce"],
+    "O2": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
 }
 
 

@@ -1,0 +1,283 @@
+"""Transformer fusions: LayerNorm and GELU from their decomposed forms, and attention.
+
+- ``layernorm``, ``layernorm-square``: ``ReduceMean / Sub / Pow 2 (or d·d) / ReduceMean / Add eps /
+  Sqrt / Div / Mul γ / Add β`` (as Paddle and PyTorch export it) becomes ``LayerNormalization``
+  at opset 17+, else ``kiln::LayerNorm``;
+- ``gelu-erf``, ``gelu-erf-half-first``: ``x · ½ · (1 + erf(x / √2))`` in either multiplication
+  order, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
+  at opset 20+, else ``kiln::Gelu``;
+- ``attention-scaled-q``, ``attention-scaled-scores``, ``attention-masked``: ``Q·Kt`` with a
+  constant scale on Q or on the scores, an optional additive mask, a last-axis Softmax and a
+  MatMul by V, become ``kiln::Attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kiln.ir import DType, Node, Value
+from kiln.passes.pattern import Const, Optional, Var
+from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph
+
+
+def _scalar(v: Value | None) -> float | None:
+    if v is None or not v.is_constant or v.numpy().size != 1:
+        return None
+    return float(v.numpy().reshape(()))
+
+
+def _is(v: Value, want: float, label: str, rtol: float = 1e-5) -> str:
+    got = _scalar(v)
+    if got is None:
+        return f"the {label} %{v.name} is not a scalar constant"
+    if not math.isclose(got, want, rel_tol=rtol, abs_tol=1e-7):
+        return f"the {label} is {got:.7g}, not {want:.7g}"
+    return ""
+
+
+def _first_problem(*problems: str) -> MatchResult:
+    for p in problems:
+        if p:
+            return MatchResult.fail(p)
+    return MatchResult.ok()
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+
+def _ln_pattern_for(square: str):
+    """The decomposed LayerNorm, with the deviation squared by ``Pow(d, 2)`` or by ``Mul(d, d)``."""
+
+    def pattern(op, x, gamma, beta):
+        mean = op.ReduceMean(x, Optional(Const("axes1")), _name="mean1")
+        d = op.Sub(x, mean)
+        sq = op.Pow(d, Const("two")) if square == "pow" else op.Mul(d, d)
+        var = op.ReduceMean(sq, Optional(Const("axes2")), _name="mean2")
+        std = op.Sqrt(op.Add(var, Const("eps")))
+        return op.Add(op.Mul(op.Div(d, std), Const("gamma")), Const("beta"))
+
+    return pattern
+
+
+def _reduced_axes(node: Node, axes_input: Value | None, rank: int) -> list[int] | None:
+    axes = axes_input.numpy().tolist() if axes_input is not None else node.attr("axes")
+    if axes is None:
+        return None
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+def _ln_check(ctx: MatchContext, x, eps, gamma, beta, axes1, axes2, mean1, mean2, two=None) -> MatchResult:
+    if x.shape is None:
+        return MatchResult.fail("the input's rank is unknown")
+    rank = len(x.shape)
+    a1, a2 = _reduced_axes(mean1, axes1, rank), _reduced_axes(mean2, axes2, rank)
+    if a1 is None or a1 != a2:
+        return MatchResult.fail(f"the two ReduceMeans reduce different axes ({a1} vs {a2})")
+    if a1 != list(range(a1[0], rank)):
+        return MatchResult.fail(f"the reduced axes {a1} are not the trailing axes")
+    if mean1.attr("keepdims", 1) != 1 or mean2.attr("keepdims", 1) != 1:
+        return MatchResult.fail("a ReduceMean drops the reduced axes (keepdims=0)")
+    norm = x.shape[a1[0]:]
+    if not all(isinstance(d, int) for d in norm):
+        return MatchResult.fail(f"the normalised dims {list(norm)} are not static")
+    for label, v in (("scale", gamma), ("bias", beta)):
+        try:
+            np.broadcast_to(v.numpy(), tuple(norm))  # type: ignore[arg-type]
+        except ValueError:
+            return MatchResult.fail(f"the {label} {v.type_str()} does not broadcast to the normalised dims {list(norm)}")
+        if v.numpy().ndim > len(norm):
+            return MatchResult.fail(f"the {label} {v.type_str()} has more dims than the normalised ones")
+    return _first_problem(_is(two, 2.0, "exponent") if two is not None else "",
+                          "" if _scalar(eps) is not None else "epsilon is not a scalar constant")
+
+
+def _ln_rewrite(op, x, eps, gamma, beta, axes1, mean1):
+    rank = len(x.shape)
+    first = _reduced_axes(mean1, axes1, rank)[0]
+    norm = tuple(x.shape[first:])
+    dt = x.dtype.numpy
+    scale = op.constant(np.broadcast_to(gamma.numpy(), norm).astype(dt), "ln_scale")
+    bias = op.constant(np.broadcast_to(beta.numpy(), norm).astype(dt), "ln_bias")
+    attrs = {"axis": first - rank, "epsilon": _scalar(eps)}
+    if op.opset >= 17:
+        return op.LayerNormalization(x, scale, bias, **attrs)
+    return op.kiln.LayerNorm(x, scale, bias, **attrs)
+
+
+def _ln_example(opset: int, square: str = "pow"):
+    def make():
+        rng = np.random.default_rng(0)
+
+        def build(op, x):
+            mean = op.ReduceMean(x, axes=[-1]) if opset < 18 else op.ReduceMean(x, op.constant(np.array([-1])))
+            d = op.Sub(x, mean)
+            p = op.Pow(d, op.constant(np.float32(2.0))) if square == "pow" else op.Mul(d, d)
+            var = op.ReduceMean(p, axes=[-1]) if opset < 18 else op.ReduceMean(p, op.constant(np.array([-1])))
+            n = op.Div(d, op.Sqrt(op.Add(var, op.constant(np.float32(1e-5)))))
+            return op.Add(op.Mul(n, op.constant(rng.uniform(0.5, 1.5, 8).astype(np.float32))),
+                          op.constant(rng.uniform(-0.5, 0.5, 8).astype(np.float32)))
+
+        return example_graph(f"layernorm_{opset}", {"x": (DType.FLOAT32, (2, 5, 8))}, build, opset=opset)
+
+    return make
+
+
+LAYERNORM = RewriteRule(
+    "layernorm", _ln_pattern_for("pow"), _ln_rewrite, check=_ln_check, example=_ln_example(12),
+    description="Decomposed layer normalisation becomes LayerNormalization (opset 17+) or kiln::LayerNorm.",
+)
+LAYERNORM_SQUARE = RewriteRule(
+    "layernorm-square", _ln_pattern_for("mul"), _ln_rewrite, check=_ln_check, example=_ln_example(18, "mul"),
+    description="The same, with the deviation squared as d * d (and ReduceMean axes as an input, opset 18+).",
+)
+
+
+# --------------------------------------------------------------------------- GELU
+
+
+def _gelu_rewrite(op, x, tanh_form: bool = False):
+    approximate = "tanh" if tanh_form else "none"
+    if op.opset >= 20:
+        return op.Gelu(x, approximate=approximate)
+    return op.kiln.Gelu(x, approximate=approximate)
+
+
+def _gelu_erf_pattern(op, x):
+    phi2 = op.Add(op.Erf(op.Div(x, Const("root2"))), Const("one"))  # 1 + erf(x / sqrt 2)
+    return op.Mul(op.Mul(x, phi2), Const("half"))
+
+
+def _gelu_erf_half_first_pattern(op, x):
+    phi2 = op.Add(op.Erf(op.Div(x, Const("root2"))), Const("one"))
+    return op.Mul(op.Mul(x, Const("half")), phi2)
+
+
+def _gelu_erf_check(ctx, root2, one, half) -> MatchResult:
+    return _first_problem(_is(root2, math.sqrt(2), "divisor"), _is(one, 1.0, "added constant"),
+                          _is(half, 0.5, "factor"))
+
+
+def _gelu_example(form: str, opset: int = 17):
+    def make():
+        def build(op, x):
+            c = lambda v: op.constant(np.float32(v))  # noqa: E731
+            if form == "tanh":
+                inner = op.Mul(c(math.sqrt(2 / math.pi)), op.Add(x, op.Mul(c(0.044715), op.Pow(x, c(3.0)))))
+                return op.Mul(op.Mul(c(0.5), x), op.Add(c(1.0), op.Tanh(inner)))
+            phi2 = op.Add(op.Erf(op.Div(x, c(math.sqrt(2)))), c(1.0))
+            if form == "half-first":
+                return op.Mul(op.Mul(x, c(0.5)), phi2)
+            return op.Mul(op.Mul(x, phi2), c(0.5))
+
+        return example_graph(f"gelu_{form}", {"x": (DType.FLOAT32, (3, 16))}, build, opset=opset)
+
+    return make
+
+
+GELU_ERF = RewriteRule(
+    "gelu-erf", _gelu_erf_pattern, lambda op, x: _gelu_rewrite(op, x), check=_gelu_erf_check,
+    example=_gelu_example("erf"), description="x * (1 + erf(x / sqrt 2)) * 0.5 becomes Gelu.",
+)
+GELU_ERF_HALF_FIRST = RewriteRule(
+    "gelu-erf-half-first", _gelu_erf_half_first_pattern, lambda op, x: _gelu_rewrite(op, x),
+    check=_gelu_erf_check, example=_gelu_example("half-first", opset=20),
+    description="(x * 0.5) * (1 + erf(x / sqrt 2)) becomes Gelu.",
+)
+
+
+def _gelu_tanh_pattern(op, x):
+    cube = op.Pow(x, Const("three"))
+    inner = op.Mul(Const("k"), op.Add(x, op.Mul(Const("c"), cube)))
+    return op.Mul(op.Mul(Const("half"), x), op.Add(Const("one"), op.Tanh(inner)))
+
+
+def _gelu_tanh_check(ctx, three, k, c, half, one) -> MatchResult:
+    return _first_problem(_is(three, 3.0, "exponent"), _is(k, math.sqrt(2 / math.pi), "factor sqrt(2/pi)", 1e-4),
+                          _is(c, 0.044715, "cubic coefficient", 1e-4), _is(half, 0.5, "factor"),
+                          _is(one, 1.0, "added constant"))
+
+
+GELU_TANH = RewriteRule(
+    "gelu-tanh", _gelu_tanh_pattern, lambda op, x: _gelu_rewrite(op, x, tanh_form=True), check=_gelu_tanh_check,
+    example=_gelu_example("tanh"), description="GPT-2's tanh-approximated GELU becomes Gelu(approximate='tanh').",
+)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _softmax_is_last_axis(sm: Node) -> str:
+    x = sm.input(0)
+    rank = x.rank if x is not None else None
+    opset = sm.graph.model_opset.get("", 13) if sm.graph else 13
+    axis = sm.attr("axis", -1 if opset >= 13 else 1)
+    if rank is None:
+        return "the scores' rank is unknown"
+    if axis not in (-1, rank - 1):
+        return f"Softmax normalises axis {axis}, not the last axis of rank {rank}"
+    return ""
+
+
+def _attention_rule(name: str, variant: str) -> RewriteRule:
+    def scores(op, q, kt):
+        if variant == "scaled-q":
+            return op.MatMul(op.Mul(q, Const("s")), kt)
+        if variant == "scaled-scores-div":
+            return op.Div(op.MatMul(q, kt), Const("s"))
+        return op.Mul(op.MatMul(q, kt), Const("s"))
+
+    def pattern(op, q, kt, v):
+        s = scores(op, q, kt)
+        if variant.endswith("masked"):
+            s = op.Add(s, Var("mask"))
+        return op.MatMul(op.Softmax(s, _name="softmax"), v)
+
+    def check(ctx, s, softmax, q, kt, v, mask=None) -> MatchResult:
+        if _scalar(s) is None:
+            return MatchResult.fail(f"the scale %{s.name} is not a scalar constant")
+        if variant == "scaled-scores-div" and _scalar(s) == 0:
+            return MatchResult.fail("the scores are divided by zero")
+        return _first_problem(_softmax_is_last_axis(softmax))
+
+    def rewrite(op, q, kt, v, s, mask=None):
+        scale = _scalar(s)
+        scale = 1.0 / scale if variant == "scaled-scores-div" else scale
+        return op.kiln.Attention(q, kt, v, mask, scale=scale)
+
+    def example():
+        rng = np.random.default_rng(0)
+
+        def build(op, q, k, v, *mask):
+            kt = op.Transpose(k, perm=[0, 1, 3, 2])
+            c = op.constant(np.float32(0.125 if variant != "scaled-scores-div" else 8.0))
+            if variant == "scaled-q":
+                sc = op.MatMul(op.Mul(q, c), kt)
+            elif variant == "scaled-scores-div":
+                sc = op.Div(op.MatMul(q, kt), c)
+            else:
+                sc = op.Mul(op.MatMul(q, kt), c)
+            if mask:
+                sc = op.Add(sc, mask[0])
+            return op.MatMul(op.Softmax(sc, axis=-1), v)
+
+        shape = (1, 2, 5, 8)
+        inputs = {n: (DType.FLOAT32, shape) for n in ("q", "k", "v")}
+        if variant.endswith("masked"):
+            inputs["mask"] = (DType.FLOAT32, (1, 1, 5, 5))
+        del rng
+        return example_graph(f"attention_{variant}", inputs, build, opset=13)
+
+    return RewriteRule(f"attention-{name}", pattern, rewrite, check=check, example=example,
+                       description=f"Scaled dot-product attention ({variant.replace('-', ' ')}) becomes kiln::Attention.")
+
+
+ATTENTION_RULES = [
+    _attention_rule("scaled-q", "scaled-q"),
+    _attention_rule("scaled-scores", "scaled-scores"),
+    _attention_rule("scaled-scores-div", "scaled-scores-div"),
+    _attention_rule("masked", "scaled-scores-masked"),
+]
+
+RULES = [LAYERNORM, LAYERNORM_SQUARE, GELU_ERF, GELU_ERF_HALF_FIRST, GELU_TANH, *ATTENTION_RULES]
