@@ -76,6 +76,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
     graph = load(src)
+    if args.input_shape:
+        from kiln.check import parse_shape_overrides
+        from kiln.ir import set_input_shapes
+
+        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
     names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
     manager = PassManager(passes_for(args.level, names), verify_each=args.verify_each,
                           print_after=args.print_after or ())
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the optimized model")
     p.add_argument("--level", default="O2", help="optimisation level: O0, O1 or O2 (default O2)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
+                   help="pin an input's symbolic dims (repeatable); shape computations then fold away")
     p.add_argument("--passes", metavar="A,B", help="run these passes instead of a level")
     p.add_argument("--report", metavar="REPORT.json", help="write node counts, pass times and rule counts as JSON")
     p.add_argument("--explain", metavar="RULE", help="say why RULE did or did not fire")

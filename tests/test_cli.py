@@ -224,3 +224,15 @@ def test_optimize_refuses_to_overwrite_its_input(tmp_path, capsys):
     assert main(["optimize", str(src), "-o", str(src)]) == 2
     assert "refusing to overwrite the input model" in capsys.readouterr().err
     assert src.read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_optimize_with_pinned_input_shape(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(EXAMPLE), "-o", str(out), "--input-shape", "input=2x3x64x64"]) == 0
+    import kiln
+
+    assert kiln.load(out).inputs[0].shape == (2, 3, 64, 64)
+    assert main(["optimize", str(EXAMPLE), "-o", str(out), "--input-shape", "input=2x4x64x64"]) == 2
+    assert "does not fit it" in capsys.readouterr().err
+    assert main(["optimize", str(EXAMPLE), "-o", str(out), "--input-shape", "nope=1x3x64x64"]) == 2
+    assert "no graph input named 'nope'" in capsys.readouterr().err

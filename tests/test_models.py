@@ -128,3 +128,28 @@ def test_o2_pipeline_keeps_the_numbers(name, real_model):
     }.get(name, {})
     for rule_name, count in expected.items():
         assert fired.get(rule_name, 0) >= count, (rule_name, fired)
+
+
+STATIC_SHAPE_MODELS = ["yolov8n", "ocr_rec", "ocr_det", "ocr_cls", "light_resnet50", "light_squeezenet",
+                       "light_densenet121"]
+
+
+@pytest.mark.parametrize("name", STATIC_SHAPE_MODELS)
+def test_shape_computations_fold_away_at_static_shapes(name, real_model):
+    """With every input pinned, O2 leaves no shape arithmetic: no Shape/Size/Range/ConstantOfShape,
+    and no node that computes integer tensors."""
+    from kiln.ir import set_input_shapes
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import passes_for
+
+    path = real_model(name)
+    g = kiln.load(path)
+    set_input_shapes(g, dict(MODELS[name].inputs))
+    g, _ = PassManager(passes_for("O2"), verify_each=True).run(g)
+    leftovers = [n.label() for n in g.walk_nodes()
+                 if n.op_type in ("Shape", "Size", "Range", "ConstantOfShape")
+                 or all(o.dtype is not None and o.dtype.is_integer for o in n.outputs if o.name)]
+    assert leftovers == []
+    feeds = make_inputs(name)
+    cmp = compare("static O2", ort_outputs(kiln.to_onnx(g), feeds), ort_outputs(str(path), feeds), rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs

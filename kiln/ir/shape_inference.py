@@ -81,6 +81,32 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
         refine(g, unknowns)
 
 
+def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Pin graph inputs to concrete shapes and re-infer every shape from them.
+
+    Each given shape must keep the input's rank and agree with its static dims.
+    Symbolic dims elsewhere in the graph are recomputed, so once the inputs are
+    static, shape subgraphs become foldable.
+    """
+    from kiln.errors import InputError
+
+    by_name = {v.name: v for v in graph.inputs}
+    for name, shape in shapes.items():
+        v = by_name.get(name)
+        if v is None:
+            raise InputError(f"no graph input named '{name}'; inputs: {', '.join(by_name)}")
+        if v.shape is not None and (len(v.shape) != len(shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(v.shape, shape))):
+            raise InputError(f"input '{name}' is {v.type_str()}; {'x'.join(map(str, shape))} does not fit it")
+        v.shape = tuple(int(d) for d in shape)
+    for g in graph.walk_graphs():  # forget derived shapes: they are recomputed from the new inputs
+        for n in g.nodes:
+            for o in n.outputs:
+                if o.name and not (o.is_graph_output and g is not graph):
+                    o.shape = None
+    infer_shapes(graph)
+
+
 def _onnx_infer(proto: ModelProto) -> ModelProto | None:
     for strict in (True, False):
         try:
