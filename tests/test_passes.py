@@ -330,3 +330,16 @@ def test_rewrite_may_return_none_for_an_unread_output():
     g = example_graph("g", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Neg(op.Dropout(x, _outputs=2)[0]))
     assert apply_rules(g, [rule]).fired == {"test-drop": 1}
     g.verify()
+
+
+def test_zero_pad_before_maxpool_does_not_fold():
+    """MaxPool's own padding is -inf; padding with zeros first changes results for negative inputs."""
+    from kiln.passes.fuse_conv import PAD_MAXPOOL
+
+    def build(op, x):
+        padded = op.Pad(x, op.constant(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)))
+        return op.MaxPool(padded, kernel_shape=[2, 2])
+
+    g = example_graph("p", {"x": (DType.FLOAT32, (1, 1, 4, 4))}, build)
+    stats = apply_rules(g, [PAD_MAXPOOL])
+    assert stats.fired == {} and "MaxPool pads with -inf; this Pad fills 0.0" in stats.near_miss["pad-maxpool"].reason

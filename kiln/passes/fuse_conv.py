@@ -10,6 +10,7 @@ Rules (priority in brackets where rules overlap at the same root):
 - ``conv-add-bias`` [10], ``conv-mul-scale``: a per-channel constant added to, or
   multiplying, a Conv's output folds into its bias (and weights);
 - ``pad-conv``: a zero ``Pad`` of the spatial dims folds into the Conv's pads;
+- ``pad-averagepool``, ``pad-maxpool``: a zero (counted) or -inf ``Pad`` folds into the pooling;
 - ``matmul-add-gemm``: a 2-D MatMul by a constant matrix plus a bias becomes Gemm;
 - ``conv-residual``, ``conv-residual-sum``: ``Conv(...) + z`` (an Add, or a two-input Sum) of
   the same shape becomes ``FusedConv(..., Z=z)``;
@@ -342,6 +343,72 @@ PAD_CONV = RewriteRule(
 )
 
 
+def _pad_pool_rule(pool: str) -> RewriteRule:
+    """Pad folded into AveragePool (zero padding, counted) or MaxPool (padding with -inf)."""
+
+    def pattern(op, x, pads):
+        padded = op.Pad(x, Const("pads"), Optional(Var("value")), _name="pad", _allow_extra_inputs=True)
+        return getattr(op, pool)(padded, _name="pool")
+
+    def check(ctx, pads, value, pad, pool) -> MatchResult:
+        if pad.attr("mode", "constant") != "constant":
+            return MatchResult.fail(f"Pad mode is {pad.attr('mode')!r}, not constant")
+        if len(pad.inputs) > 3 and pad.input(3) is not None:
+            return MatchResult.fail("Pad has an axes input")
+        fill = 0.0 if value is None else _scalar_or_none(value)
+        if fill is None:
+            return MatchResult.fail("the Pad value is not a scalar constant")
+        if pool.op_type == "MaxPool":
+            if fill != -np.inf:
+                return MatchResult.fail(f"MaxPool pads with -inf; this Pad fills {fill}")
+            if len([o for o in pool.outputs if o.name]) > 1:
+                return MatchResult.fail("MaxPool also returns indices")
+        else:
+            if fill != 0:
+                return MatchResult.fail(f"the Pad fills {fill}, not 0")
+            if any(pool.attr("pads", ()) or ()) and not pool.attr("count_include_pad", 0):
+                return MatchResult.fail("AveragePool has pads of its own that it does not count")
+        if pool.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            return MatchResult.fail("the pooling uses auto_pad")
+        p = pads.numpy()
+        rank = p.size // 2
+        if np.any(p < 0) or np.any(p[:2] != 0) or np.any(p[rank:rank + 2] != 0):
+            return MatchResult.fail(f"Pad pads the batch or channel dims, or crops: {p.tolist()}")
+        return MatchResult.ok()
+
+    def rewrite(op, x, pads, pool):
+        p = pads.numpy().astype(np.int64)
+        rank = p.size // 2
+        n = rank - 2
+        old = list(pool.attr("pads", ()) or [0] * (2 * n))
+        merged = [int(old[i] + p[2 + i]) for i in range(n)] + [int(old[n + i] + p[rank + 2 + i]) for i in range(n)]
+        extra = {"count_include_pad": 1} if pool.op_type == "AveragePool" else {}
+        return getattr(op, pool.op_type)(x, **copy_attrs(pool, pads=merged, **extra))
+
+    def example():
+        fill = -np.inf if pool == "MaxPool" else 0.0
+
+        def build(op, x):
+            pads = op.constant(np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64))
+            padded = op.Pad(x, pads, op.constant(np.float32(fill)))
+            return getattr(op, pool)(padded, kernel_shape=[3, 3], strides=[2, 2])
+
+        return example_graph(f"pad_{pool.lower()}", {"x": (DType.FLOAT32, (1, 2, 7, 7))}, build)
+
+    return RewriteRule(f"pad-{pool.lower()}", pattern, rewrite, check=check, example=example,
+                       description=f"A Pad before {pool} folds into its pads.")
+
+
+def _scalar_or_none(v: Value) -> float | None:
+    if not v.is_constant or v.numpy().size != 1:
+        return None
+    return float(v.numpy().reshape(()))
+
+
+PAD_AVGPOOL = _pad_pool_rule("AveragePool")
+PAD_MAXPOOL = _pad_pool_rule("MaxPool")
+
+
 def _matmul_add_pattern(op, a, b, c):
     return op.Add(op.MatMul(a, Const("b"), _name="mm"), Const("c"))
 
@@ -535,5 +602,6 @@ def _example_activation(op, y: Value, name: str) -> Value:
 
 EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
 
-RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, MATMUL_ADD_GEMM,
+RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, PAD_AVGPOOL, PAD_MAXPOOL,
+         MATMUL_ADD_GEMM,
          CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES]
