@@ -300,30 +300,39 @@ def _pad_conv_pattern(op, x, pads, w):
                    Optional(Var("b")), _name="conv")
 
 
-def _pad_conv_check(ctx, pads, value, pad, conv) -> MatchResult:
+def _pad_problem(pads: Value, pad: Node, consumer: Node) -> str:
+    """Why a Pad cannot fold into ``consumer``'s own pads (empty if it can), value aside."""
     if pad.attr("mode", "constant") != "constant":
-        return MatchResult.fail(f"Pad mode is {pad.attr('mode')!r}, not constant")
-    if value is not None and (not value.is_constant or np.any(value.numpy() != 0)):
-        return MatchResult.fail("Pad fills with a value other than zero")
+        return f"Pad mode is {pad.attr('mode')!r}, not constant"
     if len(pad.inputs) > 3 and pad.input(3) is not None:
-        return MatchResult.fail("Pad has an axes input")
-    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return MatchResult.fail("the Conv uses auto_pad")
+        return "Pad has an axes input"
+    if consumer.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return f"the {consumer.op_type} uses auto_pad"
     p = pads.numpy()
     rank = p.size // 2
     if np.any(p < 0) or np.any(p[:2] != 0) or np.any(p[rank:rank + 2] != 0):
-        return MatchResult.fail(f"Pad pads the batch or channel dims, or crops: {p.tolist()}")
-    return MatchResult.ok()
+        return f"Pad pads the batch or channel dims, or crops: {p.tolist()}"
+    return ""
+
+
+def _merged_pads(pads: Value, consumer: Node) -> list[int]:
+    """``consumer``'s pads plus the spatial pads of the Pad before it."""
+    p = pads.numpy().astype(np.int64)
+    rank = p.size // 2
+    n = rank - 2
+    old = list(consumer.attr("pads", ()) or [0] * (2 * n))
+    return [int(old[i] + p[2 + i]) for i in range(n)] + [int(old[n + i] + p[rank + 2 + i]) for i in range(n)]
+
+
+def _pad_conv_check(ctx, pads, value, pad, conv) -> MatchResult:
+    if value is not None and (not value.is_constant or np.any(value.numpy() != 0)):
+        return MatchResult.fail("Pad fills with a value other than zero")
+    problem = _pad_problem(pads, pad, conv)
+    return MatchResult.fail(problem) if problem else MatchResult.ok()
 
 
 def _pad_conv_rewrite(op, x, pads, w, b, conv):
-    p = pads.numpy().astype(np.int64)
-    rank = p.size // 2
-    spatial = rank - 2
-    old = list(conv.attr("pads", ()) or [0] * (2 * spatial))
-    merged = [int(old[i] + p[2 + i]) for i in range(spatial)] + [int(old[spatial + i] + p[rank + 2 + i])
-                                                                  for i in range(spatial)]
-    attrs = copy_attrs(conv, pads=merged)
+    attrs = copy_attrs(conv, pads=_merged_pads(pads, conv))
     return op.Conv(x, w, b, **attrs) if b is not None else op.Conv(x, w, **attrs)
 
 
@@ -351,10 +360,6 @@ def _pad_pool_rule(pool: str) -> RewriteRule:
         return getattr(op, pool)(padded, _name="pool")
 
     def check(ctx, pads, value, pad, pool) -> MatchResult:
-        if pad.attr("mode", "constant") != "constant":
-            return MatchResult.fail(f"Pad mode is {pad.attr('mode')!r}, not constant")
-        if len(pad.inputs) > 3 and pad.input(3) is not None:
-            return MatchResult.fail("Pad has an axes input")
         fill = 0.0 if value is None else _scalar_or_none(value)
         if fill is None:
             return MatchResult.fail("the Pad value is not a scalar constant")
@@ -368,22 +373,12 @@ def _pad_pool_rule(pool: str) -> RewriteRule:
                 return MatchResult.fail(f"the Pad fills {fill}, not 0")
             if any(pool.attr("pads", ()) or ()) and not pool.attr("count_include_pad", 0):
                 return MatchResult.fail("AveragePool has pads of its own that it does not count")
-        if pool.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            return MatchResult.fail("the pooling uses auto_pad")
-        p = pads.numpy()
-        rank = p.size // 2
-        if np.any(p < 0) or np.any(p[:2] != 0) or np.any(p[rank:rank + 2] != 0):
-            return MatchResult.fail(f"Pad pads the batch or channel dims, or crops: {p.tolist()}")
-        return MatchResult.ok()
+        problem = _pad_problem(pads, pad, pool)
+        return MatchResult.fail(problem) if problem else MatchResult.ok()
 
     def rewrite(op, x, pads, pool):
-        p = pads.numpy().astype(np.int64)
-        rank = p.size // 2
-        n = rank - 2
-        old = list(pool.attr("pads", ()) or [0] * (2 * n))
-        merged = [int(old[i] + p[2 + i]) for i in range(n)] + [int(old[n + i] + p[rank + 2 + i]) for i in range(n)]
         extra = {"count_include_pad": 1} if pool.op_type == "AveragePool" else {}
-        return getattr(op, pool.op_type)(x, **copy_attrs(pool, pads=merged, **extra))
+        return getattr(op, pool.op_type)(x, **copy_attrs(pool, pads=_merged_pads(pads, pool), **extra))
 
     def example():
         fill = -np.inf if pool == "MaxPool" else 0.0
