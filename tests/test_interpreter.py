@@ -195,3 +195,15 @@ def test_loop_scan_outputs_are_stacked_per_the_spec():
     got = evaluate(load(model), feeds)
     assert got["stacked"].shape == (4, 2, 3)
     _check_against_ort(model, feeds)
+
+
+@pytest.mark.parametrize("axis, data_shape, idx_shape", [(1, (2, 64), (2, 16)), (0, (40, 3), (5, 2)), (-1, (3, 4, 50), (3, 2, 7))])
+def test_gather_elements_beyond_32_and_smaller_indices(axis, data_shape, idx_shape):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(data_shape).astype(np.float32)
+    n = data_shape[axis]
+    idx = rng.integers(-n, n, size=idx_shape).astype(np.int64)
+    model = make_model([helper.make_node("GatherElements", ["d", "i"], ["y"], axis=axis)],
+                       [f32("d", list(data_shape)), helper.make_tensor_value_info("i", TensorProto.INT64, list(idx_shape))],
+                       [f32("y", list(idx_shape))])
+    _check_against_ort(model, {"d": data, "i": idx}, rtol=0, atol=0)

@@ -188,9 +188,28 @@ class Loop(_ReferenceLoop):
         return head + fixed
 
 
+class GatherElements(OpRun):
+    """Replaces onnx's reference GatherElements.
+
+    The reference gathers with ``np.choose``, which takes at most 32 choices,
+    so any gathered axis longer than 32 fails (BERT's position ids gather from
+    64). Per the spec (torch.gather semantics), the output has the indices'
+    shape, negative indices count from the end, and the indices may be
+    smaller than the data in the other dims.
+    """
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=0):
+        axis = axis + data.ndim if axis < 0 else axis
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        window = tuple(slice(None) if d == axis else slice(0, idx.shape[d]) for d in range(data.ndim))
+        return (np.take_along_axis(data[window], idx.astype(np.int64), axis=axis),)
+
+
 #: Standard ops whose onnx reference implementation kiln replaces or wraps, each with its reason.
 STANDARD_OVERRIDES: list[type[OpRun]] = [
-    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop,
+    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements,
     *(type(op, (_WideAccumulation,), {"__doc__": _WideAccumulation.__doc__}) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
 ]
 

@@ -286,7 +286,8 @@ def decomposition_graph(node: Node, opset: dict[str, int]) -> Graph:
 # ``kiln::Gelu(X)``: ``approximate`` "none" (erf form) or "tanh"; ONNX Gelu-20 semantics for
 #     older opsets. Rules emit the standard op at opset 20+.
 # ``kiln::Attention(Q, Kt, V, Mask?)``: ``softmax(scale * Q @ Kt + Mask, axis=-1) @ V``, where
-#     ``Kt`` is the key already transposed to ``[..., D, S]``.
+#     ``Kt`` is the key already transposed to ``[..., D, S]``. With ``nan_to_zero`` set, the
+#     probabilities of a fully masked row (NaN) become 0, as PyTorch's exported SDPA does.
 
 
 def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
@@ -351,14 +352,17 @@ register_kiln_op("Gelu", inputs=(1, 1), attrs={"approximate": (AttrType.STRING, 
                  decompose=_decompose_gelu, validate=_validate_gelu)(gelu)
 
 
-def attention(q, kt, v, mask=None, scale=1.0):
+def attention(q, kt, v, mask=None, scale=1.0, nan_to_zero=0):
     """kiln::Attention: softmax(scale * Q @ Kt + Mask) @ V over the last axis."""
     s = (q.astype(np.float64) @ kt.astype(np.float64)) * scale
     if mask is not None:
         s = s + mask.astype(np.float64)
-    s = s - s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    p = p / p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        s = s - s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p = p / p.sum(axis=-1, keepdims=True)
+    if nan_to_zero:
+        p = np.where(np.isnan(p), 0.0, p)
     return ((p @ v.astype(np.float64)).astype(q.dtype),)
 
 
@@ -377,8 +381,12 @@ def _decompose_attention(op: Any, node: Node, inputs: Sequence[Value | None], op
         scores = op.Mul(scores, op.constant(np.array(scale, q.dtype.numpy)))
     if mask is not None:
         scores = op.Add(scores, mask)
-    return [op.MatMul(op.Softmax(scores, axis=-1), v)]
+    p = op.Softmax(scores, axis=-1)
+    if node.attr("nan_to_zero", 0):
+        p = op.Where(op.IsNaN(p), op.constant(np.array(0, q.dtype.numpy)), p)
+    return [op.MatMul(p, v)]
 
 
-register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.0)}, infer=_attention_shape,
+register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.0), "nan_to_zero": (AttrType.INT, 0)},
+                 infer=_attention_shape,
                  decompose=_decompose_attention)(attention)

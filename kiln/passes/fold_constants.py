@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.errors import EvaluationError
 from kiln.ir import DType, Graph, Node, Value, evaluate_node, is_static
 from kiln.passes.cleanup import IMPURE_OPS
 from kiln.passes.manager import Pass, PassResult, register_pass
@@ -71,7 +72,10 @@ class FoldConstants(Pass):
         for o in node.outputs:
             if o.shape is not None and is_static(o.shape) and int(np.prod(o.shape)) > self.max_elements:
                 return None
-        results = evaluate_node(node, {})
+        try:
+            results = evaluate_node(node, {})
+        except EvaluationError:
+            return None  # the evaluator cannot run it: the node stays, and runs at inference time
         for arr in results:
             try:
                 DType.from_numpy(np.asarray(arr).dtype)

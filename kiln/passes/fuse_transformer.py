@@ -3,12 +3,13 @@
 - ``layernorm``, ``layernorm-square``: ``ReduceMean / Sub / Pow 2 (or d·d) / ReduceMean / Add eps /
   Sqrt / Div / Mul γ / Add β`` (as Paddle and PyTorch export it) becomes ``LayerNormalization``
   at opset 17+, else ``kiln::LayerNorm``;
-- ``gelu-erf``, ``gelu-erf-half-first``: ``x · ½ · (1 + erf(x / √2))`` in either multiplication
-  order, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
+- ``gelu-erf`` (and ``-half-first``, ``-scaled`` variants): ``x · ½ · (1 + erf(x / √2))`` in either
+  multiplication order, with ``x / √2`` or ``x · (1/√2)``, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
   at opset 20+, else ``kiln::Gelu``;
 - ``attention-scaled-q``, ``attention-scaled-scores``, ``attention-masked``: ``Q·Kt`` with a
   constant scale on Q or on the scores, an optional additive mask, a last-axis Softmax and a
-  MatMul by V, become ``kiln::Attention``.
+  MatMul by V, become ``kiln::Attention``; so does PyTorch's exported SDPA
+  (``attention-sdpa[-masked]``: the scale split between Q and Kt, NaN rows zeroed).
 """
 
 from __future__ import annotations
@@ -144,29 +145,33 @@ def _gelu_rewrite(op, x, tanh_form: bool = False):
     return op.kiln.Gelu(x, approximate=approximate)
 
 
-def _gelu_erf_pattern(op, x):
-    phi2 = op.Add(op.Erf(op.Div(x, Const("root2"))), Const("one"))  # 1 + erf(x / sqrt 2)
-    return op.Mul(op.Mul(x, phi2), Const("half"))
+def _gelu_erf_pattern_for(half_first: bool, scaled: bool):
+    """x·½·(1 + erf(x/√2)), with the ½ applied last or first, and x/√2 written as x·(1/√2) or not."""
+
+    def pattern(op, x):
+        arg = op.Mul(x, Const("inv_root2")) if scaled else op.Div(x, Const("root2"))
+        phi2 = op.Add(op.Erf(arg), Const("one"))  # 1 + erf(x / sqrt 2)
+        if half_first:
+            return op.Mul(op.Mul(x, Const("half")), phi2)
+        return op.Mul(op.Mul(x, phi2), Const("half"))
+
+    return pattern
 
 
-def _gelu_erf_half_first_pattern(op, x):
-    phi2 = op.Add(op.Erf(op.Div(x, Const("root2"))), Const("one"))
-    return op.Mul(op.Mul(x, Const("half")), phi2)
+def _gelu_erf_check(ctx, one, half, root2=None, inv_root2=None) -> MatchResult:
+    scale = _is(root2, math.sqrt(2), "divisor") if root2 is not None else _is(inv_root2, 1 / math.sqrt(2), "factor 1/sqrt 2")
+    return _first_problem(scale, _is(one, 1.0, "added constant"), _is(half, 0.5, "factor"))
 
 
-def _gelu_erf_check(ctx, root2, one, half) -> MatchResult:
-    return _first_problem(_is(root2, math.sqrt(2), "divisor"), _is(one, 1.0, "added constant"),
-                          _is(half, 0.5, "factor"))
-
-
-def _gelu_example(form: str, opset: int = 17):
+def _gelu_example(form: str, opset: int = 17, scaled: bool = False):
     def make():
         def build(op, x):
             c = lambda v: op.constant(np.float32(v))  # noqa: E731
             if form == "tanh":
                 inner = op.Mul(c(math.sqrt(2 / math.pi)), op.Add(x, op.Mul(c(0.044715), op.Pow(x, c(3.0)))))
                 return op.Mul(op.Mul(c(0.5), x), op.Add(c(1.0), op.Tanh(inner)))
-            phi2 = op.Add(op.Erf(op.Div(x, c(math.sqrt(2)))), c(1.0))
+            arg = op.Mul(x, c(1 / math.sqrt(2))) if scaled else op.Div(x, c(math.sqrt(2)))
+            phi2 = op.Add(op.Erf(arg), c(1.0))
             if form == "half-first":
                 return op.Mul(op.Mul(x, c(0.5)), phi2)
             return op.Mul(op.Mul(x, phi2), c(0.5))
@@ -176,15 +181,16 @@ def _gelu_example(form: str, opset: int = 17):
     return make
 
 
-GELU_ERF = RewriteRule(
-    "gelu-erf", _gelu_erf_pattern, lambda op, x: _gelu_rewrite(op, x), check=_gelu_erf_check,
-    example=_gelu_example("erf"), description="x * (1 + erf(x / sqrt 2)) * 0.5 becomes Gelu.",
-)
-GELU_ERF_HALF_FIRST = RewriteRule(
-    "gelu-erf-half-first", _gelu_erf_half_first_pattern, lambda op, x: _gelu_rewrite(op, x),
-    check=_gelu_erf_check, example=_gelu_example("half-first", opset=20),
-    description="(x * 0.5) * (1 + erf(x / sqrt 2)) becomes Gelu.",
-)
+GELU_ERF_RULES = [
+    RewriteRule(
+        f"gelu-erf{'-half-first' if half_first else ''}{'-scaled' if scaled else ''}",
+        _gelu_erf_pattern_for(half_first, scaled), lambda op, x: _gelu_rewrite(op, x), check=_gelu_erf_check,
+        example=_gelu_example("half-first" if half_first else "erf", opset=20 if half_first else 17, scaled=scaled),
+        description=("(x * 0.5) * (1 + erf(x" if half_first else "x * (1 + erf(x")
+        + (" * (1/sqrt 2)))" if scaled else " / sqrt 2))") + (" becomes Gelu." if half_first else " * 0.5 becomes Gelu."),
+    )
+    for half_first in (False, True) for scaled in (False, True)
+]
 
 
 def _gelu_tanh_pattern(op, x):
@@ -273,11 +279,50 @@ def _attention_rule(name: str, variant: str) -> RewriteRule:
                        description=f"Scaled dot-product attention ({variant.replace('-', ' ')}) becomes kiln::Attention.")
 
 
+def _sdpa_rule(masked: bool) -> RewriteRule:
+    """PyTorch's exported SDPA: (Q·c)@(Kt·c) [+ mask], Softmax, NaN rows zeroed, @V."""
+
+    def pattern(op, q, kt, v):
+        scores = op.MatMul(op.Mul(q, Const("cq")), op.Mul(kt, Const("ck")))
+        if masked:
+            scores = op.Add(scores, Var("mask"))
+        p = op.Softmax(scores, _name="softmax")
+        return op.MatMul(op.Where(op.IsNaN(p), Const("zero"), p), v)
+
+    def check(ctx, cq, ck, zero, softmax) -> MatchResult:
+        for label, c in (("scale on Q", cq), ("scale on K", ck)):
+            if _scalar(c) is None:
+                return MatchResult.fail(f"the {label} %{c.name} is not a scalar constant")
+        return _first_problem(_is(zero, 0.0, "NaN replacement"), _softmax_is_last_axis(softmax))
+
+    def rewrite(op, q, kt, v, cq, ck, mask=None):
+        return op.kiln.Attention(q, kt, v, mask, scale=_scalar(cq) * _scalar(ck), nan_to_zero=1)
+
+    def example():
+        def build(op, q, k, v, *mask):
+            c = op.constant(np.float32(8 ** -0.25))
+            sc = op.MatMul(op.Mul(q, c), op.Mul(op.Transpose(k, perm=[0, 1, 3, 2]), c))
+            if mask:
+                sc = op.Add(sc, mask[0])
+            p = op.Softmax(sc, axis=-1)
+            return op.MatMul(op.Where(op.IsNaN(p), op.constant(np.float32(0)), p), v)
+
+        inputs = {n: (DType.FLOAT32, (1, 2, 5, 8)) for n in ("q", "k", "v")}
+        if masked:
+            inputs["mask"] = (DType.FLOAT32, (1, 1, 5, 5))
+        return example_graph(f"sdpa{'_masked' if masked else ''}", inputs, build, opset=17)
+
+    return RewriteRule(f"attention-sdpa{'-masked' if masked else ''}", pattern, rewrite, check=check, example=example,
+                       description="PyTorch's exported scaled-dot-product attention becomes kiln::Attention.")
+
+
 ATTENTION_RULES = [
+    _sdpa_rule(True),
+    _sdpa_rule(False),
     _attention_rule("scaled-q", "scaled-q"),
     _attention_rule("scaled-scores", "scaled-scores"),
     _attention_rule("scaled-scores-div", "scaled-scores-div"),
     _attention_rule("masked", "scaled-scores-masked"),
 ]
 
-RULES = [LAYERNORM, LAYERNORM_SQUARE, GELU_ERF, GELU_ERF_HALF_FIRST, GELU_TANH, *ATTENTION_RULES]
+RULES = [LAYERNORM, LAYERNORM_SQUARE, *GELU_ERF_RULES, GELU_TANH, *ATTENTION_RULES]
