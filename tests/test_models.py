@@ -153,3 +153,16 @@ def test_shape_computations_fold_away_at_static_shapes(name, real_model):
     feeds = make_inputs(name)
     cmp = compare("static O2", ort_outputs(kiln.to_onnx(g), feeds), ort_outputs(str(path), feeds), rtol=1e-4, atol=1e-5)
     assert cmp.passed, cmp.max_abs
+
+
+def test_optimize_cli_report_on_yolov8n(real_model, tmp_path, capsys):
+    path = real_model("yolov8n")
+    out, report = tmp_path / "y.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(path), "-o", str(out), "--level", "O2", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["rules"]["conv-silu"] == 57
+    assert data["nodes"]["after"] < data["nodes"]["before"]
+    assert "conv-silu x57" in capsys.readouterr().out
+    feeds = make_inputs("yolov8n")
+    cmp = compare("cli O2", ort_outputs(str(out), feeds), ort_outputs(str(path), feeds), rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs
