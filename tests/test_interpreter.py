@@ -207,3 +207,16 @@ def test_gather_elements_beyond_32_and_smaller_indices(axis, data_shape, idx_sha
                        [f32("d", list(data_shape)), helper.make_tensor_value_info("i", TensorProto.INT64, list(idx_shape))],
                        [f32("y", list(idx_shape))])
     _check_against_ort(model, {"d": data, "i": idx}, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opset, axes", [(11, [2, 0]), (11, [-2, 0]), (11, None), (13, [2, 0]), (13, None)])
+def test_squeeze_axes_are_a_set(opset, axes):
+    x = np.random.default_rng(0).standard_normal((1, 2, 1, 4)).astype(np.float32)
+    if opset >= 13:
+        inits = [] if axes is None else [numpy_helper.from_array(np.array(axes, np.int64), "axes")]
+        node = helper.make_node("Squeeze", ["x"] + ([] if axes is None else ["axes"]), ["y"])
+    else:
+        inits = []
+        node = helper.make_node("Squeeze", ["x"], ["y"], **({} if axes is None else {"axes": axes}))
+    model = make_model([node], [f32("x", [1, 2, 1, 4])], [f32("y", None)], inits, opset=opset)
+    _check_against_ort(model, {"x": x}, rtol=0, atol=0)

@@ -207,9 +207,29 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data[window], idx.astype(np.int64), axis=axis),)
 
 
+class Squeeze(OpRun):
+    """Replaces onnx's reference Squeeze, which fails on unsorted axes before opset 13.
+
+    Before opset 13 the axes are an attribute; the reference removes them one
+    by one in the given order, so ``axes=[2, 0]`` on ``(1, 2, 1, 4)`` fails.
+    Axes are a set: kiln squeezes them all at once, as onnxruntime does.
+    """
+
+    op_domain = ""
+
+    def _run(self, data, axes=None):
+        given = {a.name: list(a.ints) for a in self.onnx_node.attribute}
+        if axes is None:
+            axes = given.get("axes")
+        if axes is None or len(axes) == 0:
+            return (np.squeeze(data),)
+        norm = tuple(sorted(int(a) + data.ndim if int(a) < 0 else int(a) for a in np.asarray(axes).reshape(-1)))
+        return (np.squeeze(data, axis=norm),)
+
+
 #: Standard ops whose onnx reference implementation kiln replaces or wraps, each with its reason.
 STANDARD_OVERRIDES: list[type[OpRun]] = [
-    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements,
+    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements, Squeeze,
     *(type(op, (_WideAccumulation,), {"__doc__": _WideAccumulation.__doc__}) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
 ]
 
