@@ -101,10 +101,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise KilnError(str(e.args[0])) from None
         fired = report.rule_counts().get(args.explain, 0)
-        if fired:
-            print(f"rule '{args.explain}' fired {fired} time(s); on the result: {remaining}")
-        else:
+        if not fired:
             print(remaining)
+        elif "nearest miss" in remaining:
+            print(f"rule '{args.explain}' fired {fired} time(s); on the result, {remaining}")
+        else:
+            print(f"rule '{args.explain}' fired {fired} time(s); nothing is left for it to match")
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
