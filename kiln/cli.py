@@ -22,6 +22,11 @@ EXIT_INTERNAL = 3  # a bug in kiln
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    import zipfile
+
+    if Path(args.model).is_file() and zipfile.is_zipfile(args.model):
+        return _inspect_artifact(args)
+
     from kiln.ir.onnx_io import format_unsupported, load_with_report
     from kiln.ir.summary import summarize
 
@@ -33,6 +38,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(summary.format())
     if unsupported:
         raise UnsupportedOpError(format_unsupported(unsupported, str(args.model)), unsupported)
+    return 0
+
+
+def _inspect_artifact(args: argparse.Namespace) -> int:
+    """``kiln inspect OUT.kiln``: the verified manifest (hashes checked; not the host)."""
+    from kiln.runtime.artifact import describe, read_artifact
+
+    art = read_artifact(args.model, check_host=False)
+    print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art.manifest))
     return 0
 
 
@@ -169,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", parents=[common], help="summarise a model: signature, ops, parameters, MACs")
-    p.add_argument("model", help="an .onnx file")
+    p = sub.add_parser("inspect", parents=[common],
+                       help="summarise a model (signature, ops, parameters, MACs) or a .kiln artifact's manifest")
+    p.add_argument("model", help="an .onnx file or a .kiln artifact")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_inspect)
 
