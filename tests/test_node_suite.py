@@ -274,6 +274,7 @@ def test_case_count():
 @pytest.mark.parametrize("case", _params("eval"))
 def test_evaluator(case: NodeCase):
     graph = kiln.ir.load(case.source)
+    graph.verify()  # every imported graph is well-formed and fully typed
     out_names = [v.name for v in graph.outputs]
     evaluator = kiln.ir.Evaluator(graph)
     for n, (inputs, expected) in enumerate(case.data_sets):

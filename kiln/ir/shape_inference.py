@@ -174,6 +174,10 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
         outs = [o for o in node.outputs if o.name]
         if all(_known(o) for o in outs):
             continue
+        if node.op_type == "Loop" and node.domain == "":
+            _type_loop_body(node)
+        if node.op_type == "Scan" and node.domain == "":
+            _type_scan_body(node)
         if node.op_type == "If" and node.domain == "":
             _infer_if(node, unknowns)
         elif node.domain == KILN_DOMAIN:
@@ -251,6 +255,44 @@ def _infer_dtype_from_schema(node: Node) -> None:
             out.dtype = _SCHEMA_TYPES[options[0]]
         elif formal.type_str in by_param:
             out.dtype = by_param[formal.type_str]
+
+
+def _type_loop_body(node: Node) -> None:
+    """A Loop body's inputs: the iteration number (i64 scalar), the condition (bool scalar), then
+    the loop-carried values, typed like the Loop's own inputs 2.. (their shapes may change per
+    iteration, so only the rank is kept)."""
+    body = node.attr("body")
+    if body is None or len(body.inputs) < 2:
+        return
+    fixed = [(DType.INT64, ()), (DType.BOOL, ())]
+    for v, (dt, shape) in zip(body.inputs, fixed):
+        v.dtype = v.dtype or dt
+        v.shape = v.shape if v.shape is not None else shape
+    for v, outer in zip(body.inputs[2:], node.inputs[2:]):
+        if outer is not None and v.dtype is None:
+            v.dtype = outer.dtype
+
+
+def _type_scan_body(node: Node) -> None:
+    """A Scan body's inputs (opset 9+): the N state values, typed like the Scan's first N inputs,
+    then one slice of each scan input (its dtype; its shape without the scan axis)."""
+    body = node.attr("body")
+    m = node.attr("num_scan_inputs")
+    opset = node.graph.model_opset.get("", 0) if node.graph else 0
+    if body is None or m is None or opset < 9:
+        return
+    n = len(node.inputs) - m
+    axes = list(node.attr("scan_input_axes", ()) or [0] * m)
+    for i, (v, outer) in enumerate(zip(body.inputs, node.inputs)):
+        if outer is None or v.dtype is not None:
+            continue
+        v.dtype = outer.dtype
+        if v.shape is None and outer.shape is not None:
+            if i < n:
+                v.shape = outer.shape
+            else:
+                axis = axes[i - n] + len(outer.shape) if axes[i - n] < 0 else axes[i - n]
+                v.shape = tuple(d for k, d in enumerate(outer.shape) if k != axis)
 
 
 def _infer_if(node: Node, unknowns: _Unknowns) -> None:
