@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -158,6 +159,52 @@ def _format_optimize(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from kiln.check import parse_shape_overrides
+    from kiln.codegen.build import build, file_sha256
+    from kiln.codegen.target import parse_target
+    from kiln.ir import load, set_input_shapes
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import LEVELS, passes_for
+
+    src, dst = Path(args.model), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
+    target = parse_target(args.target, arch=args.arch, threads=args.threads)
+
+    def stage(name: str) -> None:
+        print(f"[kiln] {name}", file=sys.stderr, flush=True)
+
+    stage("importing")
+    graph = load(src)
+    if args.input_shape:
+        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
+    stage(f"optimizing ({args.level})")
+    graph, _ = PassManager(passes_for(args.level)).run(graph)
+    report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
+                   passes=LEVELS[args.level], progress=stage)
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
+          f"target {target.tvm.get('mcpu', target.kind)}; {times})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import kiln.runtime
+
+    model = kiln.runtime.load(args.artifact, threads=args.threads)
+    outputs = model.run(_read_npz(args.inputs))
+    dst = Path(args.output)
+    tmp = dst.with_name(f".{dst.name}.tmp.npz")
+    np.savez(tmp, **outputs)
+    os.replace(tmp, dst)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items())
+    print(f"wrote {dst}: {shapes}")
+    return 0
+
+
 def _read_npz(path: str) -> dict:
     import numpy as np
 
@@ -215,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", action="append", metavar="RULES.py",
                    help="a Python file that registers extra rules or passes (repeatable)")
     p.set_defaults(func=_cmd_optimize)
+
+    p = sub.add_parser("compile", parents=[common], help="compile a model ahead of time into a .kiln artifact")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.kiln")
+    p.add_argument("--target", default="cpu", help="cpu (default; the host's CPU), cuda, or a JSON target dict")
+    p.add_argument("--arch", help="CUDA architecture, e.g. sm_90")
+    p.add_argument("--level", default="O2", help="optimisation level (default O2)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
+    p.add_argument("--threads", type=int, help="threads at run time (default: all cores)")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("run", parents=[common], help="run a .kiln artifact on inputs from an .npz file")
+    p.add_argument("artifact", help="a .kiln file (it contains native code: only run trusted artifacts)")
+    p.add_argument("--inputs", required=True, metavar="IN.npz", help="arrays keyed by input name")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
+    p.add_argument("--threads", type=int, help="threads (default: all cores)")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

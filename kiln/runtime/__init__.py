@@ -1,1 +1,169 @@
-"""The artifact runtime: loads and runs .kiln files with numpy, safetensors and the TVM runtime only (not yet built)."""
+"""The artifact runtime: load a ``.kiln`` file and run it.
+
+    import kiln.runtime
+    model = kiln.runtime.load("model.kiln")
+    outputs = model.run({"input": array})
+
+It imports numpy, safetensors and the TVM runtime (``tvm_ffi`` plus
+``libtvm_runtime.so``) only: never onnx, never the TVM compiler. Before any
+native code loads, the artifact's member hashes, schema, TVM version and the
+host's CPU features are checked (:mod:`kiln.runtime.artifact`). Every call
+checks input names, dtypes and shapes against the signature. ``run`` is safe to
+call from several threads: each thread gets its own VM over the one library.
+
+Loading a ``.so`` runs its code: only load artifacts from sources you trust.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from kiln.errors import InputError, KilnError
+from kiln.runtime.artifact import ArtifactError, read_artifact
+
+__all__ = ["CompiledModel", "Signature", "load"]
+
+_ALIGN = 64  # TVM's kernels assume 64-byte-aligned buffers
+_runtime_lock = threading.Lock()
+_runtime_ready = False
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One input or output: name, numpy dtype name, and dims (ints or symbol names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+
+def _ensure_tvm_runtime() -> Any:
+    """Load libtvm_runtime.so (unless the full TVM is already in this process) and return tvm_ffi."""
+    global _runtime_ready
+    import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime.so links against
+
+    with _runtime_lock:
+        if not _runtime_ready:
+            if "tvm" not in sys.modules:  # the compiler's libtvm already carries the runtime
+                spec = importlib.util.find_spec("tvm")  # finds the package without importing it
+                if spec is None or spec.origin is None:
+                    raise KilnError("the TVM runtime is not installed (pip install apache-tvm)")
+                lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+                if not lib.exists():
+                    raise KilnError(f"the TVM runtime library is missing: {lib}")
+                ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+            _runtime_ready = True
+    return tvm_ffi
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` whose data starts on a 64-byte boundary (or ``a`` if it does)."""
+    if a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0:
+        return a
+    buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
+    offset = (-buf.ctypes.data) % _ALIGN
+    out = buf[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+class CompiledModel:
+    """A loaded artifact. ``run({name: array}) -> {name: array}``; thread-safe."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        artifact = read_artifact(path)  # refuses before anything native loads
+        m = artifact.manifest
+        self.path = Path(path)
+        self.manifest = m
+        self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["inputs"]]
+        self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["outputs"]]
+        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-")
+        lib_path = os.path.join(self._tmp.name, "model.so")
+        Path(lib_path).write_bytes(artifact.member("model.so"))
+        from safetensors.numpy import load as load_safetensors
+
+        weights = load_safetensors(artifact.member("weights.safetensors"))
+        missing = [n for n in m.get("params", []) if n not in weights]
+        if missing:
+            raise ArtifactError(f"{path}: weights {', '.join(missing[:3])} are missing from the artifact")
+        self._ffi = _ensure_tvm_runtime()
+        self._weights_np = [_aligned(np.ascontiguousarray(weights[n])) for n in m.get("params", [])]
+        self._weights = [self._ffi.from_dlpack(w, require_alignment=_ALIGN) for w in self._weights_np]
+        self._module = self._ffi.load_module(lib_path)
+        self._local = threading.local()
+        self._set_threads(threads or (m.get("target") or {}).get("threads") or os.cpu_count() or 1)
+
+    def _set_threads(self, n: int) -> None:
+        config = self._ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if config is not None:
+            config(-2, int(n), [str(i) for i in range(int(n))])
+
+    def _vm(self) -> Any:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            vm = self._module["vm_load_executable"]()
+            vm["vm_initialization"](1, 0, 2)  # CPU device 0, pooled allocator
+            self._local.vm = vm
+        return vm
+
+    def _check(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        sig = ", ".join(str(s) for s in self.inputs)
+        names = {s.name for s in self.inputs}
+        unknown = sorted(set(feeds) - names)
+        missing = [s.name for s in self.inputs if s.name not in feeds]
+        if unknown or missing:
+            what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                         f"unexpected {', '.join(unknown)}" if unknown else "") if x)
+            raise InputError(f"inputs do not match the model ({what}); expected {sig}")
+        bound: dict[str, int] = {}
+        arrays = []
+        for s in self.inputs:
+            a = np.asarray(feeds[s.name])
+            if a.dtype.name != s.dtype:
+                raise InputError(f"input '{s.name}' has dtype {a.dtype.name}; expected {sig}")
+            ok = len(a.shape) == len(s.shape)
+            for d, actual in zip(s.shape, a.shape):
+                if isinstance(d, int):
+                    ok &= d == actual
+                elif bound.setdefault(d, actual) != actual:
+                    ok = False
+            if not ok:
+                raise InputError(f"input '{s.name}' has shape {list(a.shape)}; expected {sig}")
+            arrays.append(a)
+        return arrays
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on one set of inputs (keyed by input name); returns outputs by name."""
+        arrays = self._check(inputs)
+        keep = [_aligned(np.ascontiguousarray(a)) for a in arrays]
+        args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
+        result = self._vm()["main"](*args, *self._weights)
+        outs = [result] if len(self.outputs) == 1 else list(result)
+        return {s.name: np.array(np.from_dlpack(o), copy=True) for s, o in zip(self.outputs, outs)}
+
+    def run_batch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Run the model on each input set in turn."""
+        return [self.run(feeds) for feeds in batch]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(s) for s in self.inputs)
+        outs = ", ".join(str(s) for s in self.outputs)
+        return f"<CompiledModel {self.path.name}: ({ins}) -> ({outs})>"
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None) -> CompiledModel:
+    """Verify and load a ``.kiln`` artifact."""
+    return CompiledModel(path, threads=threads)

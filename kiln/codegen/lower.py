@@ -1,0 +1,455 @@
+"""Lowering: a kiln ``Graph`` becomes a Relax ``main`` built with ``relax.BlockBuilder``.
+
+Each kiln node, fused kiln ops included, becomes one prim func through
+``bb.emit_te`` with topi computes. Weights stay function parameters (the
+artifact keeps them in safetensors); constants of at most a few elements are
+baked into the code. Symbolic dims become ``int64`` TIR variables, so one
+compiled function runs at any size of them.
+
+Every op kiln can lower has an entry in :data:`LOWERINGS`. Lowering checks the
+whole graph first and refuses, in one error, every op it cannot lower.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.ir import Graph, Node, Value
+
+BAKE_LIMIT = 64  # constants with at most this many elements are compiled in
+
+
+class CodegenError(KilnError):
+    """The graph cannot be lowered: unsupported ops, unknown dims without bounds, ..."""
+
+
+Lowering = Callable[["Lowerer", Node], list[Any]]
+LOWERINGS: dict[tuple[str, str], Lowering] = {}
+
+
+def lowers(*ops: str, domain: str = "") -> Callable[[Lowering], Lowering]:
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[(domain, op)] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class Lowered:
+    """A lowered model: the Relax module and the order of ``main``'s parameters."""
+
+    module: Any
+    inputs: list[str]  # graph input names, in order
+    weights: dict[str, np.ndarray]  # weight parameters, in order after the inputs
+
+
+def unsupported(graph: Graph) -> dict[tuple[str, str], list[str]]:
+    """Every op in ``graph`` without a lowering, with the nodes that use it."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for n in graph.walk_nodes():
+        if (n.domain, n.op_type) not in LOWERINGS:
+            out.setdefault((n.domain, n.op_type), []).append(n.name)
+    return out
+
+
+class Lowerer:
+    """Builds the Relax module for one graph."""
+
+    def __init__(self, graph: Graph):
+        from tvm import relax
+
+        self.graph = graph
+        self.bb = relax.BlockBuilder()
+        self.env: dict[int, Any] = {}
+        self.syms: dict[str, Any] = {}
+
+    # -- types and values
+    def dim(self, d: int | str) -> Any:
+        from tvm import tirx
+
+        if isinstance(d, int):
+            return d
+        if d not in self.syms:
+            self.syms[d] = tirx.Var(re.sub(r"\W", "_", d).strip("_") or "d", "int64")
+        return self.syms[d]
+
+    def tensor_type(self, v: Value) -> Any:
+        from tvm import relax
+
+        if v.shape is None or v.dtype is None:
+            raise CodegenError(f"value '{v.name}' has an unknown shape or dtype; kiln cannot compile it")
+        return relax.TensorType([self.dim(d) for d in v.shape], v.dtype.numpy.name)
+
+    def get(self, v: Value | None) -> Any:
+        if v is None:
+            return None
+        if id(v) not in self.env:
+            raise CodegenError(f"value '{v.name}' is read before it is computed")
+        return self.env[id(v)]
+
+    def emit(self, fn: Callable[..., Any], *args: Any, name: str) -> Any:
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name))
+
+    # -- the whole graph
+    def lower(self) -> Lowered:
+        from tvm import relax
+
+        missing = unsupported(self.graph)
+        if missing:
+            parts = "; ".join(f"{d + '::' if d else ''}{op} (nodes: {', '.join(ns[:3])})" for (d, op), ns in sorted(missing.items()))
+            raise CodegenError(f"kiln cannot compile these ops yet: {parts}")
+        if any(True for n in self.graph.nodes for _ in n.subgraphs()):
+            raise CodegenError("graphs with If/Loop/Scan subgraphs cannot be compiled yet")
+        params = []
+        for v in self.graph.inputs:
+            var = relax.Var(_ident(v.name), self.tensor_type(v))
+            self.env[id(v)] = var
+            params.append(var)
+        weights: dict[str, np.ndarray] = {}
+        for v in self.graph.constants.values():
+            arr = v.numpy()
+            if arr.size <= BAKE_LIMIT:
+                self.env[id(v)] = relax.const(np.ascontiguousarray(arr) if arr.ndim else arr, arr.dtype.name)
+            else:
+                var = relax.Var(_ident(v.name), self.tensor_type(v))
+                self.env[id(v)] = var
+                params.append(var)
+                weights[v.name] = arr
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                for node in self.graph.nodes:
+                    outs = LOWERINGS[(node.domain, node.op_type)](self, node)
+                    for o, r in zip([o for o in node.outputs if o.name], outs):
+                        self.env[id(o)] = r
+                results = [self.get(v) for v in self.graph.outputs]
+                out = self.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+            self.bb.emit_func_output(out)
+        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights)
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name) or "v"
+
+
+def lower(graph: Graph) -> Lowered:
+    """Lower ``graph`` to a Relax module (raises ``CodegenError`` listing what it cannot lower)."""
+    return Lowerer(graph).lower()
+
+
+# =========================================================================== op lowerings
+
+def _topi():
+    from tvm import topi
+
+    return topi
+
+
+def _const_array(v: Value | None) -> np.ndarray | None:
+    return None if v is None or not v.is_constant else v.numpy()
+
+
+def _activation(x: Any, name: str, params: tuple[float, ...]) -> Any:
+    """A kiln epilogue activation on a TE tensor (see kiln.ir.kiln_ops)."""
+    topi = _topi()
+    from tvm import te, tirx
+
+    dt = x.dtype
+    if name == "":
+        return x
+    if name == "Relu":
+        return topi.nn.relu(x)
+    if name == "Clip":
+        return topi.clip(x, float(params[0]), float(params[1]))
+    if name == "LeakyRelu":
+        return topi.nn.leaky_relu(x, float(params[0]))
+    if name == "Sigmoid":
+        return topi.sigmoid(x)
+    if name == "Tanh":
+        return topi.tanh(x)
+    if name == "HardSigmoid":
+        return te.compute(x.shape, lambda *i: tirx.max(tirx.min(x(*i) * tirx.const(params[0], dt)
+                                                              + tirx.const(params[1], dt), tirx.const(1, dt)),
+                                                     tirx.const(0, dt)), name="hard_sigmoid")
+    if name == "HardSwish":
+        return te.compute(x.shape, lambda *i: x(*i) * tirx.max(tirx.min(x(*i) / tirx.const(6, dt) + tirx.const(0.5, dt),
+                                                                        tirx.const(1, dt)), tirx.const(0, dt)),
+                          name="hard_swish")
+    if name == "SiLU":
+        s = topi.sigmoid(x)
+        return topi.multiply(x, s)
+    if name == "Gelu":
+        if params and params[0]:
+            c = float(np.sqrt(2 / np.pi))
+            return te.compute(x.shape, lambda *i: tirx.const(0.5, dt) * x(*i) * (tirx.const(1, dt) + tirx.tanh(
+                tirx.const(c, dt) * (x(*i) + tirx.const(0.044715, dt) * x(*i) * x(*i) * x(*i)))), name="gelu_tanh")
+        return te.compute(x.shape, lambda *i: tirx.const(0.5, dt) * x(*i) * (tirx.const(1, dt) + tirx.erf(
+            x(*i) * tirx.const(float(1 / np.sqrt(2)), dt))), name="gelu")
+    raise CodegenError(f"activation '{name}' has no lowering")
+
+
+_UNARY: dict[str, Callable[[Any], Any]] = {
+    "Relu": lambda x: _topi().nn.relu(x), "Sigmoid": lambda x: _topi().sigmoid(x), "Tanh": lambda x: _topi().tanh(x),
+    "Exp": lambda x: _topi().exp(x), "Log": lambda x: _topi().log(x), "Sqrt": lambda x: _topi().sqrt(x),
+    "Abs": lambda x: _topi().abs(x), "Neg": lambda x: _topi().negative(x), "Erf": lambda x: _topi().erf(x),
+    "Floor": lambda x: _topi().floor(x), "Ceil": lambda x: _topi().ceil(x), "Sin": lambda x: _topi().sin(x),
+    "Cos": lambda x: _topi().cos(x), "Reciprocal": lambda x: _topi().divide(1.0, x),
+}
+
+
+@lowers(*_UNARY)
+def _unary(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.emit(_UNARY[node.op_type], lw.get(node.input(0)), name=node.op_type.lower())]
+
+
+@lowers("Identity", "Dropout")
+def _alias(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.get(node.input(0))]
+
+
+@lowers("LeakyRelu", "HardSigmoid", "HardSwish", "Gelu")
+def _param_activation(lw: Lowerer, node: Node) -> list[Any]:
+    op = node.op_type
+    params: tuple[float, ...] = ()
+    if op == "LeakyRelu":
+        params = (node.attr("alpha", 0.01),)
+    elif op == "HardSigmoid":
+        params = (node.attr("alpha", 0.2), node.attr("beta", 0.5))
+    elif op == "Gelu":
+        params = (1.0,) if node.attr("approximate", "none") == "tanh" else ()
+    return [lw.emit(lambda x: _activation(x, op, params), lw.get(node.input(0)), name=op.lower())]
+
+
+@lowers("Gelu", domain="kiln")
+def _kiln_gelu(lw: Lowerer, node: Node) -> list[Any]:
+    params = (1.0,) if node.attr("approximate", "none") == "tanh" else ()
+    return [lw.emit(lambda x: _activation(x, "Gelu", params), lw.get(node.input(0)), name="gelu")]
+
+
+@lowers("Clip")
+def _clip(lw: Lowerer, node: Node) -> list[Any]:
+    lo, hi = _const_array(node.input(1)), _const_array(node.input(2))
+    lo_v = float(lo) if lo is not None else node.attr("min", -3.4e38)
+    hi_v = float(hi) if hi is not None else node.attr("max", 3.4e38)
+    if (node.input(1) is not None and lo is None) or (node.input(2) is not None and hi is None):
+        raise CodegenError(f"node {node.label()}: Clip bounds must be constants to compile")
+    return [lw.emit(lambda x: _topi().clip(x, lo_v, hi_v), lw.get(node.input(0)), name="clip")]
+
+
+_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide", "Pow": "power", "Max": "maximum",
+           "Min": "minimum", "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
+           "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or"}
+
+
+@lowers(*_BINARY, "Sum")
+def _binary(lw: Lowerer, node: Node) -> list[Any]:
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    fn_name = _BINARY.get(node.op_type, "add")
+    if len(ins) == 1:
+        return [ins[0]]
+
+    def compute(*xs: Any) -> Any:
+        fn = getattr(_topi(), fn_name)
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+
+    return [lw.emit(compute, *ins, name=node.op_type.lower())]
+
+
+@lowers("Where")
+def _where(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.emit(_topi().where, *[lw.get(v) for v in node.inputs], name="where")]
+
+
+@lowers("Cast")
+def _cast(lw: Lowerer, node: Node) -> list[Any]:
+    dt = node.outputs[0].dtype.numpy.name
+    return [lw.emit(lambda x: _topi().cast(x, dt), lw.get(node.input(0)), name="cast")]
+
+
+def _conv2d(x: Any, w: Any, node: Node) -> Any:
+    topi = _topi()
+    k = len(w.shape) - 2
+    if k != 2:
+        raise CodegenError(f"node {node.label()}: only 2-D convolutions compile yet")
+    pads = list(node.attr("pads", ()) or [0] * 4)
+    strides = list(node.attr("strides", ()) or [1, 1])
+    dil = list(node.attr("dilations", ()) or [1, 1])
+    group = node.attr("group", 1)
+    padding = (pads[0], pads[1], pads[2], pads[3])
+    if group == 1:
+        return topi.nn.conv2d_nchw(x, w, strides, padding, dil)
+    return topi.nn.group_conv2d_nchw(x, w, strides, padding, dil, group)
+
+
+def _channel(b: Any) -> Any:
+    """A per-channel vector as [1, C, 1, 1] for broadcasting over NCHW."""
+    return _topi().reshape(b, (1, b.shape[0], 1, 1))
+
+
+def _check_conv(node: Node) -> None:
+    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet; run the O2 passes first")
+
+
+@lowers("Conv")
+def _conv(lw: Lowerer, node: Node) -> list[Any]:
+    _check_conv(node)
+    x, w, b = (lw.get(node.input(i)) for i in range(3))
+
+    def compute(x: Any, w: Any, *b: Any) -> Any:
+        y = _conv2d(x, w, node)
+        if b:
+            y = _topi().add(y, _channel(b[0]))
+        return y
+
+    return [lw.emit(compute, x, w, *([b] if b is not None else []), name="conv2d")]
+
+
+@lowers("FusedConv", domain="kiln")
+def _fused_conv(lw: Lowerer, node: Node) -> list[Any]:
+    x, w, b, z = (lw.get(node.input(i)) for i in range(4))
+    act = node.attr("activation", "") or ""
+    params = tuple(node.attr("activation_params", ()) or ())
+    has_b, has_z = b is not None, z is not None
+
+    def compute(x: Any, w: Any, *rest: Any) -> Any:
+        topi = _topi()
+        y = _conv2d(x, w, node)
+        rest_l = list(rest)
+        if has_b:
+            y = topi.add(y, _channel(rest_l.pop(0)))
+        if has_z:
+            y = topi.add(y, rest_l.pop(0))
+        return _activation(y, act, params)
+
+    extra = [v for v in (b, z) if v is not None]
+    return [lw.emit(compute, x, w, *extra, name=f"fused_conv2d_{act.lower() or 'linear'}")]
+
+
+def _gemm_compute(node: Node, act: str = "", params: tuple[float, ...] = ()) -> Callable[..., Any]:
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    trans_a, trans_b = node.attr("transA", 0), node.attr("transB", 0)
+
+    def compute(a: Any, b: Any, *c: Any) -> Any:
+        topi = _topi()
+        y = topi.nn.matmul(a, b, transpose_a=bool(trans_a), transpose_b=bool(trans_b))
+        if alpha != 1.0:
+            y = topi.multiply(y, alpha)
+        if c:
+            y = topi.add(y, topi.multiply(c[0], beta) if beta != 1.0 else c[0])
+        return _activation(y, act, params)
+
+    return compute
+
+
+@lowers("Gemm")
+def _gemm(lw: Lowerer, node: Node) -> list[Any]:
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    return [lw.emit(_gemm_compute(node), *ins, name="gemm")]
+
+
+@lowers("FusedGemm", domain="kiln")
+def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    act = node.attr("activation", "") or ""
+    params = tuple(node.attr("activation_params", ()) or ())
+    return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}")]
+
+
+@lowers("MatMul")
+def _matmul(lw: Lowerer, node: Node) -> list[Any]:
+    a, b = node.input(0), node.input(1)
+    if a.rank != 2 or b.rank != 2:
+        raise CodegenError(f"node {node.label()}: only 2-D MatMul compiles yet")
+    return [lw.emit(lambda x, y: _topi().nn.matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
+
+
+def _pool_args(node: Node) -> tuple[list[int], list[int], list[int], list[int]]:
+    kernel = list(node.attr("kernel_shape"))
+    n = len(kernel)
+    strides = list(node.attr("strides", ()) or [1] * n)
+    dil = list(node.attr("dilations", ()) or [1] * n)
+    pads = list(node.attr("pads", ()) or [0] * (2 * n))
+    return kernel, strides, dil, pads
+
+
+@lowers("MaxPool", "AveragePool")
+def _pool(lw: Lowerer, node: Node) -> list[Any]:
+    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet")
+    if len([o for o in node.outputs if o.name]) > 1:
+        raise CodegenError(f"node {node.label()}: MaxPool indices do not compile yet")
+    kernel, strides, dil, pads = _pool_args(node)
+    if len(kernel) != 2:
+        raise CodegenError(f"node {node.label()}: only 2-D pooling compiles yet")
+    kind = "max" if node.op_type == "MaxPool" else "avg"
+    ceil = bool(node.attr("ceil_mode", 0))
+    include_pad = bool(node.attr("count_include_pad", 0))
+    return [lw.emit(lambda x: _topi().nn.pool2d(x, kernel, strides, dil, pads, kind, ceil, "NCHW", include_pad),
+                    lw.get(node.input(0)), name=f"{kind}_pool2d")]
+
+
+@lowers("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(lw: Lowerer, node: Node) -> list[Any]:
+    kind = "avg" if node.op_type == "GlobalAveragePool" else "max"
+    return [lw.emit(lambda x: _topi().nn.global_pool(x, kind, "NCHW"), lw.get(node.input(0)), name=f"global_{kind}_pool")]
+
+
+@lowers("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(lw: Lowerer, node: Node) -> list[Any]:
+    out = node.outputs[0]
+    if out.shape is None or any(d is None for d in out.shape):
+        raise CodegenError(f"node {node.label()}: the output shape {out.type_str()} is not known well enough to compile")
+    dims = [lw.dim(d) for d in out.shape]
+    return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
+
+
+@lowers("Transpose")
+def _transpose(lw: Lowerer, node: Node) -> list[Any]:
+    perm = node.attr("perm")
+    return [lw.emit(lambda x: _topi().transpose(x, list(perm) if perm else None), lw.get(node.input(0)),
+                    name="transpose")]
+
+
+@lowers("Concat")
+def _concat(lw: Lowerer, node: Node) -> list[Any]:
+    axis = node.attr("axis")
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    return [lw.emit(lambda *xs: _topi().concatenate(list(xs), axis), *ins, name="concat")]
+
+
+@lowers("Softmax")
+def _softmax(lw: Lowerer, node: Node) -> list[Any]:
+    x = node.input(0)
+    opset = lw.graph.model_opset.get("", 13)
+    axis = node.attr("axis", -1 if opset >= 13 else 1)
+    if opset < 13 and axis not in (-1, (x.rank or 0) - 1):
+        raise CodegenError(f"node {node.label()}: pre-opset-13 Softmax over a non-last axis does not compile yet")
+    return [lw.emit(lambda t: _topi().nn.softmax(t, axis), lw.get(x), name="softmax")]
+
+
+@lowers("BatchNormalization")
+def _batchnorm(lw: Lowerer, node: Node) -> list[Any]:
+    stats = [_const_array(node.input(i)) for i in range(1, 5)]
+    if any(s is None for s in stats) or node.attr("training_mode", 0):
+        raise CodegenError(f"node {node.label()}: only inference BatchNormalization with constant statistics compiles")
+    scale, bias, mean, var = (s.astype(np.float64) for s in stats)  # type: ignore[union-attr]
+    k = scale / np.sqrt(var + node.attr("epsilon", 1e-5))
+    shift = bias - mean * k
+    x = node.input(0)
+    shape = (1, -1) + (1,) * ((x.rank or 2) - 2)
+    dt = x.dtype.numpy
+    from tvm import relax
+
+    kc = relax.const(k.reshape(shape).astype(dt))
+    sc = relax.const(shift.reshape(shape).astype(dt))
+    return [lw.emit(lambda t, a, b: _topi().add(_topi().multiply(t, a), b), lw.get(x), kc, sc, name="batchnorm")]

@@ -1,0 +1,94 @@
+"""Compilation targets: the host CPU's features, a matching LLVM ``mcpu``, and target dicts.
+
+``mcpu: native`` is refused by this TVM build, and an unknown mcpu silently
+falls back to generic code, so kiln names the CPU itself: the most capable
+entry of :data:`CPU_MODELS` whose required features the host has, checked
+against LLVM's list of valid CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.runtime.artifact import host_cpu_features
+
+#: LLVM CPU names, most capable first, with the /proc/cpuinfo flags each one assumes.
+CPU_MODELS: list[tuple[str, tuple[str, ...]]] = [
+    ("sapphirerapids", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8")),
+    ("znver4", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")),
+    ("icelake-server", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+    ("skylake-avx512", ("avx512f", "avx512bw", "avx512vl")),
+    ("haswell", ("avx2", "fma")),
+    ("x86-64", ()),
+]
+
+
+class TargetError(KilnError):
+    """The requested target is unknown, invalid, or not buildable here."""
+
+
+@dataclass
+class Target:
+    """What kiln compiles for: a TVM target dict, and what a host needs to run the result."""
+
+    kind: str  # "cpu" or "cuda"
+    tvm: dict[str, Any]
+    cpu_features: list[str] = field(default_factory=list)
+    arch: str | None = None
+    threads: int | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        """The target as recorded in an artifact's manifest."""
+        out: dict[str, Any] = {"kind": self.kind, "tvm": self.tvm}
+        if self.kind == "cpu":
+            out["cpu_features"] = self.cpu_features
+            out["mcpu"] = self.tvm.get("mcpu")
+        if self.arch:
+            out["arch"] = self.arch
+        if self.threads:
+            out["threads"] = self.threads
+        return out
+
+
+def choose_mcpu(features: set[str], valid: set[str] | None = None) -> tuple[str, list[str]]:
+    """The best LLVM CPU name for a host with ``features``, and the features it assumes."""
+    for name, needed in CPU_MODELS:
+        if set(needed) <= features and (valid is None or name in valid):
+            return name, list(needed)
+    return "x86-64", []
+
+
+def cpu_target(threads: int | None = None, features: set[str] | None = None) -> Target:
+    """The host CPU as a target (LLVM, a detected mcpu, all cores or ``threads``)."""
+    from kiln.codegen._tvm import valid_llvm_cpus
+
+    feats = host_cpu_features() if features is None else features
+    mcpu, needed = choose_mcpu(feats, valid_llvm_cpus())
+    cores = threads or os.cpu_count() or 1
+    return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, needed, threads=threads)
+
+
+def parse_target(spec: str | None, *, arch: str | None = None, threads: int | None = None) -> Target:
+    """``cpu``, ``cuda`` (with ``arch``), or a JSON target dict for experts."""
+    if spec in (None, "", "cpu", "llvm"):
+        return cpu_target(threads)
+    if spec == "cuda":
+        if not arch:
+            raise TargetError("--target cuda needs --arch, e.g. --arch sm_90 (no GPU here to detect one)")
+        return Target("cuda", {"kind": "cuda", "arch": arch}, arch=arch, threads=threads)
+    if spec.lstrip().startswith("{"):
+        try:
+            d = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise TargetError(f"--target is not valid JSON: {e}") from None
+        kind = d.get("kind")
+        if kind == "llvm":
+            return Target("cpu", d, [], threads=threads)
+        if kind == "cuda":
+            return Target("cuda", d, arch=d.get("arch"), threads=threads)
+        raise TargetError(f"--target kind {kind!r} is not supported; use llvm or cuda")
+    raise TargetError(f"unknown target '{spec}'; use cpu, cuda or a JSON target dict")

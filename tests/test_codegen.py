@@ -1,0 +1,139 @@
+"""Codegen and the runtime on the bundled example: compile once, run, compare with onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import kiln
+import kiln.runtime
+from kiln.check import compare
+from kiln.cli import main
+from kiln.codegen.build import build
+from kiln.codegen.lower import CodegenError
+from kiln.errors import InputError
+from kiln.passes import PassManager
+from kiln.passes.pipeline import passes_for
+from test_onnx_io import f32, make_model, ort_outputs
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "tiny_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    g, _ = PassManager(passes_for("O2")).run(kiln.load(EXAMPLE))
+    out = tmp_path_factory.mktemp("kiln") / "tiny.kiln"
+    build(g, out)
+    return out
+
+
+def _x(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_example_matches_onnxruntime(artifact, batch):
+    model = kiln.runtime.load(artifact)
+    got = model.run({"input": _x(batch)})
+    cmp = compare("kiln vs ort", got, ort_outputs(str(EXAMPLE), {"input": _x(batch)}), rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs
+
+
+def test_runtime_runs_without_the_compiler_or_onnx(artifact):
+    code = (
+        "import sys, numpy as np, kiln.runtime\n"
+        f"m = kiln.runtime.load({str(artifact)!r})\n"
+        "y = m.run({'input': np.zeros((2, 3, 64, 64), np.float32)})['probs']\n"
+        "assert y.shape == (2, 10) and abs(float(y.sum()) - 2.0) < 1e-4\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('tvm', 'onnx'))\n"
+        "print('modules:', bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "modules: []" in proc.stdout
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ({"image": np.zeros((1, 3, 64, 64), np.float32)}, "missing input; unexpected image"),
+    ({"input": np.zeros((1, 3, 64, 64), np.float64)}, "dtype float64"),
+    ({"input": np.zeros((1, 3, 32, 64), np.float32)}, r"shape \[1, 3, 32, 64\]"),
+    ({"input": np.zeros((3, 64, 64), np.float32)}, r"shape \[3, 64, 64\]"),
+])
+def test_wrong_inputs_are_refused_with_the_signature(artifact, feeds, message):
+    model = kiln.runtime.load(artifact)
+    with pytest.raises(InputError, match=message) as err:
+        model.run(feeds)
+    assert "expected input: float32[N,3,64,64]" in str(err.value)
+
+
+def test_concurrent_runs_from_several_threads(artifact):
+    model = kiln.runtime.load(artifact)
+    inputs = {b: _x(b, seed=b) for b in (1, 2, 3, 4)}
+    expected = {b: ort_outputs(str(EXAMPLE), {"input": x})["probs"] for b, x in inputs.items()}
+    errors: list[str] = []
+
+    def work(b: int) -> None:
+        for _ in range(15):
+            y = model.run({"input": inputs[b]})["probs"]
+            if not np.allclose(y, expected[b], rtol=1e-4, atol=1e-5):
+                errors.append(f"batch {b}: max error {np.abs(y - expected[b]).max()}")
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_unsupported_ops_are_listed_before_compiling(tmp_path):
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("TopK", ["r", "k"], ["v", "i"], name="topk")],
+        [f32("x", [2, 5])], [f32("v", [2, 2])],
+        [__import__("onnx").numpy_helper.from_array(np.array([2], np.int64), "k")],
+    )
+    with pytest.raises(CodegenError, match=r"kiln cannot compile these ops yet: TopK \(nodes: topk\)"):
+        build(kiln.load(model), tmp_path / "x.kiln")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_unknown_dims_need_a_bound(tmp_path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [f32("x", ["?", 4])], [f32("y", None)])
+    with pytest.raises(CodegenError, match=r"dims \[0\] are unknown; give them sizes with --input-shape x=1x4"):
+        build(kiln.load(model), tmp_path / "x.kiln")
+
+
+def test_cli_compile_and_run(tmp_path, capsys):
+    out = tmp_path / "m.kiln"
+    assert main(["compile", str(EXAMPLE), "-o", str(out)]) == 0
+    assert "kernels, target" in capsys.readouterr().out
+    inputs, outputs = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(inputs, input=_x(2))
+    assert main(["run", str(out), "--inputs", str(inputs), "-o", str(outputs)]) == 0
+    got = dict(np.load(outputs))
+    cmp = compare("cli", got, ort_outputs(str(EXAMPLE), {"input": _x(2)}), rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs
+    assert main(["compile", str(EXAMPLE), "-o", str(EXAMPLE)]) == 2
+    assert "refusing to overwrite the input model" in capsys.readouterr().err
+
+
+def test_cli_run_refuses_a_tampered_artifact(artifact, tmp_path, capsys):
+    import zipfile
+
+    bad = tmp_path / "bad.kiln"
+    with zipfile.ZipFile(artifact) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for name in zin.namelist():
+            data = bytearray(zin.read(name))
+            if name == "model.so":
+                data[len(data) // 2] ^= 0xFF
+            zout.writestr(name, bytes(data))
+    np.savez(tmp_path / "in.npz", input=_x(1))
+    assert main(["run", str(bad), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz")]) == 2
+    assert "member 'model.so' does not match its sha256" in capsys.readouterr().err
