@@ -137,3 +137,16 @@ def test_cli_run_refuses_a_tampered_artifact(artifact, tmp_path, capsys):
     np.savez(tmp_path / "in.npz", input=_x(1))
     assert main(["run", str(bad), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz")]) == 2
     assert "member 'model.so' does not match its sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_resnet50", "light_densenet121"])
+def test_light_cnns_compile_run_and_match(name, real_model, tmp_path):
+    from models import make_inputs
+
+    path = real_model(name)
+    out = tmp_path / f"{name}.kiln"
+    assert main(["compile", str(path), "-o", str(out)]) == 0
+    feeds = make_inputs(name)
+    got = kiln.runtime.load(out).run(feeds)
+    cmp = compare(name, got, ort_outputs(str(path), feeds), rtol=1e-3, atol=1e-4)
+    assert cmp.passed, cmp.max_abs

@@ -432,9 +432,21 @@ def _softmax(lw: Lowerer, node: Node) -> list[Any]:
     x = node.input(0)
     opset = lw.graph.model_opset.get("", 13)
     axis = node.attr("axis", -1 if opset >= 13 else 1)
-    if opset < 13 and axis not in (-1, (x.rank or 0) - 1):
-        raise CodegenError(f"node {node.label()}: pre-opset-13 Softmax over a non-last axis does not compile yet")
-    return [lw.emit(lambda t: _topi().nn.softmax(t, axis), lw.get(x), name="softmax")]
+    if opset >= 13 or axis in (-1, (x.rank or 0) - 1):
+        return [lw.emit(lambda t: _topi().nn.softmax(t, axis), lw.get(x), name="softmax")]
+
+    def coerced(t: Any) -> Any:
+        # before opset 13: flatten to [prod(dims[:axis]), prod(dims[axis:])], normalise rows, restore
+        topi = _topi()
+        a = axis + len(t.shape) if axis < 0 else axis
+        rows, cols = 1, 1
+        for d in t.shape[:a]:
+            rows = rows * d
+        for d in t.shape[a:]:
+            cols = cols * d
+        return topi.reshape(topi.nn.softmax(topi.reshape(t, (rows, cols)), 1), t.shape)
+
+    return [lw.emit(coerced, lw.get(x), name="softmax_2d")]
 
 
 @lowers("BatchNormalization")

@@ -60,7 +60,8 @@ def write_artifact(path: str | os.PathLike, manifest: Mapping[str, Any], members
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        # stored, not deflated: float weights barely compress, and deflating them is slow
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(MANIFEST, json.dumps(full, indent=2, sort_keys=True))
             for name, data in sorted(members.items()):
                 zf.writestr(name, data)
