@@ -150,3 +150,12 @@ def test_light_cnns_compile_run_and_match(name, real_model, tmp_path):
     got = kiln.runtime.load(out).run(feeds)
     cmp = compare(name, got, ort_outputs(str(path), feeds), rtol=1e-3, atol=1e-4)
     assert cmp.passed, cmp.max_abs
+
+
+def test_demo_script_runs():
+    proc = subprocess.run([sys.executable, "examples/demo.py", "--rounds", "3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max abs error vs onnxruntime" in proc.stdout and "median latency" in proc.stdout
+    err = float(proc.stdout.split("max abs error vs onnxruntime ")[1].split()[0])
+    assert err < 1e-4
