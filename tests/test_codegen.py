@@ -139,13 +139,15 @@ def test_cli_run_refuses_a_tampered_artifact(artifact, tmp_path, capsys):
     assert "member 'model.so' does not match its sha256" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["light_squeezenet", "light_resnet50", "light_densenet121"])
-def test_light_cnns_compile_run_and_match(name, real_model, tmp_path):
-    from models import make_inputs
+@pytest.mark.parametrize("name", ["light_squeezenet", "light_resnet50", "light_densenet121", "yolov8n", "ocr_det",
+                                  "ocr_rec", "ocr_cls"])
+def test_real_models_compile_run_and_match(name, real_model, tmp_path):
+    from models import MODELS, make_inputs
 
     path = real_model(name)
     out = tmp_path / f"{name}.kiln"
-    assert main(["compile", str(path), "-o", str(out)]) == 0
+    pins = [arg for k, v in MODELS[name].inputs.items() for arg in ("--input-shape", f"{k}={'x'.join(map(str, v))}")]
+    assert main(["compile", str(path), "-o", str(out), *pins]) == 0
     feeds = make_inputs(name)
     got = kiln.runtime.load(out).run(feeds)
     cmp = compare(name, got, ort_outputs(str(path), feeds), rtol=1e-3, atol=1e-4)

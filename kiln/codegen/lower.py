@@ -365,14 +365,6 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}")]
 
 
-@lowers("MatMul")
-def _matmul(lw: Lowerer, node: Node) -> list[Any]:
-    a, b = node.input(0), node.input(1)
-    if a.rank != 2 or b.rank != 2:
-        raise CodegenError(f"node {node.label()}: only 2-D MatMul compiles yet")
-    return [lw.emit(lambda x, y: _topi().nn.matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
-
-
 def _pool_args(node: Node) -> tuple[list[int], list[int], list[int], list[int]]:
     kernel = list(node.attr("kernel_shape"))
     n = len(kernel)
@@ -465,3 +457,170 @@ def _batchnorm(lw: Lowerer, node: Node) -> list[Any]:
     kc = relax.const(k.reshape(shape).astype(dt))
     sc = relax.const(shift.reshape(shape).astype(dt))
     return [lw.emit(lambda t, a, b: _topi().add(_topi().multiply(t, a), b), lw.get(x), kc, sc, name="batchnorm")]
+
+
+def _const_ints(v: Value | None) -> list[int] | None:
+    a = _const_array(v)
+    return None if a is None else [int(x) for x in np.asarray(a).reshape(-1)]
+
+
+@lowers("Split")
+def _split(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import relax
+
+    x = node.input(0)
+    axis = node.attr("axis", 0)
+    axis = axis + x.rank if axis < 0 else axis
+    sizes = _const_ints(node.input(1)) if node.input(1) is not None else node.attr("split")
+    outs = [o for o in node.outputs if o.name]
+    if sizes is None:
+        dim = x.shape[axis]
+        if not isinstance(dim, int) or dim % len(node.outputs):
+            raise CodegenError(f"node {node.label()}: Split needs constant sizes or an evenly divisible static dim")
+        sizes = [dim // len(node.outputs)] * len(node.outputs)
+    points = list(np.cumsum(sizes)[:-1])
+    tup = lw.emit(lambda t: _topi().split(t, [int(p) for p in points], axis), lw.get(x), name="split")
+    return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(len(outs))]
+
+
+@lowers("Slice")
+def _slice(lw: Lowerer, node: Node) -> list[Any]:
+    x = node.input(0)
+    starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
+    axes = _const_ints(node.input(3)) if node.input(3) is not None else list(range(len(starts or [])))
+    steps = _const_ints(node.input(4)) if node.input(4) is not None else [1] * len(starts or [])
+    if starts is None or ends is None or axes is None or steps is None or node.attr("starts") is not None:
+        raise CodegenError(f"node {node.label()}: only Slice with constant starts/ends/axes/steps compiles yet")
+    axes = [a + x.rank if a < 0 else a for a in axes]
+    if any(st != 1 for st in steps):
+        raise CodegenError(f"node {node.label()}: strided Slice does not compile yet")
+    begin, end = [], []
+    for s, e, a in zip(starts, ends, axes):
+        d = x.shape[a]
+        if not isinstance(d, int):
+            raise CodegenError(f"node {node.label()}: Slice over a symbolic dim does not compile yet")
+        lo, hi, _ = slice(s, e, 1).indices(d)
+        begin.append(lo)
+        end.append(max(lo, hi))
+    return [lw.emit(lambda t: _topi().strided_slice(t, begin, end, [1] * len(axes), axes), lw.get(x), name="slice")]
+
+
+@lowers("Resize")
+def _resize(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import te
+
+    x, out = node.input(0), node.outputs[0]
+    mode = node.attr("mode", "nearest")
+    ctm = node.attr("coordinate_transformation_mode", "half_pixel")
+    if x.rank != 4 or out.shape is None or not all(isinstance(d, int) for d in out.shape[2:]) or \
+            not all(isinstance(d, int) for d in x.shape[2:]):
+        raise CodegenError(f"node {node.label()}: only 4-D Resize with static spatial sizes compiles yet")
+    ratios = [o // i for o, i in zip(out.shape[2:], x.shape[2:])]
+    exact = all(o == i * r for o, i, r in zip(out.shape[2:], x.shape[2:], ratios))
+    if mode != "nearest" or ctm != "asymmetric" or node.attr("nearest_mode", "round_prefer_floor") != "floor" or not exact:
+        raise CodegenError(f"node {node.label()}: only nearest, asymmetric, floor Resize by integer factors compiles yet")
+    rh, rw = ratios
+
+    def upsample(t: Any) -> Any:
+        n, c, h, w = t.shape
+        return te.compute((n, c, h * rh, w * rw), lambda b, k, i, j: t[b, k, i // rh, j // rw], name="resize")
+
+    return [lw.emit(upsample, lw.get(x), name="resize_nearest")]
+
+
+@lowers("ConvTranspose")
+def _conv_transpose(lw: Lowerer, node: Node) -> list[Any]:
+    x, w, b = node.input(0), node.input(1), node.input(2)
+    if x.rank != 4 or node.attr("group", 1) != 1 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "") \
+            or node.attr("output_shape") is not None or any(d != 1 for d in node.attr("dilations", ()) or ()):
+        raise CodegenError(f"node {node.label()}: only plain 2-D ConvTranspose (group 1, no dilation) compiles yet")
+    strides = list(node.attr("strides", ()) or [1, 1])
+    pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
+    out_pad = list(node.attr("output_padding", ()) or [0, 0])
+    has_b = b is not None
+
+    def compute(t: Any, k: Any, *bias: Any) -> Any:
+        y = _topi().nn.conv2d_transpose_nchw(t, k, strides, pads, t.dtype, out_pad)
+        return _topi().add(y, _channel(bias[0])) if has_b else y
+
+    args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else [])
+    return [lw.emit(compute, *args, name="conv2d_transpose")]
+
+
+def _batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
+    """N-D MatMul (numpy broadcasting over the batch dims) as reshapes around batch_matmul."""
+    topi = _topi()
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return topi.nn.matmul(a, b, transpose_b=trans_b)
+    if len(b.shape) == 2:
+        m = topi.nn.matmul(topi.reshape(a, (_prod(a.shape[:-1]), a.shape[-1])), b, transpose_b=trans_b)
+        return topi.reshape(m, (*a.shape[:-1], m.shape[-1]))
+    batch = list(a.shape[:-2]) if len(a.shape) >= len(b.shape) else list(b.shape[:-2])
+    a3 = topi.reshape(topi.broadcast_to(a, (*batch, *a.shape[-2:])), (_prod(batch), *a.shape[-2:]))
+    b3 = topi.reshape(topi.broadcast_to(b, (*batch, *b.shape[-2:])), (_prod(batch), *b.shape[-2:]))
+    n_out = b.shape[-2] if trans_b else b.shape[-1]
+    y = topi.nn.batch_matmul(a3, b3, oshape=(_prod(batch), a.shape[-2], n_out), transpose_b=trans_b)
+    return topi.reshape(y, (*batch, a.shape[-2], n_out))
+
+
+def _prod(dims: Any) -> Any:
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+@lowers("MatMul")
+def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
+    a, b = node.input(0), node.input(1)
+    if (a.rank or 0) < 2 or (b.rank or 0) < 2:
+        raise CodegenError(f"node {node.label()}: MatMul with 1-D operands does not compile yet")
+    return [lw.emit(lambda x, y: _batched_matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
+
+
+@lowers("LayerNorm", domain="kiln")
+@lowers("LayerNormalization")
+def _layer_norm(lw: Lowerer, node: Node) -> list[Any]:
+    x, scale, bias = node.input(0), node.input(1), node.input(2)
+    if len([o for o in node.outputs if o.name]) > 1:
+        raise CodegenError(f"node {node.label()}: LayerNormalization's mean/inv-std outputs do not compile yet")
+    axis = node.attr("axis", -1)
+    axis = axis + x.rank if axis < 0 else axis
+    eps = node.attr("epsilon", 1e-5)
+    has_bias = bias is not None
+
+    def compute(t: Any, g: Any, *b: Any) -> Any:
+        topi = _topi()
+        axes = list(range(axis, len(t.shape)))
+        count = _prod(t.shape[axis:])
+        mean = topi.divide(topi.sum(t, axes, keepdims=True), topi.cast(count, t.dtype))
+        d = topi.subtract(t, mean)
+        var = topi.divide(topi.sum(topi.multiply(d, d), axes, keepdims=True), topi.cast(count, t.dtype))
+        y = topi.multiply(topi.divide(d, topi.sqrt(topi.add(var, eps))), g)
+        return topi.add(y, b[0]) if b else y
+
+    args = [lw.get(x), lw.get(scale)] + ([lw.get(bias)] if has_bias else [])
+    return [lw.emit(compute, *args, name="layer_norm")]
+
+
+@lowers("Attention", domain="kiln")
+def _attention(lw: Lowerer, node: Node) -> list[Any]:
+    q, kt, v, mask = (node.input(i) for i in range(4))
+    scale = node.attr("scale", 1.0)
+    nan_to_zero = node.attr("nan_to_zero", 0)
+    has_mask = mask is not None
+
+    def compute(qt: Any, ktt: Any, vt: Any, *m: Any) -> Any:
+        topi = _topi()
+        s = _batched_matmul(qt, ktt)
+        if scale != 1.0:
+            s = topi.multiply(s, scale)
+        if m:
+            s = topi.add(s, m[0])
+        p = topi.nn.softmax(s, -1)
+        if nan_to_zero:
+            p = topi.where(topi.isnan(p), topi.full_like(p, 0.0), p)
+        return _batched_matmul(p, vt)
+
+    args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if has_mask else [])
+    return [lw.emit(compute, *args, name="attention")]
