@@ -26,17 +26,22 @@ ROUND_TRIP_RTOL = 1e-6
 EVAL_RTOL, EVAL_ATOL = 1e-4, 1e-5
 
 
-def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
-    """``["x=1x3x224x224"]`` → ``{"x": (1, 3, 224, 224)}``; ``x=`` means a scalar."""
-    out: dict[str, tuple[int, ...]] = {}
+def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int | str, ...]]:
+    """``["x=1x3x48xW"]`` → ``{"x": (1, 3, 48, "W")}``: ints, or names for symbolic dims; ``x=`` is a scalar."""
+    out: dict[str, tuple[int | str, ...]] = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition("=")
         if not sep or not name:
-            raise InputError(f"--input-shape '{spec}' must look like NAME=1x3x224x224")
-        try:
-            out[name] = tuple(int(d) for d in dims.split("x")) if dims else ()
-        except ValueError:
-            raise InputError(f"--input-shape '{spec}': dims must be integers separated by 'x'") from None
+            raise InputError(f"--input-shape '{spec}' must look like NAME=1x3x224x224 (a name, like W, for a symbolic dim)")
+        parsed: list[int | str] = []
+        for d in dims.split("x") if dims else []:
+            if d.isdigit():
+                parsed.append(int(d))
+            elif d.isidentifier():
+                parsed.append(d)
+            else:
+                raise InputError(f"--input-shape '{spec}': each dim is an integer or a name, separated by 'x'")
+        out[name] = tuple(parsed)
     return out
 
 

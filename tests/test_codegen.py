@@ -161,3 +161,16 @@ def test_demo_script_runs():
     assert "max abs error vs onnxruntime" in proc.stdout and "median latency" in proc.stdout
     err = float(proc.stdout.split("max abs error vs onnxruntime ")[1].split()[0])
     assert err < 1e-4
+
+
+def test_symbolic_width_compiles_once_and_runs_at_two_widths(real_model, tmp_path):
+    """rapidocr's cls model compiled with a named width W, run at W=192 and W=320."""
+    path = real_model("ocr_cls")
+    out = tmp_path / "cls.kiln"
+    assert main(["compile", str(path), "-o", str(out), "--input-shape", "x=1x3x48xW"]) == 0
+    model = kiln.runtime.load(out)
+    assert model.inputs[0].shape == (1, 3, 48, "W")
+    for width in (192, 320):
+        x = np.random.default_rng(width).standard_normal((1, 3, 48, width)).astype(np.float32)
+        cmp = compare(f"W={width}", model.run({"x": x}), ort_outputs(str(path), {"x": x}), rtol=1e-3, atol=1e-4)
+        assert cmp.passed, cmp.max_abs

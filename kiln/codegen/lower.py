@@ -30,15 +30,41 @@ class CodegenError(KilnError):
 
 Lowering = Callable[["Lowerer", Node], list[Any]]
 LOWERINGS: dict[tuple[str, str], Lowering] = {}
+#: For ops whose lowering reads only some inputs (the rest must be constants, or only shape the
+#: output, which kiln's shape inference already knows): the indices it reads.
+DATA_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {}
 
 
-def lowers(*ops: str, domain: str = "") -> Callable[[Lowering], Lowering]:
+def lowers(*ops: str, domain: str = "", reads: tuple[int, ...] | None = None) -> Callable[[Lowering], Lowering]:
     def register(fn: Lowering) -> Lowering:
         for op in ops:
             LOWERINGS[(domain, op)] = fn
+            if reads is not None:
+                DATA_INPUTS[(domain, op)] = reads
         return fn
 
     return register
+
+
+def needed_nodes(graph: Graph) -> list[Node]:
+    """The nodes whose values the outputs depend on, through the inputs each lowering reads, in order.
+
+    A Reshape whose target is computed from ``Shape`` ops does not need that computation: its
+    output shape is known symbolically, so the shape subgraph is not compiled at all.
+    """
+    live: set[int] = set()
+    stack = [v for v in graph.outputs]
+    while stack:
+        v = stack.pop()
+        n = v.producer
+        if n is None or id(n) in live:
+            continue
+        live.add(id(n))
+        reads = DATA_INPUTS.get((n.domain, n.op_type))
+        for i, inp in enumerate(n.inputs):
+            if inp is not None and (reads is None or i in reads):
+                stack.append(inp)
+    return [n for n in graph.nodes if id(n) in live]
 
 
 @dataclass
@@ -51,9 +77,9 @@ class Lowered:
 
 
 def unsupported(graph: Graph) -> dict[tuple[str, str], list[str]]:
-    """Every op in ``graph`` without a lowering, with the nodes that use it."""
+    """Every op the compiled graph needs but kiln cannot lower, with the nodes that use it."""
     out: dict[tuple[str, str], list[str]] = {}
-    for n in graph.walk_nodes():
+    for n in needed_nodes(graph):
         if (n.domain, n.op_type) not in LOWERINGS:
             out.setdefault((n.domain, n.op_type), []).append(n.name)
     return out
@@ -105,7 +131,8 @@ class Lowerer:
         if missing:
             parts = "; ".join(f"{d + '::' if d else ''}{op} (nodes: {', '.join(ns[:3])})" for (d, op), ns in sorted(missing.items()))
             raise CodegenError(f"kiln cannot compile these ops yet: {parts}")
-        if any(True for n in self.graph.nodes for _ in n.subgraphs()):
+        nodes = needed_nodes(self.graph)
+        if any(True for n in nodes for _ in n.subgraphs()):
             raise CodegenError("graphs with If/Loop/Scan subgraphs cannot be compiled yet")
         params = []
         for v in self.graph.inputs:
@@ -113,7 +140,12 @@ class Lowerer:
             self.env[id(v)] = var
             params.append(var)
         weights: dict[str, np.ndarray] = {}
+        read = {id(v) for n in nodes for i, v in enumerate(n.inputs) if v is not None and (
+            DATA_INPUTS.get((n.domain, n.op_type)) is None or i in DATA_INPUTS[(n.domain, n.op_type)])}
+        read |= {id(v) for v in self.graph.outputs}
         for v in self.graph.constants.values():
+            if id(v) not in read:
+                continue
             arr = v.numpy()
             if arr.size <= BAKE_LIMIT:
                 self.env[id(v)] = relax.const(np.ascontiguousarray(arr) if arr.ndim else arr, arr.dtype.name)
@@ -124,7 +156,7 @@ class Lowerer:
                 weights[v.name] = arr
         with self.bb.function("main", params):
             with self.bb.dataflow():
-                for node in self.graph.nodes:
+                for node in nodes:
                     outs = LOWERINGS[(node.domain, node.op_type)](self, node)
                     for o, r in zip([o for o in node.outputs if o.name], outs):
                         self.env[id(o)] = r
@@ -232,7 +264,7 @@ def _kiln_gelu(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(lambda x: _activation(x, "Gelu", params), lw.get(node.input(0)), name="gelu")]
 
 
-@lowers("Clip")
+@lowers("Clip", reads=(0,))
 def _clip(lw: Lowerer, node: Node) -> list[Any]:
     lo, hi = _const_array(node.input(1)), _const_array(node.input(2))
     lo_v = float(lo) if lo is not None else node.attr("min", -3.4e38)
@@ -396,13 +428,87 @@ def _global_pool(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(lambda x: _topi().nn.global_pool(x, kind, "NCHW"), lw.get(node.input(0)), name=f"global_{kind}_pool")]
 
 
-@lowers("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _axes_of(node: Node, rank: int) -> list[int] | None:
+    axes = node.attr("axes")
+    if axes is None and node.input(1) is not None:
+        axes = _const_ints(node.input(1))
+    return None if axes is None else sorted(a + rank if a < 0 else a for a in axes)
+
+
+@lowers("Squeeze", reads=(0,))
+def _squeeze(lw: Lowerer, node: Node) -> list[Any]:
+    x = node.input(0)
+    axes = _axes_of(node, x.rank or 0)
+    if axes is None and (node.input(1) is not None or not all(isinstance(d, int) for d in x.shape or [None])):
+        raise CodegenError(f"node {node.label()}: Squeeze needs constant axes (or a static input) to compile")
+    axes = axes if axes is not None else [i for i, d in enumerate(x.shape) if d == 1]
+
+    def squeeze(t: Any) -> Any:
+        return _topi().reshape(t, [d for i, d in enumerate(t.shape) if i not in axes])
+
+    return [lw.emit(squeeze, lw.get(x), name="squeeze")]
+
+
+@lowers("Unsqueeze", reads=(0,))
+def _unsqueeze(lw: Lowerer, node: Node) -> list[Any]:
+    x = node.input(0)
+    axes = _axes_of(node, (x.rank or 0) + len(node.attr("axes") or _const_ints(node.input(1)) or []))
+    if axes is None:
+        raise CodegenError(f"node {node.label()}: Unsqueeze needs constant axes to compile")
+
+    def unsqueeze(t: Any) -> Any:
+        dims = list(t.shape)
+        for a in axes:
+            dims.insert(a, 1)
+        return _topi().reshape(t, dims)
+
+    return [lw.emit(unsqueeze, lw.get(x), name="unsqueeze")]
+
+
+@lowers("Flatten")
+def _flatten(lw: Lowerer, node: Node) -> list[Any]:
+    x = node.input(0)
+    axis = node.attr("axis", 1)
+    axis = axis + (x.rank or 0) if axis < 0 else axis
+
+    def flatten(t: Any) -> Any:
+        return _topi().reshape(t, (_prod(t.shape[:axis]), _prod(t.shape[axis:])))
+
+    return [lw.emit(flatten, lw.get(x), name="flatten")]
+
+
+@lowers("Reshape", reads=(0,))
 def _reshape(lw: Lowerer, node: Node) -> list[Any]:
+    from kiln.ir import is_unknown_dim
+    from kiln.ir.shape_rules import shape_value
+
     out = node.outputs[0]
-    if out.shape is None or any(d is None for d in out.shape):
+    if out.shape is not None and not any(d is None or is_unknown_dim(d) for d in out.shape):
+        dims = [lw.dim(d) for d in out.shape]
+        return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
+    target = shape_value(node.input(1)) if node.op_type == "Reshape" else None
+    src_shape = list(node.input(0).shape or [])
+    if target is None or target[1] or node.attr("allowzero", 0) or any(
+            d is None or (isinstance(d, str) and d not in src_shape and (is_unknown_dim(d) or d not in lw.syms))
+            for d in target[0]):
         raise CodegenError(f"node {node.label()}: the output shape {out.type_str()} is not known well enough to compile")
-    dims = [lw.dim(d) for d in out.shape]
-    return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
+    entries = target[0]
+
+    def reshape(x: Any) -> Any:
+        # resolve 0 (copy), -1 (the rest) and dims read from the input's own shape against its
+        # actual (symbolic) TE shape; a named input symbol is its TIR variable
+        def resolve(i: int, d: Any) -> Any:
+            if isinstance(d, str):
+                return x.shape[src_shape.index(d)] if d in src_shape else lw.syms[d]
+            return x.shape[i] if d == 0 else d
+
+        dims: list[Any] = [resolve(i, d) for i, d in enumerate(entries)]
+        if -1 in entries:
+            k = entries.index(-1)
+            dims[k] = _prod(x.shape) // _prod([d for i, d in enumerate(dims) if i != k])
+        return _topi().reshape(x, dims)
+
+    return [lw.emit(reshape, lw.get(node.input(0)), name="reshape")]
 
 
 @lowers("Transpose")
@@ -464,7 +570,7 @@ def _const_ints(v: Value | None) -> list[int] | None:
     return None if a is None else [int(x) for x in np.asarray(a).reshape(-1)]
 
 
-@lowers("Split")
+@lowers("Split", reads=(0,))
 def _split(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import relax
 
@@ -483,7 +589,7 @@ def _split(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(len(outs))]
 
 
-@lowers("Slice")
+@lowers("Slice", reads=(0,))
 def _slice(lw: Lowerer, node: Node) -> list[Any]:
     x = node.input(0)
     starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
@@ -505,7 +611,7 @@ def _slice(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(lambda t: _topi().strided_slice(t, begin, end, [1] * len(axes), axes), lw.get(x), name="slice")]
 
 
-@lowers("Resize")
+@lowers("Resize", reads=(0,))
 def _resize(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te
 

@@ -64,15 +64,17 @@ def run_onnxruntime(model: str | bytes, feeds: Mapping[str, np.ndarray]) -> dict
         raise KilnError(f"onnxruntime failed: {msg}") from None
 
 
-def concrete_shape(v: Value, overrides: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+def concrete_shape(v: Value, overrides: Mapping[str, tuple[int | str, ...]]) -> tuple[int, ...]:
     """The shape to feed for input ``v``: its static shape, or the user's override."""
     if v.name in overrides:
         shape = overrides[v.name]
+        if not all(isinstance(d, int) for d in shape):
+            raise InputError(f"--input-shape for '{v.name}' must give sizes here, not symbols")
         if v.shape is not None and (
             len(shape) != len(v.shape) or any(isinstance(d, int) and d != s for d, s in zip(v.shape, shape))
         ):
             raise InputError(f"--input-shape for '{v.name}' is {'x'.join(map(str, shape))}, but the model says {v.type_str()}")
-        return shape
+        return shape  # type: ignore[return-value]
     if v.shape is None or any(not isinstance(d, int) for d in v.shape):
         example = "x".join(str(d) if isinstance(d, int) else "1" for d in (v.shape or ("1",)))
         raise InputError(

@@ -81,10 +81,11 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
         refine(g, unknowns)
 
 
-def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Pin graph inputs to concrete shapes and re-infer every shape from them.
+def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> None:
+    """Pin graph inputs to shapes (ints, or names for symbolic dims) and re-infer every shape.
 
     Each given shape must keep the input's rank and agree with its static dims.
+    A name turns an unknown or differently named dim into that symbol.
     Symbolic dims elsewhere in the graph are recomputed, so once the inputs are
     static, shape subgraphs become foldable.
     """
@@ -98,7 +99,7 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
         if v.shape is not None and (len(v.shape) != len(shape) or any(
                 isinstance(d, int) and d != s for d, s in zip(v.shape, shape))):
             raise InputError(f"input '{name}' is {v.type_str()}; {'x'.join(map(str, shape))} does not fit it")
-        v.shape = tuple(int(d) for d in shape)
+        v.shape = tuple(d if isinstance(d, str) else int(d) for d in shape)
     for g in graph.walk_graphs():  # forget derived shapes: they are recomputed from the new inputs
         for n in g.nodes:
             for o in n.outputs:
