@@ -174,3 +174,30 @@ def test_symbolic_width_compiles_once_and_runs_at_two_widths(real_model, tmp_pat
         x = np.random.default_rng(width).standard_normal((1, 3, 48, width)).astype(np.float32)
         cmp = compare(f"W={width}", model.run({"x": x}), ort_outputs(str(path), {"x": x}), rtol=1e-3, atol=1e-4)
         assert cmp.passed, cmp.max_abs
+
+
+def test_cuda_artifact_builds_without_a_gpu(real_model, tmp_path):
+    """A sm_90 artifact for the light ResNet-50: TVM's CUDA source, compiled to a fatbin by nvcc."""
+    import shutil
+    import zipfile
+
+    if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+        pytest.skip("nvcc is not installed: CUDA artifacts cannot be built here")
+    path = real_model("light_resnet50")
+    out = tmp_path / "r50_sm90.kiln"
+    assert main(["compile", str(path), "-o", str(out), "--target", "cuda", "--arch", "sm_90"]) == 0
+    from kiln.runtime.artifact import read_artifact
+
+    art = read_artifact(out)
+    assert art.manifest["target"]["kind"] == "cuda" and art.manifest["target"]["arch"] == "sm_90"
+    assert b"__global__" in art.member("kernels.cu")
+    assert len(art.member("kernels.fatbin")) > 1000
+    with zipfile.ZipFile(out) as zf:
+        assert {"kernels.cu", "kernels.fatbin", "model.so", "weights.safetensors"} <= set(zf.namelist())
+    with pytest.raises(Exception, match="CUDA artifact"):
+        kiln.runtime.load(out)
+
+
+def test_cuda_needs_an_arch(capsys):
+    assert main(["compile", str(EXAMPLE), "-o", "/tmp/never.kiln", "--target", "cuda"]) == 2
+    assert "--target cuda needs --arch" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from kiln.runtime.artifact import write_artifact
 
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
+CUDA_SOURCE = "kernels.cu"
+CUDA_FATBIN = "kernels.fatbin"
 
 
 @dataclass
@@ -72,8 +74,6 @@ def build(
     from safetensors.numpy import save as save_safetensors
 
     target = target or cpu_target()
-    if target.kind != "cpu":
-        raise CodegenError("only the cpu target builds artifacts yet")
     say = progress or (lambda _: None)
     report = BuildReport(Path(out), target)
     check_compilable_signature(graph)
@@ -87,10 +87,16 @@ def build(
     t = time.perf_counter()
     say("compiling")
     executable = tvm.compile(lowered.module, target=tvm.target.Target(dict(target.tvm)))
+    members: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         lib_path = os.path.join(tmp, LIBRARY)
         executable.export_library(lib_path)
-        library = Path(lib_path).read_bytes()
+        members[LIBRARY] = Path(lib_path).read_bytes()
+        if target.kind == "cuda":
+            say("compiling CUDA kernels with nvcc")
+            source = _cuda_source(executable)
+            members[CUDA_SOURCE] = source.encode()
+            members[CUDA_FATBIN] = _nvcc_fatbin(source, target.arch or "", tmp)
     report.seconds["compile"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -109,9 +115,47 @@ def build(
         "tuning_db": None,
         "quantization": None,
     }
-    write_artifact(out, manifest, {LIBRARY: library, WEIGHTS: weights})
+    write_artifact(out, manifest, {**members, WEIGHTS: weights})
     report.seconds["write"] = time.perf_counter() - t
     return report
+
+
+def _cuda_source(executable: Any) -> str:
+    """The CUDA C that TVM generated (without a CUDA driver, TVM keeps only the source)."""
+
+    def find(mod: Any) -> Any:
+        if mod.kind == "cuda":
+            return mod
+        for sub in mod.imports:
+            found = find(sub)
+            if found is not None:
+                return found
+        return None
+
+    cuda = find(executable.mod)
+    if cuda is None:
+        raise CodegenError("the CUDA build produced no CUDA module")
+    return cuda.inspect_source()
+
+
+def _nvcc_fatbin(source: str, arch: str, workdir: str) -> bytes:
+    """Compile CUDA C to a fatbin for ``arch`` (e.g. sm_90) with the installed nvcc."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        raise CodegenError("nvcc was not found; install the CUDA toolkit to build CUDA artifacts")
+    if not arch.startswith("sm_") or not arch[3:].isdigit():
+        raise CodegenError(f"CUDA arch '{arch}' should look like sm_90")
+    cu, fatbin = os.path.join(workdir, CUDA_SOURCE), os.path.join(workdir, CUDA_FATBIN)
+    Path(cu).write_text(source)
+    proc = subprocess.run([nvcc, "--fatbin", "-O3", "-gencode", f"arch=compute_{arch[3:]},code={arch}", cu, "-o", fatbin],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CodegenError(f"nvcc failed for {arch}: {last}")
+    return Path(fatbin).read_bytes()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -86,6 +86,9 @@ class CompiledModel:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
         artifact = read_artifact(path)  # refuses before anything native loads
         m = artifact.manifest
+        target = m.get("target") or {}
+        if target.get("kind") == "cuda":
+            raise ArtifactError(f"{path}: a CUDA artifact ({target.get('arch')}); this runtime runs CPU artifacts only so far")
         self.path = Path(path)
         self.manifest = m
         self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["inputs"]]
