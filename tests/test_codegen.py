@@ -201,3 +201,12 @@ def test_cuda_artifact_builds_without_a_gpu(real_model, tmp_path):
 def test_cuda_needs_an_arch(capsys):
     assert main(["compile", str(EXAMPLE), "-o", "/tmp/never.kiln", "--target", "cuda"]) == 2
     assert "--target cuda needs --arch" in capsys.readouterr().err
+
+
+def test_run_batch(artifact):
+    model = kiln.runtime.load(artifact)
+    batch = [{"input": _x(1, seed=s)} for s in range(3)]
+    results = model.run_batch(batch)
+    assert len(results) == 3
+    for feeds, got in zip(batch, results):
+        assert compare("batch", got, ort_outputs(str(EXAMPLE), feeds), rtol=1e-4, atol=1e-5).passed

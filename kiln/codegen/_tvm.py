@@ -8,7 +8,6 @@ import functools
 @functools.lru_cache(maxsize=None)
 def valid_llvm_cpus() -> set[str]:
     """The CPU names this TVM's LLVM accepts for the host triple."""
-    import tvm
     from tvm.target import codegen
 
     triple = codegen.llvm_get_system_triple()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kiln.errors import VerifyError
 from kiln.ir import schemas
-from kiln.ir.core import Graph, Node, Use, Value
+from kiln.ir.core import Graph, Use, Value
 
 _MAX_REPORTED = 5
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable
 
-import numpy as np
 
 from kiln.ir import AttrType, Graph, Node
 from kiln.passes.manager import Pass, PassResult, register_pass

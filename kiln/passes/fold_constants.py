@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.errors import EvaluationError
-from kiln.ir import DType, Graph, Node, Value, evaluate_node, is_static
+from kiln.ir import DType, Graph, Node, evaluate_node, is_static
 from kiln.passes.cleanup import IMPURE_OPS
 from kiln.passes.manager import Pass, PassResult, register_pass
 
@@ -82,8 +82,3 @@ class FoldConstants(Pass):
             except KeyError:
                 return None  # a type kiln does not hold as a constant
         return [np.asarray(r) for r in results]
-
-
-def constant_value(v: Value | None) -> np.ndarray | None:
-    """The array behind a constant value, or None."""
-    return v.numpy() if v is not None and v.is_constant else None
