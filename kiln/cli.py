@@ -205,6 +205,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kiln.bench import ENGINES, bench
+    from kiln.check import parse_shape_overrides
+
+    against = tuple(a.strip() for a in args.against.split(",") if a.strip())
+    bad = [a for a in against if a not in ENGINES]
+    if bad:
+        raise KilnError(f"--against: unknown engine {bad[0]!r}; choose from {', '.join(e for e in ENGINES if e != 'kiln')}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise KilnError(f"--batch '{args.batch}' must be integers separated by commas, e.g. 1,8") from None
+    reports = []
+    for batch in batches:
+        report = bench(args.model, artifact=args.artifact, against=against, threads=args.threads, batch=batch,
+                       rounds=args.rounds, iterations=args.iterations,
+                       input_shapes=parse_shape_overrides(args.input_shape))
+        print(report.format())
+        reports.append(report.to_json())
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
+    return 0
+
+
 def _read_npz(path: str) -> dict:
     import numpy as np
 
@@ -279,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
     p.add_argument("--threads", type=int, help="threads (default: all cores)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", parents=[common],
+                       help="time kiln against onnxruntime (and TVM's own pipeline), alternating, one process each")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--artifact", metavar="A.kiln", help="a compiled artifact (default: compile the model first)")
+    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime, tvm (comma-separated)")
+    p.add_argument("--batch", default="1", help="batch sizes for a symbolic batch dim, e.g. 1,8")
+    p.add_argument("--threads", type=int, help="threads for every engine (default: all cores)")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
+    p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

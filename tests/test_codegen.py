@@ -210,3 +210,20 @@ def test_run_batch(artifact):
     assert len(results) == 3
     for feeds, got in zip(batch, results):
         assert compare("batch", got, ort_outputs(str(EXAMPLE), feeds), rtol=1e-4, atol=1e-5).passed
+
+
+def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
+    import json
+    import os
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(EXAMPLE), "--against", "onnxruntime", "--batch", "2", "--rounds", "2",
+                 "--iterations", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["engines"]) == {"kiln", "onnxruntime"} and data["batch"] == 2
+    pids = {e["pid"] for e in data["engines"].values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # each engine in its own process
+    assert all(e["samples"] == 4 and e["median_ms"] > 0 for e in data["engines"].values())
+    assert data["ratios"]["kiln/onnxruntime"] > 0
+    assert "onnxruntime spinning off" in capsys.readouterr().out
+    assert main(["bench", str(EXAMPLE), "--against", "openvino"]) == 2

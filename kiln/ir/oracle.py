@@ -6,7 +6,7 @@ Used by ``kiln check``, the verified-rewrite machinery and the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -49,19 +49,44 @@ def compare(name: str, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndar
     return cmp
 
 
-def run_onnxruntime(model: str | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """onnxruntime's outputs, by name, for a model path or serialized model bytes."""
+def onnxruntime_session(model: str | bytes, *, threads: int | None = None, spinning: bool = True,
+                        optimize: bool = True) -> Any:
+    """An onnxruntime CPU session (``ORT_ENABLE_ALL`` unless ``optimize`` is off), quiet logs.
+
+    Turn ``spinning`` off when another engine shares the machine: idle onnxruntime
+    threads otherwise spin-wait and take cores from it.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise _ort_error(e) from None
+
+
+def run_onnxruntime(model: str | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs, by name, for a model path or serialized model bytes."""
+    sess = onnxruntime_session(model)
+    try:
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(None, dict(feeds))))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KilnError(f"onnxruntime failed: {msg}") from None
+        raise _ort_error(e) from None
+
+
+def _ort_error(e: Exception) -> KilnError:
+    """onnxruntime's exception as kiln's one-line error."""
+    text = str(e).strip()
+    return KilnError(f"onnxruntime failed: {text.splitlines()[0] if text else type(e).__name__}")
 
 
 def concrete_shape(v: Value, overrides: Mapping[str, tuple[int | str, ...]]) -> tuple[int, ...]:

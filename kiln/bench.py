@@ -1,0 +1,212 @@
+"""``kiln bench``: kiln against baselines on the same seeded input, fairly.
+
+Each engine runs in its own worker process, so no two thread pools share a
+process. After a warm-up, the parent asks the workers for timed runs in turn,
+one engine at a time (A B A B ...), for several rounds, and reports per engine
+the median latency, its spread (10th to 90th percentile), the throughput and
+the ratio kiln / baseline. onnxruntime runs with ``ORT_ENABLE_ALL``, the same
+thread count, and spin-waiting off, so an idle worker never holds a core.
+
+Engines: ``kiln`` (an artifact), ``onnxruntime``, and ``tvm`` (TVM's own
+``from_onnx`` + default ``tvm.compile`` pipeline, untuned).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+ENGINES = ("kiln", "onnxruntime", "tvm")
+
+
+@dataclass
+class EngineResult:
+    """Latencies of one engine, in seconds, and the figures derived from them."""
+
+    engine: str
+    latencies: list[float] = field(default_factory=list)
+    pid: int = 0
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.latencies) * 1e3
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1e3
+
+
+def _worker(conn: Any, engine: str, spec: dict) -> None:
+    """One engine in its own process: load it, then time runs on request."""
+    threads = spec["threads"]
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        feeds = {k: np.asarray(v) for k, v in spec["feeds"].items()}
+        run = _load_engine(engine, spec, feeds)
+        run()  # first call outside the timings
+        conn.send(("ready", os.getpid()))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            times = []
+            for _ in range(msg[1]):
+                t = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t)
+            conn.send(("times", times))
+    except Exception as e:  # noqa: BLE001 - report the engine's failure to the parent in one line
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    finally:
+        conn.close()
+
+
+def _load_engine(engine: str, spec: dict, feeds: dict[str, np.ndarray]) -> Any:
+    if engine == "kiln":
+        import kiln.runtime
+
+        model = kiln.runtime.load(spec["artifact"], threads=spec["threads"])
+        return lambda: model.run(feeds)
+    if engine == "onnxruntime":
+        from kiln.ir.oracle import onnxruntime_session
+
+        session = onnxruntime_session(spec["model"], threads=spec["threads"], spinning=False)
+        return lambda: session.run(None, feeds)
+    if engine == "tvm":
+        from kiln.codegen.baseline import tvm_pipeline
+
+        return tvm_pipeline(spec["model"], feeds, spec["threads"])
+    raise KilnError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+
+
+@dataclass
+class BenchReport:
+    """The results of one benchmark."""
+
+    model: str
+    threads: int
+    rounds: int
+    iterations: int
+    batch: int
+    results: dict[str, EngineResult]
+
+    def ratio(self, baseline: str) -> float | None:
+        if "kiln" not in self.results or baseline not in self.results:
+            return None
+        return self.results["kiln"].median_ms / self.results[baseline].median_ms
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "threads": self.threads, "rounds": self.rounds, "iterations": self.iterations,
+            "batch": self.batch, "isolation": "one process per engine; onnxruntime spinning off",
+            "engines": {
+                name: {"median_ms": r.median_ms, "p10_ms": r.percentile_ms(10), "p90_ms": r.percentile_ms(90),
+                       "throughput_per_s": self.batch / (r.median_ms / 1e3), "samples": len(r.latencies),
+                       "pid": r.pid}
+                for name, r in self.results.items()
+            },
+            "ratios": {f"kiln/{b}": self.ratio(b) for b in self.results if b != "kiln"},
+        }
+
+    def format(self) -> str:
+        lines = [f"{self.model}: batch {self.batch}, {self.threads} thread(s), {self.rounds} alternating rounds x "
+                 f"{self.iterations} runs; each engine in its own process, onnxruntime spinning off"]
+        lines.append(f"  {'engine':<12} {'median':>10} {'p10..p90':>20} {'throughput':>14}")
+        for name, r in self.results.items():
+            spread = f"{r.percentile_ms(10):.2f}..{r.percentile_ms(90):.2f} ms"
+            lines.append(f"  {name:<12} {r.median_ms:>7.2f} ms {spread:>20} {self.batch / (r.median_ms / 1e3):>10.1f} /s")
+        for b in self.results:
+            if b != "kiln" and self.ratio(b) is not None:
+                lines.append(f"  kiln / {b}: {self.ratio(b):.3f}")
+        return "\n".join(lines)
+
+
+def bench(
+    model: str | os.PathLike,
+    *,
+    artifact: str | os.PathLike | None = None,
+    against: tuple[str, ...] = ("onnxruntime",),
+    threads: int | None = None,
+    batch: int = 1,
+    rounds: int = 10,
+    iterations: int = 5,
+    warmup: int = 3,
+    input_shapes: dict[str, tuple[int | str, ...]] | None = None,
+) -> BenchReport:
+    """Benchmark kiln (compiling ``model`` if no ``artifact`` is given) against ``against``."""
+    from kiln.ir import load, set_input_shapes
+    from kiln.ir.oracle import seeded_inputs
+
+    threads = threads or os.cpu_count() or 1
+    graph = load(model)
+    if input_shapes:
+        set_input_shapes(graph, input_shapes)
+    sizes = {v.name: tuple(batch if not isinstance(d, int) and i == 0 else d for i, d in enumerate(v.shape or ()))
+             for v in graph.inputs}
+    feeds = seeded_inputs(graph, sizes, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if artifact is None:
+            from kiln.codegen.build import build
+            from kiln.passes import PassManager
+            from kiln.passes.pipeline import passes_for
+
+            artifact = Path(tmp) / "bench.kiln"
+            optimized, _ = PassManager(passes_for("O2")).run(graph)
+            build(optimized, artifact)
+        spec = {"model": str(model), "artifact": str(artifact), "threads": threads, "feeds": feeds}
+        engines = ["kiln", *[e for e in against if e != "kiln"]]
+        ctx = mp.get_context("spawn")
+        workers: dict[str, Any] = {}
+        results = {e: EngineResult(e) for e in engines}
+        try:
+            for e in engines:
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(child, e, spec), daemon=True)
+                proc.start()
+                msg = _recv(parent, proc, e)
+                if msg[0] == "error":
+                    raise KilnError(f"engine {e} failed to load: {msg[1]}")
+                results[e].pid = msg[1]
+                workers[e] = (proc, parent)
+            for e in engines:  # warm-up
+                _ask(workers[e], warmup, e)
+            for _ in range(rounds):  # A B A B ...: one engine at a time
+                for e in engines:
+                    results[e].latencies.extend(_ask(workers[e], iterations, e))
+        finally:
+            for proc, conn in workers.values():
+                try:
+                    conn.send(("stop",))
+                except (BrokenPipeError, OSError):
+                    pass
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+    return BenchReport(str(model), threads, rounds, iterations, batch, results)
+
+
+def _recv(conn: Any, proc: Any, engine: str) -> tuple:
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        proc.join(timeout=5)
+        raise KilnError(f"engine {engine}'s worker process exited unexpectedly (exit code {proc.exitcode})") from None
+
+
+def _ask(worker: tuple[Any, Any], n: int, engine: str) -> list[float]:
+    proc, conn = worker
+    conn.send(("run", n))
+    msg = _recv(conn, proc, engine)
+    if msg[0] == "error":
+        raise KilnError(f"engine {engine} failed: {msg[1]}")
+    return msg[1]
