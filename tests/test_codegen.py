@@ -227,3 +227,16 @@ def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
     assert data["ratios"]["kiln/onnxruntime"] > 0
     assert "onnxruntime spinning off" in capsys.readouterr().out
     assert main(["bench", str(EXAMPLE), "--against", "openvino"]) == 2
+
+
+def test_compile_refuses_a_microsoft_op(tmp_path, capsys):
+    model = make_model([helper.make_node("FusedGemm", ["x", "x"], ["y"], name="fg", domain="com.microsoft")],
+                       [f32("x", [2, 2])], [f32("y", [2, 2])])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    src = tmp_path / "ms.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main(["compile", str(src), "-o", str(tmp_path / "ms.kiln")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("kiln: error: ") and "com.microsoft::FusedGemm (nodes: fg)" in lines[-1]
+    assert all(line.startswith("[kiln] ") for line in lines[:-1])  # the rest is the progress display
+    assert not (tmp_path / "ms.kiln").exists()
