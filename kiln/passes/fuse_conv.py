@@ -12,6 +12,9 @@ Rules (priority in brackets where rules overlap at the same root):
 - ``pad-conv``: a zero ``Pad`` of the spatial dims folds into the Conv's pads;
 - ``pad-averagepool``, ``pad-maxpool``: a zero (counted) or -inf ``Pad`` folds into the pooling;
 - ``matmul-add-gemm``: a 2-D MatMul by a constant matrix plus a bias becomes Gemm;
+- ``hardswish-clip``: Paddle's hard-swish ``x·clip(x+3, 0, 6)·c`` (c = 1/6, or a learnt scale folded
+  in) becomes ``HardSwish(x)·6c`` (before opset 14, ``x·HardSigmoid(x)``, which the epilogue rules
+  also recognise);
 - ``conv-residual``, ``conv-residual-sum``: ``Conv(...) + z`` (an Add, or a two-input Sum) of
   the same shape becomes ``FusedConv(..., Z=z)``;
 - ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``: an activation after a Conv,
@@ -511,16 +514,28 @@ def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[floa
                         lambda act, **_: (float(act.attr("alpha", 0.2)), float(act.attr("beta", 0.5)))),
         "Clip": (lambda op, y: op.Clip(y, Optional(Var("lo")), Optional(Var("hi")), _name="act"), clip_params),
         "SiLU": (lambda op, y: op.Mul(y, op.Sigmoid(y), _name="act"), lambda act, **_: ()),
+        # HardSwish written as y * HardSigmoid(y) with alpha 1/6, beta 1/2 (what hardswish-clip makes before opset 14)
+        "HardSwish-HardSigmoid": (lambda op, y: op.Mul(y, op.HardSigmoid(y, _name="hsig"), _name="act"),
+                                  lambda act, hsig=None, **_: _hardswish_sigmoid_params(hsig)),
         "Gelu": (lambda op, y: op.Gelu(y, _name="act"),
                  lambda act, **_: (1.0,) if act.attr("approximate", "none") == "tanh" else ()),
     }
 
 
+def _hardswish_sigmoid_params(hsig: Node | None) -> tuple[float, ...] | str:
+    alpha, beta = (hsig.attr("alpha", 0.2), hsig.attr("beta", 0.5)) if hsig is not None else (None, None)
+    if alpha is None or not np.isclose(alpha, 1 / 6, rtol=1e-5) or not np.isclose(beta, 0.5):
+        return f"HardSigmoid has alpha={alpha}, beta={beta}; a HardSwish needs 1/6 and 0.5"
+    return ()
+
+
 ACTIVATION_PATTERNS = _act_table()
 
 
-def _epilogue_rule(core: str, act_name: str) -> RewriteRule:
-    make_act, params_of = ACTIVATION_PATTERNS[act_name]
+def _epilogue_rule(core: str, form: str) -> RewriteRule:
+    """``form`` is a key of ACTIVATION_PATTERNS: an activation name, or ``Name-written-as``."""
+    make_act, params_of = ACTIVATION_PATTERNS[form]
+    act_name = form.split("-")[0]
 
     if core == "conv":
         def core_pattern(op, x, w):
@@ -567,7 +582,7 @@ def _epilogue_rule(core: str, act_name: str) -> RewriteRule:
                     y = op.Conv(x, w, b, pads=[1, 1, 1, 1])
                 else:
                     y = op.kiln.FusedConv(x, w, b, rest[0], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-            return _example_activation(op, y, act_name)
+            return _example_activation(op, y, form)
 
         if core == "gemm":
             inputs = {"x": (DType.FLOAT32, (3, 5))}
@@ -575,11 +590,11 @@ def _epilogue_rule(core: str, act_name: str) -> RewriteRule:
             inputs = {"x": (DType.FLOAT32, (1, 3, 5, 5))}
             if core == "fused-conv":
                 inputs["z"] = (DType.FLOAT32, (1, 4, 5, 5))
-        return example_graph(f"{core}_{act_name.lower()}", inputs, build, opset=20 if act_name == "Gelu" else 17)
+        return example_graph(f"{core}_{form.lower()}", inputs, build, opset=20 if act_name == "Gelu" else 17)
 
     return RewriteRule(
-        f"{core}-{act_name.lower()}", pattern, rewrite, check=check, example=example,
-        description=f"{act_name} after {core.replace('-', ' ')} becomes its fused epilogue.",
+        f"{core}-{form.lower()}", pattern, rewrite, check=check, example=example,
+        description=f"{form.replace('-', ' written as ')} after {core.replace('-', ' ')} becomes its fused epilogue.",
     )
 
 
@@ -592,11 +607,64 @@ def _example_activation(op, y: Value, name: str) -> Value:
         return op.HardSigmoid(y, alpha=0.2, beta=0.5)
     if name == "SiLU":
         return op.Mul(op.Sigmoid(y), y)
+    if name == "HardSwish-HardSigmoid":
+        return op.Mul(op.HardSigmoid(y, alpha=1 / 6, beta=0.5), y)
     return getattr(op, name)(y)
+
+
+def _hardswish_clip_pattern(op, x):
+    clipped = op.Clip(op.Add(x, Const("three")), Const("lo"), Const("hi"))
+    return op.Mul(op.Mul(x, clipped), Const("sixth"))
+
+
+def _hardswish_clip_check(ctx, x, three, lo, hi, sixth) -> MatchResult:
+    want = {"three": (three, 3.0), "lo": (lo, 0.0), "hi": (hi, 6.0)}
+    for label, (v, target) in want.items():
+        got = _scalar_or_none(v)
+        if got is None or not np.isclose(got, target, rtol=1e-5, atol=1e-7):
+            return MatchResult.fail(f"the constant '{label}' is {got}, not {target:.6g}")
+    if _scalar_or_none(sixth) is None:
+        return MatchResult.fail(f"the final factor %{sixth.name} is not a scalar constant")
+    if x.dtype is None or not x.dtype.is_float:
+        return MatchResult.fail(f"%{x.name} is not a float tensor")
+    return MatchResult.ok()
+
+
+def _hardswish_clip_rewrite(op, x, sixth):
+    hs = op.HardSwish(x) if op.opset >= 14 else op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=0.5))
+    scale = _scalar_or_none(sixth) * 6  # a learnt scale after the hard-swish, folded in by O1
+    if np.isclose(scale, 1.0, rtol=1e-6):
+        return hs
+    return op.Mul(hs, op.constant(np.asarray(scale, dtype=x.dtype.numpy), "hardswish_scale"))
+
+
+def _hardswish_clip_example(opset: int, scale: float = 1.0):
+    def make():
+        def build(op, x):
+            c = lambda v: op.constant(np.float32(v))  # noqa: E731
+            return op.Mul(op.Mul(x, op.Clip(op.Add(x, c(3.0)), c(0.0), c(6.0))), c(scale / 6))
+
+        return example_graph(f"hardswish_clip_{opset}", {"x": (DType.FLOAT32, (2, 16))}, build, opset=opset)
+
+    return make
+
+
+HARDSWISH_CLIP = RewriteRule(
+    "hardswish-clip", _hardswish_clip_pattern, _hardswish_clip_rewrite, check=_hardswish_clip_check,
+    example=_hardswish_clip_example(12),
+    description="x * clip(x + 3, 0, 6) * c, Paddle's hard-swish (c = 1/6, or times a learnt scale), becomes "
+                "HardSwish(x) * 6c (x * HardSigmoid(x) before opset 14).",
+)
+HARDSWISH_CLIP_14 = RewriteRule(
+    "hardswish-clip-opset14", _hardswish_clip_pattern, _hardswish_clip_rewrite, check=_hardswish_clip_check,
+    example=_hardswish_clip_example(14, scale=0.476),
+    description="The same rule, verified where HardSwish exists (opset 14+) and with a learnt scale after it.",
+)
 
 
 EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
 
 RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, PAD_AVGPOOL, PAD_MAXPOOL,
+         HARDSWISH_CLIP, HARDSWISH_CLIP_14,
          MATMUL_ADD_GEMM,
          CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES]
