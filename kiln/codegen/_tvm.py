@@ -6,15 +6,9 @@ import functools
 
 
 @functools.lru_cache(maxsize=None)
-def valid_llvm_cpus() -> set[str]:
-    """The CPU names this TVM's LLVM accepts for the host triple."""
+def valid_llvm_cpus(names: tuple[str, ...]) -> frozenset[str]:
+    """Those of ``names`` that this TVM's LLVM accepts as a CPU for the host triple."""
     from tvm.target import codegen
 
     triple = codegen.llvm_get_system_triple()
-    return {name for name, _ in _candidates() if codegen.llvm_is_valid_cpu(name, triple)}
-
-
-def _candidates():
-    from kiln.codegen.target import CPU_MODELS
-
-    return CPU_MODELS
+    return frozenset(name for name in names if codegen.llvm_is_valid_cpu(name, triple))

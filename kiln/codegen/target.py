@@ -67,7 +67,7 @@ def cpu_target(threads: int | None = None, features: set[str] | None = None) -> 
     from kiln.codegen._tvm import valid_llvm_cpus
 
     feats = host_cpu_features() if features is None else features
-    mcpu, needed = choose_mcpu(feats, valid_llvm_cpus())
+    mcpu, needed = choose_mcpu(feats, set(valid_llvm_cpus(tuple(name for name, _ in CPU_MODELS))))
     cores = threads or os.cpu_count() or 1
     return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, needed, threads=threads)
 

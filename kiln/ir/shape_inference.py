@@ -7,8 +7,11 @@ onnx leaves with its own rules:
 
 - ``If``: the outputs take the branches' types, with the dims the branches agree on;
 - a node whose inputs are all (small) constants is evaluated to get its type;
-- unary and broadcasting elementwise ops, ``Cast`` and ``Identity``;
-- kiln-domain ops use the ``infer`` function they were registered with.
+- Loop and Scan body inputs are typed from the node's inputs;
+- kiln-domain ops use the ``infer`` function they were registered with;
+- output dtypes follow the op schema's type constraints (and Cast's ``to``);
+- shapes are refined by kiln's shape rules (``shape_rules``): symbolic dims
+  carried through ops, and ranks onnx lost.
 """
 
 from __future__ import annotations
@@ -25,14 +28,6 @@ from kiln.ir.dtypes import DType
 
 _EVAL_LIMIT = 1 << 16  # elements: evaluate all-constant nodes only when inputs are small
 
-UNARY_OPS = frozenset(
-    "Abs Acos Acosh Asin Asinh Atan Atanh Ceil Celu Cos Cosh Elu Erf Exp Floor Gelu HardSigmoid HardSwish "
-    "Identity IsInf IsNaN LeakyRelu Log LogSoftmax LpNormalization Mish Neg Not Reciprocal Relu Round Selu "
-    "Shrink Sigmoid Sign Sin Sinh Softmax Softplus Softsign Sqrt Tan Tanh ThresholdedRelu Clip Hardmax".split()
-)
-BROADCAST_OPS = frozenset("Add Sub Mul Div Pow Mod PRelu Max Min Sum Mean BitShift BitwiseAnd BitwiseOr BitwiseXor".split())
-COMPARE_OPS = frozenset("Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor".split())
-_BOOL_OUT = frozenset({"IsInf", "IsNaN", "Not"}) | COMPARE_OPS
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"})
 
 
@@ -190,8 +185,6 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             continue
         if _all_small_constants(node):
             _infer_by_evaluation(node, unknowns)
-        elif node.domain == "":
-            _infer_elementwise(node, unknowns)
         if node.domain in ("", "ai.onnx.ml") and any(o.dtype is None for o in outs):
             _infer_dtype_from_schema(node)
 
@@ -238,8 +231,11 @@ def _infer_dtype_from_schema(node: Node) -> None:
     """Output dtypes from the op schema's type constraints.
 
     An output whose constraint allows a single type gets it (Dropout's bool
-    mask); one that shares its constraint with a typed input gets that input's.
+    mask); one that shares its constraint with a typed input gets that input's;
+    Cast's comes from its ``to`` attribute. (Shapes come from ``refine``.)
     """
+    if node.op_type == "Cast" and node.domain == "" and node.outputs[0].dtype is None:
+        node.outputs[0].dtype = DType.from_onnx(node.attr("to"))
     schema = schemas.onnx_schema(node.domain, node.op_type, node.graph.model_opset.get(node.domain, 0) if node.graph else 0)
     if schema is None:
         return
@@ -331,26 +327,3 @@ def _infer_by_evaluation(node: Node, unknowns: _Unknowns) -> None:
             _merge(o, DType.from_numpy(arr.dtype), arr.shape, unknowns)
         except KeyError:
             continue
-
-
-def _infer_elementwise(node: Node, unknowns: _Unknowns) -> None:
-    op = node.op_type
-    ins = [v for v in node.inputs if v is not None]
-    if not ins or not node.outputs:
-        return
-    out = node.outputs[0]
-    if op in UNARY_OPS:
-        x = ins[0]
-        _merge(out, DType.BOOL if op in _BOOL_OUT else x.dtype, x.shape, unknowns)
-    elif op == "Dropout":  # output and mask both have the input's shape; the mask dtype comes from the schema
-        for o in node.outputs:
-            if o.name:
-                _merge(o, ins[0].dtype if o is out else None, ins[0].shape, unknowns)
-    elif op == "Cast":
-        _merge(out, DType.from_onnx(node.attr("to")), ins[0].shape, unknowns)
-    elif op == "CastLike" and len(ins) == 2:
-        _merge(out, ins[1].dtype, ins[0].shape, unknowns)
-    elif op in BROADCAST_OPS or op in COMPARE_OPS or op == "Where":
-        data = ins[1:] if op == "Where" else ins
-        dtype = DType.BOOL if op in COMPARE_OPS else data[0].dtype
-        _merge(out, dtype, shape_rules.broadcast([v.shape for v in ins]), unknowns)

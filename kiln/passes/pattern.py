@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from kiln.ir import Attr, Graph, Node, Value
+from kiln.ir import Graph, Node, Value
 from kiln.ir.schemas import coerce_attrs
 
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"})
@@ -426,6 +426,6 @@ def iter_outputs(result: Value | Sequence[Value]) -> Iterator[Value]:
 
 
 __all__ = [
-    "Attr", "Attempt", "Const", "Match", "MatchContext", "MatchResult", "Optional", "PatternBuilder",
+    "Attempt", "Const", "Match", "MatchContext", "MatchResult", "Optional", "PatternBuilder",
     "RewriteBuilder", "Var", "build_pattern", "call_with_bindings", "copy_attrs", "match",
 ]

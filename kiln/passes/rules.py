@@ -179,8 +179,6 @@ class RewritePass(Pass):
     """Applies a rule set; its details are the rules' fire counts."""
 
     rule_set: RuleSet | None = None
-    explain: str | None = None
-    last_stats: RewriteStats | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -189,7 +187,6 @@ class RewritePass(Pass):
     def run(self, graph: Graph) -> PassResult:
         assert self.rule_set is not None
         stats = apply_rules(graph, self.rule_set.ordered())
-        self.last_stats = stats
         return PassResult.of(graph, sum(stats.fired.values()), stats.fired)
 
 
