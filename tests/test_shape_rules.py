@@ -55,3 +55,44 @@ def test_matmul_gather_unsqueeze_and_reduce():
 
     y = _out(build, {"a": (DType.FLOAT32, ("B", 4, "S", 8)), "b": (DType.FLOAT32, (8, 5))})
     assert y.shape == ("B", 1, "S")  # (B,4,S,5) -> mean over 5 -> (B,4,S) -> [:, 0] -> (B,S) -> (B,1,S)
+
+
+def _batch1_reshape_model(target: list[int]):
+    from onnx import helper, numpy_helper
+
+    from test_onnx_io import f32, make_model
+
+    return make_model(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Reshape", ["p", "t"], ["y"])],
+        [f32("x", [1, 4, 3, 3])], [f32("y", None)], [numpy_helper.from_array(np.array(target, np.int64), "t")],
+    )
+
+
+def test_freeing_a_static_batch_frees_reshape_targets_that_hard_code_it():
+    """A model traced at batch 1 reshapes to [1, 4]; with batch N it reshapes to [N, 4], per sample as before."""
+    import kiln
+    from kiln.ir import evaluate, set_input_shapes
+
+    for target in ([1, 4], [1, -1]):
+        model = _batch1_reshape_model(target)
+        g = kiln.load(model)
+        set_input_shapes(g, {"x": ("N", 4, 3, 3)})
+        assert g.outputs[0].shape == ("N", 4)
+        x = np.random.default_rng(0).standard_normal((3, 4, 3, 3)).astype(np.float32)
+        got = evaluate(g, {"x": x})["y"]
+        want = np.concatenate([evaluate(kiln.load(model), {"x": x[i:i + 1]})["y"] for i in range(3)])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_freeing_a_batch_leaves_other_reshapes_and_refuses_a_different_size():
+    import pytest
+
+    import kiln
+    from kiln.errors import InputError
+    from kiln.ir import set_input_shapes
+
+    g = kiln.load(_batch1_reshape_model([2, 2]))  # does not start with the batch: left alone
+    set_input_shapes(g, {"x": ("N", 4, 3, 3)})
+    assert g.nodes[-1].input(1).numpy().tolist() == [2, 2]
+    with pytest.raises(InputError, match="does not fit it"):
+        set_input_shapes(kiln.load(_batch1_reshape_model([1, 4])), {"x": (2, 4, 3, 3)})

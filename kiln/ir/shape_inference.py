@@ -79,28 +79,74 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
 def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> None:
     """Pin graph inputs to shapes (ints, or names for symbolic dims) and re-infer every shape.
 
-    Each given shape must keep the input's rank and agree with its static dims.
-    A name turns an unknown or differently named dim into that symbol.
-    Symbolic dims elsewhere in the graph are recomputed, so once the inputs are
-    static, shape subgraphs become foldable.
+    Each given shape must keep the input's rank, and its ints must agree with the
+    input's static dims. A name turns a dim into that symbol: an unknown or
+    differently named dim, or a static one, which *frees* it. Freeing a static
+    leading dim (a batch fixed at export) also frees ``Reshape`` targets that
+    hard-code it (see :func:`free_reshape_batch`). Symbolic dims elsewhere in the
+    graph are recomputed, so once the inputs are static, shape subgraphs become
+    foldable.
     """
     from kiln.errors import InputError
 
     by_name = {v.name: v for v in graph.inputs}
+    freed: dict[str, int] = {}  # symbol -> the static size it replaced, for leading dims
     for name, shape in shapes.items():
         v = by_name.get(name)
         if v is None:
             raise InputError(f"no graph input named '{name}'; inputs: {', '.join(by_name)}")
         if v.shape is not None and (len(v.shape) != len(shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(v.shape, shape))):
+                isinstance(d, int) and isinstance(s, int) and d != s for d, s in zip(v.shape, shape))):
             raise InputError(f"input '{name}' is {v.type_str()}; {'x'.join(map(str, shape))} does not fit it")
+        if v.shape and shape and isinstance(v.shape[0], int) and isinstance(shape[0], str):
+            freed[shape[0]] = v.shape[0]
         v.shape = tuple(d if isinstance(d, str) else int(d) for d in shape)
-    for g in graph.walk_graphs():  # forget derived shapes: they are recomputed from the new inputs
+    _reinfer(graph)
+    while freed and free_reshape_batch(graph, freed):
+        _reinfer(graph)
+
+
+def _reinfer(graph: Graph) -> None:
+    for g in graph.walk_graphs():  # forget derived shapes: they are recomputed from the inputs
         for n in g.nodes:
             for o in n.outputs:
                 if o.name and not (o.is_graph_output and g is not graph):
                     o.shape = None
     infer_shapes(graph)
+
+
+def free_reshape_batch(graph: Graph, freed: dict[str, int]) -> bool:
+    """Rewrite ``Reshape`` targets that hard-code a freed leading dim to copy it instead.
+
+    An exporter traced at batch 1 writes ``Reshape(x, [1, 2048])``. Once ``x``'s
+    leading dim is the symbol ``N`` (it was 1), the target ``[1, ...]`` is made
+    ``[0, ...]`` (copy the input's dim), provided the rest of the target holds the
+    rest of the input: their sizes are equal, or the rest has the one ``-1``.
+    Targets with ``allowzero`` set, or that do not fit this, are left alone.
+    Returns whether anything changed.
+    """
+    changed = False
+    for g in graph.walk_graphs():
+        for n in g.nodes:
+            if n.op_type != "Reshape" or n.domain or n.attr("allowzero", 0):
+                continue
+            x, target = n.input(0), n.input(1)
+            if x is None or target is None or not target.is_constant or not x.shape:
+                continue
+            t = target.numpy()
+            lead = x.shape[0]
+            if t.ndim != 1 or len(t) == 0 or not isinstance(lead, str) or freed.get(lead) != int(t[0]):
+                continue
+            rest = x.shape[1:]
+            fits = (-1 in t[1:].tolist()) or (all(isinstance(d, int) for d in rest)
+                                              and int(np.prod(rest, dtype=np.int64)) == int(np.prod(t[1:])))
+            if not fits:
+                continue
+            new = t.copy()
+            new[0] = 0
+            n.set_input(1, g.add_constant(new, name=f"{target.name}_batch"))
+            changed = True
+    return changed
 
 
 def _onnx_infer(proto: ModelProto) -> ModelProto | None:
