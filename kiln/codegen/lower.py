@@ -94,7 +94,23 @@ class Lowerer:
         self.graph = graph
         self.bb = relax.BlockBuilder()
         self.env: dict[int, Any] = {}
-        self.syms: dict[str, Any] = {}
+        self.syms: dict[str, Any] = {}  # named input dims: TIR variables
+        self.derived: dict[str, Any] = {}  # kiln's other symbolic dims: their TIR expressions
+
+    def bind_dims(self, v: Value, r: Any) -> None:
+        """Learn the TIR expression of each of ``v``'s symbolic dims from its lowered value ``r``.
+
+        kiln names derived dims it cannot express (``?256``: a conv's output width); the
+        lowered tensor knows them in terms of the input variables, so later reads of the
+        same name (a Reshape target computed by a Shape subgraph) resolve to that expression.
+        """
+        shape = getattr(getattr(r, "ty", None), "shape", None)
+        values = getattr(shape, "values", None)
+        if v.shape is None or values is None or len(values) != len(v.shape):
+            return
+        for d, e in zip(v.shape, values):
+            if isinstance(d, str) and d not in self.syms and d not in self.derived:
+                self.derived[d] = e
 
     # -- types and values
     def dim(self, d: int | str) -> Any:
@@ -102,6 +118,8 @@ class Lowerer:
 
         if isinstance(d, int):
             return d
+        if d in self.derived:
+            return self.derived[d]
         if d not in self.syms:
             self.syms[d] = tirx.Var(re.sub(r"\W", "_", d).strip("_") or "d", "int64")
         return self.syms[d]
@@ -160,6 +178,7 @@ class Lowerer:
                     outs = LOWERINGS[(node.domain, node.op_type)](self, node)
                     for o, r in zip([o for o in node.outputs if o.name], outs):
                         self.env[id(o)] = r
+                        self.bind_dims(o, r)
                 results = [self.get(v) for v in self.graph.outputs]
                 out = self.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
             self.bb.emit_func_output(out)
@@ -483,13 +502,14 @@ def _reshape(lw: Lowerer, node: Node) -> list[Any]:
     from kiln.ir.shape_rules import shape_value
 
     out = node.outputs[0]
-    if out.shape is not None and not any(d is None or is_unknown_dim(d) for d in out.shape):
+    if out.shape is not None and not any(d is None or (is_unknown_dim(d) and d not in lw.derived) for d in out.shape):
         dims = [lw.dim(d) for d in out.shape]
         return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
     target = shape_value(node.input(1)) if node.op_type == "Reshape" else None
     src_shape = list(node.input(0).shape or [])
     if target is None or target[1] or node.attr("allowzero", 0) or any(
-            d is None or (isinstance(d, str) and d not in src_shape and (is_unknown_dim(d) or d not in lw.syms))
+            d is None or (isinstance(d, str) and d not in src_shape and d not in lw.derived
+                          and (is_unknown_dim(d) or d not in lw.syms))
             for d in target[0]):
         raise CodegenError(f"node {node.label()}: the output shape {out.type_str()} is not known well enough to compile")
     entries = target[0]
@@ -499,13 +519,13 @@ def _reshape(lw: Lowerer, node: Node) -> list[Any]:
         # actual (symbolic) TE shape; a named input symbol is its TIR variable
         def resolve(i: int, d: Any) -> Any:
             if isinstance(d, str):
-                return x.shape[src_shape.index(d)] if d in src_shape else lw.syms[d]
+                return x.shape[src_shape.index(d)] if d in src_shape else lw.dim(d)
             return x.shape[i] if d == 0 else d
 
         dims: list[Any] = [resolve(i, d) for i, d in enumerate(entries)]
         if -1 in entries:
             k = entries.index(-1)
-            dims[k] = _prod(x.shape) // _prod([d for i, d in enumerate(dims) if i != k])
+            dims[k] = _simplify(_prod(x.shape) // _prod([d for i, d in enumerate(dims) if i != k]))
         return _topi().reshape(x, dims)
 
     return [lw.emit(reshape, lw.get(node.input(0)), name="reshape")]
@@ -661,12 +681,48 @@ def _batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
     if len(b.shape) == 2:
         m = topi.nn.matmul(topi.reshape(a, (_prod(a.shape[:-1]), a.shape[-1])), b, transpose_b=trans_b)
         return topi.reshape(m, (*a.shape[:-1], m.shape[-1]))
-    batch = list(a.shape[:-2]) if len(a.shape) >= len(b.shape) else list(b.shape[:-2])
-    a3 = topi.reshape(topi.broadcast_to(a, (*batch, *a.shape[-2:])), (_prod(batch), *a.shape[-2:]))
-    b3 = topi.reshape(topi.broadcast_to(b, (*batch, *b.shape[-2:])), (_prod(batch), *b.shape[-2:]))
+    return _broadcast_batch_matmul(a, b, trans_b)
+
+
+def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool) -> Any:
+    """``a @ b`` (or ``a @ b^T``) for rank >= 3, broadcasting the batch dims in place.
+
+    A direct compute rather than topi's batch_matmul, which asserts that the contracted dims
+    are identical after simplifying each separately, and so refuses equal symbolic dims that
+    reached it along different paths (rapidocr rec with a symbolic width).
+    """
+    from tvm import te
+
+    rank = max(len(a.shape), len(b.shape))
+    a_batch, b_batch = list(a.shape[:-2]), list(b.shape[:-2])
+    a_batch = [1] * (rank - 2 - len(a_batch)) + a_batch
+    b_batch = [1] * (rank - 2 - len(b_batch)) + b_batch
+    batch = [y if _is_one(x) else x for x, y in zip(a_batch, b_batch)]
     n_out = b.shape[-2] if trans_b else b.shape[-1]
-    y = topi.nn.batch_matmul(a3, b3, oshape=(_prod(batch), a.shape[-2], n_out), transpose_b=trans_b)
-    return topi.reshape(y, (*batch, a.shape[-2], n_out))
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+    a_off, b_off = rank - len(a.shape), rank - len(b.shape)
+
+    def pick(idx: tuple, dims: list, off: int) -> list:
+        return [0 if _is_one(d) else idx[off + i] for i, d in enumerate(dims[off:])]
+
+    def body(*idx: Any) -> Any:
+        i, j = idx[-2], idx[-1]
+        ai = pick(idx, a_batch, a_off) + [i, k]
+        bi = pick(idx, b_batch, b_off) + ([j, k] if trans_b else [k, j])
+        return te.sum(a[tuple(ai)] * b[tuple(bi)], axis=k)
+
+    return te.compute((*batch, a.shape[-2], n_out), body, name="batch_matmul")
+
+
+def _is_one(d: Any) -> bool:
+    return isinstance(d, int) and d == 1 or getattr(d, "value", None) == 1
+
+
+def _simplify(e: Any) -> Any:
+    """A symbolic dim expression in its simplest form (ints pass through)."""
+    from tvm.sym import Analyzer  # tvm.arith in older TVM
+
+    return e if isinstance(e, int) else Analyzer().simplify(e)
 
 
 def _prod(dims: Any) -> Any:
