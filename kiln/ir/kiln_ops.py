@@ -174,19 +174,24 @@ def _conv_out_shape(node: Node) -> list[tuple]:
     x, w = node.input(0), node.input(1)
     if x is None or w is None or x.shape is None or w.shape is None:
         return [(x.dtype if x else None, None)]
-    spatial = len(x.shape) - 2
-    k = list(node.attr("kernel_shape", ()) or w.shape[2:])
+    return [(x.dtype, _conv_out_shape_for(node, x.shape, w.shape))]
+
+
+def _conv_out_shape_for(node: Node, x_shape: tuple, w_shape: tuple) -> tuple:
+    """Conv's output dims for an NC... input and an OI... weight; spatial dims None when unknown."""
+    spatial = len(x_shape) - 2
+    k = list(node.attr("kernel_shape", ()) or w_shape[2:])
     pads = list(node.attr("pads", ()) or [0] * (2 * spatial))
     strides = list(node.attr("strides", ()) or [1] * spatial)
     dil = list(node.attr("dilations", ()) or [1] * spatial)
-    dims: list[int | str | None] = [x.shape[0], w.shape[0]]
+    dims: list[int | str | None] = [x_shape[0], w_shape[0]]
     for i in range(spatial):
-        d = x.shape[2 + i]
+        d = x_shape[2 + i]
         if isinstance(d, int):
             dims.append((d + pads[i] + pads[i + spatial] - dil[i] * (k[i] - 1) - 1) // strides[i] + 1)
         else:
             dims.append(d if (k[i] == 1 and strides[i] == 1 and pads[i] + pads[i + spatial] == 0) else None)
-    return [(x.dtype, tuple(dims))]
+    return tuple(dims)
 
 
 def _decompose_conv(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
@@ -390,3 +395,122 @@ def _decompose_attention(op: Any, node: Node, inputs: Sequence[Value | None], op
 register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.0), "nan_to_zero": (AttrType.INT, 0)},
                  infer=_attention_shape,
                  decompose=_decompose_attention)(attention)
+
+
+# --------------------------------------------------------------------------- blocked layout (NCHW[b]c)
+#
+# ``kiln::ToBlocked(X)``: ``[N, C, H, W]`` -> ``[N, C/b, H, W, b]`` with ``block`` = b; C must divide.
+# ``kiln::FromBlocked(X)``: the inverse, ``[N, C/b, H, W, b]`` -> ``[N, C, H, W]``.
+# ``kiln::BlockedConv(X, W, B?, Z?)``: ``FusedConv`` on blocked tensors. X is ``[N, C/bi, H, W, bi]``;
+#     W is pre-packed ``[O/bo, (C/group)/bi', kh, kw, bi', bo]`` with bi' = bi for group 1 and 1
+#     for depthwise (group = C = O); B is ``[O]``; Z and Y are ``[N, O/bo, OH, OW, bo]``.
+# The layout pass (``kiln.passes.layout``) introduces them; codegen schedules BlockedConv with
+# register tiling over ``bo`` lanes.
+
+
+def to_blocked_array(x: np.ndarray, block: int) -> np.ndarray:
+    n, c, *spatial = x.shape
+    y = x.reshape(n, c // block, block, *spatial)
+    return np.ascontiguousarray(np.moveaxis(y, 2, -1))
+
+
+def from_blocked_array(x: np.ndarray) -> np.ndarray:
+    n, c1, *spatial, b = x.shape
+    return np.ascontiguousarray(np.moveaxis(x, -1, 2)).reshape(n, c1 * b, *spatial)
+
+
+def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
+    """``[O/bo, I/bi, kh, kw, bi, bo]`` -> ``[O, I, kh, kw]``."""
+    ko, ki, kh, kw, bi, bo = w.shape
+    return np.ascontiguousarray(w.transpose(0, 5, 1, 4, 2, 3)).reshape(ko * bo, ki * bi, kh, kw)
+
+
+def to_blocked(x, block=16):
+    """kiln::ToBlocked: NCHW -> NCHW[block]c."""
+    return (to_blocked_array(x, block),)
+
+
+def from_blocked(x):
+    """kiln::FromBlocked: NCHW[b]c -> NCHW."""
+    return (from_blocked_array(x),)
+
+
+def blocked_conv(x, w, b=None, z=None, activation="", activation_params=(), **conv_attrs):
+    """kiln::BlockedConv: FusedConv on NCHW[b]c tensors with a pre-packed weight."""
+    bo = w.shape[-1]
+    zz = None if z is None else from_blocked_array(z)
+    (y,) = fused_conv(from_blocked_array(x), unpack_conv_weight(w), b, zz, activation, activation_params,
+                      **conv_attrs)
+    return (to_blocked_array(y, bo),)
+
+
+def _to_blocked_shape(node: Node) -> list[tuple]:
+    x, b = node.input(0), node.attr("block", 16)
+    if x is None or x.shape is None or not isinstance(x.shape[1], int):
+        return [(x.dtype if x else None, None)]
+    return [(x.dtype, (x.shape[0], x.shape[1] // b, *x.shape[2:], b))]
+
+
+def _from_blocked_shape(node: Node) -> list[tuple]:
+    x = node.input(0)
+    if x is None or x.shape is None or not isinstance(x.shape[1], int) or not isinstance(x.shape[-1], int):
+        return [(x.dtype if x else None, None)]
+    return [(x.dtype, (x.shape[0], x.shape[1] * x.shape[-1], *x.shape[2:-1]))]
+
+
+def _blocked_conv_shape(node: Node) -> list[tuple]:
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or x.shape is None or w.shape is None:
+        return [(x.dtype if x else None, None)]
+    plain = _conv_out_shape_for(node, (x.shape[0], 0, *x.shape[2:-1]), (0, 0, *w.shape[2:4]))
+    return [(x.dtype, (plain[0], w.shape[0], *plain[2:], w.shape[-1]))]
+
+
+def _validate_blocked(node: Node) -> list[str]:
+    b = node.attr("block", 16)
+    return [] if isinstance(b, int) and b > 0 else [f"block must be a positive int, not {b!r}"]
+
+
+def _decompose_to_blocked(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    b = node.attr("block", 16)
+    x = inputs[0]
+    nhwc = op.Transpose(x, perm=[0, 2, 3, 1])
+    split = op.Reshape(nhwc, op.constant(np.array([0, 0, 0, -1, b], np.int64)))
+    return [op.Transpose(split, perm=[0, 3, 1, 2, 4])]
+
+
+def _decompose_from_blocked(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    nhwcb = op.Transpose(inputs[0], perm=[0, 2, 3, 1, 4])
+    nhwc = op.Reshape(nhwcb, op.constant(np.array([0, 0, 0, -1], np.int64)))
+    return [op.Transpose(nhwc, perm=[0, 3, 1, 2])]
+
+
+def _decompose_blocked_conv(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    # shape-agnostic (decompositions are exported before shapes are known): the packed weight's
+    # dims are read with Shape, [Ko, Ki, kh, kw, bi, bo] -> [Ko*bo, Ki*bi, kh, kw]
+    attrs, act, params = _split_epilogue(node)
+    x, w, b, z = (list(inputs) + [None, None])[:4]
+
+    def dims(v: Value, start: int, end: int) -> Value:
+        return op.Slice(op.Shape(v), op.constant(np.array([start], np.int64)), op.constant(np.array([end], np.int64)))
+
+    w_t = op.Transpose(w, perm=[0, 5, 1, 4, 2, 3])  # [Ko, bo, Ki, bi, kh, kw]
+    plain_shape = op.Concat(op.ReduceProd(dims(w_t, 0, 2), keepdims=1), op.ReduceProd(dims(w_t, 2, 4), keepdims=1),
+                            dims(w_t, 4, 6), axis=0)
+    plain_w = op.Reshape(w_t, plain_shape)
+    xs = _decompose_from_blocked(op, node, [x], opset)[0]
+    y = op.Conv(xs, plain_w, b, **attrs) if b is not None else op.Conv(xs, plain_w, **attrs)
+    if z is not None:
+        y = op.Add(y, _decompose_from_blocked(op, node, [z], opset)[0])
+    y = decompose_activation(op, y, act, params, opset)
+    nhwc = op.Transpose(y, perm=[0, 2, 3, 1])
+    target = op.Concat(op.constant(np.array([0, 0, 0, -1], np.int64)), dims(w, 5, 6), axis=0)
+    return [op.Transpose(op.Reshape(nhwc, target), perm=[0, 3, 1, 2, 4])]
+
+
+register_kiln_op("ToBlocked", inputs=(1, 1), attrs={"block": (AttrType.INT, 16)}, infer=_to_blocked_shape,
+                 decompose=_decompose_to_blocked, validate=_validate_blocked)(to_blocked)
+register_kiln_op("FromBlocked", inputs=(1, 1), infer=_from_blocked_shape,
+                 decompose=_decompose_from_blocked)(from_blocked)
+register_kiln_op("BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE_ATTRS}, infer=_blocked_conv_shape,
+                 decompose=_decompose_blocked_conv, validate=_validate_epilogue)(blocked_conv)

@@ -49,9 +49,14 @@ class Pass:
         raise NotImplementedError
 
     def __repr__(self) -> str:
+        return self.describe()
+
+    def describe(self) -> str:
+        """``name(param=value, ...)`` with the pass's plain parameters, or just ``name``."""
         if dataclasses.is_dataclass(self):
-            params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
-            return f"{self.name}({params})"
+            params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                               if isinstance(getattr(self, f.name), int | float | str | bool))
+            return f"{self.name}({params})" if params else self.name
         return self.name
 
 

@@ -3,11 +3,12 @@
     O0  nothing
     O1  cleanup and folding: fold-constants, simplify (no-ops and algebra), cse, dce
     O2  O1, then the fusions: fuse-conv, fuse-transformer
+    O3  O2, then layout: convs in NCHW[b]c with pre-packed weights (b from the target's vector width)
 """
 
 from __future__ import annotations
 
-from kiln.passes import cleanup, fold_constants, fuse_conv, fuse_transformer, simplify  # noqa: F401 - registration
+from kiln.passes import cleanup, fold_constants, fuse_conv, fuse_transformer, layout, simplify  # noqa: F401 - registration
 from kiln.passes.manager import Pass, PassError, get_pass
 from kiln.passes.rules import register_rule_set
 
@@ -19,14 +20,26 @@ LEVELS: dict[str, list[str]] = {
     "O0": [],
     "O1": ["fold-constants", "simplify", "cse", "dce"],
     "O2": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
+    "O3": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce", "layout",
+           "fold-constants", "cse", "dce"],
 }
 
 
-def passes_for(level: str | None = None, names: list[str] | None = None) -> list[Pass]:
-    """The passes of an optimisation level, or of an explicit list of pass names."""
-    if names:
-        return [get_pass(n) for n in names]
-    level = level or "O2"
-    if level not in LEVELS:
-        raise PassError(f"no optimisation level '{level}'; levels: {', '.join(LEVELS)}")
-    return [get_pass(n) for n in LEVELS[level]]
+def passes_for(level: str | None = None, names: list[str] | None = None, *, block: int | None = None) -> list[Pass]:
+    """The passes of an optimisation level, or of an explicit list of pass names.
+
+    ``block`` is the layout pass's block (float32 lanes per vector of the target); 0 leaves
+    the layout pass out (targets without a blocked layout, such as CUDA).
+    """
+    if not names:
+        level = level or "O2"
+        if level not in LEVELS:
+            raise PassError(f"no optimisation level '{level}'; levels: {', '.join(LEVELS)}")
+        names = LEVELS[level]
+    passes = [get_pass(n) for n in names]
+    if block == 0:
+        passes = [p for p in passes if not isinstance(p, layout.Layout)]
+    for p in passes:
+        if isinstance(p, layout.Layout) and block:
+            p.block = block
+    return passes

@@ -174,7 +174,7 @@ def _has_untyped(graph: Graph) -> bool:
     return any(o.name and (o.dtype is None or o.shape is None) for n in graph.walk_nodes() for o in n.outputs)
 
 
-@dataclass
+@dataclass(repr=False)
 class RewritePass(Pass):
     """Applies a rule set; its details are the rules' fire counts."""
 
