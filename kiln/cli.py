@@ -165,7 +165,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from kiln.codegen.target import parse_target
     from kiln.ir import load, set_input_shapes
     from kiln.passes import PassManager
-    from kiln.passes.pipeline import LEVELS, passes_for
+    from kiln.passes.pipeline import passes_for
 
     src, dst = Path(args.model), Path(args.output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
@@ -180,9 +180,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.input_shape:
         set_input_shapes(graph, parse_shape_overrides(args.input_shape))
     stage(f"optimizing ({args.level})")
-    graph, _ = PassManager(passes_for(args.level)).run(graph)
+    passes = passes_for(args.level, block=target.layout_block)
+    graph, _ = PassManager(passes).run(graph)
     report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
-                   passes=LEVELS[args.level], progress=stage)
+                   passes=[p.describe() for p in passes], progress=stage)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
           f"target {target.tvm.get('mcpu', target.kind)}; {times})")

@@ -86,7 +86,13 @@ def build(
 
     t = time.perf_counter()
     say("compiling")
-    executable = tvm.compile(lowered.module, target=tvm.target.Target(dict(target.tvm)))
+    tvm_target = tvm.target.Target(dict(target.tvm))
+    if target.kind == "cpu":
+        from kiln.codegen.schedule import cpu_pipeline
+
+        executable = tvm.compile(lowered.module, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    else:
+        executable = tvm.compile(lowered.module, target=tvm_target)
     members: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         lib_path = os.path.join(tmp, LIBRARY)

@@ -138,8 +138,10 @@ class Lowerer:
             raise CodegenError(f"value '{v.name}' is read before it is computed")
         return self.env[id(v)]
 
-    def emit(self, fn: Callable[..., Any], *args: Any, name: str) -> Any:
-        return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name))
+    def emit(self, fn: Callable[..., Any], *args: Any, name: str, attrs: dict[str, Any] | None = None) -> Any:
+        """One prim func computing ``fn`` on ``args``; ``attrs`` (e.g. ``kiln.schedule``) go on the func."""
+        kwargs = {"primfunc_attrs": attrs} if attrs else {}
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
 
     # -- the whole graph
     def lower(self) -> Lowered:
@@ -206,43 +208,48 @@ def _const_array(v: Value | None) -> np.ndarray | None:
     return None if v is None or not v.is_constant else v.numpy()
 
 
-def _activation(x: Any, name: str, params: tuple[float, ...]) -> Any:
-    """A kiln epilogue activation on a TE tensor (see kiln.ir.kiln_ops)."""
-    topi = _topi()
-    from tvm import te, tirx
+def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
+    """A kiln epilogue activation (see kiln.ir.kiln_ops) on one TIR scalar ``v``."""
+    from tvm import tirx
 
-    dt = x.dtype
+    dt = str(v.ty) if hasattr(v, "ty") else v.dtype  # TIR exprs have .ty; TE tensor reads have .dtype
+
+    def c(x: float) -> Any:
+        return tirx.const(x, dt)
+
     if name == "":
-        return x
+        return v
     if name == "Relu":
-        return topi.nn.relu(x)
+        return tirx.max(v, c(0))
     if name == "Clip":
-        return topi.clip(x, float(params[0]), float(params[1]))
+        return tirx.min(tirx.max(v, c(params[0])), c(params[1]))
     if name == "LeakyRelu":
-        return topi.nn.leaky_relu(x, float(params[0]))
+        return tirx.Select(v >= c(0), v, v * c(params[0]))
     if name == "Sigmoid":
-        return topi.sigmoid(x)
+        return tirx.sigmoid(v)
     if name == "Tanh":
-        return topi.tanh(x)
+        return tirx.tanh(v)
     if name == "HardSigmoid":
-        return te.compute(x.shape, lambda *i: tirx.max(tirx.min(x(*i) * tirx.const(params[0], dt)
-                                                              + tirx.const(params[1], dt), tirx.const(1, dt)),
-                                                     tirx.const(0, dt)), name="hard_sigmoid")
+        return tirx.max(tirx.min(v * c(params[0]) + c(params[1]), c(1)), c(0))
     if name == "HardSwish":
-        return te.compute(x.shape, lambda *i: x(*i) * tirx.max(tirx.min(x(*i) / tirx.const(6, dt) + tirx.const(0.5, dt),
-                                                                        tirx.const(1, dt)), tirx.const(0, dt)),
-                          name="hard_swish")
+        return v * tirx.max(tirx.min(v / c(6) + c(0.5), c(1)), c(0))
     if name == "SiLU":
-        s = topi.sigmoid(x)
-        return topi.multiply(x, s)
+        return v * tirx.sigmoid(v)
     if name == "Gelu":
         if params and params[0]:
-            c = float(np.sqrt(2 / np.pi))
-            return te.compute(x.shape, lambda *i: tirx.const(0.5, dt) * x(*i) * (tirx.const(1, dt) + tirx.tanh(
-                tirx.const(c, dt) * (x(*i) + tirx.const(0.044715, dt) * x(*i) * x(*i) * x(*i)))), name="gelu_tanh")
-        return te.compute(x.shape, lambda *i: tirx.const(0.5, dt) * x(*i) * (tirx.const(1, dt) + tirx.erf(
-            x(*i) * tirx.const(float(1 / np.sqrt(2)), dt))), name="gelu")
+            k = float(np.sqrt(2 / np.pi))
+            return c(0.5) * v * (c(1) + tirx.tanh(c(k) * (v + c(0.044715) * v * v * v)))
+        return c(0.5) * v * (c(1) + tirx.erf(v * c(float(1 / np.sqrt(2)))))
     raise CodegenError(f"activation '{name}' has no lowering")
+
+
+def _activation(x: Any, name: str, params: tuple[float, ...]) -> Any:
+    """A kiln epilogue activation on a TE tensor."""
+    from tvm import te
+
+    if name == "":
+        return x
+    return te.compute(x.shape, lambda *i: activation_expr(x(*i), name, params), name=(name or "id").lower())
 
 
 _UNARY: dict[str, Callable[[Any], Any]] = {
@@ -786,3 +793,7 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if has_mask else [])
     return [lw.emit(compute, *args, name="attention")]
+
+
+# Op families in their own files register into LOWERINGS when imported.
+from kiln.codegen import lower_blocked  # noqa: E402,F401

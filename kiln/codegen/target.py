@@ -41,6 +41,14 @@ class Target:
     arch: str | None = None
     threads: int | None = None
 
+    @property
+    def layout_block(self) -> int:
+        """float32 lanes per vector, the layout pass's block (0: no blocked layout for this target)."""
+        if self.kind != "cpu":
+            return 0
+        feats = set(self.cpu_features)
+        return 16 if "avx512f" in feats else 8 if "avx2" in feats else 4
+
     def manifest(self) -> dict[str, Any]:
         """The target as recorded in an artifact's manifest."""
         out: dict[str, Any] = {"kind": self.kind, "tvm": self.tvm}

@@ -1,0 +1,96 @@
+"""Lowerings for the blocked layout: ``kiln::ToBlocked``, ``kiln::FromBlocked``, ``kiln::BlockedConv``.
+
+``BlockedConv`` becomes one prim func: a zero-padding stage (inlined by the schedule), the
+convolution with the input channel split into a block axis and a lane axis (no div/mod in
+any index), and one epilogue stage (bias, residual, activation) that the schedule fuses into
+the accumulator's write-back. The func carries ``kiln.schedule`` so that
+:mod:`kiln.codegen.schedule` applies the register-tiled conv schedule to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.codegen.lower import CodegenError, Lowerer, activation_expr, lowers
+from kiln.ir import Node
+
+OPAQUE = 8  # TVM's kOpaque op pattern: FuseOps leaves the func alone, so its schedule applies as written
+
+
+@lowers("ToBlocked", domain="kiln")
+def _to_blocked(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import te
+
+    b = node.attr("block", 16)
+
+    def compute(x: Any) -> Any:
+        n, c, *spatial = x.shape
+        return te.compute((n, c // b, *spatial, b), lambda i, cb, *rest: x[(i, cb * b + rest[-1], *rest[:-1])],
+                          name="to_blocked")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="to_blocked")]
+
+
+@lowers("FromBlocked", domain="kiln")
+def _from_blocked(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import te
+
+    def compute(x: Any) -> Any:
+        n, cb, *spatial, b = x.shape
+        return te.compute((n, cb * b, *spatial), lambda i, c, *rest: x[(i, c // b, *rest, c % b)], name="from_blocked")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="from_blocked")]
+
+
+@lowers("BlockedConv", domain="kiln")
+def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import te, tirx
+
+    x, w, b, z = (node.input(i) for i in range(4))
+    if any(d != 1 for d in node.attr("dilations", ()) or ()) and node.attr("group", 1) != 1:
+        raise CodegenError(f"node {node.label()}: dilated depthwise BlockedConv does not compile yet")
+    strides = list(node.attr("strides", ()) or [1, 1])
+    dil = list(node.attr("dilations", ()) or [1, 1])
+    pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
+    act, params = node.attr("activation", "") or "", tuple(node.attr("activation_params", ()) or ())
+    depthwise = node.attr("group", 1) != 1
+    has_b, has_z = b is not None, z is not None
+
+    def compute(xt: Any, wt: Any, *rest: Any) -> Any:
+        bias = rest[0] if has_b else None
+        res = rest[-1] if has_z else None
+        n, ci, h, wd, bi = xt.shape
+        ko, _, kh, kw, _, bo = wt.shape
+        dt = xt.dtype
+        top, left, bottom, right = pads
+        oh = (h + top + bottom - dil[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (wd + left + right - dil[1] * (kw - 1) - 1) // strides[1] + 1
+        xp = te.compute((n, ci, h + top + bottom, wd + left + right, bi), lambda i, c, y, v, lane: tirx.if_then_else(
+            tirx.all(y >= top, y < h + top, v >= left, v < wd + left), xt[i, c, y - top, v - left, lane],
+            tirx.const(0, dt)), name="pad")
+        ry = te.reduce_axis((0, kh), name="ry")
+        rx = te.reduce_axis((0, kw), name="rx")
+        if depthwise:
+            conv = te.compute((n, ko, oh, ow, bo), lambda i, k, y, v, j: te.sum(
+                xp[i, k, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], j] * wt[k, 0, ry, rx, 0, j],
+                axis=[ry, rx]), name="conv")
+        else:
+            rc = te.reduce_axis((0, ci), name="rc")
+            rl = te.reduce_axis((0, bi), name="rl")
+            conv = te.compute((n, ko, oh, ow, bo), lambda i, k, y, v, j: te.sum(
+                xp[i, rc, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], rl] * wt[k, rc, ry, rx, rl, j],
+                axis=[rc, ry, rx, rl]), name="conv")
+
+        def epilogue(i: Any, k: Any, y: Any, v: Any, j: Any) -> Any:
+            val = conv[i, k, y, v, j]
+            if bias is not None:
+                val = val + bias[k * bo + j]
+            if res is not None:
+                val = val + res[i, k, y, v, j]
+            return activation_expr(val, act, params)
+
+        return te.compute(conv.shape, epilogue, name="epilogue")
+
+    args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
+    kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
+    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind, "op_pattern": OPAQUE})]

@@ -1,0 +1,201 @@
+"""kiln's default CPU schedules, applied without tuning.
+
+TVM's Relax CPU pipeline schedules nothing: every prim func runs as one serial loop nest.
+kiln runs its own pipeline (:func:`cpu_pipeline`): TVM's legalisation and fusion, then
+:func:`schedule_module`, then TVM's lowering. Each prim func gets
+
+- the schedule named by its ``kiln.schedule`` attribute, set by the lowering
+  (``conv_nchwc``, ``depthwise_nchwc``); or else
+- the generic schedule: the outer spatial loops of every stage fused and run in parallel.
+
+A schedule that fails on some func leaves that func as it was (correct, only slower), so
+scheduling can never break a build. The tile rules come from measurements on AVX-512
+(see the conv schedule notes in docs): the register tile keeps at most 16 accumulator
+vectors, which is what the 32 zmm registers hold alongside the weights and inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("kiln.schedule")
+
+PARALLEL_MIN_ELEMENTS = 4096  # below this, a thread-pool launch costs more than it saves
+MAX_ACCUMULATORS = 16
+
+
+def _static(e: Any) -> int | None:
+    v = getattr(e, "value", e)
+    return v if isinstance(v, int) else None
+
+
+def _largest_divisor_at_most(n: int | None, limit: int) -> int:
+    if n is None:
+        return 1
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
+    """(ow_tile, k_tile): the register tile, at most MAX_ACCUMULATORS vectors."""
+    ow_tile = _largest_divisor_at_most(ow, 8)
+    k_tile = 1
+    while ko is not None and ko % (k_tile * 2) == 0 and k_tile * 2 * ow_tile <= MAX_ACCUMULATORS:
+        k_tile *= 2
+    return ow_tile, k_tile
+
+
+def schedule_conv_nchwc(sch: Any) -> None:
+    """Register-tiled NCHW[b]c conv: ``(n·ko_o·oh) parallel, ow_o, rc, ry, rx, rl, ko_i, ow_i, lanes``."""
+    conv = sch.get_sblock("conv")
+    sch.compute_inline(sch.get_sblock("pad"))
+    n, k, h, w, j, rc, ry, rx, rl = sch.get_loops(conv)
+    ow_tile, k_tile = _conv_tiles(_static(sch.get(w).extent), _static(sch.get(k).extent))
+    ko, ki = sch.split(k, [None, k_tile])
+    wo, wi = sch.split(w, [None, ow_tile])
+    sch.reorder(n, ko, h, wo, rc, ry, rx, rl, ki, wi, j)
+    sch.parallel(sch.fuse(n, ko, h))
+    _accumulate_in_registers(sch, conv, wo, [ki, wi], j, rc)
+
+
+def schedule_depthwise_nchwc(sch: Any) -> None:
+    """Depthwise NCHW[b]c conv: ``(n·k·oh) parallel, ow_o, ry, rx, ow_i, lanes``."""
+    conv = sch.get_sblock("conv")
+    sch.compute_inline(sch.get_sblock("pad"))
+    n, k, h, w, j, ry, rx = sch.get_loops(conv)
+    ow_tile = _largest_divisor_at_most(_static(sch.get(w).extent), MAX_ACCUMULATORS)
+    wo, wi = sch.split(w, [None, ow_tile])
+    sch.reorder(n, k, h, wo, ry, rx, wi, j)
+    sch.parallel(sch.fuse(n, k, h))
+    _accumulate_in_registers(sch, conv, wo, [wi], j, ry)
+
+
+def _accumulate_in_registers(sch: Any, conv: Any, tile_loop: Any, unrolled: list[Any], lanes: Any,
+                             first_reduce: Any) -> None:
+    """Accumulate one register tile locally, then write it back through the fused epilogue."""
+    write_back = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(write_back, tile_loop)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(lanes)
+    init = sch.decompose_reduction(conv, first_reduce)  # after vectorize: else "not compact dataflow"
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    tile = sch.get_loops(write_back)  # includes the loops above the tile: pick those below it
+    depth = next(i for i, loop in enumerate(tile) if sch.get(loop).same_as(sch.get(tile_loop))) + 1
+    *outer, lane = tile[depth:]
+    for loop in outer:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+
+
+SCHEDULES: dict[str, Callable[[Any], None]] = {
+    "conv_nchwc": schedule_conv_nchwc,
+    "depthwise_nchwc": schedule_depthwise_nchwc,
+}
+
+
+def schedule_generic(sch: Any) -> bool:
+    """Run the outer spatial loops of every root stage in parallel; False if nothing was worth it."""
+    from tvm import tirx
+
+    changed = False
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    for block in blocks:
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        iters = sch.get(block).iter_vars
+        spatial: list[Any] = []
+        size = 1
+        for loop, it in zip(loops, iters):
+            if it.iter_type != tirx.IterVar.DataPar or sch.get(loop).kind != tirx.ForKind.SERIAL:
+                break
+            spatial.append(loop)
+            extent = _static(sch.get(loop).extent)
+            size = size * extent if extent is not None and size is not None else None
+        if not spatial:
+            continue
+        total = size
+        for loop in loops[len(spatial):]:
+            extent = _static(sch.get(loop).extent)
+            total = total * extent if total is not None and extent is not None else None
+        if total is not None and total < PARALLEL_MIN_ELEMENTS:
+            continue
+        # parallelise enough outer loops for the cores, keeping the inner ones for vectors
+        outer: list[Any] = []
+        extent_so_far = 1
+        for loop in spatial[:-1] if len(spatial) > 1 else spatial:
+            outer.append(loop)
+            e = _static(sch.get(loop).extent)
+            extent_so_far = extent_so_far * e if e is not None else 1 << 30
+            if extent_so_far >= 64:
+                break
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        changed = True
+    return changed
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
+        return False
+
+
+def schedule_func(func: Any) -> Any:
+    """``func`` with its kiln schedule (or the generic one) applied; unchanged if scheduling fails."""
+    from tvm import s_tir
+
+    kind = func.attrs.get("kiln.schedule") if func.attrs is not None else None
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        return func
+    sch = s_tir.Schedule(func)
+    try:
+        if kind is not None:
+            SCHEDULES[str(kind)](sch)
+        elif not schedule_generic(sch):
+            return func
+    except Exception as e:  # noqa: BLE001 - any schedule error: keep the unscheduled (correct) func
+        log.debug("schedule %s failed: %s", kind or "generic", e)
+        return func
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_module(mod: Any) -> Any:
+    """Every prim func of ``mod`` scheduled (see :func:`schedule_func`)."""
+    from tvm import tirx
+
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            new = schedule_func(func)
+            if new is not func:
+                updates[gv] = new
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+def cpu_pipeline(target: Any) -> Any:
+    """TVM's CPU pipeline with kiln's schedules applied after fusion."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnSchedule")
+    def kiln_schedule(mod: Any, _ctx: Any) -> Any:
+        return schedule_module(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
+    def pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target) + [kiln_schedule]
+                + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
+            return seq(mod)
+
+    del relax
+    return pipeline
