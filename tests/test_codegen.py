@@ -283,7 +283,8 @@ def test_matmul_broadcasts_batch_dims_and_symbolic_sizes(tmp_path):
 
 def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
     """O3 on a small CNN: an RGB stem, a 3x3 conv, a depthwise conv, a residual add, a grouped conv
-    that stays in NCHW, and elementwise ops, through the blocked-layout kernels and their schedules."""
+    that stays in NCHW, elementwise ops, a channel Concat, and a conv whose 10 output channels are
+    padded to a block, through the blocked-layout kernels and their schedules."""
     from onnx import numpy_helper
 
     from kiln.codegen.lower import lower
@@ -302,13 +303,16 @@ def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
         helper.make_node("Conv", ["r", "w3"], ["g"], pads=[0, 0, 0, 0], group=2, strides=[2, 2]),
         helper.make_node("Add", ["d", "g"], ["s2"]),
         helper.make_node("Mul", ["s2", "half"], ["m"]),
-        helper.make_node("Sigmoid", ["m"], ["y"]),
-    ], [f32("x", ["N", 3, 30, 30])], [f32("y", None)],
+        helper.make_node("Sigmoid", ["m"], ["sg"]),
+        helper.make_node("Conv", ["sg", "w4"], ["h"]),  # 10 output channels: padded to one block of 16
+        helper.make_node("Concat", ["sg", "s2"], ["y2"], axis=1),
+    ], [f32("x", ["N", 3, 30, 30])], [f32("h", None), f32("y2", None)],
         [init("w0", (16, 3, 7, 7)), init("w1", (32, 16, 3, 3)), init("b1", (32,)), init("w2", (32, 1, 3, 3)),
-         init("w3", (32, 16, 1, 1)), numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+         init("w3", (32, 16, 1, 1)), numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+         init("w4", (10, 32, 1, 1))])
     g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
     ops = [n.op_type for n in g.nodes]
-    assert ops.count("BlockedConv") == 3 and "Conv" in ops  # the grouped conv stays NCHW
+    assert ops.count("BlockedConv") == 4 and "Conv" in ops  # the grouped conv stays NCHW
     module = lower(g).module
     kinds = {str(f.attrs["kiln.schedule"]) for f in module.functions.values() if f.attrs and "kiln.schedule" in f.attrs}
     assert kinds == {"conv_nchwc", "depthwise_nchwc"}

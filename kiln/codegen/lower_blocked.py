@@ -19,14 +19,21 @@ OPAQUE = 8  # TVM's kOpaque op pattern: FuseOps leaves the func alone, so its sc
 
 @lowers("ToBlocked", domain="kiln")
 def _to_blocked(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import te
+    from tvm import te, tirx
 
     b = node.attr("block", 16)
 
     def compute(x: Any) -> Any:
         n, c, *spatial = x.shape
-        return te.compute((n, c // b, *spatial, b), lambda i, cb, *rest: x[(i, cb * b + rest[-1], *rest[:-1])],
-                          name="to_blocked")
+        c = int(c)
+
+        def lane(i: Any, cb: Any, *rest: Any) -> Any:
+            ch = cb * b + rest[-1]
+            if c % b == 0:
+                return x[(i, ch, *rest[:-1])]
+            return tirx.if_then_else(ch < c, x[(i, tirx.min(ch, c - 1), *rest[:-1])], tirx.const(0, x.dtype))
+
+        return te.compute((n, -(-c // b), *spatial, b), lane, name="to_blocked")
 
     return [lw.emit(compute, lw.get(node.input(0)), name="to_blocked")]
 
@@ -35,9 +42,12 @@ def _to_blocked(lw: Lowerer, node: Node) -> list[Any]:
 def _from_blocked(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te
 
+    channels = node.attr("channels", 0)
+
     def compute(x: Any) -> Any:
         n, cb, *spatial, b = x.shape
-        return te.compute((n, cb * b, *spatial), lambda i, c, *rest: x[(i, c // b, *rest, c % b)], name="from_blocked")
+        return te.compute((n, channels or cb * b, *spatial), lambda i, c, *rest: x[(i, c // b, *rest, c % b)],
+                          name="from_blocked")
 
     return [lw.emit(compute, lw.get(node.input(0)), name="from_blocked")]
 

@@ -36,12 +36,20 @@ def _largest_divisor_at_most(n: int | None, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def _width_tile(ow: int | None, limit: int) -> int:
+    """The output-width tile: the largest divisor of ``ow`` up to ``limit`` when that is at least
+    half of ``limit``; else ``limit`` itself, with a guarded tail (a prime width such as 13 would
+    otherwise get a tile of 1 and keep one accumulator busy)."""
+    if ow is None:
+        return limit
+    d = _largest_divisor_at_most(ow, limit)
+    return d if 2 * d >= min(ow, limit) else min(ow, limit)
+
+
 def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
     """(ow_tile, k_tile): the register tile, at most MAX_ACCUMULATORS vectors."""
-    ow_tile = _largest_divisor_at_most(ow, 8)
-    k_tile = 1
-    while ko is not None and ko % (k_tile * 2) == 0 and k_tile * 2 * ow_tile <= MAX_ACCUMULATORS:
-        k_tile *= 2
+    ow_tile = _width_tile(ow, 8)
+    k_tile = _largest_divisor_at_most(ko, max(1, MAX_ACCUMULATORS // ow_tile)) if ko is not None else 1
     return ow_tile, k_tile
 
 
@@ -63,7 +71,7 @@ def schedule_depthwise_nchwc(sch: Any) -> None:
     conv = sch.get_sblock("conv")
     sch.compute_inline(sch.get_sblock("pad"))
     n, k, h, w, j, ry, rx = sch.get_loops(conv)
-    ow_tile = _largest_divisor_at_most(_static(sch.get(w).extent), MAX_ACCUMULATORS)
+    ow_tile = _width_tile(_static(sch.get(w).extent), MAX_ACCUMULATORS)
     wo, wi = sch.split(w, [None, ow_tile])
     sch.reorder(n, k, h, wo, ry, rx, wi, j)
     sch.parallel(sch.fuse(n, k, h))

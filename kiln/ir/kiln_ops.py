@@ -399,24 +399,31 @@ register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.
 
 # --------------------------------------------------------------------------- blocked layout (NCHW[b]c)
 #
-# ``kiln::ToBlocked(X)``: ``[N, C, H, W]`` -> ``[N, C/b, H, W, b]`` with ``block`` = b; C must divide.
-# ``kiln::FromBlocked(X)``: the inverse, ``[N, C/b, H, W, b]`` -> ``[N, C, H, W]``.
+# ``kiln::ToBlocked(X)``: ``[N, C, H, W]`` -> ``[N, ceil(C/b), H, W, b]`` with ``block`` = b; the lanes
+#     past C (when b does not divide C) are zeros.
+# ``kiln::FromBlocked(X)``: the inverse, ``[N, C/b, H, W, b]`` -> ``[N, C, H, W]``, where ``channels``
+#     is C (default: all lanes); lanes past C are dropped.
 # ``kiln::BlockedConv(X, W, B?, Z?)``: ``FusedConv`` on blocked tensors. X is ``[N, C/bi, H, W, bi]``;
 #     W is pre-packed ``[O/bo, (C/group)/bi', kh, kw, bi', bo]`` with bi' = bi for group 1 and 1
-#     for depthwise (group = C = O); B is ``[O]``; Z and Y are ``[N, O/bo, OH, OW, bo]``.
+#     for depthwise (group = C = O); B is ``[O]``; Z and Y are ``[N, O/bo, OH, OW, bo]``. Channel
+#     counts here are the padded ones: the packed weight and bias are zero past the true counts.
 # The layout pass (``kiln.passes.layout``) introduces them; codegen schedules BlockedConv with
 # register tiling over ``bo`` lanes.
 
 
 def to_blocked_array(x: np.ndarray, block: int) -> np.ndarray:
     n, c, *spatial = x.shape
-    y = x.reshape(n, c // block, block, *spatial)
+    padded = -(-c // block) * block
+    if padded != c:
+        x = np.concatenate([x, np.zeros((n, padded - c, *spatial), x.dtype)], axis=1)
+    y = x.reshape(n, padded // block, block, *spatial)
     return np.ascontiguousarray(np.moveaxis(y, 2, -1))
 
 
-def from_blocked_array(x: np.ndarray) -> np.ndarray:
+def from_blocked_array(x: np.ndarray, channels: int | None = None) -> np.ndarray:
     n, c1, *spatial, b = x.shape
-    return np.ascontiguousarray(np.moveaxis(x, -1, 2)).reshape(n, c1 * b, *spatial)
+    y = np.ascontiguousarray(np.moveaxis(x, -1, 2)).reshape(n, c1 * b, *spatial)
+    return y if channels is None or channels == c1 * b else np.ascontiguousarray(y[:, :channels])
 
 
 def unpack_conv_weight(w: np.ndarray) -> np.ndarray:
@@ -430,9 +437,9 @@ def to_blocked(x, block=16):
     return (to_blocked_array(x, block),)
 
 
-def from_blocked(x):
-    """kiln::FromBlocked: NCHW[b]c -> NCHW."""
-    return (from_blocked_array(x),)
+def from_blocked(x, channels=0):
+    """kiln::FromBlocked: NCHW[b]c -> NCHW (the first ``channels`` channels, 0: all)."""
+    return (from_blocked_array(x, channels or None),)
 
 
 def blocked_conv(x, w, b=None, z=None, activation="", activation_params=(), **conv_attrs):
@@ -448,14 +455,14 @@ def _to_blocked_shape(node: Node) -> list[tuple]:
     x, b = node.input(0), node.attr("block", 16)
     if x is None or x.shape is None or not isinstance(x.shape[1], int):
         return [(x.dtype if x else None, None)]
-    return [(x.dtype, (x.shape[0], x.shape[1] // b, *x.shape[2:], b))]
+    return [(x.dtype, (x.shape[0], -(-x.shape[1] // b), *x.shape[2:], b))]
 
 
 def _from_blocked_shape(node: Node) -> list[tuple]:
     x = node.input(0)
     if x is None or x.shape is None or not isinstance(x.shape[1], int) or not isinstance(x.shape[-1], int):
         return [(x.dtype if x else None, None)]
-    return [(x.dtype, (x.shape[0], x.shape[1] * x.shape[-1], *x.shape[2:-1]))]
+    return [(x.dtype, (x.shape[0], node.attr("channels", 0) or x.shape[1] * x.shape[-1], *x.shape[2:-1]))]
 
 
 def _blocked_conv_shape(node: Node) -> list[tuple]:
@@ -474,6 +481,10 @@ def _validate_blocked(node: Node) -> list[str]:
 def _decompose_to_blocked(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
     b = node.attr("block", 16)
     x = inputs[0]
+    c = node.input(0).shape[1] if node.input(0) is not None and node.input(0).shape else None
+    if isinstance(c, int) and c % b:  # zero lanes past C
+        pads = np.array([0, 0, 0, 0, 0, -(-c // b) * b - c, 0, 0], np.int64)
+        x = op.Pad(x, op.constant(pads)) if opset >= 11 else op.Pad(x, pads=pads.tolist())
     nhwc = op.Transpose(x, perm=[0, 2, 3, 1])
     split = op.Reshape(nhwc, op.constant(np.array([0, 0, 0, -1, b], np.int64)))
     return [op.Transpose(split, perm=[0, 3, 1, 2, 4])]
@@ -482,6 +493,13 @@ def _decompose_to_blocked(op: Any, node: Node, inputs: Sequence[Value | None], o
 def _decompose_from_blocked(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
     nhwcb = op.Transpose(inputs[0], perm=[0, 2, 3, 1, 4])
     nhwc = op.Reshape(nhwcb, op.constant(np.array([0, 0, 0, -1], np.int64)))
+    channels = node.attr("channels", 0) if node.op_type == "FromBlocked" else 0
+    if channels:
+        def i64(v: int) -> Value:
+            return op.constant(np.array([v], np.int64))
+
+        nhwc = (op.Slice(nhwc, i64(0), i64(channels), i64(3)) if opset >= 10
+                else op.Slice(nhwc, starts=[0], ends=[channels], axes=[3]))
     return [op.Transpose(nhwc, perm=[0, 3, 1, 2])]
 
 
@@ -510,7 +528,7 @@ def _decompose_blocked_conv(op: Any, node: Node, inputs: Sequence[Value | None],
 
 register_kiln_op("ToBlocked", inputs=(1, 1), attrs={"block": (AttrType.INT, 16)}, infer=_to_blocked_shape,
                  decompose=_decompose_to_blocked, validate=_validate_blocked)(to_blocked)
-register_kiln_op("FromBlocked", inputs=(1, 1), infer=_from_blocked_shape,
+register_kiln_op("FromBlocked", inputs=(1, 1), attrs={"channels": (AttrType.INT, 0)}, infer=_from_blocked_shape,
                  decompose=_decompose_from_blocked)(from_blocked)
 register_kiln_op("BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE_ATTRS}, infer=_blocked_conv_shape,
                  decompose=_decompose_blocked_conv, validate=_validate_epilogue)(blocked_conv)

@@ -565,8 +565,8 @@ _SMALL_CONST = 64
 def kiln_function(node: Node, opset: dict[str, int]) -> onnx.FunctionProto:
     """The local function that defines one kiln node's op in standard ONNX ops.
 
-    Nodes with the same op, attributes and input pattern share one function,
-    named by a short hash in its ``overload``.
+    Nodes with the same op, attributes and input types (dtypes and shapes: a decomposition
+    may depend on them) share one function, named by a short hash in its ``overload``.
     """
     import hashlib
 
@@ -574,7 +574,7 @@ def kiln_function(node: Node, opset: dict[str, int]) -> onnx.FunctionProto:
 
     body = decomposition_graph(node, opset)
     key = repr((node.op_type, sorted((k, repr(a.value)) for k, a in node.attrs.items()),
-                [None if v is None else (v.dtype, v.rank) for v in node.inputs], opset.get("", 0)))
+                [None if v is None else (v.dtype, v.shape) for v in node.inputs], opset.get("", 0)))
     overload = hashlib.sha256(key.encode()).hexdigest()[:12]
     nodes = [
         helper.make_node("Constant", [], [v.name], value=tensor_proto(v.const, v.name))  # type: ignore[arg-type]

@@ -6,16 +6,21 @@ for AVX-512, 8 for AVX2), so activations are stored ``[N, C/b, H, W, b]`` and we
 into ``kiln::BlockedConv`` between ``kiln::ToBlocked`` and ``kiln::FromBlocked``, then moves
 the transforms out of the way, so that only the boundaries of the blocked region pay one:
 
-- ``conv-blocked``, ``fused-conv-blocked``: the conv becomes BlockedConv. Its weight is
-  packed by a Reshape and a Transpose of the constant, which ``fold-constants`` folds;
+- ``conv-blocked``, ``fused-conv-blocked``: the conv becomes BlockedConv, with its weight
+  packed (a constant computed here, at compile time);
 - ``blocked-<op>``: an elementwise op reading ``FromBlocked(t)`` (unary, or binary with a
   scalar constant or another ``FromBlocked`` of the same shape) runs on ``t`` instead;
+- ``blocked-concat``: a channel Concat of blocked tensors concatenates their blocks;
 - ``unblock-reblock``: ``ToBlocked(FromBlocked(t))`` with the same block is ``t``.
 
-Eligible convs are 2-D, float32, with a static channel count: group 1 with the output
-channels a multiple of ``b`` (the input channels too, or fewer than ``b``, as in an RGB
-stem, which then form one block), or depthwise (group = C = O, a multiple of ``b``).
-Others stay in NCHW, with transforms around them where a blocked neighbour needs one.
+Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
+form blocks of ``b``, or one block when fewer, as in an RGB stem), or depthwise.
+
+Channel counts that ``b`` does not divide are padded to whole blocks. ToBlocked fills the
+extra lanes with zeros; later they hold whatever the ops compute from them, and the
+invariant is only that they stay **finite**: a BlockedConv multiplies them by zero weights,
+and FromBlocked drops them. So on padded tensors only ops that keep finite values finite
+move into the blocked region (not Exp, Sqrt, Div), and Concat moves only unpadded tensors.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ DEFAULT_BLOCK = 16
 UNARY_OPS = ("Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Exp", "Abs", "Neg", "Sqrt",
              "Erf", "Elu", "Selu", "Softplus")
 BINARY_OPS = ("Add", "Sub", "Mul", "Div", "Max", "Min")
+#: Those that may turn a finite value into inf or NaN: kept off tensors with padded lanes.
+UNSAFE_ON_PADDING = frozenset({"Exp", "Sqrt", "Div"})
 
 
 def _rng() -> np.random.Generator:
@@ -56,25 +63,25 @@ def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int] |
     c_in, c_out, group = x.shape[1], w.shape[0], node.attr("group", 1)
     if not isinstance(c_in, int):
         return "the input channel count is not static"
-    if c_out % block:
-        return f"{c_out} output channels are not a multiple of the block {block}"
     if group == 1:
-        if c_in % block == 0:
-            return block, block
-        if c_in < block:
-            return c_in, block
-        return f"{c_in} input channels are neither a multiple of the block {block} nor fewer"
+        return (c_in if c_in < block else block), block
     if group == c_in == c_out:
         return block, block
     return f"grouped conv (group {group}) that is not depthwise"
 
 
-def _pack_weight(op, w: Value, bi: int, bo: int, depthwise: bool) -> Value:
-    """``[O, I, kh, kw]`` -> ``[O/bo, I/bi', kh, kw, bi', bo]`` as Reshape + Transpose (folded later)."""
+def _padded(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def pack_weight(w: np.ndarray, bi: int, bo: int, depthwise: bool) -> np.ndarray:
+    """``[O, I, kh, kw]`` -> ``[O'/bo, I'/bi', kh, kw, bi', bo]``, zero-padded to whole blocks."""
     o, i, kh, kw = w.shape
     bi = 1 if depthwise else bi
-    shape = op.constant(np.array([o // bo, bo, i // bi, bi, kh, kw], np.int64), "packed_shape")
-    return op.Transpose(op.Reshape(w, shape), perm=[0, 2, 4, 5, 3, 1])
+    full = np.zeros((_padded(o, bo), _padded(i, bi), kh, kw), w.dtype)
+    full[:o, :i] = w
+    blocks = full.reshape(full.shape[0] // bo, bo, full.shape[1] // bi, bi, kh, kw)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 4, 5, 3, 1))
 
 
 def _conv_rule(core: str, block: int) -> RewriteRule:
@@ -90,26 +97,35 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
     def rewrite(op, x, w, conv, b=None, z=None):
         bi, bo = conv_blocks(conv, x, w, block)  # type: ignore[misc]
         depthwise = conv.attr("group", 1) != 1
+        c_out = w.shape[0]
         attrs = copy_attrs(conv, "auto_pad")
         attrs.setdefault("kernel_shape", list(w.shape[2:]))
+        if depthwise:
+            attrs["group"] = _padded(c_out, bo)
         xb = op.kiln.ToBlocked(x, block=bi)
         zb = op.kiln.ToBlocked(z, block=bo) if z is not None else None
-        y = op.kiln.BlockedConv(xb, _pack_weight(op, w, bi, bo, depthwise), b, zb, **attrs)
-        return op.kiln.FromBlocked(y)
+        packed = op.constant(pack_weight(w.numpy(), bi, bo, depthwise), f"{w.name}_packed")
+        bias = None
+        if b is not None:
+            full = np.zeros(_padded(c_out, bo), b.dtype.numpy)
+            full[:c_out] = b.numpy()
+            bias = b if len(full) == c_out else op.constant(full, f"{b.name}_padded")
+        y = op.kiln.BlockedConv(xb, packed, bias, zb, **attrs)
+        return op.kiln.FromBlocked(y, channels=c_out if c_out % bo else 0)
 
     def example() -> Graph:
         rng = _rng()
 
-        def build(op, x, *rest):
-            w = op.constant(rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.2)
-            b = op.constant(rng.standard_normal(32).astype(np.float32))
+        def build(op, x, *rest):  # 20 -> 24 channels: both padded to whole blocks of 16
+            w = op.constant(rng.standard_normal((24, 20, 3, 3)).astype(np.float32) * 0.2)
+            b = op.constant(rng.standard_normal(24).astype(np.float32))
             if core == "conv":
                 return op.Conv(x, w, b, pads=[1, 1, 1, 1], strides=[2, 2])
-            return op.kiln.FusedConv(x, w, b, rest[0], pads=[1, 1, 1, 1], kernel_shape=[3, 3], activation="Relu")
+            return op.kiln.FusedConv(x, w, b, rest[0], pads=[1, 1, 1, 1], kernel_shape=[3, 3], activation="Sigmoid")
 
-        inputs = {"x": (DType.FLOAT32, (1, 16, 6, 6))}
+        inputs = {"x": (DType.FLOAT32, (1, 20, 6, 6))}
         if core == "fused-conv":
-            inputs["z"] = (DType.FLOAT32, (1, 32, 6, 6))
+            inputs["z"] = (DType.FLOAT32, (1, 24, 6, 6))
         return example_graph(f"{core}_blocked", inputs, build)
 
     return RewriteRule(f"{core}-blocked", pattern, rewrite, check=check, example=example, rtol=1e-4, atol=1e-5,
@@ -120,15 +136,24 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
 # --------------------------------------------------------------------------- moving transforms
 
 
-def _blocked_source(v: Value) -> Value | None:
-    """``t`` if ``v`` is ``FromBlocked(t)``, else None."""
+def _unblocking(v: Value) -> Node | None:
+    """The ``FromBlocked`` node producing ``v``, or None."""
     p = v.producer
-    return p.input(0) if p is not None and p.domain == "kiln" and p.op_type == "FromBlocked" else None
+    return p if p is not None and p.domain == "kiln" and p.op_type == "FromBlocked" else None
 
 
-def _from_blocked_check(ctx: MatchContext, x: Value) -> MatchResult:
-    if _blocked_source(x) is None:
+def _is_padded(fb: Node) -> bool:
+    t = fb.input(0)
+    channels = fb.attr("channels", 0)
+    return bool(channels) and t is not None and t.shape is not None and channels != t.shape[1] * t.shape[-1]
+
+
+def _movable(x: Value, op_type: str) -> MatchResult:
+    fb = _unblocking(x)
+    if fb is None:
         return MatchResult.fail(f"%{x.name} is not unblocked by kiln::FromBlocked")
+    if op_type in UNSAFE_ON_PADDING and _is_padded(fb):
+        return MatchResult.fail(f"{op_type} could make the padded lanes of %{x.name} non-finite")
     return MatchResult.ok()
 
 
@@ -138,9 +163,13 @@ def _blocked_unary_rule(op_type: str) -> RewriteRule:
     def pattern(op, x):
         return getattr(op, op_type)(x, Optional(Const("lo")), Optional(Const("hi")), _name="act")
 
+    def check(ctx: MatchContext, x: Value) -> MatchResult:
+        return _movable(x, op_type)
+
     def rewrite(op, x, act, lo=None, hi=None):
-        inputs = [_blocked_source(x)] + ([lo, hi] if lo is not None or hi is not None else [])
-        return op.kiln.FromBlocked(getattr(op, op_type)(*inputs, **copy_attrs(act)))
+        fb = _unblocking(x)
+        inputs = [fb.input(0)] + ([lo, hi] if lo is not None or hi is not None else [])
+        return op.kiln.FromBlocked(getattr(op, op_type)(*inputs, **copy_attrs(act)), **copy_attrs(fb))
 
     def example() -> Graph:
         def build(op, x):
@@ -151,7 +180,7 @@ def _blocked_unary_rule(op_type: str) -> RewriteRule:
 
         return example_graph(f"blocked_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 8, 3, 3))}, build)
 
-    return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=_from_blocked_check, example=example,
+    return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=check, example=example,
                        description=f"{op_type} runs on blocked data: the unblocking moves after it.")
 
 
@@ -160,22 +189,22 @@ def _blocked_binary_rule(op_type: str) -> RewriteRule:
         return getattr(op, op_type)(x, other, _name="binary")
 
     def check(ctx: MatchContext, x: Value, other: Value) -> MatchResult:
-        t = _blocked_source(x)
-        if t is None:
-            return MatchResult.fail(f"%{x.name} is not unblocked by kiln::FromBlocked")
-        partner = _blocked_source(other)
-        if partner is not None and partner.shape == t.shape and t.shape is not None:
-            return MatchResult.ok()
+        movable = _movable(x, op_type)
+        if not movable:
+            return movable
+        t, partner = _unblocking(x).input(0), _unblocking(other)
+        if partner is not None and partner.input(0).shape == t.shape and t.shape is not None \
+                and partner.attrs == _unblocking(x).attrs:
+            return _movable(other, op_type)
         if other.is_constant and other.numpy().size == 1:
             return MatchResult.ok()
         return MatchResult.fail(f"the other operand %{other.name} is neither a scalar constant nor "
                                 "unblocked from the same blocked shape")
 
     def rewrite(op, x, other, binary):
-        t = _blocked_source(x)
-        partner = _blocked_source(other)
-        rhs = partner if partner is not None and partner.shape == t.shape else other
-        return op.kiln.FromBlocked(getattr(op, op_type)(t, rhs))
+        fb, partner = _unblocking(x), _unblocking(other)
+        rhs = partner.input(0) if partner is not None and partner.input(0).shape == fb.input(0).shape else other
+        return op.kiln.FromBlocked(getattr(op, op_type)(fb.input(0), rhs), **copy_attrs(fb))
 
     def example() -> Graph:
         def build(op, x, y):
@@ -189,6 +218,47 @@ def _blocked_binary_rule(op_type: str) -> RewriteRule:
     return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=check, example=example,
                        description=f"{op_type} of blocked data (with a scalar, or another blocked tensor of the same "
                                    "shape) runs blocked.")
+
+
+def _concat_pattern(op, first):
+    return op.Concat(first, _name="concat", _allow_extra_inputs=True)
+
+
+def _concat_check(ctx: MatchContext, concat: Node) -> MatchResult:
+    axis = concat.attr("axis", 0)
+    rank = concat.outputs[0].rank
+    if rank is None or axis % rank != 1:
+        return MatchResult.fail(f"Concat on axis {axis}, not the channels")
+    blocks = set()
+    for v in concat.inputs:
+        fb = _unblocking(v) if v is not None else None
+        if fb is None:
+            return MatchResult.fail(f"input %{v.name if v else '?'} is not unblocked by kiln::FromBlocked")
+        if _is_padded(fb):
+            return MatchResult.fail(f"input %{v.name} has padded lanes")
+        blocks.add(fb.input(0).shape[-1] if fb.input(0).shape else None)
+    if len(blocks) != 1 or None in blocks:
+        return MatchResult.fail(f"inputs are blocked differently: {sorted(map(str, blocks))}")
+    return MatchResult.ok()
+
+
+def _concat_rewrite(op, first, concat):
+    return op.kiln.FromBlocked(op.Concat(*[_unblocking(v).input(0) for v in concat.inputs], axis=1))
+
+
+def _concat_example() -> Graph:
+    def build(op, x, y):
+        return op.Concat(op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4)),
+                         op.kiln.FromBlocked(op.kiln.ToBlocked(y, block=4)), axis=1)
+
+    return example_graph("blocked_concat", {"x": (DType.FLOAT32, (1, 8, 3, 3)), "y": (DType.FLOAT32, (1, 4, 3, 3))},
+                         build)
+
+
+BLOCKED_CONCAT = RewriteRule(
+    "blocked-concat", _concat_pattern, _concat_rewrite, check=_concat_check, example=_concat_example,
+    description="A channel Concat of blocked tensors (no padded lanes, one block size) concatenates their blocks.",
+)
 
 
 def _unblock_reblock_pattern(op, t):
@@ -215,7 +285,7 @@ UNBLOCK_REBLOCK = RewriteRule(
     example=_unblock_reblock_example, description="Blocking what was just unblocked, with the same block, is a no-op.",
 )
 
-MOVE_RULES = [UNBLOCK_REBLOCK, *(_blocked_unary_rule(o) for o in UNARY_OPS),
+MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, *(_blocked_unary_rule(o) for o in UNARY_OPS),
               *(_blocked_binary_rule(o) for o in BINARY_OPS)]
 
 
