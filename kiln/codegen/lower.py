@@ -108,6 +108,16 @@ def branch_failure(graph: Graph) -> str | None:
     return None
 
 
+def compiled_graphs(graph: Graph) -> list[Graph]:
+    """``graph`` and the subgraphs that get compiled: those of needed nodes, less branches that fail at run time."""
+    out = [graph]
+    for n in needed_nodes(graph):
+        for sub in n.subgraphs():
+            if branch_failure(sub) is None:
+                out += compiled_graphs(sub)
+    return out
+
+
 @dataclass
 class Lowered:
     """A lowered model: the Relax module and the order of ``main``'s parameters."""
@@ -184,9 +194,10 @@ class Lowerer:
             self.env[id(v)] = var
             params.append(var)
         weights: dict[str, np.ndarray] = {}
-        read = {id(v) for g in self.graph.walk_graphs() for n in needed_nodes(g) for v in _reads(n)}
-        read |= {id(v) for g in self.graph.walk_graphs() for v in g.outputs}
-        for v in (c for g in self.graph.walk_graphs() for c in g.constants.values()):
+        graphs = compiled_graphs(self.graph)
+        read = {id(v) for g in graphs for n in needed_nodes(g) for v in _reads(n)}
+        read |= {id(v) for g in graphs for v in g.outputs}
+        for v in (c for g in graphs for c in g.constants.values()):
             if id(v) not in read:
                 continue
             arr = v.numpy()
@@ -231,7 +242,7 @@ class Lowerer:
         """
         from tvm import relax
 
-        weights = [c for g in graph.walk_graphs() for c in g.constants.values()]  # main's parameters
+        weights = [c for g in compiled_graphs(graph) for c in g.constants.values()]  # main's parameters
         reads = list({id(v): v for v in outer_reads(graph) + weights
                       if isinstance(self.env.get(id(v)), relax.Var)}.values())
         outer = {id(v): self.env[id(v)] for v in reads}
