@@ -42,7 +42,7 @@ def inline_if(node: Node, taken: bool) -> list[Value]:
         if not o.name:
             continue
         b = src
-        if id(b) not in inner or id(b) in used or b.is_graph_output:
+        if id(b) not in inner or id(b) in used:
             # an outer value, or one already standing for another output: an Identity carries the name
             b = g.make_node("Identity", [src], before=node).outputs[0]
             b.dtype, b.shape = src.dtype, src.shape
@@ -72,12 +72,12 @@ def forget_shapes_after(values: list[Value]) -> None:
 
 
 def _readers(v: Value) -> list[Node]:
-    """The nodes reading ``v``; a read from inside a subgraph counts for the subgraph's node too."""
+    """The nodes reading ``v``; a read from inside a subgraph counts for the nodes holding it, up to ``v``'s graph."""
     out = []
     for n in v.users:
         out.append(n)
         g = n.graph
-        while g is not None and g.parent_node is not None:
+        while g is not None and g is not v.graph and g.parent_node is not None:
             out.append(g.parent_node)
             g = g.parent_node.graph
     return out
