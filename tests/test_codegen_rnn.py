@@ -130,6 +130,31 @@ def test_loop_is_refused_by_name(tmp_path):
         build(kiln.load(model), tmp_path / "m.kiln")
 
 
+def test_silero_helper_ops_compile_and_match(tmp_path):
+    """1-D Conv (groups, strides, asymmetric pads), Pad (reflect, edge, constant), Gather, ReduceMean and Not."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 2, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0, 0, 2, 0, 0, 3], np.int64), "pads"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([2, -1], np.int64), "idx")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], group=2, strides=[2], pads=[1, 2]),
+        helper.make_node("Pad", ["c", "pads"], ["pr"], mode="reflect"),
+        helper.make_node("Pad", ["c", "pads"], ["pe"], mode="edge"),
+        helper.make_node("Pad", ["c", "pads"], ["pc"]),
+        helper.make_node("Gather", ["pr", "one"], ["g0"], axis=1),
+        helper.make_node("Gather", ["pe", "idx"], ["g1"], axis=2),
+        helper.make_node("ReduceMean", ["pc"], ["m"], axes=[1, 2], keepdims=1),
+        helper.make_node("Not", ["flag"], ["nf"]),
+    ]
+    model = make_model(nodes, [f32("x", [2, 4, 9]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [3])],
+                       [f32(o, None) for o in ("g0", "g1", "m")] +
+                       [helper.make_tensor_value_info("nf", TensorProto.BOOL, None)], inits, opset=13)
+    feeds = {"x": rng.standard_normal((2, 4, 9)).astype(np.float32), "flag": np.array([True, False, True])}
+    _compile_and_compare(model, tmp_path, [feeds])
+
+
 # ------------------------------------------------------------------ silero-vad
 
 

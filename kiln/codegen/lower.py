@@ -248,9 +248,13 @@ class Lowerer:
         outer = {id(v): self.env[id(v)] for v in reads}
         params = [relax.Var(_ident(v.name), outer[id(v)].ty) for v in reads]
         self.env.update({id(v): p for v, p in zip(reads, params)})
+
+        def body() -> Any:
+            self.lower_nodes(needed_nodes(graph))
+            return self.pack(graph.outputs)
+
         try:
-            return self.call_function(name, params, [outer[id(v)] for v in reads],
-                                      lambda: (self.lower_nodes(needed_nodes(graph)), self.pack(graph.outputs))[1])
+            return self.call_function(name, params, [outer[id(v)] for v in reads], body)
         finally:
             self.env.update(outer)
 
