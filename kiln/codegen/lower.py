@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -46,25 +46,76 @@ def lowers(*ops: str, domain: str = "", reads: tuple[int, ...] | None = None) ->
     return register
 
 
+#: For ops whose inputs can be wrong in a way the model itself only meets at run time (onnxruntime fails
+#: there too): a check that says why. An If branch that fails such a check at the pinned shapes compiles to a
+#: run-time error instead of code (silero-vad's 8 kHz branch given 512 samples).
+FailureCheck = Callable[[Node], "str | None"]
+RUN_TIME_FAILURES: dict[tuple[str, str], FailureCheck] = {}
+
+
+def run_time_failure(*ops: str, domain: str = "") -> Callable[[FailureCheck], FailureCheck]:
+    def register(fn: FailureCheck) -> FailureCheck:
+        for op in ops:
+            RUN_TIME_FAILURES[(domain, op)] = fn
+        return fn
+
+    return register
+
+
+def _reads(node: Node) -> Iterator[Value]:
+    """The values lowering ``node`` reads: the inputs its lowering uses, and what its subgraphs read from outside."""
+    reads = DATA_INPUTS.get((node.domain, node.op_type))
+    for i, inp in enumerate(node.inputs):
+        if inp is not None and (reads is None or i in reads):
+            yield inp
+    for sub in node.subgraphs():
+        yield from outer_reads(sub)
+
+
+def outer_reads(graph: Graph) -> list[Value]:
+    """The values of enclosing graphs that ``graph``'s needed nodes (and outputs) read."""
+    own = {id(v) for v in graph.values()}
+    out = [v for n in needed_nodes(graph) for v in _reads(n) if id(v) not in own]
+    return out + [v for v in graph.outputs if id(v) not in own]
+
+
 def needed_nodes(graph: Graph) -> list[Node]:
-    """The nodes whose values the outputs depend on, through the inputs each lowering reads, in order.
+    """The nodes of ``graph`` whose values its outputs depend on, through the inputs each lowering reads, in order.
 
     A Reshape whose target is computed from ``Shape`` ops does not need that computation: its
-    output shape is known symbolically, so the shape subgraph is not compiled at all.
+    output shape is known symbolically, so the shape subgraph is not compiled at all. A node
+    with subgraphs (If) needs what they read from outside.
     """
     live: set[int] = set()
     stack = [v for v in graph.outputs]
     while stack:
         v = stack.pop()
         n = v.producer
-        if n is None or id(n) in live:
+        if n is None or n.graph is not graph or id(n) in live:
             continue
         live.add(id(n))
-        reads = DATA_INPUTS.get((n.domain, n.op_type))
-        for i, inp in enumerate(n.inputs):
-            if inp is not None and (reads is None or i in reads):
-                stack.append(inp)
+        stack.extend(_reads(n))
     return [n for n in graph.nodes if id(n) in live]
+
+
+def branch_failure(graph: Graph) -> str | None:
+    """Why running ``graph`` (an If branch) would fail at run time at its shapes, or None."""
+    for n in needed_nodes(graph):
+        check = RUN_TIME_FAILURES.get((n.domain, n.op_type))
+        reason = check(n) if check is not None else None
+        if reason:
+            return reason
+    return None
+
+
+def compiled_graphs(graph: Graph) -> list[Graph]:
+    """``graph`` and the subgraphs that get compiled: those of needed nodes, less branches that fail at run time."""
+    out = [graph]
+    for n in needed_nodes(graph):
+        for sub in n.subgraphs():
+            if branch_failure(sub) is None:
+                out += compiled_graphs(sub)
+    return out
 
 
 @dataclass
@@ -77,11 +128,16 @@ class Lowered:
 
 
 def unsupported(graph: Graph) -> dict[tuple[str, str], list[str]]:
-    """Every op the compiled graph needs but kiln cannot lower, with the nodes that use it."""
+    """Every op the compiled graph needs but kiln cannot lower, with the nodes that use it (subgraphs too)."""
     out: dict[tuple[str, str], list[str]] = {}
     for n in needed_nodes(graph):
         if (n.domain, n.op_type) not in LOWERINGS:
             out.setdefault((n.domain, n.op_type), []).append(n.name)
+            continue
+        for sub in n.subgraphs():
+            if branch_failure(sub) is None:  # a branch that fails at run time is not compiled
+                for key, names in unsupported(sub).items():
+                    out.setdefault(key, []).extend(names)
     return out
 
 
@@ -152,18 +208,16 @@ class Lowerer:
             parts = "; ".join(f"{d + '::' if d else ''}{op} (nodes: {', '.join(ns[:3])})" for (d, op), ns in sorted(missing.items()))
             raise CodegenError(f"kiln cannot compile these ops yet: {parts}")
         nodes = needed_nodes(self.graph)
-        if any(True for n in nodes for _ in n.subgraphs()):
-            raise CodegenError("graphs with If/Loop/Scan subgraphs cannot be compiled yet")
         params = []
         for v in self.graph.inputs:
             var = relax.Var(_ident(v.name), self.tensor_type(v))
             self.env[id(v)] = var
             params.append(var)
         weights: dict[str, np.ndarray] = {}
-        read = {id(v) for n in nodes for i, v in enumerate(n.inputs) if v is not None and (
-            DATA_INPUTS.get((n.domain, n.op_type)) is None or i in DATA_INPUTS[(n.domain, n.op_type)])}
-        read |= {id(v) for v in self.graph.outputs}
-        for v in self.graph.constants.values():
+        graphs = compiled_graphs(self.graph)
+        read = {id(v) for g in graphs for n in needed_nodes(g) for v in _reads(n)}
+        read |= {id(v) for g in graphs for v in g.outputs}
+        for v in (c for g in graphs for c in g.constants.values()):
             if id(v) not in read:
                 continue
             arr = v.numpy()
@@ -175,16 +229,65 @@ class Lowerer:
                 params.append(var)
                 weights[v.name] = arr
         with self.bb.function("main", params):
-            with self.bb.dataflow():
-                for node in nodes:
-                    outs = LOWERINGS[(node.domain, node.op_type)](self, node)
-                    for o, r in zip([o for o in node.outputs if o.name], outs):
-                        self.env[id(o)] = r
-                        self.bind_dims(o, r)
-                results = [self.get(v) for v in self.graph.outputs]
-                out = self.bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+            if any(True for n in nodes for _ in n.subgraphs()):
+                # relax.If stands outside dataflow blocks: with control flow, main is one plain binding block
+                self.lower_nodes(nodes)
+                out = self.bb.emit(self.pack(self.graph.outputs))
+            else:
+                with self.bb.dataflow():
+                    self.lower_nodes(nodes)
+                    out = self.bb.emit_output(self.pack(self.graph.outputs))
             self.bb.emit_func_output(out)
         return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights)
+
+    def lower_nodes(self, nodes: list[Node]) -> None:
+        """Emit each node's lowering in the current block and record its outputs."""
+        for node in nodes:
+            outs = LOWERINGS[(node.domain, node.op_type)](self, node)
+            for o, r in zip([o for o in node.outputs if o.name], outs):
+                self.env[id(o)] = r
+                self.bind_dims(o, r)
+
+    def pack(self, values: list[Value]) -> Any:
+        """One value as itself, several as a Relax tuple."""
+        from tvm import relax
+
+        results = [self.get(v) for v in values]
+        return results[0] if len(results) == 1 else relax.Tuple(results)
+
+    def lower_branch(self, graph: Graph, name: str) -> Any:
+        """``graph`` (an If branch) as a call to its own Relax function, which takes the outer values it reads.
+
+        A function of its own, not bindings inside the If: TVM's memory planner (StaticPlanBlockMemory)
+        mishandles allocations inside If branches (apache/tvm#17348) and the VM then crashes.
+        """
+        from tvm import relax
+
+        weights = [c for g in compiled_graphs(graph) for c in g.constants.values()]  # main's parameters
+        reads = list({id(v): v for v in outer_reads(graph) + weights
+                      if isinstance(self.env.get(id(v)), relax.Var)}.values())
+        outer = {id(v): self.env[id(v)] for v in reads}
+        params = [relax.Var(_ident(v.name), outer[id(v)].ty) for v in reads]
+        self.env.update({id(v): p for v, p in zip(reads, params)})
+
+        def body() -> Any:
+            self.lower_nodes(needed_nodes(graph))
+            return self.pack(graph.outputs)
+
+        try:
+            return self.call_function(name, params, [outer[id(v)] for v in reads], body)
+        finally:
+            self.env.update(outer)
+
+    def call_function(self, name: str, params: list[Any], args: list[Any], body: Callable[[], Any]) -> Any:
+        """Build a Relax function from what ``body`` emits (returning its result); an expression calling it."""
+        from tvm import relax
+
+        self.bb._begin_binding_block()
+        result = body()
+        fn = relax.Function(params, self.bb.normalize(relax.SeqExpr([self.bb._end_block()], result)))
+        gv = self.bb.add_func(fn, _ident(name))
+        return relax.SeqExpr([], relax.Call(gv, args))
 
 
 def _ident(name: str) -> str:
@@ -336,8 +439,16 @@ def _cast(lw: Lowerer, node: Node) -> list[Any]:
 def _conv2d(x: Any, w: Any, node: Node) -> Any:
     topi = _topi()
     k = len(w.shape) - 2
+    if k == 1:  # 1-D: a 2-D convolution over a height of 1
+        p, st, dl = (list(node.attr(a, ()) or [d]) for a, d in (("pads", 0), ("strides", 1), ("dilations", 1)))
+        x4 = topi.reshape(x, (x.shape[0], x.shape[1], 1, x.shape[2]))
+        w4 = topi.reshape(w, (w.shape[0], w.shape[1], 1, w.shape[2]))
+        conv = topi.nn.conv2d_nchw if node.attr("group", 1) == 1 else (
+            lambda *a: topi.nn.group_conv2d_nchw(*a, node.attr("group", 1)))
+        y = conv(x4, w4, (1, st[0]), (0, p[0], 0, p[-1]), (1, dl[0]))
+        return topi.reshape(y, (y.shape[0], y.shape[1], y.shape[3]))
     if k != 2:
-        raise CodegenError(f"node {node.label()}: only 2-D convolutions compile yet")
+        raise CodegenError(f"node {node.label()}: only 1-D and 2-D convolutions compile yet")
     pads = list(node.attr("pads", ()) or [0] * 4)
     strides = list(node.attr("strides", ()) or [1, 1])
     dil = list(node.attr("dilations", ()) or [1, 1])
@@ -348,9 +459,9 @@ def _conv2d(x: Any, w: Any, node: Node) -> Any:
     return topi.nn.group_conv2d_nchw(x, w, strides, padding, dil, group)
 
 
-def _channel(b: Any) -> Any:
-    """A per-channel vector as [1, C, 1, 1] for broadcasting over NCHW."""
-    return _topi().reshape(b, (1, b.shape[0], 1, 1))
+def _channel(b: Any, ndim: int = 4) -> Any:
+    """A per-channel vector as [1, C, 1, 1] (for ``ndim`` 4) for broadcasting over NCHW."""
+    return _topi().reshape(b, (1, b.shape[0]) + (1,) * (ndim - 2))
 
 
 def _check_conv(node: Node) -> None:
@@ -366,7 +477,7 @@ def _conv(lw: Lowerer, node: Node) -> list[Any]:
     def compute(x: Any, w: Any, *b: Any) -> Any:
         y = _conv2d(x, w, node)
         if b:
-            y = _topi().add(y, _channel(b[0]))
+            y = _topi().add(y, _channel(b[0], len(y.shape)))
         return y
 
     return [lw.emit(compute, x, w, *([b] if b is not None else []), name="conv2d")]
@@ -384,7 +495,7 @@ def _fused_conv(lw: Lowerer, node: Node) -> list[Any]:
         y = _conv2d(x, w, node)
         rest_l = list(rest)
         if has_b:
-            y = topi.add(y, _channel(rest_l.pop(0)))
+            y = topi.add(y, _channel(rest_l.pop(0), len(y.shape)))
         if has_z:
             y = topi.add(y, rest_l.pop(0))
         return _activation(y, act, params)
@@ -796,4 +907,4 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
 
 
 # Op families in their own files register into LOWERINGS when imported.
-from kiln.codegen import lower_blocked  # noqa: E402,F401
+from kiln.codegen import lower_blocked, lower_control, lower_rnn  # noqa: E402,F401

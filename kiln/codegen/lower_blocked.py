@@ -14,7 +14,6 @@ from typing import Any
 from kiln.codegen.lower import CodegenError, Lowerer, activation_expr, lowers
 from kiln.ir import Node
 
-OPAQUE = 8  # TVM's kOpaque op pattern: FuseOps leaves the func alone, so its schedule applies as written
 
 
 @lowers("ToBlocked", domain="kiln")
@@ -103,4 +102,4 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
     kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
-    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind, "op_pattern": OPAQUE})]
+    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind})]

@@ -1,7 +1,7 @@
 """kiln's default CPU schedules, applied without tuning.
 
 TVM's Relax CPU pipeline schedules nothing: every prim func runs as one serial loop nest.
-kiln runs its own pipeline (:func:`cpu_pipeline`): TVM's legalisation and fusion, then
+kiln runs its own pipeline (:func:`cpu_pipeline`): TVM's legalisation, then
 :func:`schedule_module`, then TVM's lowering. Each prim func gets
 
 - the schedule named by its ``kiln.schedule`` attribute, set by the lowering
@@ -188,10 +188,15 @@ def schedule_module(mod: Any) -> Any:
 
 
 def cpu_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline with kiln's schedules applied after fusion."""
+    """tvm.compile's default CPU pipeline with kiln's schedules applied after legalisation.
+
+    kiln's passes decide what is fused, so TVM's FuseOps/FuseTIR and FoldConstant stay out,
+    as in tvm.compile's default: FoldConstant would run kernels at compile time (among them
+    the ones that report a run-time failure of an If branch), and FuseOps drops calls whose
+    results go unused (those same failure reports).
+    """
     import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.relax import backend, transform
 
     @tvm.transform.module_pass(opt_level=0, name="KilnSchedule")
     def kiln_schedule(mod: Any, _ctx: Any) -> Any:
@@ -199,11 +204,14 @@ def cpu_pipeline(target: Any) -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
+        seq = tvm.transform.Sequential([
+            backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(), kiln_schedule,
+            transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),
+            transform.VMShapeLower(), transform.AttachGlobalSymbol(),
+        ])
         with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target) + [kiln_schedule]
-                + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
             return seq(mod)
 
-    del relax
     return pipeline

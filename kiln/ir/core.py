@@ -644,6 +644,25 @@ class Graph:
         node.detach_inputs()
         node.graph = None
 
+    def absorb(self, sub: Graph, before: Node) -> None:
+        """Move every node and constant of ``sub`` (a subgraph in this model) in here, before ``before``.
+
+        Names, inputs and uses stay as they are (the model shares one name table), so reads of
+        outer values keep working; ``sub`` is left empty. The caller rewires ``sub``'s outputs.
+        """
+        if sub.inputs:
+            raise GraphError(f"graph '{sub.name}' has inputs; only an input-less body (an If branch) can be absorbed")
+        idx = self._index(before)
+        for v in sub.constants.values():
+            v.graph = self
+            self.constants[v.name] = v
+        for n in sub._nodes:
+            n.graph = self
+            for o in n.outputs:
+                o.graph = self
+        self._nodes[idx:idx] = sub._nodes
+        sub._nodes, sub.constants = [], {}
+
     def set_nodes(self, nodes: Sequence[Node]) -> None:
         """Reorder the graph's nodes (same set, new order), e.g. after a topological sort."""
         if {id(n) for n in nodes} != {id(n) for n in self._nodes} or len(nodes) != len(self._nodes):

@@ -590,9 +590,12 @@ def kiln_function(node: Node, opset: dict[str, int]) -> onnx.FunctionProto:
 
 
 def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None = None,
-                 with_value_info: bool = False) -> GraphProto:
+                 with_value_info: bool = False, hoist: list[ValueInfoProto] | None = None) -> GraphProto:
+    """``graph`` as a GraphProto. Without ``weights``, big constants become typed inputs; a subgraph
+    cannot take inputs of its own (an If branch has none), so its go to the top graph's (``hoist``)."""
     overloads = overloads or {}
-    nodes = [_node_proto(n, weights, overloads) for n in graph.nodes]
+    hoisted: list[ValueInfoProto] = [] if hoist is None else hoist
+    nodes = [_node_proto(n, weights, overloads, hoisted) for n in graph.nodes]
     inputs = [value_info(v) for v in graph.inputs]
     inits = []
     for v in graph.constants.values():
@@ -600,7 +603,9 @@ def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None =
         if weights or v.const.size <= _SMALL_CONST:
             inits.append(tensor_proto(v.const, v.name))
         else:
-            inputs.append(value_info(v))
+            hoisted.append(value_info(v))
+    if hoist is None:
+        inputs += hoisted
     outputs = [value_info(v) for v in graph.outputs]
     out_names = {v.name for v in graph.outputs}
     infos = [
@@ -612,7 +617,8 @@ def _graph_proto(graph: Graph, weights: bool, overloads: dict[int, str] | None =
     return helper.make_graph(nodes, graph.name, inputs, outputs, initializer=inits, value_info=infos)
 
 
-def _node_proto(n: Node, weights: bool, overloads: dict[int, str] | None = None) -> NodeProto:
+def _node_proto(n: Node, weights: bool, overloads: dict[int, str] | None = None,
+                hoist: list[ValueInfoProto] | None = None) -> NodeProto:
     proto = helper.make_node(
         n.op_type,
         ["" if v is None else v.name for v in n.inputs],
@@ -625,20 +631,21 @@ def _node_proto(n: Node, weights: bool, overloads: dict[int, str] | None = None)
     if n.doc:
         proto.doc_string = n.doc
     for k, a in n.attrs.items():
-        proto.attribute.append(_attr_proto(k, a, weights, overloads))
+        proto.attribute.append(_attr_proto(k, a, weights, overloads, hoist))
     return proto
 
 
-def _attr_proto(name: str, a: Attr, weights: bool, overloads: dict[int, str] | None = None) -> AttributeProto:
+def _attr_proto(name: str, a: Attr, weights: bool, overloads: dict[int, str] | None = None,
+                hoist: list[ValueInfoProto] | None = None) -> AttributeProto:
     t = a.type
     if t is AttrType.TENSOR:
         return helper.make_attribute(name, tensor_proto(a.value, ""))
     if t is AttrType.TENSORS:
         return helper.make_attribute(name, [tensor_proto(x, "") for x in a.value], attr_type=AttributeProto.TENSORS)
     if t is AttrType.GRAPH:
-        return helper.make_attribute(name, _graph_proto(a.value, weights, overloads))
+        return helper.make_attribute(name, _graph_proto(a.value, weights, overloads, hoist=hoist))
     if t is AttrType.GRAPHS:
-        return helper.make_attribute(name, [_graph_proto(g, weights, overloads) for g in a.value],
+        return helper.make_attribute(name, [_graph_proto(g, weights, overloads, hoist=hoist) for g in a.value],
                                      attr_type=AttributeProto.GRAPHS)
     if t is AttrType.FLOATS:
         return helper.make_attribute(name, list(a.value), attr_type=AttributeProto.FLOATS)

@@ -1,14 +1,14 @@
 """kiln's pipelines, top to bottom: which passes each optimisation level runs.
 
     O0  nothing
-    O1  cleanup and folding: fold-constants, simplify (no-ops and algebra), cse, dce
+    O1  cleanup and folding: fold-constants, inline-if (Ifs on constants), simplify (no-ops and algebra), cse, dce
     O2  O1, then the fusions: fuse-conv, fuse-transformer
     O3  O2, then layout: convs in NCHW[b]c with pre-packed weights (b from the target's vector width)
 """
 
 from __future__ import annotations
 
-from kiln.passes import cleanup, fold_constants, fuse_conv, fuse_transformer, layout, simplify  # noqa: F401 - registration
+from kiln.passes import cleanup, control_flow, fold_constants, fuse_conv, fuse_transformer, layout, simplify  # noqa: F401 - registration
 from kiln.passes.manager import Pass, PassError, get_pass
 from kiln.passes.rules import register_rule_set
 
@@ -18,9 +18,9 @@ register_rule_set("fuse-transformer", fuse_transformer.RULES)
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],
-    "O1": ["fold-constants", "simplify", "cse", "dce"],
-    "O2": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
-    "O3": ["fold-constants", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce", "layout",
+    "O1": ["fold-constants", "inline-if", "simplify", "cse", "dce"],
+    "O2": ["fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
+    "O3": ["fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce", "layout",
            "fold-constants", "cse", "dce"],
 }
 

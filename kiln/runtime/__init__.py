@@ -151,7 +151,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on one set of inputs (keyed by input name); returns outputs by name."""
         arrays = self._check(inputs)
-        keep = [_aligned(np.ascontiguousarray(a)) for a in arrays]
+        keep = [_aligned(np.asarray(a, order="C")) for a in arrays]  # ascontiguousarray makes 0-d arrays 1-d
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
         result = self._vm()["main"](*args, *self._weights)
         outs = [result] if len(self.outputs) == 1 else list(result)

@@ -1,0 +1,70 @@
+"""Lowering of ``If`` on a run-time condition to ``relax.If``.
+
+(An ``If`` on a constant never gets here: the ``inline-if`` pass replaces it by
+its taken branch.) Each branch becomes a ``SeqExpr`` with its own binding block,
+and may read any value of the enclosing graphs. A branch that would fail at run
+time at the pinned shapes (see ``RUN_TIME_FAILURES``) compiles to an assertion
+with the reason, so taking it fails as it does in onnxruntime. Loop and Scan have
+no lowering, so ``kiln compile`` refuses them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.codegen.lower import CodegenError, Lowerer, _topi, branch_failure, lowers
+from kiln.ir import Graph, Node, is_static
+
+
+def _failing_branch(lw: Lowerer, node: Node, reason: str, like: Graph, name: str) -> Any:
+    """A branch that raises ``reason`` when taken, typed like the outputs of the branch ``like``."""
+    from tvm import relax
+
+    for v in like.outputs:
+        if not is_static(v.shape) or v.dtype is None:
+            raise CodegenError(f"node {node.label()}: a branch fails at run time ({reason}), and the other "
+                               f"branch's output '{v.name}' is {v.type_str()}, not a static shape")
+
+    message = f"kiln: If {node.label()} took a branch that cannot run at the compiled shapes: {reason}"
+
+    def fail() -> Any:  # a TIR assertion: relax's assert_op lives in the compiler library, not the runtime
+        import tvm
+        from tvm import te, tirx
+
+        # AssertStmt's Python wrapper names its first two parameters (kind, condition) but passes them on
+        # in the order the constructor takes, (condition, kind)
+        return te.extern((1,), [], lambda ins, outs: tirx.AssertStmt(
+            tirx.const(False), tvm.ir.StringImm("RuntimeError"), [tvm.ir.StringImm(message)]), dtype="int32",
+            name="fail")
+
+    def body() -> Any:
+        lw.emit(fail, name="kiln_fail")
+        outs = [lw.emit(lambda: _topi().full(list(v.shape), v.dtype.numpy.name, 0), name="zeros")
+                for v in like.outputs]
+        return outs[0] if len(outs) == 1 else relax.Tuple(outs)
+
+    return lw.call_function(name, [], [], body)
+
+
+@lowers("If")
+def _if(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import relax
+
+    c = node.input(0)
+    cond = lw.get(c)
+    if c.shape != ():  # ONNX allows a one-element tensor; relax.If takes a scalar
+        cond = lw.emit(lambda t: _topi().reshape(t, ()), cond, name="if_cond")
+    branches: list[Graph] = [node.attr("then_branch"), node.attr("else_branch")]
+    failures = [branch_failure(b) for b in branches]
+    if all(failures):
+        raise CodegenError(f"node {node.label()}: neither branch can run at the compiled shapes: {failures[0]}")
+    names = [f"{node.name or 'if'}_{side}" for side in ("then", "else")]
+    bodies = [None if f else lw.lower_branch(b, n) for b, f, n in zip(branches, failures, names)]
+    good = branches[failures.index(None)]
+    bodies = [body if body is not None else _failing_branch(lw, node, f, good, n)
+              for body, f, n in zip(bodies, failures, names)]
+    result = lw.bb.emit(relax.If(cond, bodies[0], bodies[1]))
+    n = len([o for o in node.outputs if o.name])
+    if len(good.outputs) == 1:
+        return [result]
+    return [lw.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
