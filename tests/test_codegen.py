@@ -325,3 +325,25 @@ def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
         x = rng.standard_normal((batch, 3, 30, 30)).astype(np.float32)
         cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
         assert cmp.passed, cmp.max_abs
+
+
+def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):
+    """MaxPool, AveragePool (ceil mode) and GlobalAveragePool on a 24-channel conv output (padded to
+    two blocks) stay in the blocked layout: 3-D pools with a lane window of 1, and a ReduceMean."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((24, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    model = make_model([
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["c"], ["a"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"]),
+    ], [f32("x", [1, 3, 15, 15])], [f32("p", None), f32("a", None), f32("g", None)], [w])
+    g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
+    assert [n.op_type for n in g.nodes].count("FromBlocked") == 3 and "GlobalAveragePool" not in [n.op_type for n in g.nodes]
+    build(g, tmp_path / "pool.kiln")
+    x = rng.standard_normal((1, 3, 15, 15)).astype(np.float32)
+    cmp = compare("pools", kiln.runtime.load(tmp_path / "pool.kiln").run({"x": x}), ort_outputs(model, {"x": x}),
+                  rtol=1e-4, atol=1e-5)
+    assert cmp.passed, cmp.max_abs

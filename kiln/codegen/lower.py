@@ -550,13 +550,20 @@ def _pool(lw: Lowerer, node: Node) -> list[Any]:
     if len([o for o in node.outputs if o.name]) > 1:
         raise CodegenError(f"node {node.label()}: MaxPool indices do not compile yet")
     kernel, strides, dil, pads = _pool_args(node)
+    layout = "NCHW"
+    x = node.input(0)
+    if len(kernel) == 3 and kernel[2] == strides[2] == dil[2] == 1 and pads[2] == pads[5] == 0 and x.shape \
+            and isinstance(x.shape[-1], int):
+        # blocked NCHW[b]c data (the layout pass): a 2-D pool with a window of 1 over the lanes
+        kernel, strides, dil, pads = kernel[:2], strides[:2], dil[:2], [pads[0], pads[1], pads[3], pads[4]]
+        layout = f"NCHW{x.shape[-1]}c"
     if len(kernel) != 2:
         raise CodegenError(f"node {node.label()}: only 2-D pooling compiles yet")
     kind = "max" if node.op_type == "MaxPool" else "avg"
     ceil = bool(node.attr("ceil_mode", 0))
     include_pad = bool(node.attr("count_include_pad", 0))
-    return [lw.emit(lambda x: _topi().nn.pool2d(x, kernel, strides, dil, pads, kind, ceil, "NCHW", include_pad),
-                    lw.get(node.input(0)), name=f"{kind}_pool2d")]
+    return [lw.emit(lambda t: _topi().nn.pool2d(t, kernel, strides, dil, pads, kind, ceil, layout, include_pad),
+                    lw.get(x), name=f"{kind}_pool2d")]
 
 
 @lowers("GlobalAveragePool", "GlobalMaxPool")

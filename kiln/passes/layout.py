@@ -11,6 +11,8 @@ the transforms out of the way, so that only the boundaries of the blocked region
 - ``blocked-<op>``: an elementwise op reading ``FromBlocked(t)`` (unary, or binary with a
   scalar constant or another ``FromBlocked`` of the same shape) runs on ``t`` instead;
 - ``blocked-concat``: a channel Concat of blocked tensors concatenates their blocks;
+- ``blocked-maxpool``, ``blocked-averagepool``: 2-D pooling of blocked data is 3-D pooling
+  with a window of 1 over the lanes; ``blocked-global*pool``: a reduction over H and W;
 - ``unblock-reblock``: ``ToBlocked(FromBlocked(t))`` with the same block is ``t``.
 
 Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
@@ -261,6 +263,65 @@ BLOCKED_CONCAT = RewriteRule(
 )
 
 
+def _blocked_pool_rule(op_type: str) -> RewriteRule:
+    """2-D pooling of blocked data is 3-D pooling with a window of 1 over the lanes."""
+
+    def pattern(op, x):
+        return getattr(op, op_type)(x, _name="pool")
+
+    def check(ctx: MatchContext, x: Value, pool: Node) -> MatchResult:
+        if x.rank != 4:
+            return MatchResult.fail("only 2-D pooling runs blocked")
+        if pool.attr("auto_pad", "NOTSET") not in ("NOTSET", "") or len([o for o in pool.outputs if o.name]) > 1:
+            return MatchResult.fail("the pooling uses auto_pad or returns indices")
+        return _movable(x, op_type)
+
+    def rewrite(op, x, pool):
+        fb = _unblocking(x)
+        k = list(pool.attr("kernel_shape"))
+        strides = list(pool.attr("strides", ()) or [1, 1])
+        dil = list(pool.attr("dilations", ()) or [1, 1])
+        pads = list(pool.attr("pads", ()) or [0, 0, 0, 0])
+        attrs = copy_attrs(pool, "auto_pad", kernel_shape=k + [1], strides=strides + [1],
+                           pads=[pads[0], pads[1], 0, pads[2], pads[3], 0])
+        if op_type == "MaxPool" or pool.attr("dilations") is not None:
+            attrs["dilations"] = dil + [1]
+        return op.kiln.FromBlocked(getattr(op, op_type)(fb.input(0), **attrs), **copy_attrs(fb))
+
+    def example() -> Graph:
+        def build(op, x):
+            y = op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4))
+            return getattr(op, op_type)(y, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1])
+
+        return example_graph(f"blocked_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 8, 7, 6))}, build)
+
+    return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=check, example=example,
+                       description=f"{op_type} of blocked data runs blocked: a 3-D window of 1 over the lanes.")
+
+
+def _blocked_global_pool_rule(op_type: str, reduce: str) -> RewriteRule:
+    def pattern(op, x):
+        return getattr(op, op_type)(x)
+
+    def check(ctx: MatchContext, x: Value) -> MatchResult:
+        return _movable(x, op_type) if x.rank == 4 else MatchResult.fail("only 2-D pooling runs blocked")
+
+    def rewrite(op, x):
+        fb = _unblocking(x)
+        if op.opset >= 18:
+            y = getattr(op, reduce)(fb.input(0), op.constant(np.array([2, 3], np.int64)), keepdims=1)
+        else:
+            y = getattr(op, reduce)(fb.input(0), axes=[2, 3], keepdims=1)
+        return op.kiln.FromBlocked(y, **copy_attrs(fb))
+
+    def example() -> Graph:
+        return example_graph(f"blocked_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 8, 5, 3))},
+                             lambda op, x: getattr(op, op_type)(op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4))))
+
+    return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=check, example=example,
+                       description=f"{op_type} of blocked data is a {reduce} over its spatial axes, blocked.")
+
+
 def _unblock_reblock_pattern(op, t):
     return op.kiln.ToBlocked(op.kiln.FromBlocked(t), _name="reblock")
 
@@ -285,7 +346,9 @@ UNBLOCK_REBLOCK = RewriteRule(
     example=_unblock_reblock_example, description="Blocking what was just unblocked, with the same block, is a no-op.",
 )
 
-MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, *(_blocked_unary_rule(o) for o in UNARY_OPS),
+MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, _blocked_pool_rule("MaxPool"), _blocked_pool_rule("AveragePool"),
+              _blocked_global_pool_rule("GlobalAveragePool", "ReduceMean"),
+              _blocked_global_pool_rule("GlobalMaxPool", "ReduceMax"), *(_blocked_unary_rule(o) for o in UNARY_OPS),
               *(_blocked_binary_rule(o) for o in BINARY_OPS)]
 
 
