@@ -102,4 +102,4 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
     kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
-    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind})]
+    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind, "kiln.pads": int(any(pads))})]
