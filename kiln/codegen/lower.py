@@ -505,25 +505,46 @@ def _fused_conv(lw: Lowerer, node: Node) -> list[Any]:
 
 
 def _gemm_compute(node: Node, act: str = "", params: tuple[float, ...] = ()) -> Callable[..., Any]:
+    """Gemm as one ``dense`` reduction and one ``epilogue`` stage (alpha, C, activation)."""
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
     trans_a, trans_b = node.attr("transA", 0), node.attr("transB", 0)
 
     def compute(a: Any, b: Any, *c: Any) -> Any:
-        topi = _topi()
-        y = topi.nn.matmul(a, b, transpose_a=bool(trans_a), transpose_b=bool(trans_b))
-        if alpha != 1.0:
-            y = topi.multiply(y, alpha)
-        if c:
-            y = topi.add(y, topi.multiply(c[0], beta) if beta != 1.0 else c[0])
-        return _activation(y, act, params)
+        from tvm import te, tirx
+
+        m = a.shape[1] if trans_a else a.shape[0]
+        kdim = a.shape[0] if trans_a else a.shape[1]
+        n = b.shape[0] if trans_b else b.shape[1]
+        k = te.reduce_axis((0, kdim), name="k")
+        dense = te.compute((m, n), lambda i, j: te.sum((a[k, i] if trans_a else a[i, k])
+                                                       * (b[j, k] if trans_b else b[k, j]), axis=k), name="dense")
+        bias = c[0] if c else None
+
+        def epilogue(i: Any, j: Any) -> Any:
+            v = dense[i, j]
+            if alpha != 1.0:
+                v = v * tirx.const(alpha, v.dtype if hasattr(v, "dtype") else a.dtype)
+            if bias is not None:
+                # C broadcasts to [M, N] from (), [N], [1, N], [M, 1] or [M, N]
+                full = [i, j][2 - len(bias.shape):]
+                cv = bias[tuple(0 if int(d) == 1 else ix for d, ix in zip(bias.shape, full))]
+                v = v + (cv * tirx.const(beta, a.dtype) if beta != 1.0 else cv)
+            return activation_expr(v, act, params)
+
+        return te.compute((m, n), epilogue, name="epilogue")
 
     return compute
+
+
+def _gemm_attrs(node: Node) -> dict[str, Any]:
+    """The dense schedule needs A row-major and B as [K, N] (the layout pass un-transposes constant Bs)."""
+    return {"kiln.schedule": "dense"} if not node.attr("transA", 0) and not node.attr("transB", 0) else {}
 
 
 @lowers("Gemm")
 def _gemm(lw: Lowerer, node: Node) -> list[Any]:
     ins = [lw.get(v) for v in node.inputs if v is not None]
-    return [lw.emit(_gemm_compute(node), *ins, name="gemm")]
+    return [lw.emit(_gemm_compute(node), *ins, name="gemm", attrs=_gemm_attrs(node))]
 
 
 @lowers("FusedGemm", domain="kiln")
@@ -531,7 +552,8 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
     ins = [lw.get(v) for v in node.inputs if v is not None]
     act = node.attr("activation", "") or ""
     params = tuple(node.attr("activation_params", ()) or ())
-    return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}")]
+    return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}",
+                    attrs=_gemm_attrs(node))]
 
 
 def _pool_args(node: Node) -> tuple[list[int], list[int], list[int], list[int]]:

@@ -114,7 +114,25 @@ def _accumulate_in_registers(sch: Any, conv: Any, tile_loop: Any, unrolled: list
     sch.vectorize(lane)
 
 
+def schedule_dense(sch: Any) -> None:
+    """``Y[m, n] = A[m, k] B[k, n]``: ``(m·n_o) parallel, k, n_vec (unrolled), lanes``.
+
+    Four 16-lane accumulators per row tile: for a batch-1 GEMV the kernel streams B once,
+    and the tile keeps the FMAs independent."""
+    dense = sch.get_sblock("dense")
+    m, n, k = sch.get_loops(dense)
+    n_static = _static(sch.get(n).extent)
+    lanes = 16 if n_static is None or n_static >= 16 else n_static
+    vecs = 4 if n_static is None or n_static >= 64 else max(1, (n_static or lanes) // lanes)
+    no, nv, nl = sch.split(n, [None, vecs, lanes])
+    sch.reorder(m, no, k, nv, nl)
+    tile = sch.fuse(m, no)
+    sch.parallel(tile)
+    _accumulate_in_registers(sch, dense, tile, [nv], nl, k)
+
+
 SCHEDULES: dict[str, Callable[[Any], None]] = {
+    "dense": schedule_dense,
     "conv_nchwc": schedule_conv_nchwc,
     "depthwise_nchwc": schedule_depthwise_nchwc,
 }

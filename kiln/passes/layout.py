@@ -13,7 +13,9 @@ the transforms out of the way, so that only the boundaries of the blocked region
 - ``blocked-concat``: a channel Concat of blocked tensors concatenates their blocks;
 - ``blocked-maxpool``, ``blocked-averagepool``: 2-D pooling of blocked data is 3-D pooling
   with a window of 1 over the lanes; ``blocked-global*pool``: a reduction over H and W;
-- ``unblock-reblock``: ``ToBlocked(FromBlocked(t))`` with the same block is ``t``.
+- ``unblock-reblock``: ``ToBlocked(FromBlocked(t))`` with the same block is ``t``;
+- ``gemm-weight-kn``, ``fused-gemm-weight-kn``: a Gemm by a constant ``B^T`` stores B as
+  ``[K, N]``, the layout of the dense kernel (vectors along N).
 
 Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
 form blocks of ``b``, or one block when fewer, as in an RGB stem), or depthwise.
@@ -322,6 +324,36 @@ def _blocked_global_pool_rule(op_type: str, reduce: str) -> RewriteRule:
                        description=f"{op_type} of blocked data is a {reduce} over its spatial axes, blocked.")
 
 
+def _gemm_kn_rule(core: str) -> RewriteRule:
+    """A Gemm by a constant, transposed B reads B as ``[K, N]`` instead: rows of N are what a
+    vector holds, so the dense kernel loads them whole."""
+
+    def pattern(op, a):
+        if core == "gemm":
+            return op.Gemm(a, Const("b"), Optional(Var("c")), _name="gemm", transB=1)
+        return op.kiln.FusedGemm(a, Const("b"), Optional(Var("c")), _name="gemm", transB=1)
+
+    def rewrite(op, a, b, gemm, c=None):
+        kn = op.constant(np.ascontiguousarray(b.numpy().T), f"{b.name}_kn")
+        attrs = copy_attrs(gemm, transB=0)
+        return (op.Gemm(a, kn, c, **attrs) if core == "gemm" else op.kiln.FusedGemm(a, kn, c, **attrs))
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, a):
+            b = op.constant(rng.standard_normal((6, 5)).astype(np.float32))
+            c = op.constant(rng.standard_normal(6).astype(np.float32))
+            if core == "gemm":
+                return op.Gemm(a, b, c, transB=1, alpha=0.5)
+            return op.kiln.FusedGemm(a, b, c, transB=1, activation="Relu")
+
+        return example_graph(f"{core}_kn", {"a": (DType.FLOAT32, (3, 5))}, build)
+
+    return RewriteRule(f"{core}-weight-kn", pattern, rewrite, example=example,
+                       description=f"{core} by a constant B^T stores B as [K, N], the dense kernel's layout.")
+
+
 def _unblock_reblock_pattern(op, t):
     return op.kiln.ToBlocked(op.kiln.FromBlocked(t), _name="reblock")
 
@@ -352,9 +384,12 @@ MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, _blocked_pool_rule("MaxPool"), _b
               *(_blocked_binary_rule(o) for o in BINARY_OPS)]
 
 
+GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
+
+
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *MOVE_RULES]
+    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *MOVE_RULES, *GEMM_RULES]
 
 
 @functools.lru_cache(maxsize=None)
