@@ -157,12 +157,14 @@ def bench(
     with tempfile.TemporaryDirectory() as tmp:
         if artifact is None:
             from kiln.codegen.build import build
+            from kiln.codegen.target import cpu_target
             from kiln.passes import PassManager
-            from kiln.passes.pipeline import passes_for
+            from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
 
             artifact = Path(tmp) / "bench.kiln"
-            optimized, _ = PassManager(passes_for("O2")).run(graph)
-            build(optimized, artifact)
+            target = cpu_target(threads)
+            optimized, _ = PassManager(passes_for(DEFAULT_COMPILE_LEVEL, block=target.layout_block)).run(graph)
+            build(optimized, artifact, target=target)
         spec = {"model": str(model), "artifact": str(artifact), "threads": threads, "feeds": feeds}
         engines = ["kiln", *[e for e in against if e != "kiln"]]
         ctx = mp.get_context("spawn")

@@ -165,9 +165,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from kiln.codegen.target import parse_target
     from kiln.ir import load, set_input_shapes
     from kiln.passes import PassManager
-    from kiln.passes.pipeline import passes_for
+    from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
 
     src, dst = Path(args.model), Path(args.output)
+    level = args.level or DEFAULT_COMPILE_LEVEL
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
     target = parse_target(args.target, arch=args.arch, threads=args.threads)
@@ -179,8 +180,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     graph = load(src)
     if args.input_shape:
         set_input_shapes(graph, parse_shape_overrides(args.input_shape))
-    stage(f"optimizing ({args.level})")
-    passes = passes_for(args.level, block=target.layout_block)
+    stage(f"optimizing ({level})")
+    passes = passes_for(level, block=target.layout_block)
     graph, _ = PassManager(passes).run(graph)
     report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
                    passes=[p.describe() for p in passes], progress=stage)
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", parents=[common], help="rewrite a model with kiln's passes and write ONNX")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the optimized model")
-    p.add_argument("--level", default="O2", help="optimisation level: O0, O1 or O2 (default O2)")
+    p.add_argument("--level", default="O2", help="optimisation level: O0 to O3 (default O2)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
                    help="pin an input's symbolic dims (repeatable); shape computations then fold away")
     p.add_argument("--passes", metavar="A,B", help="run these passes instead of a level")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.kiln")
     p.add_argument("--target", default="cpu", help="cpu (default; the host's CPU), cuda, or a JSON target dict")
     p.add_argument("--arch", help="CUDA architecture, e.g. sm_90")
-    p.add_argument("--level", default="O2", help="optimisation level (default O2)")
+    p.add_argument("--level", help="optimisation level: O0 to O3 (default O3, which adds the blocked layout)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
     p.add_argument("--threads", type=int, help="threads at run time (default: all cores)")
     p.set_defaults(func=_cmd_compile)

@@ -16,6 +16,9 @@ register_rule_set("simplify", [*simplify.NOOP_RULES, *simplify.ALGEBRA_RULES])
 register_rule_set("fuse-conv", fuse_conv.RULES)
 register_rule_set("fuse-transformer", fuse_transformer.RULES)
 
+#: The level ``kiln compile`` and ``kiln bench`` use unless told otherwise.
+DEFAULT_COMPILE_LEVEL = "O3"
+
 LEVELS: dict[str, list[str]] = {
     "O0": [],
     "O1": ["fold-constants", "inline-if", "simplify", "cse", "dce"],
