@@ -22,6 +22,7 @@ from kiln.errors import KilnError
 from kiln.ir import Graph, Node, Value
 
 BAKE_LIMIT = 64  # constants with at most this many elements are compiled in
+OPAQUE = 8  # TVM's kOpaque op pattern
 
 
 class CodegenError(KilnError):
@@ -195,7 +196,13 @@ class Lowerer:
         return self.env[id(v)]
 
     def emit(self, fn: Callable[..., Any], *args: Any, name: str, attrs: dict[str, Any] | None = None) -> Any:
-        """One prim func computing ``fn`` on ``args``; ``attrs`` (e.g. ``kiln.schedule``) go on the func."""
+        """One prim func computing ``fn`` on ``args``; ``attrs`` (e.g. ``kiln.schedule``) go on the func.
+
+        A func with a kiln schedule is marked opaque to TVM's FuseOps, so that it stays whole
+        (its epilogue is already fused) and its schedule applies to the compute it was written for.
+        """
+        if attrs and "kiln.schedule" in attrs:
+            attrs = {**attrs, "op_pattern": OPAQUE}
         kwargs = {"primfunc_attrs": attrs} if attrs else {}
         return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
 

@@ -37,10 +37,14 @@ def _failing_branch(lw: Lowerer, node: Node, reason: str, like: Graph, name: str
             tirx.const(False), tvm.ir.StringImm("RuntimeError"), [tvm.ir.StringImm(message)]), dtype="int32",
             name="fail")
 
+    def zeros_after(failed: Any, v: Any) -> Any:  # reads the assertion's result, so no pass drops the assertion
+        from tvm import te, tirx
+
+        return te.compute(list(v.shape), lambda *i: tirx.Cast(v.dtype.numpy.name, failed[0] * 0), name="zeros")
+
     def body() -> Any:
-        lw.emit(fail, name="kiln_fail")
-        outs = [lw.emit(lambda: _topi().full(list(v.shape), v.dtype.numpy.name, 0), name="zeros")
-                for v in like.outputs]
+        failed = lw.emit(fail, name="kiln_fail")
+        outs = [lw.emit(lambda f, v=v: zeros_after(f, v), failed, name="zeros") for v in like.outputs]
         return outs[0] if len(outs) == 1 else relax.Tuple(outs)
 
     return lw.call_function(name, [], [], body)

@@ -1,8 +1,8 @@
 """kiln's default CPU schedules, applied without tuning.
 
 TVM's Relax CPU pipeline schedules nothing: every prim func runs as one serial loop nest.
-kiln runs its own pipeline (:func:`cpu_pipeline`): TVM's legalisation, then
-:func:`schedule_module`, then TVM's lowering. Each prim func gets
+kiln runs its own pipeline (:func:`cpu_pipeline`): TVM's legalisation and fusion of
+injective kernels, then :func:`schedule_module`, then TVM's lowering. Each prim func gets
 
 - the schedule named by its ``kiln.schedule`` attribute, set by the lowering
   (``conv_nchwc``, ``depthwise_nchwc``); or else
@@ -244,12 +244,13 @@ def schedule_module(mod: Any) -> Any:
 
 
 def cpu_pipeline(target: Any) -> Any:
-    """tvm.compile's default CPU pipeline with kiln's schedules applied after legalisation.
+    """tvm.compile's default CPU pipeline, plus TVM's fusion of injective kernels and kiln's schedules.
 
-    kiln's passes decide what is fused, so TVM's FuseOps/FuseTIR and FoldConstant stay out,
-    as in tvm.compile's default: FoldConstant would run kernels at compile time (among them
-    the ones that report a run-time failure of an If branch), and FuseOps drops calls whose
-    results go unused (those same failure reports).
+    After legalisation, FuseOps/FuseTIR merge chains of elementwise and layout kernels (a
+    BatchNorm's multiply-add before a ReLU, a transform before a concat) into one loop nest;
+    funcs with a kiln schedule are opaque to it (see ``Lowerer.emit``). Then every prim func
+    is scheduled. TVM's FoldConstant stays out: kiln folds constants itself, and it would run
+    kernels without inputs at compile time, such as the assertion of a failing If branch.
     """
     import tvm
     from tvm.relax import backend, transform
@@ -261,7 +262,8 @@ def cpu_pipeline(target: Any) -> Any:
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
         seq = tvm.transform.Sequential([
-            backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(), kiln_schedule,
+            backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
+            transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR(), kiln_schedule,
             transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
             transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
             transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),

@@ -18,7 +18,10 @@ Rules (priority in brackets where rules overlap at the same root):
 - ``conv-residual``, ``conv-residual-sum``: ``Conv(...) + z`` (an Add, or a two-input Sum) of
   the same shape becomes ``FusedConv(..., Z=z)``;
 - ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``: an activation after a Conv,
-  a FusedConv without one, or a Gemm becomes the op's epilogue.
+  a FusedConv without one, or a Gemm becomes the op's epilogue;
+- ``convtranspose-depthtospace`` [-5]: a ConvTranspose whose stride equals its kernel is a 1x1
+  Conv and a DepthToSpace; ``depthtospace-add``/``-mul`` and ``depthtospace-<act>`` move
+  per-channel affines and activations before the DepthToSpace, into the conv's epilogue.
 """
 
 from __future__ import annotations
@@ -664,7 +667,114 @@ HARDSWISH_CLIP_14 = RewriteRule(
 
 EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
 
+# --------------------------------------------------------------------------- ConvTranspose as Conv + DepthToSpace
+
+
+def _convt_d2s_pattern(op, x, w):
+    return op.ConvTranspose(x, Const("w"), Optional(Const("b")), _name="convt")
+
+
+def _convt_d2s_check(ctx, x: Value, w: Value, convt: Node) -> MatchResult:
+    if w.shape is None or len(w.shape) != 4 or x.rank != 4:
+        return MatchResult.fail("only 2-D ConvTranspose becomes a Conv")
+    k = list(convt.attr("kernel_shape", ()) or w.shape[2:])
+    strides = list(convt.attr("strides", ()) or [1, 1])
+    if k[0] != k[1] or strides != k or k[0] < 2:
+        return MatchResult.fail(f"kernel {k} and strides {strides} are not one equal square (non-overlapping windows)")
+    if convt.attr("group", 1) != 1:
+        return MatchResult.fail("the ConvTranspose is grouped")
+    if any(convt.attr("pads", ()) or ()) or any(convt.attr("output_padding", ()) or ()) \
+            or convt.attr("output_shape") is not None or convt.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return MatchResult.fail("the ConvTranspose pads, crops or sets its output shape")
+    if any(d != 1 for d in convt.attr("dilations", ()) or ()):
+        return MatchResult.fail("the ConvTranspose is dilated")
+    return MatchResult.ok()
+
+
+def _convt_d2s_rewrite(op, x, w, convt, b=None):
+    weight = w.numpy()  # [C, O, s, s]
+    c, o, s, _ = weight.shape
+    # DepthToSpace (DCR) reads channel (i*s + j)*O + o into pixel (h*s + i, w*s + j) of channel o
+    conv_w = weight.transpose(2, 3, 1, 0).reshape(s * s * o, c, 1, 1)
+    conv_b = None if b is None else op.constant(np.tile(b.numpy(), s * s), f"{b.name}_d2s")
+    y = op.Conv(x, op.constant(np.ascontiguousarray(conv_w), f"{w.name}_d2s"), conv_b, kernel_shape=[1, 1])
+    return op.DepthToSpace(y, blocksize=s)
+
+
+def _convt_d2s_example():
+    rng = _rng()
+
+    def build(op, x):
+        w = op.constant(_f32(rng.standard_normal((6, 4, 2, 2))))
+        return op.ConvTranspose(x, w, op.constant(_f32(rng.standard_normal(4))), kernel_shape=[2, 2], strides=[2, 2])
+
+    return example_graph("convt_d2s", {"x": (DType.FLOAT32, (1, 6, 3, 5))}, build)
+
+
+CONVT_DEPTH_TO_SPACE = RewriteRule(
+    "convtranspose-depthtospace", _convt_d2s_pattern, _convt_d2s_rewrite, check=_convt_d2s_check,
+    example=_convt_d2s_example, priority=-5,
+    description="A ConvTranspose whose stride equals its kernel (no overlap) is a 1x1 Conv to s*s*O channels "
+                "followed by DepthToSpace, so the fast conv kernels and epilogues serve it.",
+)
+
+
+def _d2s_channel_rule(op_type: str) -> RewriteRule:
+    """Per-channel Add/Mul after DepthToSpace moves before it (tiled to the s*s channel groups)."""
+
+    def pattern(op, x, c):
+        return getattr(op, op_type)(op.DepthToSpace(x, _name="d2s"), Const("c"))
+
+    def check(ctx, x: Value, c: Value, d2s: Node) -> MatchResult:
+        if d2s.attr("mode", "DCR") != "DCR":
+            return MatchResult.fail("DepthToSpace in CRD mode")
+        y = d2s.outputs[0]
+        if y.shape is None or not isinstance(y.shape[1], int) or c.dtype is not x.dtype:
+            return MatchResult.fail("the channel count or dtype is unknown or differs")
+        if _per_channel(c.numpy(), y.shape[1], 4) is None:
+            return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
+        return MatchResult.ok()
+
+    def rewrite(op, x, c, d2s):
+        s = d2s.attr("blocksize")
+        per = _per_channel(c.numpy(), d2s.outputs[0].shape[1], 4)
+        tiled = np.tile(per, s * s).astype(c.dtype.numpy).reshape(-1, 1, 1)
+        return op.DepthToSpace(getattr(op, op_type)(x, op.constant(tiled, f"{c.name}_d2s")), **copy_attrs(d2s))
+
+    def example():
+        rng = _rng()
+
+        def build(op, x):
+            y = op.DepthToSpace(x, blocksize=2)
+            return getattr(op, op_type)(y, op.constant(_f32(rng.standard_normal((3, 1, 1)))))
+
+        return example_graph(f"d2s_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 12, 2, 3))}, build)
+
+    return RewriteRule(f"depthtospace-{op_type.lower()}", pattern, rewrite, check=check, example=example,
+                       description=f"A per-channel {op_type} after DepthToSpace happens before it, where a conv "
+                                   "epilogue can absorb it.")
+
+
+def _d2s_unary_rule(op_type: str) -> RewriteRule:
+    def pattern(op, x):
+        return getattr(op, op_type)(op.DepthToSpace(x, _name="d2s"), _name="act")
+
+    def rewrite(op, x, d2s, act):
+        return op.DepthToSpace(getattr(op, op_type)(x, **copy_attrs(act)), **copy_attrs(d2s))
+
+    def example():
+        return example_graph(f"d2s_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 12, 2, 3))},
+                             lambda op, x: getattr(op, op_type)(op.DepthToSpace(x, blocksize=2)))
+
+    return RewriteRule(f"depthtospace-{op_type.lower()}", pattern, rewrite, example=example,
+                       description=f"{op_type} after DepthToSpace happens before it (it only moves elements).")
+
+
+D2S_RULES = [CONVT_DEPTH_TO_SPACE, _d2s_channel_rule("Add"), _d2s_channel_rule("Mul"),
+             *(_d2s_unary_rule(o) for o in ("Relu", "Sigmoid", "HardSwish", "LeakyRelu", "HardSigmoid"))]
+
+
 RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, PAD_AVGPOOL, PAD_MAXPOOL,
          HARDSWISH_CLIP, HARDSWISH_CLIP_14,
          MATMUL_ADD_GEMM,
-         CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES]
+         CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES, *D2S_RULES]

@@ -152,6 +152,17 @@ def _is_padded(fb: Node) -> bool:
     return bool(channels) and t is not None and t.shape is not None and channels != t.shape[1] * t.shape[-1]
 
 
+def _per_channel(c: Value, x: Value) -> np.ndarray | None:
+    """A constant that broadcasts against NCHW ``x`` as ``[C, 1, 1]``, as its length-C vector."""
+    a = c.numpy()
+    if x.shape is None or len(x.shape) != 4 or a.ndim > 4 or a.dtype != x.dtype.numpy:
+        return None
+    shape = (1,) * (4 - a.ndim) + a.shape
+    if shape[0] != 1 or shape[2:] != (1, 1) or shape[1] != x.shape[1]:
+        return None
+    return a.reshape(-1)
+
+
 def _movable(x: Value, op_type: str) -> MatchResult:
     fb = _unblocking(x)
     if fb is None:
@@ -197,26 +208,41 @@ def _blocked_binary_rule(op_type: str) -> RewriteRule:
         if not movable:
             return movable
         t, partner = _unblocking(x).input(0), _unblocking(other)
+        if t.shape is None:  # made earlier in this sweep; the next sweep sees it typed
+            return MatchResult.fail(f"the blocked shape behind %{x.name} is not inferred yet")
         if partner is not None and partner.input(0).shape == t.shape and t.shape is not None \
                 and partner.attrs == _unblocking(x).attrs:
             return _movable(other, op_type)
-        if other.is_constant and other.numpy().size == 1:
+        if other.is_constant and (other.numpy().size == 1 or _per_channel(other, x) is not None):
             return MatchResult.ok()
-        return MatchResult.fail(f"the other operand %{other.name} is neither a scalar constant nor "
+        return MatchResult.fail(f"the other operand %{other.name} is neither a scalar or per-channel constant nor "
                                 "unblocked from the same blocked shape")
 
     def rewrite(op, x, other, binary):
         fb, partner = _unblocking(x), _unblocking(other)
-        rhs = partner.input(0) if partner is not None and partner.input(0).shape == fb.input(0).shape else other
-        return op.kiln.FromBlocked(getattr(op, op_type)(fb.input(0), rhs), **copy_attrs(fb))
+        t = fb.input(0)
+        if partner is not None and partner.input(0).shape == t.shape:
+            rhs = partner.input(0)
+        elif other.numpy().size == 1:
+            rhs = other
+        else:  # per channel [C] -> blocked [C/b, 1, 1, b]; padded lanes get 1 (finite for any op here)
+            per, b = _per_channel(other, x), t.shape[-1]
+            full = np.ones(t.shape[1] * b, per.dtype)
+            full[:len(per)] = per
+            rhs = op.constant(np.ascontiguousarray(full.reshape(t.shape[1], b)[:, None, None, :]), f"{other.name}_blocked")
+        return op.kiln.FromBlocked(getattr(op, op_type)(t, rhs), **copy_attrs(fb))
 
     def example() -> Graph:
-        def build(op, x, y):
-            xb = op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4))
-            yb = op.kiln.FromBlocked(op.kiln.ToBlocked(y, block=4))
-            return [getattr(op, op_type)(xb, yb), getattr(op, op_type)(xb, op.constant(np.array(1.5, np.float32)))]
+        c = 8 if op_type in UNSAFE_ON_PADDING else 6  # 6 channels: blocks of 4, the second padded
 
-        shape = (DType.FLOAT32, (1, 8, 3, 3))
+        def build(op, x, y):
+            xb = op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4), channels=c)
+            yb = op.kiln.FromBlocked(op.kiln.ToBlocked(y, block=4), channels=c)
+            per_channel = op.constant(np.linspace(0.5, 2, c, dtype=np.float32).reshape(c, 1, 1))
+            return [getattr(op, op_type)(xb, yb), getattr(op, op_type)(xb, op.constant(np.array(1.5, np.float32))),
+                    getattr(op, op_type)(xb, per_channel)]
+
+        shape = (DType.FLOAT32, (1, c, 3, 3))
         return example_graph(f"blocked_{op_type.lower()}", {"x": shape, "y": shape}, build)
 
     return RewriteRule(f"blocked-{op_type.lower()}", pattern, rewrite, check=check, example=example,
