@@ -142,8 +142,13 @@ def bench(
     iterations: int = 5,
     warmup: int = 3,
     input_shapes: dict[str, tuple[int | str, ...]] | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> BenchReport:
-    """Benchmark kiln (compiling ``model`` if no ``artifact`` is given) against ``against``."""
+    """Benchmark kiln (compiling ``model`` if no ``artifact`` is given) against ``against``.
+
+    Every engine runs the same feeds: ``inputs`` when given (silero's sample rate must be a
+    real one), else seeded random inputs at ``batch``.
+    """
     from kiln.ir import load, set_input_shapes
     from kiln.ir.oracle import seeded_inputs
 
@@ -153,7 +158,7 @@ def bench(
         set_input_shapes(graph, input_shapes)
     sizes = {v.name: tuple(batch if not isinstance(d, int) and i == 0 else d for i, d in enumerate(v.shape or ()))
              for v in graph.inputs}
-    feeds = seeded_inputs(graph, sizes, seed=0)
+    feeds = dict(inputs) if inputs is not None else seeded_inputs(graph, sizes, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         baseline_model = str(model)
         if input_shapes and any(_frees_a_static_dim(model, v) for v in graph.inputs):
