@@ -49,28 +49,31 @@ def _width_tile(ow: int | None, limit: int) -> int:
 def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
     """(ow_tile, k_tile): the register tile of ``ow_tile x k_tile`` accumulator vectors.
 
-    A small cost model picks it: per lane step the tile issues ``k·o`` FMAs (each with its
-    input broadcast folded in) and ``k + o`` loads, two of each per cycle, so the cycles per
-    useful FMA are ``max(k·o, k + o) / (k·o·eff)``, where ``eff`` is the share of the tiled
-    width that is real (a tile that does not divide the width computes a guarded tail). At
-    most MAX_ACCUMULATORS vectors (more spill: measured 1.4-3x slower); ties go to the wider
-    tile. It picks 8x2 at width 56, 7x2 at 28, 14 and 7, and 13x1 at 13 with 63 blocks.
+    A small cost model picks it. Per lane step the tile issues ``k·o`` FMAs, each with its
+    input broadcast folded in, and ``k`` weight-vector loads, which cost about twice a
+    broadcast (they stride through the packed weight); at two per cycle, the cycles per FMA are
+    ``max(k·o, 2k + o) / (k·o)``. Tiles divide the width: a guarded tail puts a predicate on
+    every unrolled FMA, measured up to 2x slower (13 wide: 13x1 ran 145 GFLOP/s, 7x2 with a
+    tail 96). Only when no divisor of at least 4 exists does a tile of 8 take a tail. At most
+    MAX_ACCUMULATORS vectors (more spill: measured 1.4-3x slower); ties go to the wider tile.
+    It picks 8x2 at width 56, 7x2 at 28, 14 and 7, 3x4 at 27 and 13x1 at 13.
     """
-    best: tuple[float, int, int, int] | None = None
-    k_options = [d for d in range(1, MAX_ACCUMULATORS + 1) if ko is None or ko % d == 0] if ko else [1]
-    for o in range(1, MAX_ACCUMULATORS + 1):
-        if ow is not None and o > ow:
-            break
-        eff = 1.0 if ow is None else ow / (-(-ow // o) * o)
+    limit = MAX_ACCUMULATORS
+    widths = [o for o in range(1, limit + 1) if ow is not None and ow % o == 0]
+    if not widths or max(widths) < 4:
+        widths = sorted(set(widths) | {min(8, ow) if ow is not None else 8})
+    k_options = [d for d in range(1, limit + 1) if ko is None or ko % d == 0]
+    best: tuple[float, int, int] | None = None
+    for o in widths:
         for k in k_options:
-            if k * o > MAX_ACCUMULATORS:
+            if k * o > limit:
                 break
-            cost = max(k * o, k + o) / (k * o * eff)
-            key = (round(cost, 6), -o, -(k * o), k)
+            eff = 1.0 if ow is None or ow % o == 0 else ow / (-(-ow // o) * o)
+            key = (round(max(k * o, 2 * k + o) / (k * o * eff), 6), -o, k)
             if best is None or key < best:
                 best = key
     assert best is not None
-    return -best[1], best[3]
+    return -best[1], best[2]
 
 
 def _pad_stage(sch: Any) -> None:
