@@ -937,6 +937,14 @@ def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     a, b = node.input(0), node.input(1)
     if (a.rank or 0) < 2 or (b.rank or 0) < 2:
         raise CodegenError(f"node {node.label()}: MatMul with 1-D operands does not compile yet")
+    if b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
+        # [..., K] @ [K, N]: the scheduled dense kernel on [M, K], between reshapes that
+        # TVM turns into views (RewriteDataflowReshape)
+        lead = list(lw.get(a).ty.shape.values)[:-1]
+        flat = lw.emit(lambda x: _topi().reshape(x, (_simplify(_prod(x.shape[:-1])), x.shape[-1])), lw.get(a),
+                       name="matmul_rows")
+        y = lw.emit(_gemm_compute(node), flat, lw.get(b), name="matmul", attrs={"kiln.schedule": "dense"})
+        return [lw.emit(lambda t: _topi().reshape(t, (*lead, t.shape[-1])), y, name="matmul_unrows")]
     return [lw.emit(lambda x, y: _batched_matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
 
 

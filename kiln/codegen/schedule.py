@@ -139,20 +139,26 @@ def _accumulate_in_registers(sch: Any, conv: Any, tile_loop: Any, unrolled: list
 
 
 def schedule_dense(sch: Any) -> None:
-    """``Y[m, n] = A[m, k] B[k, n]``: ``(m·n_o) parallel, k, n_vec (unrolled), lanes``.
+    """``Y[m, n] = A[m, k] B[k, n]``: ``n_o parallel, m_o, k, m_i, n_vec (unrolled), lanes``.
 
-    Four 16-lane accumulators per row tile: for a batch-1 GEMV the kernel streams B once,
-    and the tile keeps the FMAs independent."""
+    A tile of up to 4 rows x 4 vectors of 16 lanes accumulates in registers. Each parallel task
+    owns a 64-column panel of B and walks every row tile through it, so B is read from memory
+    once, not once per row.
+    """
     dense = sch.get_sblock("dense")
     m, n, k = sch.get_loops(dense)
-    n_static = _static(sch.get(n).extent)
+    n_static, m_static = _static(sch.get(n).extent), _static(sch.get(m).extent)
     lanes = 16 if n_static is None or n_static >= 16 else n_static
-    vecs = 4 if n_static is None or n_static >= 64 else max(1, (n_static or lanes) // lanes)
+    if n_static is not None and n_static % lanes == 0:  # no guard on the lanes (layout pads N)
+        vecs = _largest_divisor_at_most(n_static // lanes, 4)
+    else:
+        vecs = 4 if n_static is None or n_static >= 64 else max(1, n_static // lanes)
+    m_tile = _largest_divisor_at_most(m_static, MAX_ACCUMULATORS // vecs) if m_static else 1
     no, nv, nl = sch.split(n, [None, vecs, lanes])
-    sch.reorder(m, no, k, nv, nl)
-    tile = sch.fuse(m, no)
-    sch.parallel(tile)
-    _accumulate_in_registers(sch, dense, tile, [nv], nl, k)
+    mo, mi = sch.split(m, [None, m_tile])
+    sch.reorder(no, mo, k, mi, nv, nl)
+    sch.parallel(no)
+    _accumulate_in_registers(sch, dense, mo, [mi, nv], nl, k)
 
 
 SCHEDULES: dict[str, Callable[[Any], None]] = {

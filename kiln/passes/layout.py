@@ -15,7 +15,9 @@ the transforms out of the way, so that only the boundaries of the blocked region
   with a window of 1 over the lanes; ``blocked-global*pool``: a reduction over H and W;
 - ``unblock-reblock``: ``ToBlocked(FromBlocked(t))`` with the same block is ``t``;
 - ``gemm-weight-kn``, ``fused-gemm-weight-kn``: a Gemm by a constant ``B^T`` stores B as
-  ``[K, N]``, the layout of the dense kernel (vectors along N).
+  ``[K, N]``, the layout of the dense kernel (vectors along N);
+- ``matmul-pad-n``, ``gemm-pad-n``, ``fused-gemm-pad-n``: a product by a constant ``[K, N]``
+  computes N rounded up to whole vectors (zero columns), then slices.
 
 Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
 form blocks of ``b``, or one block when fewer, as in an RGB stem), or depthwise.
@@ -380,6 +382,71 @@ def _gemm_kn_rule(core: str) -> RewriteRule:
                        description=f"{core} by a constant B^T stores B as [K, N], the dense kernel's layout.")
 
 
+def _dense_pad_rule(core: str, block: int) -> RewriteRule:
+    """A product by a constant ``[K, N]`` whose N the vector width does not divide computes N
+    rounded up (zero columns) and slices the result: the kernel's lanes then need no guard,
+    which would stop their vectorisation."""
+
+    def pattern(op, a):
+        if core == "matmul":
+            return op.MatMul(a, Const("b"), _name="mm")
+        if core == "gemm":
+            return op.Gemm(a, Const("b"), Optional(Const("c")), _name="mm", transB=lambda t: not t)
+        return op.kiln.FusedGemm(a, Const("b"), Optional(Const("c")), _name="mm", transB=lambda t: not t)
+
+    def check(ctx: MatchContext, a: Value, b: Value, mm: Node, c: Value | None = None) -> MatchResult:
+        if b.rank != 2 or b.dtype != DType.FLOAT32 or mm.attr("transA", 0):
+            return MatchResult.fail("B is not a 2-D float32 [K, N] constant (or A is transposed)")
+        n = b.shape[1]
+        if n % block == 0 or n < block:
+            return MatchResult.fail(f"N = {n} needs no padding")
+        if c is not None and c.shape and c.shape[-1] != 1 and c.shape[-1] != n:
+            return MatchResult.fail("C does not broadcast along N")
+        return MatchResult.ok()
+
+    def rewrite(op, a, b, mm, c=None):
+        w = b.numpy()
+        n = w.shape[1]
+        padded = _padded(n, block)
+        wp = np.zeros((w.shape[0], padded), w.dtype)
+        wp[:, :n] = w
+        bp = op.constant(wp, f"{b.name}_padded")
+        if core == "matmul":
+            y = op.MatMul(a, bp)
+        else:
+            cp = c
+            if c is not None and c.shape and c.shape[-1] == n:
+                cv = c.numpy()
+                full = np.zeros(cv.shape[:-1] + (padded,), cv.dtype)
+                full[..., :n] = cv
+                cp = op.constant(full, f"{c.name}_padded")
+            y = (op.Gemm(a, bp, cp, **copy_attrs(mm)) if core == "gemm"
+                 else op.kiln.FusedGemm(a, bp, cp, **copy_attrs(mm)))
+        def i64(v: int) -> Value:
+            return op.constant(np.array([v], np.int64))
+
+        if op.opset >= 10:
+            return op.Slice(y, i64(0), i64(n), i64(-1))
+        return op.Slice(y, starts=[0], ends=[n], axes=[a.rank - 1 if core == "matmul" else 1])
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, x):
+            b = op.constant(rng.standard_normal((5, 21)).astype(np.float32))
+            if core == "matmul":
+                return op.MatMul(x, b)
+            c = op.constant(rng.standard_normal(21).astype(np.float32))
+            if core == "gemm":
+                return op.Gemm(op.Reshape(x, op.constant(np.array([6, 5], np.int64))), b, c)
+            return op.kiln.FusedGemm(op.Reshape(x, op.constant(np.array([6, 5], np.int64))), b, c, activation="Relu")
+
+        return example_graph(f"{core}_pad_n", {"x": (DType.FLOAT32, (2, 3, 5))}, build)
+
+    return RewriteRule(f"{core}-pad-n", pattern, rewrite, check=check, example=example,
+                       description=f"{core} by a constant [K, N] computes N rounded up to whole vectors, then slices.")
+
+
 def _unblock_reblock_pattern(op, t):
     return op.kiln.ToBlocked(op.kiln.FromBlocked(t), _name="reblock")
 
@@ -415,7 +482,8 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *MOVE_RULES, *GEMM_RULES]
+    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *MOVE_RULES, *GEMM_RULES,
+            *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
 
 @functools.lru_cache(maxsize=None)
