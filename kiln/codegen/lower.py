@@ -576,7 +576,7 @@ def _gemm_compute(node: Node, act: str = "", params: tuple[float, ...] = ()) -> 
         def epilogue(i: Any, j: Any) -> Any:
             v = dense[i, j]
             if alpha != 1.0:
-                v = v * tirx.const(alpha, v.dtype if hasattr(v, "dtype") else a.dtype)
+                v = v * tirx.const(alpha, a.dtype)
             if bias is not None:
                 # C broadcasts to [M, N] from (), [N], [1, N], [M, 1] or [M, N]
                 full = [i, j][2 - len(bias.shape):]

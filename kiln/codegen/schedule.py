@@ -37,13 +37,12 @@ def _largest_divisor_at_most(n: int | None, limit: int) -> int:
 
 
 def _width_tile(ow: int | None, limit: int) -> int:
-    """The output-width tile: the largest divisor of ``ow`` up to ``limit`` when that is at least
-    half of ``limit``; else ``limit`` itself, with a guarded tail (a prime width such as 13 would
-    otherwise get a tile of 1 and keep one accumulator busy)."""
+    """An output-width tile for the depthwise kernel: the largest divisor of ``ow`` up to
+    ``limit``, unless that is below 4 (a prime width such as 17); then 8, with a guarded tail."""
     if ow is None:
-        return limit
+        return min(8, limit)
     d = _largest_divisor_at_most(ow, limit)
-    return d if 2 * d >= min(ow, limit) else min(ow, limit)
+    return d if d >= 4 else min(ow, 8, limit)
 
 
 def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
