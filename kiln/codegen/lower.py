@@ -264,17 +264,7 @@ def _kiln_gelu(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(lambda x: _activation(x, "Gelu", params), lw.get(node.input(0)), name="gelu")]
 
 
-@lowers("Clip", reads=(0,))
-def _clip(lw: Lowerer, node: Node) -> list[Any]:
-    lo, hi = _const_array(node.input(1)), _const_array(node.input(2))
-    lo_v = float(lo) if lo is not None else node.attr("min", -3.4e38)
-    hi_v = float(hi) if hi is not None else node.attr("max", 3.4e38)
-    if (node.input(1) is not None and lo is None) or (node.input(2) is not None and hi is None):
-        raise CodegenError(f"node {node.label()}: Clip bounds must be constants to compile")
-    return [lw.emit(lambda x: _topi().clip(x, lo_v, hi_v), lw.get(node.input(0)), name="clip")]
-
-
-_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide", "Pow": "power", "Max": "maximum",
+_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Max": "maximum",
            "Min": "minimum", "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
            "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or"}
 
@@ -299,12 +289,6 @@ def _binary(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("Where")
 def _where(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_topi().where, *[lw.get(v) for v in node.inputs], name="where")]
-
-
-@lowers("Cast")
-def _cast(lw: Lowerer, node: Node) -> list[Any]:
-    dt = node.outputs[0].dtype.numpy.name
-    return [lw.emit(lambda x: _topi().cast(x, dt), lw.get(node.input(0)), name="cast")]
 
 
 def _conv2d(x: Any, w: Any, node: Node) -> Any:
@@ -437,6 +421,8 @@ def _axes_of(node: Node, rank: int) -> list[int] | None:
 
 @lowers("Squeeze", reads=(0,))
 def _squeeze(lw: Lowerer, node: Node) -> list[Any]:
+    if _known_shape(node.outputs[0]):
+        return _reshape(lw, node)  # axes computed at run time: the declared shape settles them
     x = node.input(0)
     axes = _axes_of(node, x.rank or 0)
     if axes is None and (node.input(1) is not None or not all(isinstance(d, int) for d in x.shape or [None])):
@@ -451,6 +437,8 @@ def _squeeze(lw: Lowerer, node: Node) -> list[Any]:
 
 @lowers("Unsqueeze", reads=(0,))
 def _unsqueeze(lw: Lowerer, node: Node) -> list[Any]:
+    if _known_shape(node.outputs[0]):
+        return _reshape(lw, node)
     x = node.input(0)
     axes = _axes_of(node, (x.rank or 0) + len(node.attr("axes") or _const_ints(node.input(1)) or []))
     if axes is None:
@@ -477,13 +465,19 @@ def _flatten(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(flatten, lw.get(x), name="flatten")]
 
 
+def _known_shape(v: Value) -> bool:
+    from kiln.ir import is_unknown_dim
+
+    return v.shape is not None and not any(d is None or is_unknown_dim(d) for d in v.shape)
+
+
 @lowers("Reshape", reads=(0,))
 def _reshape(lw: Lowerer, node: Node) -> list[Any]:
     from kiln.ir import is_unknown_dim
     from kiln.ir.shape_rules import shape_value
 
     out = node.outputs[0]
-    if out.shape is not None and not any(d is None or is_unknown_dim(d) for d in out.shape):
+    if _known_shape(out):
         dims = [lw.dim(d) for d in out.shape]
         return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
     target = shape_value(node.input(1)) if node.op_type == "Reshape" else None
@@ -579,13 +573,20 @@ def _split(lw: Lowerer, node: Node) -> list[Any]:
     axis = axis + x.rank if axis < 0 else axis
     sizes = _const_ints(node.input(1)) if node.input(1) is not None else node.attr("split")
     outs = [o for o in node.outputs if o.name]
+    declared = [o.shape[axis] if o.shape is not None and len(o.shape) > axis else None for o in node.outputs]
+    if sizes is None and all(isinstance(d, int) for d in declared):
+        sizes = declared  # sizes computed at run time, or num_outputs: the declared shapes settle them
     if sizes is None:
         dim = x.shape[axis]
         if not isinstance(dim, int) or dim % len(node.outputs):
             raise CodegenError(f"node {node.label()}: Split needs constant sizes or an evenly divisible static dim")
         sizes = [dim // len(node.outputs)] * len(node.outputs)
-    points = list(np.cumsum(sizes)[:-1])
-    tup = lw.emit(lambda t: _topi().split(t, [int(p) for p in points], axis), lw.get(x), name="split")
+    bounds = [int(b) for b in np.cumsum([0, *sizes])]  # zero-size parts are allowed
+
+    def parts(t: Any) -> list[Any]:
+        return [_topi().strided_slice(t, [lo], [hi], [1], [axis]) for lo, hi in zip(bounds, bounds[1:])]
+
+    tup = lw.emit(parts, lw.get(x), name="split")
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(len(outs))]
 
 
@@ -730,3 +731,7 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if has_mask else [])
     return [lw.emit(compute, *args, name="attention")]
+
+
+# The op families in their own files register themselves in LOWERINGS on import.
+from kiln.codegen import lower_elementwise, lower_reduce  # noqa: E402,F401
