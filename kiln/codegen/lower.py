@@ -240,7 +240,7 @@ def _unary(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_UNARY[node.op_type], lw.get(node.input(0)), name=node.op_type.lower())]
 
 
-@lowers("Identity", "Dropout")
+@lowers("Identity")
 def _alias(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.get(node.input(0))]
 
@@ -291,40 +291,61 @@ def _where(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_topi().where, *[lw.get(v) for v in node.inputs], name="where")]
 
 
+def spatial_pads(node: Node, kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
+    """ONNX pads ``[begins..., ends...]`` of a conv or pool, resolving ``auto_pad`` from the input shape."""
+    n = len(kernel)
+    auto = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto == "VALID":
+        return [0] * (2 * n)
+    if auto == "NOTSET":
+        return list(node.attr("pads", ()) or [0] * (2 * n))
+    spatial = list((node.input(0).shape or [])[2:])
+    if len(spatial) != n or not all(isinstance(d, int) for d in spatial):
+        raise CodegenError(f"node {node.label()}: auto_pad {auto} needs static spatial input dims to compile")
+    begins, ends = [], []
+    for d, k, st, dl in zip(spatial, kernel, strides, dil):
+        out = -(-d // st)
+        total = max((out - 1) * st + (k - 1) * dl + 1 - d, 0)
+        small = total // 2
+        begins.append(small if auto == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends
+
+
 def _conv2d(x: Any, w: Any, node: Node) -> Any:
+    """An N-d (1-D, 2-D or 3-D) NC... convolution with groups, dilations and auto_pad."""
     topi = _topi()
     k = len(w.shape) - 2
-    if k != 2:
-        raise CodegenError(f"node {node.label()}: only 2-D convolutions compile yet")
-    pads = list(node.attr("pads", ()) or [0] * 4)
-    strides = list(node.attr("strides", ()) or [1, 1])
-    dil = list(node.attr("dilations", ()) or [1, 1])
+    kernel = [int(d) for d in w.shape[2:]]
+    strides = list(node.attr("strides", ()) or [1] * k)
+    dil = list(node.attr("dilations", ()) or [1] * k)
+    pads = spatial_pads(node, kernel, strides, dil)
     group = node.attr("group", 1)
+    if k == 1:
+        return topi.nn.conv1d(x, w, strides, pads, dil, group, "NCW", "OIW")
+    if k == 3:
+        return topi.nn.conv3d_ncdhw(x, w, strides, pads, dil, group)
+    if k != 2:
+        raise CodegenError(f"node {node.label()}: {k}-D convolutions do not compile yet")
     padding = (pads[0], pads[1], pads[2], pads[3])
     if group == 1:
         return topi.nn.conv2d_nchw(x, w, strides, padding, dil)
     return topi.nn.group_conv2d_nchw(x, w, strides, padding, dil, group)
 
 
-def _channel(b: Any) -> Any:
-    """A per-channel vector as [1, C, 1, 1] for broadcasting over NCHW."""
-    return _topi().reshape(b, (1, b.shape[0], 1, 1))
-
-
-def _check_conv(node: Node) -> None:
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet; run the O2 passes first")
+def _channel(b: Any, rank: int = 4) -> Any:
+    """A per-channel vector as [1, C, 1, ...] for broadcasting over NC... of ``rank`` dims."""
+    return _topi().reshape(b, (1, b.shape[0], *([1] * (rank - 2))))
 
 
 @lowers("Conv")
 def _conv(lw: Lowerer, node: Node) -> list[Any]:
-    _check_conv(node)
     x, w, b = (lw.get(node.input(i)) for i in range(3))
 
     def compute(x: Any, w: Any, *b: Any) -> Any:
         y = _conv2d(x, w, node)
         if b:
-            y = _topi().add(y, _channel(b[0]))
+            y = _topi().add(y, _channel(b[0], len(y.shape)))
         return y
 
     return [lw.emit(compute, x, w, *([b] if b is not None else []), name="conv2d")]
@@ -342,7 +363,7 @@ def _fused_conv(lw: Lowerer, node: Node) -> list[Any]:
         y = _conv2d(x, w, node)
         rest_l = list(rest)
         if has_b:
-            y = topi.add(y, _channel(rest_l.pop(0)))
+            y = topi.add(y, _channel(rest_l.pop(0), len(y.shape)))
         if has_z:
             y = topi.add(y, rest_l.pop(0))
         return _activation(y, act, params)
@@ -381,29 +402,29 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}")]
 
 
-def _pool_args(node: Node) -> tuple[list[int], list[int], list[int], list[int]]:
+def pool_geometry(node: Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """A pool's kernel, strides, dilations, pads (auto_pad resolved) and ceil_mode."""
     kernel = list(node.attr("kernel_shape"))
     n = len(kernel)
     strides = list(node.attr("strides", ()) or [1] * n)
     dil = list(node.attr("dilations", ()) or [1] * n)
-    pads = list(node.attr("pads", ()) or [0] * (2 * n))
-    return kernel, strides, dil, pads
+    return kernel, strides, dil, spatial_pads(node, kernel, strides, dil), bool(node.attr("ceil_mode", 0))
 
 
 @lowers("MaxPool", "AveragePool")
 def _pool(lw: Lowerer, node: Node) -> list[Any]:
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet")
     if len([o for o in node.outputs if o.name]) > 1:
         raise CodegenError(f"node {node.label()}: MaxPool indices do not compile yet")
-    kernel, strides, dil, pads = _pool_args(node)
-    if len(kernel) != 2:
-        raise CodegenError(f"node {node.label()}: only 2-D pooling compiles yet")
+    kernel, strides, dil, pads, ceil = pool_geometry(node)
+    n = len(kernel)
+    if n not in (1, 2, 3):
+        raise CodegenError(f"node {node.label()}: {n}-D pooling does not compile yet")
+    pool = {1: _topi().nn.pool1d, 2: _topi().nn.pool2d, 3: _topi().nn.pool3d}[n]
+    layout = {1: "NCW", 2: "NCHW", 3: "NCDHW"}[n]
     kind = "max" if node.op_type == "MaxPool" else "avg"
-    ceil = bool(node.attr("ceil_mode", 0))
     include_pad = bool(node.attr("count_include_pad", 0))
-    return [lw.emit(lambda x: _topi().nn.pool2d(x, kernel, strides, dil, pads, kind, ceil, "NCHW", include_pad),
-                    lw.get(node.input(0)), name=f"{kind}_pool2d")]
+    return [lw.emit(lambda x: pool(x, kernel, strides, dil, pads, kind, ceil, layout, include_pad),
+                    lw.get(node.input(0)), name=f"{kind}_pool{n}d")]
 
 
 @lowers("GlobalAveragePool", "GlobalMaxPool")
@@ -590,51 +611,6 @@ def _split(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(len(outs))]
 
 
-@lowers("Slice", reads=(0,))
-def _slice(lw: Lowerer, node: Node) -> list[Any]:
-    x = node.input(0)
-    starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
-    axes = _const_ints(node.input(3)) if node.input(3) is not None else list(range(len(starts or [])))
-    steps = _const_ints(node.input(4)) if node.input(4) is not None else [1] * len(starts or [])
-    if starts is None or ends is None or axes is None or steps is None or node.attr("starts") is not None:
-        raise CodegenError(f"node {node.label()}: only Slice with constant starts/ends/axes/steps compiles yet")
-    axes = [a + x.rank if a < 0 else a for a in axes]
-    if any(st != 1 for st in steps):
-        raise CodegenError(f"node {node.label()}: strided Slice does not compile yet")
-    begin, end = [], []
-    for s, e, a in zip(starts, ends, axes):
-        d = x.shape[a]
-        if not isinstance(d, int):
-            raise CodegenError(f"node {node.label()}: Slice over a symbolic dim does not compile yet")
-        lo, hi, _ = slice(s, e, 1).indices(d)
-        begin.append(lo)
-        end.append(max(lo, hi))
-    return [lw.emit(lambda t: _topi().strided_slice(t, begin, end, [1] * len(axes), axes), lw.get(x), name="slice")]
-
-
-@lowers("Resize", reads=(0,))
-def _resize(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import te
-
-    x, out = node.input(0), node.outputs[0]
-    mode = node.attr("mode", "nearest")
-    ctm = node.attr("coordinate_transformation_mode", "half_pixel")
-    if x.rank != 4 or out.shape is None or not all(isinstance(d, int) for d in out.shape[2:]) or \
-            not all(isinstance(d, int) for d in x.shape[2:]):
-        raise CodegenError(f"node {node.label()}: only 4-D Resize with static spatial sizes compiles yet")
-    ratios = [o // i for o, i in zip(out.shape[2:], x.shape[2:])]
-    exact = all(o == i * r for o, i, r in zip(out.shape[2:], x.shape[2:], ratios))
-    if mode != "nearest" or ctm != "asymmetric" or node.attr("nearest_mode", "round_prefer_floor") != "floor" or not exact:
-        raise CodegenError(f"node {node.label()}: only nearest, asymmetric, floor Resize by integer factors compiles yet")
-    rh, rw = ratios
-
-    def upsample(t: Any) -> Any:
-        n, c, h, w = t.shape
-        return te.compute((n, c, h * rh, w * rw), lambda b, k, i, j: t[b, k, i // rh, j // rw], name="resize")
-
-    return [lw.emit(upsample, lw.get(x), name="resize_nearest")]
-
-
 @lowers("ConvTranspose")
 def _conv_transpose(lw: Lowerer, node: Node) -> list[Any]:
     x, w, b = node.input(0), node.input(1), node.input(2)
@@ -662,12 +638,21 @@ def _batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
     if len(b.shape) == 2:
         m = topi.nn.matmul(topi.reshape(a, (_prod(a.shape[:-1]), a.shape[-1])), b, transpose_b=trans_b)
         return topi.reshape(m, (*a.shape[:-1], m.shape[-1]))
-    batch = list(a.shape[:-2]) if len(a.shape) >= len(b.shape) else list(b.shape[:-2])
+    batch = _broadcast_dims(list(a.shape[:-2]), list(b.shape[:-2]))
     a3 = topi.reshape(topi.broadcast_to(a, (*batch, *a.shape[-2:])), (_prod(batch), *a.shape[-2:]))
     b3 = topi.reshape(topi.broadcast_to(b, (*batch, *b.shape[-2:])), (_prod(batch), *b.shape[-2:]))
     n_out = b.shape[-2] if trans_b else b.shape[-1]
     y = topi.nn.batch_matmul(a3, b3, oshape=(_prod(batch), a.shape[-2], n_out), transpose_b=trans_b)
     return topi.reshape(y, (*batch, a.shape[-2], n_out))
+
+
+def _broadcast_dims(a: list[Any], b: list[Any]) -> list[Any]:
+    """numpy broadcasting of two dim lists (a size-1 dim gives way to the other)."""
+    from tvm import tirx
+
+    n = max(len(a), len(b))
+    a, b = [1] * (n - len(a)) + a, [1] * (n - len(b)) + b
+    return [y if isinstance(x, (int, tirx.IntImm)) and int(x) == 1 else x for x, y in zip(a, b)]
 
 
 def _prod(dims: Any) -> Any:
@@ -680,17 +665,32 @@ def _prod(dims: Any) -> Any:
 @lowers("MatMul")
 def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     a, b = node.input(0), node.input(1)
-    if (a.rank or 0) < 2 or (b.rank or 0) < 2:
-        raise CodegenError(f"node {node.label()}: MatMul with 1-D operands does not compile yet")
-    return [lw.emit(lambda x, y: _batched_matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
+    if not a.rank or not b.rank:
+        raise CodegenError(f"node {node.label()}: MatMul of 0-d operands does not compile")
+
+    def compute(x: Any, y: Any) -> Any:
+        # numpy's 1-D rules: a vector on the left is a row, on the right a column, then dropped
+        topi = _topi()
+        x2 = topi.reshape(x, (1, x.shape[0])) if len(x.shape) == 1 else x
+        y2 = topi.reshape(y, (y.shape[0], 1)) if len(y.shape) == 1 else y
+        z = _batched_matmul(x2, y2)
+        dims = list(z.shape)
+        if len(y.shape) == 1:
+            dims.pop(-1)
+        if len(x.shape) == 1:
+            dims.pop(-1 if len(y.shape) == 1 else -2)
+        return topi.reshape(z, dims) if len(dims) != len(z.shape) else z
+
+    return [lw.emit(compute, lw.get(a), lw.get(b), name="matmul")]
 
 
 @lowers("LayerNorm", domain="kiln")
 @lowers("LayerNormalization")
 def _layer_norm(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import relax
+
     x, scale, bias = node.input(0), node.input(1), node.input(2)
-    if len([o for o in node.outputs if o.name]) > 1:
-        raise CodegenError(f"node {node.label()}: LayerNormalization's mean/inv-std outputs do not compile yet")
+    n_out = len(node.outputs)  # Y, then the optional Mean and InvStdDev
     axis = node.attr("axis", -1)
     axis = axis + x.rank if axis < 0 else axis
     eps = node.attr("epsilon", 1e-5)
@@ -703,11 +703,16 @@ def _layer_norm(lw: Lowerer, node: Node) -> list[Any]:
         mean = topi.divide(topi.sum(t, axes, keepdims=True), topi.cast(count, t.dtype))
         d = topi.subtract(t, mean)
         var = topi.divide(topi.sum(topi.multiply(d, d), axes, keepdims=True), topi.cast(count, t.dtype))
-        y = topi.multiply(topi.divide(d, topi.sqrt(topi.add(var, eps))), g)
-        return topi.add(y, b[0]) if b else y
+        inv = topi.divide(1.0, topi.sqrt(topi.add(var, eps)))
+        y = topi.multiply(topi.multiply(d, inv), g)
+        y = topi.add(y, b[0]) if b else y
+        return [y, mean, inv][:n_out] if n_out > 1 else y
 
     args = [lw.get(x), lw.get(scale)] + ([lw.get(bias)] if has_bias else [])
-    return [lw.emit(compute, *args, name="layer_norm")]
+    out = lw.emit(compute, *args, name="layer_norm")
+    if n_out == 1:
+        return [out]
+    return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
 
 
 @lowers("Attention", domain="kiln")
@@ -734,4 +739,4 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
 
 
 # The op families in their own files register themselves in LOWERINGS on import.
-from kiln.codegen import lower_elementwise, lower_reduce  # noqa: E402,F401
+from kiln.codegen import lower_attention, lower_elementwise, lower_image, lower_nn, lower_reduce, lower_tensor  # noqa: E402,F401

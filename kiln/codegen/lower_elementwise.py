@@ -113,10 +113,10 @@ def _not(lw: Lowerer, node: Node) -> list[Any]:
 # =========================================================================== activations
 
 
-def _exp_m1(x: Any) -> Any:
+def _exp_m1(x: Any, dt: str) -> Any:
     from tvm import tirx
 
-    return tirx.exp(x) - _const(1, x.dtype)
+    return tirx.exp(x) - _const(1, dt)
 
 
 @lowers("Elu", "Selu", "Celu", "ThresholdedRelu", "Softplus", "Softsign", "Shrink", "Mish", "Swish")
@@ -129,25 +129,25 @@ def _activation(lw: Lowerer, node: Node) -> list[Any]:
         dt = x.dtype
         zero = _const(0, dt)
         if op == "Elu":
-            return tirx.Select(x < zero, _const(node.attr("alpha", 1.0), dt) * _exp_m1(x), x)
+            return tirx.Select(x < zero, _const(node.attr("alpha", 1.0), dt) * _exp_m1(x, dt), x)
         if op == "Selu":
             alpha = _const(node.attr("alpha", 1.67326319217681884765625), dt)
             gamma = _const(node.attr("gamma", 1.05070102214813232421875), dt)
-            return gamma * tirx.Select(x > zero, x, alpha * _exp_m1(x))
+            return gamma * tirx.Select(x > zero, x, alpha * _exp_m1(x, dt))
         if op == "Celu":
             alpha = _const(node.attr("alpha", 1.0), dt)
-            return tirx.max(zero, x) + tirx.min(zero, alpha * _exp_m1(x / alpha))
+            return tirx.max(zero, x) + tirx.min(zero, alpha * _exp_m1(x / alpha, dt))
         if op == "ThresholdedRelu":
             return tirx.Select(x > _const(node.attr("alpha", 1.0), dt), x, zero)
         if op == "Softplus":
-            return tirx.log(tirx.exp(x) + _const(1, dt))
+            return tirx.log1p(tirx.exp(x))
         if op == "Softsign":
             return x / (_const(1, dt) + tirx.abs(x))
         if op == "Shrink":
             bias, lambd = _const(node.attr("bias", 0.0), dt), _const(node.attr("lambd", 0.5), dt)
             return tirx.Select(x < -lambd, x + bias, tirx.Select(x > lambd, x - bias, zero))
         if op == "Mish":
-            return x * tirx.tanh(tirx.log(tirx.exp(x) + _const(1, dt)))
+            return x * tirx.tanh(tirx.log1p(tirx.exp(x)))
         # Swish
         return x * tirx.sigmoid(_const(node.attr("alpha", 1.0), dt) * x)
 
@@ -266,12 +266,13 @@ def _binary(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("Mean")
 def _mean(lw: Lowerer, node: Node) -> list[Any]:
     n = len([v for v in node.inputs if v is not None])
+    dt = node.outputs[0].dtype.numpy.name
 
     def f(*xs: Any) -> Any:
         out = xs[0]
         for x in xs[1:]:
             out = out + x
-        return out / _const(n, out.dtype)
+        return out / _const(n, dt)
 
     return _emit_ew(lw, node, f)
 
@@ -300,3 +301,50 @@ def _cast_like(lw: Lowerer, node: Node) -> list[Any]:
     dt = node.outputs[0].dtype.numpy.name
     name = "castlike"
     return [lw.emit(lambda t: broadcast(_cast_to(dt), t, name=name), lw.get(node.input(0)), name=name)]
+
+
+# =========================================================================== quantization
+
+
+def _q_param(p: Any, i: tuple[Any, ...], axis: int, block: int) -> Any:
+    """A scale or zero point for element ``i``: per tensor, per axis, or per block along ``axis``."""
+    if len(p.shape) == 0:
+        return p[()]
+    if not block:
+        return p[i[axis]]
+    return p[tuple(j // block if k == axis and block else j for k, j in enumerate(i))]
+
+
+@lowers("QuantizeLinear", "DequantizeLinear")
+def _quantize(lw: Lowerer, node: Node) -> list[Any]:
+    """y = saturate(round_half_even(x / scale) + zero_point), and its inverse (x - zero_point) * scale."""
+    import numpy as np
+    from tvm import te, tirx
+
+    x = node.input(0)
+    axis = node.attr("axis", 1)
+    axis = axis + (x.rank or 0) if axis < 0 else axis
+    block = node.attr("block_size", 0)
+    out_dt = node.outputs[0].dtype.numpy
+    has_zp = node.input(2) is not None
+    quant = node.op_type == "QuantizeLinear"
+    ins = [lw.get(node.input(i)) for i in range(3) if node.input(i) is not None]
+
+    def compute(t: Any, scale: Any, *zp: Any) -> Any:
+        def body(*i: Any) -> Any:
+            s = _q_param(scale, i, axis, block)
+            z = _q_param(zp[0], i, axis, block) if has_zp else None
+            if quant:
+                f = str(s.dtype) if str(s.dtype) == "float64" else "float32"
+                v = tirx.nearbyint(tirx.Cast(f, t[i]) / tirx.Cast(f, s))
+                if z is not None:
+                    v = v + tirx.Cast(f, z)
+                info = np.iinfo(out_dt)
+                v = tirx.max(tirx.min(v, tirx.const(float(info.max), f)), tirx.const(float(info.min), f))
+                return tirx.Cast(out_dt.name, v)
+            v = tirx.Cast("int32", t[i]) - (tirx.Cast("int32", z) if z is not None else tirx.const(0, "int32"))
+            return tirx.Cast(out_dt.name, tirx.Cast(str(s.dtype), v) * s)
+
+        return te.compute(t.shape, body, name=node.op_type.lower())
+
+    return [lw.emit(compute, *ins, name=node.op_type.lower())]
