@@ -414,7 +414,9 @@ def pool_geometry(node: Node) -> tuple[list[int], list[int], list[int], list[int
 @lowers("MaxPool", "AveragePool")
 def _pool(lw: Lowerer, node: Node) -> list[Any]:
     if len([o for o in node.outputs if o.name]) > 1:
-        raise CodegenError(f"node {node.label()}: MaxPool indices do not compile yet")
+        from kiln.codegen.lower_nn import max_pool_with_indices
+
+        return max_pool_with_indices(lw, node)
     kernel, strides, dil, pads, ceil = pool_geometry(node)
     n = len(kernel)
     if n not in (1, 2, 3):
@@ -565,8 +567,12 @@ def _softmax(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("BatchNormalization")
 def _batchnorm(lw: Lowerer, node: Node) -> list[Any]:
     stats = [_const_array(node.input(i)) for i in range(1, 5)]
-    if any(s is None for s in stats) or node.attr("training_mode", 0):
-        raise CodegenError(f"node {node.label()}: only inference BatchNormalization with constant statistics compiles")
+    if node.attr("training_mode", 0):
+        raise CodegenError(f"node {node.label()}: training-mode BatchNormalization does not compile")
+    if any(s is None for s in stats):
+        from kiln.codegen.lower_nn import batch_norm
+
+        return batch_norm(lw, node)  # statistics computed at run time
     scale, bias, mean, var = (s.astype(np.float64) for s in stats)  # type: ignore[union-attr]
     k = scale / np.sqrt(var + node.attr("epsilon", 1e-5))
     shift = bias - mean * k
@@ -616,7 +622,9 @@ def _conv_transpose(lw: Lowerer, node: Node) -> list[Any]:
     x, w, b = node.input(0), node.input(1), node.input(2)
     if x.rank != 4 or node.attr("group", 1) != 1 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "") \
             or node.attr("output_shape") is not None or any(d != 1 for d in node.attr("dilations", ()) or ()):
-        raise CodegenError(f"node {node.label()}: only plain 2-D ConvTranspose (group 1, no dilation) compiles yet")
+        from kiln.codegen.lower_nn import conv_transpose
+
+        return conv_transpose(lw, node)  # the general N-d form, written out in TE
     strides = list(node.attr("strides", ()) or [1, 1])
     pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
     out_pad = list(node.attr("output_padding", ()) or [0, 0])

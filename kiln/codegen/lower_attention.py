@@ -144,3 +144,56 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
     if n_out == 1:
         return [out]
     return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
+
+
+@lowers("RotaryEmbedding")
+def _rotary(lw: Lowerer, node: Node) -> list[Any]:
+    """RotaryEmbedding (3-D with num_heads, or 4-D (B, H, S, D)), split halves or interleaved pairs,
+    on the first ``rotary_embedding_dim`` features, with or without position ids."""
+    from tvm import te, tirx
+
+    x = node.input(0)
+    rank = x.rank
+    interleaved = bool(node.attr("interleaved", 0))
+    heads = node.attr("num_heads", 0)
+    rot_attr = node.attr("rotary_embedding_dim", 0)
+    has_pos = node.input(3) is not None
+    if rank not in (3, 4) or (rank == 3 and not heads):
+        raise CodegenError(f"node {node.label()}: RotaryEmbedding needs 4-D input or num_heads")
+
+    def compute(t: Any, cos: Any, sin: Any, *pos: Any) -> Any:
+        head = t.shape[2] // heads if rank == 3 else t.shape[3]
+        rot = rot_attr or int(head)
+        half = rot // 2
+
+        def cache(c: Any, b: Any, s: Any, j: Any) -> Any:
+            return c[pos[0][b, s], j] if pos else c[b, s, j]
+
+        def body(*i: Any) -> Any:
+            if rank == 3:
+                b, s, hd = i
+                d = hd % head
+                base = hd - d
+
+                def at(dd: Any) -> Any:
+                    return t[b, s, base + dd]
+            else:
+                b, h, s, d = i
+
+                def at(dd: Any) -> Any:
+                    return t[b, h, s, dd]
+            if interleaved:
+                j, second = d // 2, d % 2 == 1
+                x1, x2 = at(d - d % 2), at(d - d % 2 + 1)
+            else:
+                j, second = tirx.Select(d < half, d, d - half), d >= half
+                x1, x2 = at(tirx.Select(d < half, d, d - half)), at(tirx.Select(d < half, d + half, d))
+            jj = tirx.min(j, half - 1)
+            c, sn = cache(cos, b, s, jj), cache(sin, b, s, jj)
+            rotated = tirx.Select(second, sn * x1 + c * x2, c * x1 - sn * x2)
+            return tirx.Select(d < rot, rotated, at(d))
+
+        return te.compute(t.shape, body, name="rotary_embedding")
+
+    ins = [lw.get(node.input(i)) for i in range(3)] + ([lw.get(node.input(3))] if has_pos else [])
+    return [lw.emit(compute, *ins, name="rotary_embedding")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from kiln.codegen.lower import Lowerer, lowers
+from kiln.codegen.lower import CodegenError, Lowerer, lowers
 from kiln.ir import Node
 
 
@@ -152,6 +152,23 @@ def _activation(lw: Lowerer, node: Node) -> list[Any]:
         return x * tirx.sigmoid(_const(node.attr("alpha", 1.0), dt) * x)
 
     return _emit_ew(lw, node, f)
+
+
+@lowers("SwiGLU")
+def _swiglu(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    alpha = node.attr("alpha", 1.0)
+    return _emit_ew(lw, node, lambda a, b: a * tirx.sigmoid(_const(alpha, str(a.dtype)) * a) * b)
+
+
+@lowers("Binarizer", domain="ai.onnx.ml")
+def _binarizer(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    th = node.attr("threshold", 0.0)
+    return _emit_ew(lw, node, lambda x: tirx.Select(x > _const(th, str(x.dtype)), _const(1, str(x.dtype)),
+                                                    _const(0, str(x.dtype))))
 
 
 @lowers("PRelu")
@@ -348,3 +365,20 @@ def _quantize(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(t.shape, body, name=node.op_type.lower())
 
     return [lw.emit(compute, *ins, name=node.op_type.lower())]
+
+
+@lowers("BitCast")
+def _bitcast(lw: Lowerer, node: Node) -> list[Any]:
+    """Reinterpret the bits of each element (same width only: other widths change the shape)."""
+    from tvm import tirx
+
+    src, dst = node.input(0).dtype.numpy, node.outputs[0].dtype.numpy
+    if src.itemsize != dst.itemsize:
+        raise CodegenError(f"node {node.label()}: BitCast between widths does not compile yet")
+
+    def f(x: Any) -> Any:
+        if src.kind == "b" or dst.kind == "b":  # bool is one byte, 0 or 1
+            return tirx.Cast(dst.name, x) if dst.kind != "b" else x != _const(0, src.name)
+        return tirx.reinterpret(dst.name, x)
+
+    return _emit_ew(lw, node, f)

@@ -166,3 +166,96 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(so, body, name="resize")
 
     return [lw.emit(compute, lw.get(x), *extra, name=f"resize_{mode}")]
+
+
+@lowers("GridSample")
+def _grid_sample(lw: Lowerer, node: Node) -> list[Any]:
+    """GridSample (N-d, nearest/linear/cubic, zeros/border/reflection padding), after onnx's reference."""
+    from tvm import te, tirx
+
+    x = node.input(0)
+    si = static_shape(x)
+    if si is None:
+        raise CodegenError(f"node {node.label()}: GridSample needs a static input shape to compile")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(node.attr("mode", "linear"), node.attr("mode", "linear"))
+    padding = node.attr("padding_mode", "zeros")
+    align = bool(node.attr("align_corners", 0))
+    dims = si[2:]
+    nd = len(dims)
+    lo = [0.0 if align else -0.5 for _ in dims]
+    hi = [d - 1.0 if align else d - 0.5 for d in dims]
+
+    def compute(t: Any, grid: Any) -> Any:
+        dt = t.dtype
+        f = "float64" if str(dt) == "float64" else "float32"
+
+        def c(v: float) -> Any:
+            return tirx.const(v, f)
+
+        def reflect(v: Any, k: int) -> Any:
+            rng = c(hi[k] - lo[k])
+
+            def fold(dx: Any, near: float, far: float) -> Any:
+                n = tirx.Cast("int64", dx / rng)
+                r = dx - tirx.Cast(f, n) * rng
+                return tirx.Select(tirx.floormod(n, 2) == 0, c(near) + r if near < far else c(near) - r,
+                                   c(far) - r if near < far else c(far) + r)
+
+            return tirx.Select(v < c(lo[k]), fold(c(lo[k]) - v, lo[k], hi[k]),
+                               tirx.Select(v > c(hi[k]), fold(v - c(hi[k]), hi[k], lo[k]), v))
+
+        def body(n: Any, ch: Any, *o: Any) -> Any:
+            coords = []
+            for k in range(nd):
+                g = tirx.Cast(f, grid[(n, *o, nd - 1 - k)])
+                v = (g + c(1)) / c(2) * c(dims[k] - 1) if align else ((g + c(1)) * c(dims[k]) - c(1)) / c(2)
+                if mode == "nearest":
+                    v = tirx.nearbyint(v)
+                if padding == "border":
+                    v = tirx.Select(tirx.Or(v < c(lo[k]), v > c(hi[k])), tirx.max(tirx.min(v, c(dims[k] - 1)), c(0)), v)
+                elif padding == "reflection":
+                    v = reflect(v, k)
+                coords.append(v)
+
+            def at(idx: list[Any]) -> Any:
+                ok: list[Any] = []
+                safe = []
+                for k, i in enumerate(idx):
+                    if padding == "zeros":
+                        ok.append(tirx.all(i >= 0, i < dims[k]))
+                    elif padding == "reflection":
+                        i = tirx.Cast("int64", reflect(tirx.Cast(f, i), k))
+                    safe.append(tirx.max(tirx.min(i, dims[k] - 1), 0))
+                val = tirx.Cast(f, t[(n, ch, *safe)])
+                return tirx.Select(tirx.all(*ok), val, c(0)) if ok else val
+
+            taps: list[list[tuple[Any, Any]]] = []
+            for k, v in enumerate(coords):
+                if mode == "nearest":
+                    taps.append([(tirx.Cast("int64", v), None)])
+                    continue
+                x0 = tirx.floor(v)
+                fr = v - x0
+                b = tirx.Cast("int64", x0)
+                if mode == "linear":
+                    taps.append([(b, c(1) - fr), (b + 1, fr)])
+                else:
+                    taps.append(list(zip([b - 1, b, b + 1, b + 2], _cubic(fr, -0.75, f))))
+
+            def gather(level: int, idx: list[Any]) -> Any:
+                if level == nd:
+                    return at(idx)
+                acc: Any = None
+                for i, w in taps[level]:
+                    term = gather(level + 1, idx + [i])
+                    term = term if w is None else term * w
+                    acc = term if acc is None else acc + term
+                return acc
+
+            val = gather(0, [])
+            return tirx.Cast(dt, val) if str(dt) != f else val
+
+        out = [t.shape[0], t.shape[1], *grid.shape[1:-1]]
+        return te.compute(out, body, name="grid_sample")
+
+    return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="grid_sample")]

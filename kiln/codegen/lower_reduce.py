@@ -11,26 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.codegen.lower import CodegenError, Lowerer, lowers
-from kiln.codegen.lower_shapes import const_ints, norm_axes, reduced_axes
+from kiln.codegen.lower_shapes import candidate_axes, const_ints, norm_axes
 from kiln.ir import Node
 
 _REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
            "ReduceLogSumExp", "ReduceSumSquare")
 
 
-def _axes(node: Node) -> list[int] | None:
-    """The reduced axes (sorted, non-negative), or None for all of them; [] means identity."""
+def _axes(node: Node) -> list[list[int]] | None:
+    """The candidate sets of reduced axes (sorted, non-negative): one unless the axes are a run-time
+    input that the shapes do not settle; None reduces everything; [[]] is the identity."""
     x, out = node.input(0), node.outputs[0]
     rank = x.rank or 0
     keep = bool(node.attr("keepdims", 1))
     axes = node.attr("axes")
     if axes is None and node.input(1) is not None:
         axes = const_ints(node.input(1))
-        if axes is None:
-            return reduced_axes(node, x, out, keep)
+        shape = node.input(1).shape
+        count = shape[0] if shape and isinstance(shape[0], int) else None
+        if axes is None and count != 0:
+            return candidate_axes(node, x, out, keep, count)
     if not axes:
-        return [] if node.attr("noop_with_empty_axes", 0) else None
-    return norm_axes(list(axes), rank)
+        return [[]] if node.attr("noop_with_empty_axes", 0) else None
+    return [norm_axes(list(axes), rank)]
 
 
 def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
@@ -80,15 +83,19 @@ _EMPTY = {"ReduceSum": 0.0, "ReduceMean": float("nan"), "ReduceMax": float("-inf
           "ReduceLogSumExp": float("-inf"), "ReduceSumSquare": 0.0}
 
 
-@lowers(*_REDUCE, reads=(0,))
+@lowers(*_REDUCE)
 def _reduction(lw: Lowerer, node: Node) -> list[Any]:
-    axes = _axes(node)
+    from tvm import te, tirx
+
+    cands = _axes(node)
     x = node.input(0)
-    if axes == []:
+    if cands == [[]]:
         return [lw.get(x)]
     keep = bool(node.attr("keepdims", 1))
     op = node.op_type
-    if any(x.shape[k] == 0 for k in (axes if axes is not None else range(x.rank or 0))):
+    rank = x.rank or 0
+    if cands is not None and len(cands) == 1 and any(x.shape[k] == 0 for k in cands[0]) or \
+            cands is None and 0 in (x.shape or []):
         import numpy as np
 
         out = node.outputs[0]
@@ -98,7 +105,27 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
             value = (np.iinfo(dt).min if value < 0 else np.iinfo(dt).max) if dt.kind != "b" else (value > 0)
         dims = [lw.dim(d) for d in out.shape]
         return [lw.emit(lambda t: _full(dims, dt.name, value), lw.get(x), name=f"{op.lower()}_empty")]
-    return [lw.emit(lambda t: _reduce(op, t, axes, keep), lw.get(x), name=op.lower())]
+    if cands is None or len(cands) == 1:
+        axes = None if cands is None else cands[0]
+        return [lw.emit(lambda t: _reduce(op, t, axes, keep), lw.get(x), name=op.lower())]
+
+    def pick(t: Any, ax: Any) -> Any:
+        # the axes are a run-time input that several axis sets fit: reduce over each, keep the asked one
+        outs = [_reduce(op, t, c, keep) for c in cands]
+
+        def chosen(c: list[int]) -> Any:
+            norm = [tirx.Select(ax[j] < 0, ax[j] + rank, ax[j]) for j in range(len(c))]
+            return tirx.all(*[tirx.any(*[a == k for k in c]) for a in norm])
+
+        def body(*i: Any) -> Any:
+            v = outs[-1][i]
+            for c, o in zip(cands[-2::-1], outs[-2::-1]):
+                v = tirx.Select(chosen(c), o[i], v)
+            return v
+
+        return te.compute(outs[0].shape, body, name="pick_axes")
+
+    return [lw.emit(pick, lw.get(x), lw.get(node.input(1)), name=op.lower())]
 
 
 def _full(dims: list[Any], dt: str, value: float) -> Any:

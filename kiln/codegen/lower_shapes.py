@@ -2,8 +2,8 @@
 
 An ONNX op may take its axes, sizes or repeats as a runtime input. kiln compiles for the shapes
 that shape inference settled, so where the input and output shapes determine such a value
-uniquely (the axes a Reduce dropped, the sizes of a Split) it is read from the shapes; where they
-do not, the lowering refuses with a CodegenError.
+uniquely (the sizes of a Split) it is read from the shapes; where several values fit (the axes a
+Reduce dropped), the lowering computes each candidate and picks one at run time.
 """
 
 from __future__ import annotations
@@ -35,36 +35,29 @@ def norm_axes(axes: list[int], rank: int) -> list[int]:
     return sorted(a + rank if a < 0 else a for a in axes)
 
 
-def reduced_axes(node: Node, inp: Value, out: Value, keepdims: bool) -> list[int]:
-    """The axes a reduction-like op drops (or keeps as 1), from its declared input and output shapes."""
+def candidate_axes(node: Node, inp: Value, out: Value, keepdims: bool, count: int | None) -> list[list[int]]:
+    """Every set of ``count`` axes a reduction could drop (or keep as 1) to turn the declared input
+    shape into the declared output shape; raises when there is none."""
+    from itertools import combinations
+
     si, so = static_shape(inp), static_shape(out)
     if si is None or so is None:
         raise CodegenError(f"node {node.label()}: runtime axes need static input and output shapes to compile")
+    found: list[list[int]] = []
     if keepdims:
-        if len(si) != len(so) or any(a != b and b != 1 for a, b in zip(si, so)):
-            raise CodegenError(f"node {node.label()}: the shapes {si} -> {so} are not a reduction")
-        if any(a == 1 for a in si):
-            raise CodegenError(f"node {node.label()}: runtime axes over an input with size-1 dims are ambiguous")
-        return [k for k, (a, b) in enumerate(zip(si, so)) if a != b]
-    # keepdims=0: the output is the input with some dims dropped; the match must be unique
-    matches: list[list[int]] = []
-
-    def walk(i: int, j: int, dropped: list[int]) -> None:
-        if len(matches) > 1:
-            return
-        if j == len(so):
-            matches.append(dropped + list(range(i, len(si))))
-            return
-        if i == len(si):
-            return
-        if si[i] == so[j]:
-            walk(i + 1, j + 1, dropped)
-        walk(i + 1, j, dropped + [i])
-
-    walk(0, 0, [])
-    if len(matches) != 1 or len(si) - len(so) != len(matches[0]):
-        raise CodegenError(f"node {node.label()}: runtime axes cannot be read from the shapes {si} -> {so}")
-    return matches[0]
+        if len(si) == len(so) and all(a == b or b == 1 for a, b in zip(si, so)):
+            need = [k for k, (a, b) in enumerate(zip(si, so)) if a != b]
+            ones = [k for k, a in enumerate(si) if a == 1]
+            sizes = [count - len(need)] if count is not None else range(len(ones) + 1)
+            found = [sorted(need + list(c)) for n in sizes if 0 <= n <= len(ones) for c in combinations(ones, n)]
+    else:
+        drop = len(si) - len(so)
+        for c in combinations(range(len(si)), drop):
+            if (count is None or count == drop) and [d for k, d in enumerate(si) if k not in c] == so:
+                found.append(list(c))
+    if not found:
+        raise CodegenError(f"node {node.label()}: no axes turn {si} into {so}")
+    return found
 
 
 def out_dims(lw: Any, v: Value) -> list[Any] | None:

@@ -294,22 +294,30 @@ def _pad(lw: Lowerer, node: Node) -> list[Any]:
     dims = _dims(lw, node)
     pads_attr = node.attr("pads")
     value_attr = node.attr("value", 0.0)
-    axes = list(range(rank))
+    axes: list[int] | None = list(range(rank))
+    n_axes = rank
     if node.input(3) is not None:
         axes_c = const_ints(node.input(3))
-        if axes_c is None:
-            raise CodegenError(f"node {node.label()}: Pad needs constant axes to compile")
-        axes = [a + rank if a < 0 else a for a in axes_c]
+        axes = None if axes_c is None else [a + rank if a < 0 else a for a in axes_c]
+        n_axes = len(axes) if axes is not None else (node.input(3).shape or [0])[0]
     has_pads, has_value = pads_attr is None and node.input(1) is not None, node.input(2) is not None
-    ins = [lw.get(x)] + ([lw.get(node.input(1))] if has_pads else []) + ([lw.get(node.input(2))] if has_value else [])
+    has_axes = axes is None
+    ins = [lw.get(x)] + ([lw.get(node.input(1))] if has_pads else []) + \
+        ([lw.get(node.input(2))] if has_value else []) + ([lw.get(node.input(3))] if has_axes else [])
 
     def compute(t: Any, *rest: Any) -> Any:
         rest_l = list(rest)
         pads = rest_l.pop(0) if has_pads else None
         cval = _scalar(rest_l.pop(0)) if has_value else tirx.const(value_attr, t.dtype)
+        axes_t = rest_l.pop(0) if has_axes else None
         befores: list[Any] = [tirx.const(0, "int64")] * rank
-        for j, a in enumerate(axes):
-            befores[a] = pads[j].astype("int64") if pads is not None else tirx.const(int(pads_attr[j]), "int64")
+        for j in range(n_axes):
+            p = pads[j].astype("int64") if pads is not None else tirx.const(int(pads_attr[j]), "int64")
+            if axes_t is None:
+                befores[axes[j]] = p
+            else:  # axes read at run time: each entry pads the dim it names
+                a = _wrap(axes_t[j], rank)
+                befores = [tirx.Select(a == k, p, b) for k, b in enumerate(befores)]
 
         def body(*i: Any) -> Any:
             src, inside = [], []
@@ -477,3 +485,145 @@ def _depth_space(lw: Lowerer, node: Node) -> list[Any]:
 
     fn = to_space if node.op_type == "DepthToSpace" else to_depth
     return [lw.emit(fn, lw.get(node.input(0)), name=node.op_type.lower())]
+
+
+@lowers("CenterCropPad", reads=(0,))
+def _center_crop_pad(lw: Lowerer, node: Node) -> list[Any]:
+    """Crop (centred, extra to the end) or zero-pad (centred) each axis to the declared output size."""
+    from tvm import te, tirx
+
+    from kiln.codegen.lower_shapes import static_shape
+
+    si, so = static_shape(node.input(0)), static_shape(node.outputs[0])
+    if si is None or so is None:
+        raise CodegenError(f"node {node.label()}: CenterCropPad needs static shapes to compile")
+    shift = [(d - o) // 2 if d >= o else -((o - d) // 2) for d, o in zip(si, so)]
+
+    def compute(t: Any) -> Any:
+        def body(*i: Any) -> Any:
+            src = [j + s for j, s in zip(i, shift)]
+            ok = [tirx.all(s >= 0, s < d) for s, d, o in zip(src, si, so) if o > d]
+            safe = [tirx.max(tirx.min(s, d - 1), 0) for s, d in zip(src, si)]
+            return tirx.Select(tirx.all(*ok), t[tuple(safe)], tirx.const(0, t.dtype)) if ok else t[tuple(safe)]
+
+        return te.compute(so, body, name="center_crop_pad")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="center_crop_pad")]
+
+
+@lowers("ArrayFeatureExtractor", domain="ai.onnx.ml")
+def _array_feature_extractor(lw: Lowerer, node: Node) -> list[Any]:
+    """The columns ``indices`` of the last axis."""
+    from tvm import te
+
+    dims = _dims(lw, node)
+
+    def compute(x: Any, idx: Any) -> Any:
+        last = len(x.shape) - 1
+        return te.compute(dims, lambda *i: x[(*i[:last], idx[i[last]])], name="array_feature_extractor")
+
+    return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="array_feature_extractor")]
+
+
+@lowers("OptionalHasElement", reads=())
+def _optional_has_element(lw: Lowerer, node: Node) -> list[Any]:
+    """An optional holding a plain tensor: whether it is present is known when compiling."""
+    from tvm import te, tirx
+
+    present = node.input(0) is not None
+    return [lw.emit(lambda: te.compute((), lambda: tirx.const(present, "bool"), name="has_element"),
+                    name="optional_has_element")]
+
+
+@lowers("OptionalGetElement")
+def _optional_get_element(lw: Lowerer, node: Node) -> list[Any]:
+    if node.input(0) is None:
+        raise CodegenError(f"node {node.label()}: OptionalGetElement of an empty optional")
+    return [lw.get(node.input(0))]
+
+
+@lowers("ReverseSequence")
+def _reverse_sequence(lw: Lowerer, node: Node) -> list[Any]:
+    """Reverse the first ``sequence_lens[b]`` steps along time_axis for each batch entry b."""
+    from tvm import te, tirx
+
+    taxis, baxis = node.attr("time_axis", 0), node.attr("batch_axis", 1)
+
+    def compute(x: Any, lens: Any) -> Any:
+        def body(*i: Any) -> Any:
+            n = lens[i[baxis]].astype("int64")
+            t = i[taxis].astype("int64")
+            src = list(i)
+            src[taxis] = tirx.Select(t < n, n - 1 - t, t)
+            return x[tuple(src)]
+
+        return te.compute(x.shape, body, name="reverse_sequence")
+
+    return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="reverse_sequence")]
+
+
+@lowers("AffineGrid", reads=(0,))
+def _affine_grid(lw: Lowerer, node: Node) -> list[Any]:
+    """Sampling grids from affine matrices theta (N, 2, 3) or (N, 3, 4), over the declared output size."""
+    from tvm import te, tirx
+
+    dims = _dims(lw, node)
+    align = bool(node.attr("align_corners", 0))
+    nd = len(dims) - 2  # (N, H, W, 2) or (N, D, H, W, 3)
+    spatial = [int(d) for d in dims[1:1 + nd]]
+
+    def compute(theta: Any) -> Any:
+        f = theta.dtype
+
+        def base(k: int, i: Any) -> Any:
+            # normalised coordinate of index i along spatial axis k (of size n), in [-1, 1]
+            n = spatial[k]
+            if n == 1:
+                return tirx.const(0, f)
+            x = tirx.Cast(f, i)
+            if align:
+                return tirx.const(-1, f) + x * tirx.const(2 / (n - 1), f)
+            return (x * tirx.const(2, f) + tirx.const(1, f)) / tirx.const(n, f) - tirx.const(1, f)
+
+        def body(b: Any, *rest: Any) -> Any:
+            *pos, c = rest
+            coords = [base(k, pos[k]) for k in range(nd)][::-1]  # x (width) first
+            acc = theta[b, c, nd]
+            for k, v in enumerate(coords):
+                acc = acc + theta[b, c, k] * v
+            return acc
+
+        return te.compute(dims, body, name="affine_grid")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="affine_grid")]
+
+
+def _scan_bool(cond: Any, n: int) -> Any:
+    from tvm import te, tirx
+
+    r = te.reduce_axis((0, n), "s")
+    return te.compute((n,), lambda i: te.sum(tirx.Select(tirx.all(r <= i, cond[r]), tirx.const(1, "int64"),
+                                                         tirx.const(0, "int64")), axis=[r]), name="true_count")
+
+
+@lowers("Compress")
+def _compress(lw: Lowerer, node: Node) -> list[Any]:
+    """Compress whose output size the declared shape gives (the condition is read at run time)."""
+    from tvm import te, tirx, topi
+
+    x = node.input(0)
+    dims = _dims(lw, node)
+    axis = node.attr("axis")
+
+    def compute(t: Any, cond: Any) -> Any:
+        src = t if axis is not None else topi.reshape(t, (int(np.prod([int(d) for d in t.shape])),))
+        a = 0 if axis is None else (axis + len(t.shape) if axis < 0 else axis)
+        n = int(cond.shape[0])
+        count = _scan_bool(cond, n)
+        r = te.reduce_axis((0, n), "r")
+        pick = te.compute((dims[a],), lambda p: te.min(tirx.Select(
+            tirx.all(cond[r], count[r] == p + 1), r.var.astype("int64"), tirx.const(1 << 62, "int64")), axis=[r]),
+            name="picked")
+        return te.compute(dims, lambda *i: src[(*i[:a], pick[i[a]], *i[a + 1:])], name="compress")
+
+    return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="compress")]
