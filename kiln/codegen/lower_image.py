@@ -95,7 +95,9 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             elif ctm == "pytorch_half_pixel":
                 c = (xi + half) / s - half if n_out > 1 else tirx.const(0, f)
             elif ctm == "align_corners":
-                c = xi * tirx.const((n_in - 1) / (n_out - 1), f) if n_out > 1 else tirx.const(0, f)
+                # onnx's resized length is scale * n_in, unrounded
+                c = xi * tirx.const(n_in - 1, f) / (s * tirx.const(n_in, f) - tirx.const(1, f)) if n_out > 1 \
+                    else tirx.const(0, f)
             elif ctm == "asymmetric":
                 c = xi / s
             elif ctm == "tf_crop_and_resize":

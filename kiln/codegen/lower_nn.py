@@ -584,3 +584,66 @@ def max_pool_with_indices(lw: Lowerer, node: Node) -> list[Any]:
 
     out = lw.emit(compute, lw.get(node.input(0)), name="max_pool_with_indices")
     return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
+
+
+@lowers("ConvInteger")
+def _conv_integer(lw: Lowerer, node: Node) -> list[Any]:
+    """conv(x - x_zero_point, w - w_zero_point) accumulated in int32."""
+    from tvm import topi
+
+    from kiln.codegen.lower import _conv2d
+
+    names = [n for i, n in enumerate(("x", "w", "xzp", "wzp")) if node.input(i) is not None]
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+
+    def compute(*ts: Any) -> Any:
+        t = dict(zip(names, ts))
+
+        def shifted(v: Any, zp: Any | None) -> Any:
+            v = topi.cast(v, "int32")
+            if zp is None:
+                return v
+            z = topi.cast(zp, "int32")
+            if len(zp.shape) == 1 and int(zp.shape[0]) > 1:  # per output channel (weights)
+                z = topi.reshape(z, (int(zp.shape[0]), *([1] * (len(v.shape) - 1))))
+            return topi.subtract(v, z)
+
+        return _conv2d(shifted(t["x"], t.get("xzp")), shifted(t["w"], t.get("wzp")), node)
+
+    return [lw.emit(compute, *ins, name="conv_integer")]
+
+
+@lowers("MaxUnpool", reads=(0, 1))
+def _max_unpool(lw: Lowerer, node: Node) -> list[Any]:
+    """Scatter each pooled value to its flat index in a zero tensor of the declared output shape."""
+    from tvm import te, tirx
+
+    from kiln.codegen.lower_shapes import static_shape
+
+    so = static_shape(node.outputs[0])
+    if so is None:
+        raise CodegenError(f"node {node.label()}: MaxUnpool needs a static output shape to compile")
+
+    kernel = list(node.attr("kernel_shape"))
+    n = len(kernel)
+    strides = list(node.attr("strides", ()) or [1] * n)
+    pads = list(node.attr("pads", ()) or [0] * (2 * n))
+
+    def compute(x: Any, idx: Any) -> Any:
+        spatial = [te.reduce_axis((0, d), f"r{k}") for k, d in enumerate(x.shape[2:])]
+        # the indices count in the default unpooled shape, even when output_shape is larger
+        default = [(int(d) - 1) * st + k - pads[j] - pads[n + j]
+                   for j, (d, st, k) in enumerate(zip(x.shape[2:], strides, kernel))]
+
+        def body(b: Any, c: Any, *o: Any) -> Any:
+            flat: Any = b.astype("int64") * so[1] + c
+            for k, j in enumerate(o):
+                flat = flat * default[k] + j
+            inside = tirx.all(*[j < d for j, d in zip(o, default)])
+            src = (b, c, *spatial)
+            hit = tirx.all(inside, idx[src] == flat)
+            return te.sum(tirx.Select(hit, x[src], tirx.const(0, x.dtype)), axis=spatial)
+
+        return te.compute(so, body, name="max_unpool")
+
+    return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="max_unpool")]

@@ -241,6 +241,10 @@ def _slice(lw: Lowerer, node: Node) -> list[Any]:
     if not isinstance(n, int):
         raise CodegenError(f"node {node.label()}: Slice needs a static number of starts")
     has_axes, has_steps = node.input(3) is not None, node.input(4) is not None
+    fixed = _static_slice_origin(node)
+    if fixed is not None:  # constant starts/axes/steps: offsets and steps are immediates
+        return [lw.emit(lambda t: te.compute(dims, lambda *i: t[tuple(s + j * st for j, (s, st) in zip(i, fixed))],
+                                             name="slice"), lw.get(x), name="slice")]
     ins = [lw.get(node.input(i)) for i in range(5) if node.input(i) is not None]
 
     def compute(t: Any, starts: Any, ends: Any, *rest: Any) -> Any:
@@ -266,6 +270,25 @@ def _slice(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(dims, lambda *i: t[tuple(s + j * st for j, (s, st) in zip(i, org))], name="slice")
 
     return [lw.emit(compute, *ins, name="slice")]
+
+
+def _static_slice_origin(node: Node) -> list[tuple[int, int]] | None:
+    """(start, step) per input axis when starts, axes and steps are constants over static dims."""
+    from kiln.codegen.lower_shapes import static_shape
+
+    si = static_shape(node.input(0))
+    starts = const_ints(node.input(1))
+    axes = const_ints(node.input(3)) if node.input(3) is not None else list(range(len(starts or [])))
+    steps = const_ints(node.input(4)) if node.input(4) is not None else [1] * len(starts or [])
+    if si is None or starts is None or axes is None or steps is None:
+        return None
+    origin = [(0, 1)] * len(si)
+    for s, a, st in zip(starts, axes, steps):
+        a = a + len(si) if a < 0 else a
+        d = si[a]
+        s = s + d if s < 0 else s
+        origin[a] = (max(min(s, d if st > 0 else d - 1), 0), st)
+    return origin
 
 
 def _slice_attrs(lw: Lowerer, node: Node) -> list[Any]:
@@ -440,7 +463,7 @@ def _cumulative(lw: Lowerer, node: Node) -> list[Any]:
 
 @lowers("TopK", reads=(0,))
 def _topk(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import relax, topi
+    from tvm import relax, tirx, topi
 
     x = node.input(0)
     axis = _axis(node, x.rank or 0, -1)
@@ -448,7 +471,16 @@ def _topk(lw: Lowerer, node: Node) -> list[Any]:
     if not isinstance(k, int):
         raise CodegenError(f"node {node.label()}: TopK needs a static k to compile")
     largest = bool(node.attr("largest", 1))
-    tup = lw.emit(lambda t: topi.topk(t, k, axis, "both", not largest, "int64"), lw.get(x), name="topk")
+
+    def compute(t: Any) -> Any:
+        if str(t.dtype) != "uint64":
+            return topi.topk(t, k, axis, "both", not largest, "int64")
+        # topi sorts no uint64: flipping the top bit maps it onto int64 in the same order
+        flip = topi.bitwise_xor(t, tirx.const(1 << 63, "uint64"))
+        vals, idx = topi.topk(topi.reinterpret(flip, "int64"), k, axis, "both", not largest, "int64")
+        return [topi.bitwise_xor(topi.reinterpret(vals, "uint64"), tirx.const(1 << 63, "uint64")), idx]
+
+    tup = lw.emit(compute, lw.get(x), name="topk")
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(2)]
 
 
@@ -627,3 +659,78 @@ def _compress(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(dims, lambda *i: src[(*i[:a], pick[i[a]], *i[a + 1:])], name="compress")
 
     return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="compress")]
+
+
+@lowers("TensorScatter")
+def _tensor_scatter(lw: Lowerer, node: Node) -> list[Any]:
+    """A KV-cache write: ``update`` goes into ``past_cache`` along ``axis`` from each batch entry's
+    write index (wrapping with mode="circular")."""
+    from tvm import te, tirx
+
+    x = node.input(0)
+    rank = x.rank or 0
+    axis = node.attr("axis", -2)
+    axis = axis % rank
+    circular = node.attr("mode", "linear") == "circular"
+    has_idx = node.input(2) is not None
+
+    def compute(cache: Any, upd: Any, *wi: Any) -> Any:
+        n_max, n_upd = cache.shape[axis], upd.shape[axis]
+
+        def body(*i: Any) -> Any:
+            start = wi[0][i[0]].astype("int64") if wi else tirx.const(0, "int64")
+            rel = i[axis].astype("int64") - start
+            if circular:
+                rel = tirx.floormod(rel, n_max)
+            ok = tirx.all(rel >= 0, rel < n_upd)
+            src = list(i)
+            src[axis] = tirx.max(tirx.min(rel, n_upd - 1), 0)
+            return tirx.Select(ok, upd[tuple(src)], cache[i])
+
+        return te.compute(cache.shape, body, name="tensor_scatter")
+
+    ins = [lw.get(x), lw.get(node.input(1))] + ([lw.get(node.input(2))] if has_idx else [])
+    return [lw.emit(compute, *ins, name="tensor_scatter")]
+
+
+@lowers("NonZero")
+def _nonzero(lw: Lowerer, node: Node) -> list[Any]:
+    """NonZero whose count the declared output shape gives: coordinates of the nonzero elements."""
+    from tvm import te, tirx
+
+    dims = _dims(lw, node)
+
+    def compute(x: Any) -> Any:
+        shape = [int(d) for d in x.shape]
+        total = int(np.prod(shape))
+        strides = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
+
+        def flat_at(j: Any) -> Any:
+            return x[tuple(tirx.floormod(tirx.floordiv(j, s), d) for s, d in zip(strides, shape))]
+
+        def nonzero(j: Any) -> Any:
+            v = flat_at(j)
+            return v if str(v.dtype) == "bool" else v != tirx.const(0, v.dtype)
+
+        r = te.reduce_axis((0, total), "r")
+        count = te.compute((total,), lambda i: te.sum(tirx.Select(tirx.all(r <= i, nonzero(r)), tirx.const(
+            1, "int64"), tirx.const(0, "int64")), axis=[r]), name="count")
+        r2 = te.reduce_axis((0, total), "r2")
+        pick = te.compute((dims[1],), lambda p: te.min(tirx.Select(tirx.all(nonzero(r2), count[r2] == p + 1),
+                                                                   r2.var.astype("int64"),
+                                                                   tirx.const(1 << 62, "int64")), axis=[r2]),
+                          name="picked")
+        return te.compute(dims, lambda k, p: tirx.floormod(tirx.floordiv(pick[p], _pick_int(k, strides)),
+                                                           _pick_int(k, shape)), name="nonzero")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="nonzero")]
+
+
+def _pick_int(k: Any, values: list[int]) -> Any:
+    """values[k] for a run-time index k into a static list of ints."""
+    from tvm import tirx
+
+    out: Any = tirx.const(values[-1], "int64")
+    for j in range(len(values) - 2, -1, -1):
+        out = tirx.Select(k == j, tirx.const(values[j], "int64"), out)
+    return out
