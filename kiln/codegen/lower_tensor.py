@@ -463,7 +463,10 @@ def _cumulative(lw: Lowerer, node: Node) -> list[Any]:
 
 @lowers("TopK", reads=(0,))
 def _topk(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import relax, tirx, topi
+    """TopK by ranking: each element's rank is how many beat it (ties: lower index first), and
+    output p takes the element of rank p. Pure TE: topi.topk calls tvm.contrib.sort, a packed
+    function of the compiler library that the deployed runtime does not have."""
+    from tvm import relax, te, tirx
 
     x = node.input(0)
     axis = _axis(node, x.rank or 0, -1)
@@ -473,12 +476,30 @@ def _topk(lw: Lowerer, node: Node) -> list[Any]:
     largest = bool(node.attr("largest", 1))
 
     def compute(t: Any) -> Any:
-        if str(t.dtype) != "uint64":
-            return topi.topk(t, k, axis, "both", not largest, "int64")
-        # topi sorts no uint64: flipping the top bit maps it onto int64 in the same order
-        flip = topi.bitwise_xor(t, tirx.const(1 << 63, "uint64"))
-        vals, idx = topi.topk(topi.reinterpret(flip, "int64"), k, axis, "both", not largest, "int64")
-        return [topi.bitwise_xor(topi.reinterpret(vals, "uint64"), tirx.const(1 << 63, "uint64")), idx]
+        n = t.shape[axis]
+
+        def at(i: tuple[Any, ...], j: Any) -> Any:
+            return t[(*i[:axis], j, *i[axis + 1:])]
+
+        r = te.reduce_axis((0, n), "r")
+
+        def rank_of(*i: Any) -> Any:
+            mine, other = t[i], at(i, r)
+            beats = (other > mine) if largest else (other < mine)
+            return te.sum(tirx.Select(tirx.Or(beats, tirx.And(other == mine, r < i[axis])),
+                                      tirx.const(1, "int64"), tirx.const(0, "int64")), axis=[r])
+
+        rank = te.compute(t.shape, rank_of, name="rank")
+        r2 = te.reduce_axis((0, n), "r2")
+        oshape = [k if d == axis else s for d, s in enumerate(t.shape)]
+
+        def index_of(*i: Any) -> Any:
+            return te.min(tirx.Select(rank[(*i[:axis], r2, *i[axis + 1:])] == i[axis], r2.var.astype("int64"),
+                                      tirx.const(1 << 62, "int64")), axis=[r2])
+
+        idx = te.compute(oshape, index_of, name="topk_indices")
+        vals = te.compute(oshape, lambda *i: at(i, idx[i]), name="topk_values")
+        return [vals, idx]
 
     tup = lw.emit(compute, lw.get(x), name="topk")
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(2)]
