@@ -422,7 +422,7 @@ def _unary(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_UNARY[node.op_type], lw.get(node.input(0)), name=node.op_type.lower())]
 
 
-@lowers("Identity", "Dropout")
+@lowers("Identity")
 def _alias(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.get(node.input(0))]
 
@@ -446,17 +446,7 @@ def _kiln_gelu(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(lambda x: _activation(x, "Gelu", params), lw.get(node.input(0)), name="gelu")]
 
 
-@lowers("Clip", reads=(0,))
-def _clip(lw: Lowerer, node: Node) -> list[Any]:
-    lo, hi = _const_array(node.input(1)), _const_array(node.input(2))
-    lo_v = float(lo) if lo is not None else node.attr("min", -3.4e38)
-    hi_v = float(hi) if hi is not None else node.attr("max", 3.4e38)
-    if (node.input(1) is not None and lo is None) or (node.input(2) is not None and hi is None):
-        raise CodegenError(f"node {node.label()}: Clip bounds must be constants to compile")
-    return [lw.emit(lambda x: _topi().clip(x, lo_v, hi_v), lw.get(node.input(0)), name="clip")]
-
-
-_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide", "Pow": "power", "Max": "maximum",
+_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Max": "maximum",
            "Min": "minimum", "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
            "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or"}
 
@@ -483,48 +473,55 @@ def _where(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(_topi().where, *[lw.get(v) for v in node.inputs], name="where")]
 
 
-@lowers("Cast")
-def _cast(lw: Lowerer, node: Node) -> list[Any]:
-    dt = node.outputs[0].dtype.numpy.name
-    return [lw.emit(lambda x: _topi().cast(x, dt), lw.get(node.input(0)), name="cast")]
+def spatial_pads(node: Node, kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
+    """ONNX pads ``[begins..., ends...]`` of a conv or pool, resolving ``auto_pad`` from the input shape."""
+    n = len(kernel)
+    auto = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto == "VALID":
+        return [0] * (2 * n)
+    if auto == "NOTSET":
+        return list(node.attr("pads", ()) or [0] * (2 * n))
+    spatial = list((node.input(0).shape or [])[2:])
+    if len(spatial) != n or not all(isinstance(d, int) for d in spatial):
+        raise CodegenError(f"node {node.label()}: auto_pad {auto} needs static spatial input dims to compile")
+    begins, ends = [], []
+    for d, k, st, dl in zip(spatial, kernel, strides, dil):
+        out = -(-d // st)
+        total = max((out - 1) * st + (k - 1) * dl + 1 - d, 0)
+        small = total // 2
+        begins.append(small if auto == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends
 
 
 def _conv2d(x: Any, w: Any, node: Node) -> Any:
+    """An N-d (1-D, 2-D or 3-D) NC... convolution with groups, dilations and auto_pad."""
     topi = _topi()
     k = len(w.shape) - 2
-    if k == 1:  # 1-D: a 2-D convolution over a height of 1
-        p, st, dl = (list(node.attr(a, ()) or [d]) for a, d in (("pads", 0), ("strides", 1), ("dilations", 1)))
-        x4 = topi.reshape(x, (x.shape[0], x.shape[1], 1, x.shape[2]))
-        w4 = topi.reshape(w, (w.shape[0], w.shape[1], 1, w.shape[2]))
-        conv = topi.nn.conv2d_nchw if node.attr("group", 1) == 1 else (
-            lambda *a: topi.nn.group_conv2d_nchw(*a, node.attr("group", 1)))
-        y = conv(x4, w4, (1, st[0]), (0, p[0], 0, p[-1]), (1, dl[0]))
-        return topi.reshape(y, (y.shape[0], y.shape[1], y.shape[3]))
-    if k != 2:
-        raise CodegenError(f"node {node.label()}: only 1-D and 2-D convolutions compile yet")
-    pads = list(node.attr("pads", ()) or [0] * 4)
-    strides = list(node.attr("strides", ()) or [1, 1])
-    dil = list(node.attr("dilations", ()) or [1, 1])
+    kernel = [int(d) for d in w.shape[2:]]
+    strides = list(node.attr("strides", ()) or [1] * k)
+    dil = list(node.attr("dilations", ()) or [1] * k)
+    pads = spatial_pads(node, kernel, strides, dil)
     group = node.attr("group", 1)
+    if k == 1:
+        return topi.nn.conv1d(x, w, strides, pads, dil, group, "NCW", "OIW")
+    if k == 3:
+        return topi.nn.conv3d_ncdhw(x, w, strides, pads, dil, group)
+    if k != 2:
+        raise CodegenError(f"node {node.label()}: {k}-D convolutions do not compile yet")
     padding = (pads[0], pads[1], pads[2], pads[3])
     if group == 1:
         return topi.nn.conv2d_nchw(x, w, strides, padding, dil)
     return topi.nn.group_conv2d_nchw(x, w, strides, padding, dil, group)
 
 
-def _channel(b: Any, ndim: int = 4) -> Any:
-    """A per-channel vector as [1, C, 1, 1] (for ``ndim`` 4) for broadcasting over NCHW."""
-    return _topi().reshape(b, (1, b.shape[0]) + (1,) * (ndim - 2))
-
-
-def _check_conv(node: Node) -> None:
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet; run the O2 passes first")
+def _channel(b: Any, rank: int = 4) -> Any:
+    """A per-channel vector as [1, C, 1, ...] for broadcasting over NC... of ``rank`` dims."""
+    return _topi().reshape(b, (1, b.shape[0], *([1] * (rank - 2))))
 
 
 @lowers("Conv")
 def _conv(lw: Lowerer, node: Node) -> list[Any]:
-    _check_conv(node)
     x, w, b = (lw.get(node.input(i)) for i in range(3))
 
     def compute(x: Any, w: Any, *b: Any) -> Any:
@@ -609,36 +606,38 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
                     attrs=_gemm_attrs(node))]
 
 
-def _pool_args(node: Node) -> tuple[list[int], list[int], list[int], list[int]]:
+def pool_geometry(node: Node) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """A pool's kernel, strides, dilations, pads (auto_pad resolved) and ceil_mode."""
     kernel = list(node.attr("kernel_shape"))
     n = len(kernel)
     strides = list(node.attr("strides", ()) or [1] * n)
     dil = list(node.attr("dilations", ()) or [1] * n)
-    pads = list(node.attr("pads", ()) or [0] * (2 * n))
-    return kernel, strides, dil, pads
+    return kernel, strides, dil, spatial_pads(node, kernel, strides, dil), bool(node.attr("ceil_mode", 0))
 
 
 @lowers("MaxPool", "AveragePool")
 def _pool(lw: Lowerer, node: Node) -> list[Any]:
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise CodegenError(f"node {node.label()}: auto_pad is not supported by codegen yet")
     if len([o for o in node.outputs if o.name]) > 1:
-        raise CodegenError(f"node {node.label()}: MaxPool indices do not compile yet")
-    kernel, strides, dil, pads = _pool_args(node)
-    layout = "NCHW"
+        from kiln.codegen.lower_nn import max_pool_with_indices
+
+        return max_pool_with_indices(lw, node)
+    kernel, strides, dil, pads, ceil = pool_geometry(node)
     x = node.input(0)
-    if len(kernel) == 3 and kernel[2] == strides[2] == dil[2] == 1 and pads[2] == pads[5] == 0 and x.shape \
+    n = len(kernel)
+    if n == 3 and kernel[2] == strides[2] == dil[2] == 1 and pads[2] == pads[5] == 0 and x.shape \
             and isinstance(x.shape[-1], int):
         # blocked NCHW[b]c data (the layout pass): a 2-D pool with a window of 1 over the lanes
         kernel, strides, dil, pads = kernel[:2], strides[:2], dil[:2], [pads[0], pads[1], pads[3], pads[4]]
-        layout = f"NCHW{x.shape[-1]}c"
-    if len(kernel) != 2:
-        raise CodegenError(f"node {node.label()}: only 2-D pooling compiles yet")
+        n, layout = 2, f"NCHW{x.shape[-1]}c"
+    else:
+        layout = {1: "NCW", 2: "NCHW", 3: "NCDHW"}.get(n, "")
+    if n not in (1, 2, 3):
+        raise CodegenError(f"node {node.label()}: {n}-D pooling does not compile yet")
+    pool = {1: _topi().nn.pool1d, 2: _topi().nn.pool2d, 3: _topi().nn.pool3d}[n]
     kind = "max" if node.op_type == "MaxPool" else "avg"
-    ceil = bool(node.attr("ceil_mode", 0))
     include_pad = bool(node.attr("count_include_pad", 0))
-    return [lw.emit(lambda t: _topi().nn.pool2d(t, kernel, strides, dil, pads, kind, ceil, layout, include_pad),
-                    lw.get(x), name=f"{kind}_pool2d")]
+    return [lw.emit(lambda t: pool(t, kernel, strides, dil, pads, kind, ceil, layout, include_pad),
+                    lw.get(x), name=f"{kind}_pool{n}d")]
 
 
 @lowers("GlobalAveragePool", "GlobalMaxPool")
@@ -656,6 +655,8 @@ def _axes_of(node: Node, rank: int) -> list[int] | None:
 
 @lowers("Squeeze", reads=(0,))
 def _squeeze(lw: Lowerer, node: Node) -> list[Any]:
+    if _known_shape(node.outputs[0], lw.derived):
+        return _reshape(lw, node)  # axes computed at run time: the declared shape settles them
     x = node.input(0)
     axes = _axes_of(node, x.rank or 0)
     if axes is None and (node.input(1) is not None or not all(isinstance(d, int) for d in x.shape or [None])):
@@ -670,6 +671,8 @@ def _squeeze(lw: Lowerer, node: Node) -> list[Any]:
 
 @lowers("Unsqueeze", reads=(0,))
 def _unsqueeze(lw: Lowerer, node: Node) -> list[Any]:
+    if _known_shape(node.outputs[0], lw.derived):
+        return _reshape(lw, node)
     x = node.input(0)
     axes = _axes_of(node, (x.rank or 0) + len(node.attr("axes") or _const_ints(node.input(1)) or []))
     if axes is None:
@@ -696,13 +699,21 @@ def _flatten(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(flatten, lw.get(x), name="flatten")]
 
 
+def _known_shape(v: Value, derived: dict[str, Any] | None = None) -> bool:
+    """Every dim of ``v`` is an int, a named symbol, or a derived dim the lowerer can express."""
+    from kiln.ir import is_unknown_dim
+
+    return v.shape is not None and not any(
+        d is None or (is_unknown_dim(d) and d not in (derived or {})) for d in v.shape)
+
+
 @lowers("Reshape", reads=(0,))
 def _reshape(lw: Lowerer, node: Node) -> list[Any]:
     from kiln.ir import is_unknown_dim
     from kiln.ir.shape_rules import shape_value
 
     out = node.outputs[0]
-    if out.shape is not None and not any(d is None or (is_unknown_dim(d) and d not in lw.derived) for d in out.shape):
+    if _known_shape(out, lw.derived):
         dims = [lw.dim(d) for d in out.shape]
         return [lw.emit(lambda x: _topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
     target = shape_value(node.input(1)) if node.op_type == "Reshape" else None
@@ -770,8 +781,12 @@ def _softmax(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("BatchNormalization")
 def _batchnorm(lw: Lowerer, node: Node) -> list[Any]:
     stats = [_const_array(node.input(i)) for i in range(1, 5)]
-    if any(s is None for s in stats) or node.attr("training_mode", 0):
-        raise CodegenError(f"node {node.label()}: only inference BatchNormalization with constant statistics compiles")
+    if node.attr("training_mode", 0):
+        raise CodegenError(f"node {node.label()}: training-mode BatchNormalization does not compile")
+    if any(s is None for s in stats):
+        from kiln.codegen.lower_nn import batch_norm
+
+        return batch_norm(lw, node)  # statistics computed at run time
     scale, bias, mean, var = (s.astype(np.float64) for s in stats)  # type: ignore[union-attr]
     k = scale / np.sqrt(var + node.attr("epsilon", 1e-5))
     shift = bias - mean * k
@@ -799,59 +814,21 @@ def _split(lw: Lowerer, node: Node) -> list[Any]:
     axis = axis + x.rank if axis < 0 else axis
     sizes = _const_ints(node.input(1)) if node.input(1) is not None else node.attr("split")
     outs = [o for o in node.outputs if o.name]
+    declared = [o.shape[axis] if o.shape is not None and len(o.shape) > axis else None for o in node.outputs]
+    if sizes is None and all(isinstance(d, int) for d in declared):
+        sizes = declared  # sizes computed at run time, or num_outputs: the declared shapes settle them
     if sizes is None:
         dim = x.shape[axis]
         if not isinstance(dim, int) or dim % len(node.outputs):
             raise CodegenError(f"node {node.label()}: Split needs constant sizes or an evenly divisible static dim")
         sizes = [dim // len(node.outputs)] * len(node.outputs)
-    points = list(np.cumsum(sizes)[:-1])
-    tup = lw.emit(lambda t: _topi().split(t, [int(p) for p in points], axis), lw.get(x), name="split")
+    bounds = [int(b) for b in np.cumsum([0, *sizes])]  # zero-size parts are allowed
+
+    def parts(t: Any) -> list[Any]:
+        return [_topi().strided_slice(t, [lo], [hi], [1], [axis]) for lo, hi in zip(bounds, bounds[1:])]
+
+    tup = lw.emit(parts, lw.get(x), name="split")
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(len(outs))]
-
-
-@lowers("Slice", reads=(0,))
-def _slice(lw: Lowerer, node: Node) -> list[Any]:
-    x = node.input(0)
-    starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
-    axes = _const_ints(node.input(3)) if node.input(3) is not None else list(range(len(starts or [])))
-    steps = _const_ints(node.input(4)) if node.input(4) is not None else [1] * len(starts or [])
-    if starts is None or ends is None or axes is None or steps is None or node.attr("starts") is not None:
-        raise CodegenError(f"node {node.label()}: only Slice with constant starts/ends/axes/steps compiles yet")
-    axes = [a + x.rank if a < 0 else a for a in axes]
-    if any(st != 1 for st in steps):
-        raise CodegenError(f"node {node.label()}: strided Slice does not compile yet")
-    begin, end = [], []
-    for s, e, a in zip(starts, ends, axes):
-        d = x.shape[a]
-        if not isinstance(d, int):
-            raise CodegenError(f"node {node.label()}: Slice over a symbolic dim does not compile yet")
-        lo, hi, _ = slice(s, e, 1).indices(d)
-        begin.append(lo)
-        end.append(max(lo, hi))
-    return [lw.emit(lambda t: _topi().strided_slice(t, begin, end, [1] * len(axes), axes), lw.get(x), name="slice")]
-
-
-@lowers("Resize", reads=(0,))
-def _resize(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import te
-
-    x, out = node.input(0), node.outputs[0]
-    mode = node.attr("mode", "nearest")
-    ctm = node.attr("coordinate_transformation_mode", "half_pixel")
-    if x.rank != 4 or out.shape is None or not all(isinstance(d, int) for d in out.shape[2:]) or \
-            not all(isinstance(d, int) for d in x.shape[2:]):
-        raise CodegenError(f"node {node.label()}: only 4-D Resize with static spatial sizes compiles yet")
-    ratios = [o // i for o, i in zip(out.shape[2:], x.shape[2:])]
-    exact = all(o == i * r for o, i, r in zip(out.shape[2:], x.shape[2:], ratios))
-    if mode != "nearest" or ctm != "asymmetric" or node.attr("nearest_mode", "round_prefer_floor") != "floor" or not exact:
-        raise CodegenError(f"node {node.label()}: only nearest, asymmetric, floor Resize by integer factors compiles yet")
-    rh, rw = ratios
-
-    def upsample(t: Any) -> Any:
-        n, c, h, w = t.shape
-        return te.compute((n, c, h * rh, w * rw), lambda b, k, i, j: t[b, k, i // rh, j // rw], name="resize")
-
-    return [lw.emit(upsample, lw.get(x), name="resize_nearest")]
 
 
 @lowers("ConvTranspose")
@@ -859,7 +836,9 @@ def _conv_transpose(lw: Lowerer, node: Node) -> list[Any]:
     x, w, b = node.input(0), node.input(1), node.input(2)
     if x.rank != 4 or node.attr("group", 1) != 1 or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "") \
             or node.attr("output_shape") is not None or any(d != 1 for d in node.attr("dilations", ()) or ()):
-        raise CodegenError(f"node {node.label()}: only plain 2-D ConvTranspose (group 1, no dilation) compiles yet")
+        from kiln.codegen.lower_nn import conv_transpose
+
+        return conv_transpose(lw, node)  # the general N-d form, written out in TE
     strides = list(node.attr("strides", ()) or [1, 1])
     pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
     out_pad = list(node.attr("output_padding", ()) or [0, 0])
@@ -894,10 +873,9 @@ def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool) -> Any:
     from tvm import te
 
     rank = max(len(a.shape), len(b.shape))
-    a_batch, b_batch = list(a.shape[:-2]), list(b.shape[:-2])
-    a_batch = [1] * (rank - 2 - len(a_batch)) + a_batch
-    b_batch = [1] * (rank - 2 - len(b_batch)) + b_batch
-    batch = [y if _is_one(x) else x for x, y in zip(a_batch, b_batch)]
+    a_batch = [1] * (rank - len(a.shape)) + list(a.shape[:-2])
+    b_batch = [1] * (rank - len(b.shape)) + list(b.shape[:-2])
+    batch = _broadcast_dims(a_batch, b_batch)
     n_out = b.shape[-2] if trans_b else b.shape[-1]
     k = te.reduce_axis((0, a.shape[-1]), name="k")
     a_off, b_off = rank - len(a.shape), rank - len(b.shape)
@@ -925,6 +903,15 @@ def _simplify(e: Any) -> Any:
     return e if isinstance(e, int) else Analyzer().simplify(e)
 
 
+def _broadcast_dims(a: list[Any], b: list[Any]) -> list[Any]:
+    """numpy broadcasting of two dim lists (a size-1 dim gives way to the other)."""
+    from tvm import tirx
+
+    n = max(len(a), len(b))
+    a, b = [1] * (n - len(a)) + a, [1] * (n - len(b)) + b
+    return [y if isinstance(x, (int, tirx.IntImm)) and int(x) == 1 else x for x, y in zip(a, b)]
+
+
 def _prod(dims: Any) -> Any:
     out = 1
     for d in dims:
@@ -935,9 +922,9 @@ def _prod(dims: Any) -> Any:
 @lowers("MatMul")
 def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     a, b = node.input(0), node.input(1)
-    if (a.rank or 0) < 2 or (b.rank or 0) < 2:
-        raise CodegenError(f"node {node.label()}: MatMul with 1-D operands does not compile yet")
-    if b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
+    if not a.rank or not b.rank:
+        raise CodegenError(f"node {node.label()}: MatMul of 0-d operands does not compile")
+    if a.rank >= 2 and b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
         # [..., K] @ [K, N]: the scheduled dense kernel on [M, K], between reshapes that
         # TVM turns into views (RewriteDataflowReshape)
         lead = list(lw.get(a).ty.shape.values)[:-1]
@@ -945,15 +932,30 @@ def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
                        name="matmul_rows")
         y = lw.emit(_gemm_compute(node), flat, lw.get(b), name="matmul", attrs={"kiln.schedule": "dense"})
         return [lw.emit(lambda t: _topi().reshape(t, (*lead, t.shape[-1])), y, name="matmul_unrows")]
-    return [lw.emit(lambda x, y: _batched_matmul(x, y), lw.get(a), lw.get(b), name="matmul")]
+
+    def compute(x: Any, y: Any) -> Any:
+        # numpy's 1-D rules: a vector on the left is a row, on the right a column, then dropped
+        topi = _topi()
+        x2 = topi.reshape(x, (1, x.shape[0])) if len(x.shape) == 1 else x
+        y2 = topi.reshape(y, (y.shape[0], 1)) if len(y.shape) == 1 else y
+        z = _batched_matmul(x2, y2)
+        dims = list(z.shape)
+        if len(y.shape) == 1:
+            dims.pop(-1)
+        if len(x.shape) == 1:
+            dims.pop(-1 if len(y.shape) == 1 else -2)
+        return topi.reshape(z, dims) if len(dims) != len(z.shape) else z
+
+    return [lw.emit(compute, lw.get(a), lw.get(b), name="matmul")]
 
 
 @lowers("LayerNorm", domain="kiln")
 @lowers("LayerNormalization")
 def _layer_norm(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import relax
+
     x, scale, bias = node.input(0), node.input(1), node.input(2)
-    if len([o for o in node.outputs if o.name]) > 1:
-        raise CodegenError(f"node {node.label()}: LayerNormalization's mean/inv-std outputs do not compile yet")
+    n_out = len(node.outputs)  # Y, then the optional Mean and InvStdDev
     axis = node.attr("axis", -1)
     axis = axis + x.rank if axis < 0 else axis
     eps = node.attr("epsilon", 1e-5)
@@ -966,11 +968,16 @@ def _layer_norm(lw: Lowerer, node: Node) -> list[Any]:
         mean = topi.divide(topi.sum(t, axes, keepdims=True), topi.cast(count, t.dtype))
         d = topi.subtract(t, mean)
         var = topi.divide(topi.sum(topi.multiply(d, d), axes, keepdims=True), topi.cast(count, t.dtype))
-        y = topi.multiply(topi.divide(d, topi.sqrt(topi.add(var, eps))), g)
-        return topi.add(y, b[0]) if b else y
+        inv = topi.divide(1.0, topi.sqrt(topi.add(var, eps)))
+        y = topi.multiply(topi.multiply(d, inv), g)
+        y = topi.add(y, b[0]) if b else y
+        return [y, mean, inv][:n_out] if n_out > 1 else y
 
     args = [lw.get(x), lw.get(scale)] + ([lw.get(bias)] if has_bias else [])
-    return [lw.emit(compute, *args, name="layer_norm")]
+    out = lw.emit(compute, *args, name="layer_norm")
+    if n_out == 1:
+        return [out]
+    return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
 
 
 @lowers("Attention", domain="kiln")
@@ -996,5 +1003,8 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(compute, *args, name="attention")]
 
 
-# Op families in their own files register into LOWERINGS when imported.
-from kiln.codegen import lower_blocked, lower_control, lower_rnn  # noqa: E402,F401
+# The op families in their own files register themselves in LOWERINGS on import.
+from kiln.codegen import (  # noqa: E402,F401
+    lower_attention, lower_blocked, lower_control, lower_elementwise, lower_image, lower_nn, lower_reduce, lower_rnn,
+    lower_tensor,
+)

@@ -5,18 +5,14 @@ The recurrence is unrolled over the sequence, which must be static and at most
 symbolic sequences are refused. The input projections of all steps are one
 matmul up front, so each step adds only the hidden-state matmul and the gates.
 One LSTM/GRU node becomes one prim func with ``Y``, ``Y_h`` (and ``Y_c``) as outputs.
-
-Also here, for silero-vad: ``Gather`` with constant indices, ``ReduceMean``, ``Pad``
-(constant, reflect and edge) and ``Not``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
-from kiln.codegen.lower import CodegenError, Lowerer, _const_ints, _prod, _topi, lowers, run_time_failure
+from kiln.codegen.lower import CodegenError, Lowerer, _const_ints, _topi, lowers, run_time_failure
 from kiln.ir import Node
 
 MAX_UNROLL = 64  # sequence steps an RNN may unroll into
@@ -157,100 +153,3 @@ def _rnn(lw: Lowerer, node: Node) -> list[Any]:
 
 
 # =========================================================================== other ops silero-vad needs
-
-
-@lowers("Gather", reads=(0,))
-def _gather(lw: Lowerer, node: Node) -> list[Any]:
-    x, idx = node.input(0), node.input(1)
-    ind = None if idx is None or not idx.is_constant else np.asarray(idx.numpy()).astype(np.int64)
-    if ind is None or x.shape is None:
-        raise CodegenError(f"node {node.label()}: only Gather with constant indices compiles yet")
-    axis = node.attr("axis", 0)
-    axis = axis + x.rank if axis < 0 else axis
-    dim = x.shape[axis]
-    if (ind < 0).any():
-        if not isinstance(dim, int):
-            raise CodegenError(f"node {node.label()}: negative Gather indices need a static dim")
-        ind = np.where(ind < 0, ind + dim, ind)
-    from tvm import relax
-
-    if ind.ndim == 0:  # a scalar index drops the axis: a slice, then a reshape
-        k = int(ind)
-
-        def take_one(t: Any) -> Any:
-            s = _topi().strided_slice(t, [k], [k + 1], [1], [axis])
-            return _topi().reshape(s, [d for i, d in enumerate(t.shape) if i != axis])
-
-        return [lw.emit(take_one, lw.get(x), name="gather")]
-    return [lw.emit(lambda t, i: _topi().take(t, i, axis=axis), lw.get(x), relax.const(ind), name="gather")]
-
-
-@lowers("ReduceMean", reads=(0,))
-def _reduce_mean(lw: Lowerer, node: Node) -> list[Any]:
-    x = node.input(0)
-    axes = node.attr("axes")
-    if axes is None and node.input(1) is not None:
-        axes = _const_ints(node.input(1))
-        if axes is None:
-            raise CodegenError(f"node {node.label()}: ReduceMean needs constant axes to compile")
-    keep = bool(node.attr("keepdims", 1))
-    if not axes and node.attr("noop_with_empty_axes", 0):
-        return [lw.get(x)]
-    rank = x.rank or 0
-    axes = sorted(a + rank if a < 0 else a for a in (axes or range(rank)))
-
-    def mean(t: Any) -> Any:
-        count = _prod([t.shape[a] for a in axes])
-        return _topi().divide(_topi().sum(t, axes, keepdims=keep), _topi().cast(count, t.dtype))
-
-    return [lw.emit(mean, lw.get(x), name="reduce_mean")]
-
-
-@lowers("Not")
-def _not(lw: Lowerer, node: Node) -> list[Any]:
-    return [lw.emit(_topi().logical_not, lw.get(node.input(0)), name="not")]
-
-
-@lowers("Pad", reads=(0,))
-def _pad(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import te, tirx
-
-    x = node.input(0)
-    rank = x.rank or 0
-    pads = list(node.attr("pads", ()) or []) or _const_ints(node.input(1))
-    value = node.attr("value", 0.0)
-    if node.input(2) is not None:
-        v = node.input(2)
-        if not v.is_constant:
-            raise CodegenError(f"node {node.label()}: Pad's constant value must be a constant to compile")
-        value = float(np.asarray(v.numpy()).reshape(-1)[0]) if v.numpy().size else 0.0
-    axes = _const_ints(node.input(3)) if node.input(3) is not None else list(range(rank))
-    if pads is None or axes is None or x.shape is None:
-        raise CodegenError(f"node {node.label()}: Pad needs constant pads (and axes) to compile")
-    mode = node.attr("mode", "constant")
-    before, after = [0] * rank, [0] * rank
-    for k, a in enumerate(axes):
-        a = a + rank if a < 0 else a
-        before[a], after[a] = pads[k], pads[k + len(axes)]
-    if any(p < 0 for p in before + after):
-        raise CodegenError(f"node {node.label()}: negative pads do not compile yet")
-    if mode == "constant":
-        return [lw.emit(lambda t: _topi().nn.pad(t, before, after, value), lw.get(x), name="pad")]
-    if mode not in ("reflect", "edge"):
-        raise CodegenError(f"node {node.label()}: Pad mode '{mode}' does not compile")
-    if any((b or a) and not isinstance(x.shape[i], int) for i, (b, a) in enumerate(zip(before, after))):
-        raise CodegenError(f"node {node.label()}: {mode} Pad over a symbolic dim does not compile yet")
-
-    def source(i: Any, k: int, n: int) -> Any:  # the input index output index i reads along an axis of size n
-        j = i - before[k]
-        if mode == "edge":
-            return tirx.max(tirx.min(j, n - 1), 0)
-        j = tirx.if_then_else(j < 0, -j, j)
-        return tirx.if_then_else(j > n - 1, 2 * (n - 1) - j, j)
-
-    def padded(t: Any) -> Any:
-        shape = [d + before[k] + after[k] for k, d in enumerate(t.shape)]
-        return te.compute(shape, lambda *i: t[tuple(source(i[k], k, x.shape[k]) if before[k] or after[k] else i[k]
-                                                  for k in range(rank))], name=f"pad_{mode}")
-
-    return [lw.emit(padded, lw.get(x), name=f"pad_{mode}")]

@@ -70,12 +70,17 @@ def _ensure_tvm_runtime() -> Any:
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``a`` whose data starts on a 64-byte boundary (or ``a`` if it does)."""
-    if a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0:
-        return a
+    """A C-contiguous copy of ``a`` whose data starts on a 64-byte boundary (or ``a`` if it is one).
+
+    Empty arrays are rebuilt too: numpy gives them arbitrary strides and data pointers, and the
+    VM checks both.
+    """
+    if a.size and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % _ALIGN == 0:
+        return a  # (DLPack cannot export a read-only array)
     buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
     offset = (-buf.ctypes.data) % _ALIGN
-    out = buf[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    strides = tuple(int(np.prod(a.shape[k + 1:], dtype=np.int64)) * a.itemsize for k in range(a.ndim))
+    out = np.ndarray(a.shape, a.dtype, buffer=buf, offset=offset, strides=strides)
     out[...] = a
     return out
 
@@ -151,7 +156,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on one set of inputs (keyed by input name); returns outputs by name."""
         arrays = self._check(inputs)
-        keep = [_aligned(np.asarray(a, order="C")) for a in arrays]  # ascontiguousarray makes 0-d arrays 1-d
+        keep = [_aligned(a) for a in arrays]  # (np.ascontiguousarray would make a 0-d array 1-d)
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
         result = self._vm()["main"](*args, *self._weights)
         outs = [result] if len(self.outputs) == 1 else list(result)

@@ -1,0 +1,199 @@
+"""ONNX's Attention op (opsets 23+) as one prim func: 3-D or 4-D Q/K/V, grouped KV heads, a bool or
+additive mask (shorter masks padded), a past KV cache (with the present outputs), causal masking,
+sliding windows, ``nonpad_kv_seqlen``, softcap and every ``qk_matmul_output_mode``.
+
+It follows onnx's reference implementation step by step: the scale is split as sqrt(scale) on
+Q and on K, rows whose bias masks every key give zeros, and a softcap applies before the bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.codegen.lower import CodegenError, Lowerer, lowers
+from kiln.ir import Node
+
+
+@lowers("Attention")
+def _attention(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import relax, te, tirx
+
+    q_v = node.input(0)
+    rank = q_v.rank
+    if rank not in (3, 4):
+        raise CodegenError(f"node {node.label()}: Attention needs 3-D or 4-D inputs")
+    names = ["q", "k", "v", "mask", "past_k", "past_v", "nonpad"]
+    present = [n for i, n in enumerate(names) if node.input(i) is not None]
+    mask_v = node.input(3)
+    mask_bool = mask_v is not None and mask_v.dtype.numpy.kind == "b"
+    q_heads_attr, kv_heads_attr = node.attr("q_num_heads"), node.attr("kv_num_heads")
+    scale_attr = node.attr("scale")
+    causal = bool(node.attr("is_causal", 0))
+    softcap = node.attr("softcap")
+    softcap = softcap if softcap else None
+    mode = node.attr("qk_matmul_output_mode", 0)
+    left, right = node.attr("left_window_size", -1), node.attr("right_window_size", -1)
+    n_out = len(node.outputs)
+
+    def compute(*ts: Any) -> Any:
+        t = dict(zip(present, ts))
+        q, k, v = t["q"], t["k"], t["v"]
+        dt = q.dtype
+        ninf = tirx.const(float("-inf"), dt)
+        zero = tirx.const(0, dt)
+        if rank == 3:
+            hq, hk = int(q_heads_attr), int(kv_heads_attr)
+            dq, dk, dv = q.shape[2] // hq, k.shape[2] // hk, v.shape[2] // hk
+
+            def q4(b: Any, h: Any, i: Any, d: Any) -> Any:
+                return q[b, i, h * dq + d]
+
+            def k4(b: Any, h: Any, j: Any, d: Any) -> Any:
+                return k[b, j, h * dk + d]
+
+            def v4(b: Any, h: Any, j: Any, d: Any) -> Any:
+                return v[b, j, h * dv + d]
+
+            batch, s_q, s_k = q.shape[0], q.shape[1], k.shape[1]
+        else:
+            hq, hk = int(q.shape[1]), int(k.shape[1])
+            dq, dv = q.shape[3], v.shape[3]
+            q4, k4, v4 = (lambda b, h, i, d: q[b, h, i, d]), (lambda b, h, j, d: k[b, h, j, d]), \
+                (lambda b, h, j, d: v[b, h, j, d])
+            batch, s_q, s_k = q.shape[0], q.shape[2], k.shape[2]
+        past = int(t["past_k"].shape[2]) if "past_k" in t else 0
+        total = s_k + past
+        kfull = te.compute((batch, hk, total, dq), lambda b, h, j, d: tirx.Select(
+            j < past, t["past_k"][b, h, tirx.min(j, max(past - 1, 0)), d] if past else zero,
+            k4(b, h, j - past, d)), name="present_key") if (past or n_out > 1) else None
+        vfull = te.compute((batch, hk, total, dv), lambda b, h, j, d: tirx.Select(
+            j < past, t["past_v"][b, h, tirx.min(j, max(past - 1, 0)), d] if past else zero,
+            v4(b, h, j - past, d)), name="present_value") if (past or n_out > 1) else None
+        kf = (lambda b, h, j, d: kfull[b, h, j, d]) if kfull is not None else k4
+        vf = (lambda b, h, j, d: vfull[b, h, j, d]) if vfull is not None else v4
+        reps = hq // hk
+        sc = scale_attr if scale_attr is not None else None
+        sqrt_scale = tirx.sqrt(tirx.const(sc, dt)) if sc is not None else \
+            tirx.sqrt(tirx.const(1.0, dt) / tirx.sqrt(tirx.Cast(dt, dq)))
+
+        def bias(b: Any, h: Any, i: Any, j: Any) -> Any:
+            out: Any = zero
+            if "mask" in t:
+                m = t["mask"]
+                mr = len(m.shape)
+                full = [b, h, i, j][4 - mr:]
+                idx = [0 if isinstance(d, tirx.IntImm) and int(d) == 1 else ix
+                       for d, ix in zip(m.shape[:-1], full[:-1])]
+                ml = m.shape[-1]
+                jj = tirx.min(j, ml - 1)
+                val = m[(*idx, jj)]
+                val = tirx.Select(val, zero, ninf) if mask_bool else val
+                out = tirx.Select(j < ml, val, ninf)
+            offset: Any = past
+            if "nonpad" in t and not past:
+                offset = t["nonpad"][b] - s_q
+            if causal:
+                out = tirx.Select(j <= i + offset, out, ninf)
+            if left >= 0 or right >= 0:
+                diff = i + offset - j
+                ok: Any = tirx.const(True)
+                if left >= 0:
+                    ok = tirx.all(ok, diff <= left)
+                if right >= 0:
+                    ok = tirx.all(ok, -diff <= right)
+                out = tirx.Select(ok, out, ninf)
+            if "nonpad" in t:
+                out = tirx.Select(j < t["nonpad"][b], out, ninf)
+            return out
+
+        rd = te.reduce_axis((0, dq), "rd")
+        qk = te.compute((batch, hq, s_q, total), lambda b, h, i, j: te.sum(
+            q4(b, h, i, rd) * sqrt_scale * (kf(b, h // reps, j, rd) * sqrt_scale), axis=[rd]), name="qk")
+        if softcap is not None:
+            c = tirx.const(softcap, dt)
+            qk = te.compute(qk.shape, lambda *i: tirx.tanh(qk[i] / c) * c, name="softcap")
+        bias_t = te.compute(qk.shape, bias, name="bias")
+        sb = te.compute(qk.shape, lambda *i: qk[i] + bias_t[i], name="qk_bias")
+        r1 = te.reduce_axis((0, total), "r1")
+        mx = te.compute(qk.shape[:3], lambda b, h, i: te.max(sb[b, h, i, r1], axis=[r1]), name="row_max")
+        r2 = te.reduce_axis((0, total), "r2")
+        bmax = te.compute(qk.shape[:3], lambda b, h, i: te.max(bias_t[b, h, i, r2], axis=[r2]), name="bias_max")
+        safe = te.compute(mx.shape, lambda *i: tirx.Select(tirx.isinf(mx[i]), zero, mx[i]), name="safe_max")
+        ex = te.compute(qk.shape, lambda b, h, i, j: tirx.exp(sb[b, h, i, j] - safe[b, h, i]), name="exp")
+        r3 = te.reduce_axis((0, total), "r3")
+        sm = te.compute(mx.shape, lambda b, h, i: te.sum(ex[b, h, i, r3], axis=[r3]), name="row_sum")
+        p = te.compute(qk.shape, lambda b, h, i, j: tirx.Select(
+            tirx.isinf(bmax[b, h, i]), zero,
+            ex[b, h, i, j] / tirx.Select(sm[b, h, i] == zero, tirx.const(1, dt), sm[b, h, i])), name="probs")
+        r4 = te.reduce_axis((0, total), "r4")
+        if rank == 3:
+            y = te.compute((batch, s_q, hq * dv), lambda b, i, hd: te.sum(
+                p[b, hd // dv, i, r4] * vf(b, (hd // dv) // reps, r4, hd % dv), axis=[r4]), name="attention")
+        else:
+            y = te.compute((batch, hq, s_q, dv), lambda b, h, i, d: te.sum(
+                p[b, h, i, r4] * vf(b, h // reps, r4, d), axis=[r4]), name="attention")
+        outs = [y]
+        if n_out > 1:
+            outs += [kfull, vfull]
+        if n_out > 3:
+            outs.append({2: sb, 3: p}.get(mode, qk))
+        return outs if n_out > 1 else y
+
+    out = lw.emit(compute, *[lw.get(node.input(i)) for i, _ in enumerate(names) if node.input(i) is not None],
+                  name="attention")
+    if n_out == 1:
+        return [out]
+    return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
+
+
+@lowers("RotaryEmbedding")
+def _rotary(lw: Lowerer, node: Node) -> list[Any]:
+    """RotaryEmbedding (3-D with num_heads, or 4-D (B, H, S, D)), split halves or interleaved pairs,
+    on the first ``rotary_embedding_dim`` features, with or without position ids."""
+    from tvm import te, tirx
+
+    x = node.input(0)
+    rank = x.rank
+    interleaved = bool(node.attr("interleaved", 0))
+    heads = node.attr("num_heads", 0)
+    rot_attr = node.attr("rotary_embedding_dim", 0)
+    has_pos = node.input(3) is not None
+    if rank not in (3, 4) or (rank == 3 and not heads):
+        raise CodegenError(f"node {node.label()}: RotaryEmbedding needs 4-D input or num_heads")
+
+    def compute(t: Any, cos: Any, sin: Any, *pos: Any) -> Any:
+        head = t.shape[2] // heads if rank == 3 else t.shape[3]
+        rot = rot_attr or int(head)
+        half = rot // 2
+
+        def cache(c: Any, b: Any, s: Any, j: Any) -> Any:
+            return c[pos[0][b, s], j] if pos else c[b, s, j]
+
+        def body(*i: Any) -> Any:
+            if rank == 3:
+                b, s, hd = i
+                d = hd % head
+                base = hd - d
+
+                def at(dd: Any) -> Any:
+                    return t[b, s, base + dd]
+            else:
+                b, h, s, d = i
+
+                def at(dd: Any) -> Any:
+                    return t[b, h, s, dd]
+            if interleaved:
+                j, second = d // 2, d % 2 == 1
+                x1, x2 = at(d - d % 2), at(d - d % 2 + 1)
+            else:
+                j, second = tirx.Select(d < half, d, d - half), d >= half
+                x1, x2 = at(tirx.Select(d < half, d, d - half)), at(tirx.Select(d < half, d + half, d))
+            jj = tirx.min(j, half - 1)
+            c, sn = cache(cos, b, s, jj), cache(sin, b, s, jj)
+            rotated = tirx.Select(second, sn * x1 + c * x2, c * x1 - sn * x2)
+            return tirx.Select(d < rot, rotated, at(d))
+
+        return te.compute(t.shape, body, name="rotary_embedding")
+
+    ins = [lw.get(node.input(i)) for i in range(3)] + ([lw.get(node.input(3))] if has_pos else [])
+    return [lw.emit(compute, *ins, name="rotary_embedding")]

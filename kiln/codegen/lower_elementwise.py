@@ -1,0 +1,384 @@
+"""Lowerings of ONNX's elementwise ops: unary math, activations, comparisons, logic, bits, casts.
+
+Each op is one prim func. Binary ops broadcast numpy-style through :func:`broadcast`, which
+indexes each operand with 0 along its size-1 dims. Semantics follow ONNX where topi's differ:
+integer Div truncates, Mod follows the divisor's sign unless ``fmod=1``, Round is half to even,
+integer Pow is computed in float64, a Cast to bool is ``x != 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kiln.codegen.lower import CodegenError, Lowerer, lowers
+from kiln.ir import Node
+
+
+def _const(v: float | int, dt: str) -> Any:
+    from tvm import tirx
+
+    return tirx.const(v, dt)
+
+
+def _is_one(d: Any) -> bool:
+    from tvm import tirx
+
+    return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
+
+
+def broadcast(fn: Callable[..., Any], *ts: Any, name: str = "ew") -> Any:
+    """``fn`` applied to scalars of ``ts`` with numpy broadcasting, as one ``te.compute``."""
+    from tvm import te
+
+    rank = max(len(t.shape) for t in ts)
+    shape: list[Any] = []
+    for k in range(rank):
+        dims = [t.shape[len(t.shape) - rank + k] for t in ts if len(t.shape) - rank + k >= 0]
+        big = [d for d in dims if not _is_one(d)]
+        shape.append(big[0] if big else 1)
+
+    def at(t: Any, idx: tuple[Any, ...]) -> Any:
+        off = rank - len(t.shape)
+        return t[tuple(0 if _is_one(d) and not _is_one(shape[off + j]) else idx[off + j]
+                       for j, d in enumerate(t.shape))] if t.shape else t[()]
+
+    return te.compute(shape, lambda *i: fn(*(at(t, i) for t in ts)), name=name)
+
+
+def _emit_ew(lw: Lowerer, node: Node, fn: Callable[..., Any]) -> list[Any]:
+    """Emit ``fn`` over the node's (present) inputs, broadcast, as one prim func."""
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    name = node.op_type.lower()
+    return [lw.emit(lambda *ts: broadcast(fn, *ts, name=name), *ins, name=name)]
+
+
+# =========================================================================== unary math
+
+
+def _tir(name: str) -> Callable[[Any], Any]:
+    def f(x: Any) -> Any:
+        from tvm import tirx
+
+        return getattr(tirx, name)(x)
+
+    return f
+
+
+_TIR_UNARY = {"Tan": "tan", "Sinh": "sinh", "Cosh": "cosh", "Asin": "asin", "Acos": "acos", "Atan": "atan",
+              "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh", "Round": "nearbyint", "IsNaN": "isnan"}
+
+
+@lowers(*_TIR_UNARY)
+def _tir_unary(lw: Lowerer, node: Node) -> list[Any]:
+    return _emit_ew(lw, node, _tir(_TIR_UNARY[node.op_type]))
+
+
+@lowers("Sign")
+def _sign(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    def f(x: Any) -> Any:
+        dt = x.dtype
+        return tirx.Select(x > _const(0, dt), _const(1, dt), tirx.Select(x < _const(0, dt), _const(-1, dt), x))
+
+    return _emit_ew(lw, node, f)
+
+
+@lowers("IsInf")
+def _isinf(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    pos, neg = node.attr("detect_positive", 1), node.attr("detect_negative", 1)
+
+    def f(x: Any) -> Any:
+        inf = tirx.isinf(x)
+        if pos and neg:
+            return inf
+        if pos:
+            return tirx.all(inf, x > _const(0, x.dtype))
+        if neg:
+            return tirx.all(inf, x < _const(0, x.dtype))
+        return tirx.const(False, "bool")
+
+    return _emit_ew(lw, node, f)
+
+
+@lowers("Not", "BitwiseNot")
+def _not(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    return _emit_ew(lw, node, lambda x: tirx.Not(x) if str(x.dtype) == "bool" else tirx.bitwise_not(x))
+
+
+# =========================================================================== activations
+
+
+def _exp_m1(x: Any, dt: str) -> Any:
+    from tvm import tirx
+
+    return tirx.exp(x) - _const(1, dt)
+
+
+@lowers("Elu", "Selu", "Celu", "ThresholdedRelu", "Softplus", "Softsign", "Shrink", "Mish", "Swish")
+def _activation(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    op = node.op_type
+
+    def f(x: Any) -> Any:
+        dt = x.dtype
+        zero = _const(0, dt)
+        if op == "Elu":
+            return tirx.Select(x < zero, _const(node.attr("alpha", 1.0), dt) * _exp_m1(x, dt), x)
+        if op == "Selu":
+            alpha = _const(node.attr("alpha", 1.67326319217681884765625), dt)
+            gamma = _const(node.attr("gamma", 1.05070102214813232421875), dt)
+            return gamma * tirx.Select(x > zero, x, alpha * _exp_m1(x, dt))
+        if op == "Celu":
+            alpha = _const(node.attr("alpha", 1.0), dt)
+            return tirx.max(zero, x) + tirx.min(zero, alpha * _exp_m1(x / alpha, dt))
+        if op == "ThresholdedRelu":
+            return tirx.Select(x > _const(node.attr("alpha", 1.0), dt), x, zero)
+        if op == "Softplus":
+            return tirx.log1p(tirx.exp(x))
+        if op == "Softsign":
+            return x / (_const(1, dt) + tirx.abs(x))
+        if op == "Shrink":
+            bias, lambd = _const(node.attr("bias", 0.0), dt), _const(node.attr("lambd", 0.5), dt)
+            return tirx.Select(x < -lambd, x + bias, tirx.Select(x > lambd, x - bias, zero))
+        if op == "Mish":
+            return x * tirx.tanh(tirx.log1p(tirx.exp(x)))
+        # Swish
+        return x * tirx.sigmoid(_const(node.attr("alpha", 1.0), dt) * x)
+
+    return _emit_ew(lw, node, f)
+
+
+@lowers("SwiGLU")
+def _swiglu(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    alpha = node.attr("alpha", 1.0)
+    return _emit_ew(lw, node, lambda a, b: a * tirx.sigmoid(_const(alpha, str(a.dtype)) * a) * b)
+
+
+@lowers("Binarizer", domain="ai.onnx.ml")
+def _binarizer(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    th = node.attr("threshold", 0.0)
+    return _emit_ew(lw, node, lambda x: tirx.Select(x > _const(th, str(x.dtype)), _const(1, str(x.dtype)),
+                                                    _const(0, str(x.dtype))))
+
+
+@lowers("PRelu")
+def _prelu(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
+    return _emit_ew(lw, node, lambda x, s: tirx.Select(x < _const(0, x.dtype), x * s, x))
+
+
+@lowers("Clip")
+def _clip(lw: Lowerer, node: Node) -> list[Any]:
+    """Clip with bounds as attributes (opset < 11) or as optional inputs, for floats and ints."""
+    from tvm import tirx
+
+    x = lw.get(node.input(0))
+    bounds = [(k, lw.get(node.input(i))) for k, i in (("lo", 1), ("hi", 2)) if node.input(i) is not None]
+    attrs = {"lo": node.attr("min"), "hi": node.attr("max")}
+    kinds = [k for k, _ in bounds]
+
+    def compute(t: Any, *bs: Any) -> Any:
+        def f(v: Any, *b: Any) -> Any:
+            got = dict(zip(kinds, b))
+            lo = got.get("lo", None if attrs["lo"] is None else _const(attrs["lo"], v.dtype))
+            hi = got.get("hi", None if attrs["hi"] is None else _const(attrs["hi"], v.dtype))
+            if lo is not None:
+                v = tirx.max(v, lo)
+            if hi is not None:
+                v = tirx.min(v, hi)
+            return v
+
+        return broadcast(f, t, *bs, name="clip")
+
+    return [lw.emit(compute, x, *[b for _, b in bounds], name="clip")]
+
+
+# =========================================================================== binary
+
+
+def _int(dt: Any) -> bool:
+    return str(dt).startswith(("int", "uint"))
+
+
+def _div(a: Any, b: Any) -> Any:
+    from tvm import tirx
+
+    return tirx.truncdiv(a, b) if _int(a.dtype) else a / b
+
+
+def _mod(fmod: int) -> Callable[[Any, Any], Any]:
+    def f(a: Any, b: Any) -> Any:
+        from tvm import tirx
+
+        if _int(a.dtype):
+            return tirx.truncmod(a, b) if fmod else tirx.floormod(a, b)
+        r = tirx.truncmod(a, b)  # LLVM frem: C fmod, exact
+        if fmod:
+            return r
+        zero = _const(0, a.dtype)  # numpy's mod: the result takes the divisor's sign
+        signs_differ = tirx.Or(tirx.And(r < zero, b > zero), tirx.And(r > zero, b < zero))
+        return tirx.Select(signs_differ, r + b, r)
+
+    return f
+
+
+def _pow(out_dt: str) -> Callable[[Any, Any], Any]:
+    def f(a: Any, b: Any) -> Any:
+        from tvm import tirx
+
+        if _int(out_dt):  # exact for the integer results float64 can hold
+            return tirx.Cast(out_dt, tirx.pow(tirx.Cast("float64", a), tirx.Cast("float64", b)))
+        return tirx.pow(a, tirx.Cast(a.dtype, b) if str(b.dtype) != str(a.dtype) else b)
+
+    return f
+
+
+def _bitshift(left: bool) -> Callable[[Any, Any], Any]:
+    def f(a: Any, b: Any) -> Any:
+        from tvm import tirx
+
+        bits = int(str(a.dtype).lstrip("uint") or 32)
+        shifted = tirx.shift_left(a, b) if left else tirx.shift_right(a, b)
+        # shifting by a negative count or the width or more (undefined in LLVM) fills with the sign
+        fill = _const(0, a.dtype)
+        if not left and str(a.dtype).startswith("int"):
+            fill = tirx.Select(a < _const(0, a.dtype), _const(-1, a.dtype), fill)
+        return tirx.Select(tirx.Or(b >= _const(bits, b.dtype), b < _const(0, b.dtype)), fill, shifted)
+
+    return f
+
+
+def _binary_fn(node: Node) -> Callable[[Any, Any], Any]:
+    from tvm import tirx
+
+    op = node.op_type
+    if op == "Div":
+        return _div
+    if op == "Mod":
+        return _mod(node.attr("fmod", 0))
+    if op == "Pow":
+        return _pow(node.outputs[0].dtype.numpy.name)
+    if op == "BitShift":
+        return _bitshift(node.attr("direction") == "LEFT")
+    return {"Xor": lambda a, b: tirx.Or(tirx.And(a, tirx.Not(b)), tirx.And(tirx.Not(a), b)), "BitwiseAnd": tirx.bitwise_and, "BitwiseOr": tirx.bitwise_or,
+            "BitwiseXor": tirx.bitwise_xor}[op]
+
+
+@lowers("Div", "Mod", "Pow", "BitShift", "Xor", "BitwiseAnd", "BitwiseOr", "BitwiseXor")
+def _binary(lw: Lowerer, node: Node) -> list[Any]:
+    return _emit_ew(lw, node, _binary_fn(node))
+
+
+@lowers("Mean")
+def _mean(lw: Lowerer, node: Node) -> list[Any]:
+    n = len([v for v in node.inputs if v is not None])
+    dt = node.outputs[0].dtype.numpy.name
+
+    def f(*xs: Any) -> Any:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out / _const(n, dt)
+
+    return _emit_ew(lw, node, f)
+
+
+# =========================================================================== casts
+
+
+def _cast_to(dt: str) -> Callable[[Any], Any]:
+    def f(x: Any) -> Any:
+        from tvm import tirx
+
+        if dt == "bool" and str(x.dtype) != "bool":
+            return x != _const(0, x.dtype)
+        return tirx.Cast(dt, x)
+
+    return f
+
+
+@lowers("Cast")
+def _cast(lw: Lowerer, node: Node) -> list[Any]:
+    return _emit_ew(lw, node, _cast_to(node.outputs[0].dtype.numpy.name))
+
+
+@lowers("CastLike", reads=(0,))
+def _cast_like(lw: Lowerer, node: Node) -> list[Any]:
+    dt = node.outputs[0].dtype.numpy.name
+    name = "castlike"
+    return [lw.emit(lambda t: broadcast(_cast_to(dt), t, name=name), lw.get(node.input(0)), name=name)]
+
+
+# =========================================================================== quantization
+
+
+def _q_param(p: Any, i: tuple[Any, ...], axis: int, block: int) -> Any:
+    """A scale or zero point for element ``i``: per tensor, per axis, or per block along ``axis``."""
+    if len(p.shape) == 0:
+        return p[()]
+    if not block:
+        return p[i[axis]]
+    return p[tuple(j // block if k == axis and block else j for k, j in enumerate(i))]
+
+
+@lowers("QuantizeLinear", "DequantizeLinear")
+def _quantize(lw: Lowerer, node: Node) -> list[Any]:
+    """y = saturate(round_half_even(x / scale) + zero_point), and its inverse (x - zero_point) * scale."""
+    import numpy as np
+    from tvm import te, tirx
+
+    x = node.input(0)
+    axis = node.attr("axis", 1)
+    axis = axis + (x.rank or 0) if axis < 0 else axis
+    block = node.attr("block_size", 0)
+    out_dt = node.outputs[0].dtype.numpy
+    has_zp = node.input(2) is not None
+    quant = node.op_type == "QuantizeLinear"
+    ins = [lw.get(node.input(i)) for i in range(3) if node.input(i) is not None]
+
+    def compute(t: Any, scale: Any, *zp: Any) -> Any:
+        def body(*i: Any) -> Any:
+            s = _q_param(scale, i, axis, block)
+            z = _q_param(zp[0], i, axis, block) if has_zp else None
+            if quant:
+                f = str(s.dtype) if str(s.dtype) == "float64" else "float32"
+                v = tirx.nearbyint(tirx.Cast(f, t[i]) / tirx.Cast(f, s))
+                if z is not None:
+                    v = v + tirx.Cast(f, z)
+                info = np.iinfo(out_dt)
+                v = tirx.max(tirx.min(v, tirx.const(float(info.max), f)), tirx.const(float(info.min), f))
+                return tirx.Cast(out_dt.name, v)
+            v = tirx.Cast("int32", t[i]) - (tirx.Cast("int32", z) if z is not None else tirx.const(0, "int32"))
+            return tirx.Cast(out_dt.name, tirx.Cast(str(s.dtype), v) * s)
+
+        return te.compute(t.shape, body, name=node.op_type.lower())
+
+    return [lw.emit(compute, *ins, name=node.op_type.lower())]
+
+
+@lowers("BitCast")
+def _bitcast(lw: Lowerer, node: Node) -> list[Any]:
+    """Reinterpret the bits of each element (same width only: other widths change the shape)."""
+    from tvm import tirx
+
+    src, dst = node.input(0).dtype.numpy, node.outputs[0].dtype.numpy
+    if src.itemsize != dst.itemsize:
+        raise CodegenError(f"node {node.label()}: BitCast between widths does not compile yet")
+
+    def f(x: Any) -> Any:
+        if src.kind == "b" or dst.kind == "b":  # bool is one byte, 0 or 1
+            return tirx.Cast(dst.name, x) if dst.kind != "b" else x != _const(0, src.name)
+        return tirx.reinterpret(dst.name, x)
+
+    return _emit_ew(lw, node, f)

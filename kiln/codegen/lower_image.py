@@ -1,0 +1,263 @@
+"""ONNX's Resize, written out in TE after onnx's reference: nearest (four rounding modes), linear and
+cubic (with ``cubic_coeff_a`` and ``exclude_outside``) over any axes, every coordinate
+transformation mode, ``keep_aspect_ratio_policy``, and ``extrapolation_value`` for
+tf_crop_and_resize. The scale per axis is the one ONNX uses for coordinates (the given scale, not
+out/in). ``antialias`` is not compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kiln.codegen.lower import CodegenError, Lowerer, lowers
+from kiln.codegen.lower_shapes import static_shape
+from kiln.ir import Node
+
+
+def _cubic(r: Any, a: float, dt: str) -> list[Any]:
+    from tvm import tirx
+
+    A = tirx.const(a, dt)
+    one = tirx.const(1, dt)
+
+    def outer(x: Any) -> Any:  # |x| in [1, 2)
+        return ((A * x - tirx.const(5, dt) * A) * x + tirx.const(8, dt) * A) * x - tirx.const(4, dt) * A
+
+    def inner(x: Any) -> Any:  # |x| in [0, 1)
+        return ((A + tirx.const(2, dt)) * x - (A + tirx.const(3, dt))) * x * x + one
+
+    return [outer(r + one), inner(r), inner(one - r), outer(tirx.const(2, dt) - r)]
+
+
+def _given(v: Any) -> bool:
+    """An optional input that is present and not an empty placeholder tensor."""
+    return v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape) and \
+        int(np.prod(v.shape)) > 0
+
+
+@lowers("Resize")
+def _resize(lw: Lowerer, node: Node) -> list[Any]:
+    """Resize; roi, scales and sizes are read at run time (the output shape is the declared one)."""
+    from tvm import te, tirx
+
+    x, out = node.input(0), node.outputs[0]
+    si, so = static_shape(x), static_shape(out)
+    if si is None or so is None:
+        raise CodegenError(f"node {node.label()}: Resize needs static input and output shapes to compile")
+    if node.attr("antialias", 0):
+        raise CodegenError(f"node {node.label()}: antialiased Resize does not compile yet")
+    rank = len(si)
+    mode = node.attr("mode", "nearest")
+    ctm = node.attr("coordinate_transformation_mode", "half_pixel")
+    nearest = node.attr("nearest_mode", "round_prefer_floor")
+    cubic_a, exclude = node.attr("cubic_coeff_a", -0.75), bool(node.attr("exclude_outside", 0))
+    extrap = node.attr("extrapolation_value", 0.0)
+    policy = node.attr("keep_aspect_ratio_policy", "stretch")
+    axes = [a + rank if a < 0 else a for a in (node.attr("axes") or range(rank))]
+    has = {k: _given(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3))}
+    if ctm == "tf_crop_and_resize" and not has["roi"]:
+        raise CodegenError(f"node {node.label()}: tf_crop_and_resize needs a roi")
+    resized = [k for k in axes if si[k] != so[k] or has["scales"] or ctm == "tf_crop_and_resize"]
+    extra = [lw.get(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3)) if has[k]]
+    names = [k for k in ("roi", "scales", "sizes") if has[k]]
+
+    def compute(t: Any, *params: Any) -> Any:
+        p = dict(zip(names, params))
+        dt = t.dtype
+        f = "float64" if str(dt) == "float64" else "float32"
+
+        def scale(k: int) -> Any:
+            j = axes.index(k)
+            if "scales" in p:
+                return tirx.Cast(f, p["scales"][j])
+            if "sizes" in p and policy != "stretch":
+                ratios = [tirx.Cast(f, p["sizes"][jj]) / tirx.const(si[a], f) for jj, a in enumerate(axes)]
+                common = ratios[0]
+                for r in ratios[1:]:
+                    common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
+                return common
+            return tirx.const(so[k] / si[k], f)
+
+        def coord(k: int, i: Any) -> tuple[Any, Any]:
+            """(source coordinate, inside-the-roi flag) of output index i along axis k."""
+            xi = tirx.Cast(f, i)
+            s = scale(k)
+            n_in, n_out = si[k], so[k]
+            half = tirx.const(0.5, f)
+            inside: Any = tirx.const(True)
+            if ctm == "half_pixel":
+                c = (xi + half) / s - half
+            elif ctm == "half_pixel_symmetric":
+                adj = tirx.const(n_out, f) / (s * tirx.const(n_in, f))
+                c = tirx.const(n_in / 2, f) * (tirx.const(1, f) - adj) + (xi + half) / s - half
+            elif ctm == "pytorch_half_pixel":
+                c = (xi + half) / s - half if n_out > 1 else tirx.const(0, f)
+            elif ctm == "align_corners":
+                # onnx's resized length is scale * n_in, unrounded
+                c = xi * tirx.const(n_in - 1, f) / (s * tirx.const(n_in, f) - tirx.const(1, f)) if n_out > 1 \
+                    else tirx.const(0, f)
+            elif ctm == "asymmetric":
+                c = xi / s
+            elif ctm == "tf_crop_and_resize":
+                j = axes.index(k)
+                lo, hi = tirx.Cast(f, p["roi"][j]), tirx.Cast(f, p["roi"][len(axes) + j])
+                span = tirx.const(n_in - 1, f)
+                if n_out > 1:
+                    c = lo * span + xi * (hi - lo) * span / tirx.const(n_out - 1, f)
+                else:
+                    c = half * (lo + hi) * span
+                inside = tirx.all(c >= tirx.const(0, f), c <= span)
+            else:
+                raise CodegenError(f"node {node.label()}: coordinate_transformation_mode {ctm} is unknown")
+            return c, inside
+        def clamp(j: Any, n: int) -> Any:
+            return tirx.max(tirx.min(j, n - 1), 0)
+
+        def body(*i: Any) -> Any:
+            inside: Any = tirx.const(True)
+            taps: list[list[tuple[Any, Any]]] = []  # per resized axis: (index, weight)
+            for k in resized:
+                c, ok = coord(k, i[k])
+                inside = tirx.all(inside, ok)
+                if mode == "nearest":
+                    if nearest == "round_prefer_floor":
+                        r = tirx.ceil(c - tirx.const(0.5, f))
+                    elif nearest == "round_prefer_ceil":
+                        r = tirx.floor(c + tirx.const(0.5, f))
+                    elif nearest == "floor":
+                        r = tirx.floor(c)
+                    else:
+                        r = tirx.ceil(c)
+                    taps.append([(clamp(tirx.Cast("int64", r), si[k]), None)])
+                    continue
+                x0 = tirx.floor(c)
+                frac = c - x0
+                base = tirx.Cast("int64", x0)
+                if mode == "linear":
+                    pts = [(base, tirx.const(1, f) - frac), (base + 1, frac)]
+                else:
+                    pts = list(zip([base - 1, base, base + 1, base + 2], _cubic(frac, cubic_a, f)))
+                if exclude:
+                    ws = [tirx.Select(tirx.all(j >= 0, j < si[k]), w, tirx.const(0, f)) for j, w in pts]
+                    total = ws[0]
+                    for w in ws[1:]:
+                        total = total + w
+                    pts = [(j, w / total) for (j, _), w in zip(pts, ws)]
+                taps.append([(clamp(j, si[k]), w) for j, w in pts])
+
+            def gather(level: int, idx: list[Any]) -> Any:
+                if level == len(resized):
+                    return tirx.Cast(f, t[tuple(idx)])
+                k = resized[level]
+                acc: Any = None
+                for j, w in taps[level]:
+                    sub = list(idx)
+                    sub[k] = j
+                    term = gather(level + 1, sub)
+                    term = term if w is None else term * w
+                    acc = term if acc is None else acc + term
+                return acc
+
+            val = gather(0, list(i))
+            if ctm == "tf_crop_and_resize":
+                val = tirx.Select(inside, val, tirx.const(extrap, f))
+            return tirx.Cast(dt, val) if str(dt) != f else val
+
+        return te.compute(so, body, name="resize")
+
+    return [lw.emit(compute, lw.get(x), *extra, name=f"resize_{mode}")]
+
+
+@lowers("GridSample")
+def _grid_sample(lw: Lowerer, node: Node) -> list[Any]:
+    """GridSample (N-d, nearest/linear/cubic, zeros/border/reflection padding), after onnx's reference."""
+    from tvm import te, tirx
+
+    x = node.input(0)
+    si = static_shape(x)
+    if si is None:
+        raise CodegenError(f"node {node.label()}: GridSample needs a static input shape to compile")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(node.attr("mode", "linear"), node.attr("mode", "linear"))
+    padding = node.attr("padding_mode", "zeros")
+    align = bool(node.attr("align_corners", 0))
+    dims = si[2:]
+    nd = len(dims)
+    lo = [0.0 if align else -0.5 for _ in dims]
+    hi = [d - 1.0 if align else d - 0.5 for d in dims]
+
+    def compute(t: Any, grid: Any) -> Any:
+        dt = t.dtype
+        f = "float64" if str(dt) == "float64" else "float32"
+
+        def c(v: float) -> Any:
+            return tirx.const(v, f)
+
+        def reflect(v: Any, k: int) -> Any:
+            rng = c(hi[k] - lo[k])
+
+            def fold(dx: Any, near: float, far: float) -> Any:
+                n = tirx.Cast("int64", dx / rng)
+                r = dx - tirx.Cast(f, n) * rng
+                return tirx.Select(tirx.floormod(n, 2) == 0, c(near) + r if near < far else c(near) - r,
+                                   c(far) - r if near < far else c(far) + r)
+
+            return tirx.Select(v < c(lo[k]), fold(c(lo[k]) - v, lo[k], hi[k]),
+                               tirx.Select(v > c(hi[k]), fold(v - c(hi[k]), hi[k], lo[k]), v))
+
+        def body(n: Any, ch: Any, *o: Any) -> Any:
+            coords = []
+            for k in range(nd):
+                g = tirx.Cast(f, grid[(n, *o, nd - 1 - k)])
+                v = (g + c(1)) / c(2) * c(dims[k] - 1) if align else ((g + c(1)) * c(dims[k]) - c(1)) / c(2)
+                if mode == "nearest":
+                    v = tirx.nearbyint(v)
+                if padding == "border":
+                    v = tirx.Select(tirx.Or(v < c(lo[k]), v > c(hi[k])), tirx.max(tirx.min(v, c(dims[k] - 1)), c(0)), v)
+                elif padding == "reflection":
+                    v = reflect(v, k)
+                coords.append(v)
+
+            def at(idx: list[Any]) -> Any:
+                ok: list[Any] = []
+                safe = []
+                for k, i in enumerate(idx):
+                    if padding == "zeros":
+                        ok.append(tirx.all(i >= 0, i < dims[k]))
+                    elif padding == "reflection":
+                        i = tirx.Cast("int64", reflect(tirx.Cast(f, i), k))
+                    safe.append(tirx.max(tirx.min(i, dims[k] - 1), 0))
+                val = tirx.Cast(f, t[(n, ch, *safe)])
+                return tirx.Select(tirx.all(*ok), val, c(0)) if ok else val
+
+            taps: list[list[tuple[Any, Any]]] = []
+            for k, v in enumerate(coords):
+                if mode == "nearest":
+                    taps.append([(tirx.Cast("int64", v), None)])
+                    continue
+                x0 = tirx.floor(v)
+                fr = v - x0
+                b = tirx.Cast("int64", x0)
+                if mode == "linear":
+                    taps.append([(b, c(1) - fr), (b + 1, fr)])
+                else:
+                    taps.append(list(zip([b - 1, b, b + 1, b + 2], _cubic(fr, -0.75, f))))
+
+            def gather(level: int, idx: list[Any]) -> Any:
+                if level == nd:
+                    return at(idx)
+                acc: Any = None
+                for i, w in taps[level]:
+                    term = gather(level + 1, idx + [i])
+                    term = term if w is None else term * w
+                    acc = term if acc is None else acc + term
+                return acc
+
+            val = gather(0, [])
+            return tirx.Cast(dt, val) if str(dt) != f else val
+
+        out = [t.shape[0], t.shape[1], *grid.shape[1:-1]]
+        return te.compute(out, body, name="grid_sample")
+
+    return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="grid_sample")]
