@@ -72,8 +72,7 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
         kf = (lambda b, h, j, d: kfull[b, h, j, d]) if kfull is not None else k4
         vf = (lambda b, h, j, d: vfull[b, h, j, d]) if vfull is not None else v4
         reps = hq // hk
-        sc = scale_attr if scale_attr is not None else None
-        sqrt_scale = tirx.sqrt(tirx.const(sc, dt)) if sc is not None else \
+        sqrt_scale = tirx.sqrt(tirx.const(scale_attr, dt)) if scale_attr is not None else \
             tirx.sqrt(tirx.const(1.0, dt) / tirx.sqrt(tirx.Cast(dt, dq)))
 
         def bias(b: Any, h: Any, i: Any, j: Any) -> Any:

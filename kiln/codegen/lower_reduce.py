@@ -147,8 +147,6 @@ def _arg(lw: Lowerer, node: Node) -> list[Any]:
     is_max = node.op_type == "ArgMax"
 
     def compute(t: Any) -> Any:
-        dt = t.dtype
-
         def combine(a: Any, b: Any) -> Any:
             ai, av = a
             bi, bv = b
@@ -162,8 +160,8 @@ def _arg(lw: Lowerer, node: Node) -> list[Any]:
 
         argred = te.comm_reducer(combine, identity, name="argred")
         r = te.reduce_axis((0, t.shape[axis]), "r")
-        oshape = [d for k, d in enumerate(t.shape) if k != axis or keep]
-        oshape = [1 if k == axis and keep else d for k, d in enumerate(oshape)] if keep else oshape
+        oshape = [1 if k == axis else d for k, d in enumerate(t.shape)] if keep else \
+            [d for k, d in enumerate(t.shape) if k != axis]
 
         def body(*i: Any) -> Any:
             idx = list(i)
@@ -174,7 +172,6 @@ def _arg(lw: Lowerer, node: Node) -> list[Any]:
             return argred((r.var.astype("int64"), t[tuple(idx)]), axis=[r])
 
         pair = te.compute(oshape, body, name="argreduce")
-        del dt
         return pair[0]
 
     return [lw.emit(compute, lw.get(x), name=node.op_type.lower())]
