@@ -42,6 +42,7 @@ from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
 from kiln.passes.rules import MatchContext, RewriteRule, apply_rules, example_graph, register_rule
 
 DEFAULT_BLOCK = 16
+MAX_SWEEPS = 200  # rounds of apply_rules in one run of the pass (each does up to 20 sweeps)
 
 #: Elementwise ops whose result does not depend on where an element sits: they run on blocked data.
 UNARY_OPS = ("Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Exp", "Abs", "Neg", "Sqrt",
@@ -505,5 +506,15 @@ class Layout(Pass):
     block: int = DEFAULT_BLOCK
 
     def run(self, graph: Graph) -> PassResult:
-        stats = apply_rules(graph, RULES if self.block == DEFAULT_BLOCK else _rules_for(self.block))
-        return PassResult.of(graph, sum(stats.fired.values()), dict(stats.fired))
+        # Transforms move one op per sweep, and a rule may wait for the shapes of what the sweep
+        # before made (inferred when apply_rules ends): run until nothing moves, not a fixed count
+        # (DenseNet's concat chains take dozens of steps).
+        rules = RULES if self.block == DEFAULT_BLOCK else _rules_for(self.block)
+        fired: dict[str, int] = {}
+        for _ in range(MAX_SWEEPS):
+            stats = apply_rules(graph, rules)
+            if not stats.fired:
+                break
+            for name, count in stats.fired.items():
+                fired[name] = fired.get(name, 0) + count
+        return PassResult.of(graph, sum(fired.values()), fired)
