@@ -195,13 +195,13 @@ def schedule_generic(sch: Any) -> bool:
             total = total * extent if total is not None and extent is not None else None
         if total is not None and total < PARALLEL_MIN_ELEMENTS:
             continue
-        # parallelise enough outer loops for the cores, keeping the inner ones for vectors
+        # parallelise enough outer loops for the cores, keeping the inner ones for vectors; a
+        # symbolic extent (a free batch) may be 1 at run time, so it does not count towards that
         outer: list[Any] = []
         extent_so_far = 1
         for loop in spatial[:-1] if len(spatial) > 1 else spatial:
             outer.append(loop)
-            e = _static(sch.get(loop).extent)
-            extent_so_far = extent_so_far * e if e is not None else 1 << 30
+            extent_so_far *= _static(sch.get(loop).extent) or 1
             if extent_so_far >= 64:
                 break
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
