@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Sequence, Iterator
 
 import numpy as np
 
@@ -194,6 +194,11 @@ class Lowerer:
         if id(v) not in self.env:
             raise CodegenError(f"value '{v.name}' is read before it is computed")
         return self.env[id(v)]
+
+    def present_inputs(self, node: Node, names: Sequence[str]) -> tuple[list[str], list[Any]]:
+        """The names (from ``names``, one per input slot) and lowered values of ``node``'s present inputs."""
+        present = [i for i, v in enumerate(node.inputs[:len(names)]) if v is not None]
+        return [names[i] for i in present], [self.get(node.input(i)) for i in present]
 
     def emit(self, fn: Callable[..., Any], *args: Any, name: str, attrs: dict[str, Any] | None = None) -> Any:
         """One prim func computing ``fn`` on ``args``; ``attrs`` (e.g. ``kiln.schedule``) go on the func.

@@ -426,8 +426,7 @@ def _int_matmul(a: Any, b: Any, azp: Any | None, bzp: Any | None) -> Any:
 
 @lowers("MatMulInteger")
 def _matmul_integer(lw: Lowerer, node: Node) -> list[Any]:
-    names = [n for i, n in enumerate(("a", "b", "azp", "bzp")) if node.input(i) is not None]
-    ins = [lw.get(v) for v in node.inputs if v is not None]
+    names, ins = lw.present_inputs(node, ("a", "b", "azp", "bzp"))
 
     def compute(*ts: Any) -> Any:
         t = dict(zip(names, ts))
@@ -504,8 +503,7 @@ def _causal_conv(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import relax, te, tirx
 
     act = node.attr("activation", "none") or "none"
-    names = [n for i, n in enumerate(("x", "w", "b", "state")) if node.input(i) is not None]
-    ins = [lw.get(v) for v in node.inputs if v is not None]
+    names, ins = lw.present_inputs(node, ("x", "w", "b", "state"))
     n_out = len(node.outputs)
 
     def compute(*ts: Any) -> Any:
@@ -593,8 +591,7 @@ def _conv_integer(lw: Lowerer, node: Node) -> list[Any]:
 
     from kiln.codegen.lower import _conv2d
 
-    names = [n for i, n in enumerate(("x", "w", "xzp", "wzp")) if node.input(i) is not None]
-    ins = [lw.get(v) for v in node.inputs if v is not None]
+    names, ins = lw.present_inputs(node, ("x", "w", "xzp", "wzp"))
 
     def compute(*ts: Any) -> Any:
         t = dict(zip(names, ts))

@@ -222,7 +222,7 @@ BN_AFFINE = RewriteRule(
 # --------------------------------------------------------------------------- bias, scale and pad folds
 
 
-def _per_channel(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
+def per_channel(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
     """``c`` as a length-``channels`` vector if, broadcast against [N, C, ...], it varies only along C."""
     if c.ndim > out_rank:
         return None
@@ -237,7 +237,7 @@ def _channel_check(w: Value, c: Value, y: Value) -> MatchResult:
         return MatchResult.fail("the conv's output rank is unknown")
     if c.dtype is not w.dtype:
         return MatchResult.fail(f"the constant is {c.dtype}, the weight {w.dtype}")
-    if _per_channel(c.numpy(), int(w.shape[0]), y.rank) is None:
+    if per_channel(c.numpy(), int(w.shape[0]), y.rank) is None:
         return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
     return MatchResult.ok()
 
@@ -251,7 +251,7 @@ def _conv_add_check(ctx, w, c, conv) -> MatchResult:
 
 
 def _conv_add_rewrite(op, x, w, b, c, conv):
-    extra = _per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
+    extra = per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
     new_b = (b.numpy().astype(np.float64) if b is not None else 0.0) + extra
     return op.Conv(x, w, op.constant(new_b.astype(w.dtype.numpy), f"{w.name}_bias"), **copy_attrs(conv))
 
@@ -277,7 +277,7 @@ def _conv_mul_pattern(op, x, w, c):
 
 
 def _conv_mul_rewrite(op, x, w, b, c, conv):
-    k = _per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
+    k = per_channel(c.numpy(), int(w.shape[0]), conv.outputs[0].rank)
     weight = w.numpy().astype(np.float64)
     dt = w.dtype.numpy
     new_w = op.constant((weight * k.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(dt), f"{w.name}_scaled")
@@ -731,13 +731,13 @@ def _d2s_channel_rule(op_type: str) -> RewriteRule:
         y = d2s.outputs[0]
         if y.shape is None or not isinstance(y.shape[1], int) or c.dtype is not x.dtype:
             return MatchResult.fail("the channel count or dtype is unknown or differs")
-        if _per_channel(c.numpy(), y.shape[1], 4) is None:
+        if per_channel(c.numpy(), y.shape[1], 4) is None:
             return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
         return MatchResult.ok()
 
     def rewrite(op, x, c, d2s):
         s = d2s.attr("blocksize")
-        per = _per_channel(c.numpy(), d2s.outputs[0].shape[1], 4)
+        per = per_channel(c.numpy(), d2s.outputs[0].shape[1], 4)
         tiled = np.tile(per, s * s).astype(c.dtype.numpy).reshape(-1, 1, 1)
         return op.DepthToSpace(getattr(op, op_type)(x, op.constant(tiled, f"{c.name}_d2s")), **copy_attrs(d2s))
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.ir import DType, Graph, Node, Value
+from kiln.passes.fuse_conv import per_channel
 from kiln.passes.manager import Pass, PassResult, register_pass
 from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
 from kiln.passes.rules import MatchContext, RewriteRule, apply_rules, example_graph, register_rule
@@ -156,14 +157,11 @@ def _is_padded(fb: Node) -> bool:
 
 
 def _per_channel(c: Value, x: Value) -> np.ndarray | None:
-    """A constant that broadcasts against NCHW ``x`` as ``[C, 1, 1]``, as its length-C vector."""
-    a = c.numpy()
-    if x.shape is None or len(x.shape) != 4 or a.ndim > 4 or a.dtype != x.dtype.numpy:
+    """A constant that varies only along NCHW ``x``'s channels, as its length-C vector in x's dtype."""
+    if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[1], int) or c.dtype != x.dtype:
         return None
-    shape = (1,) * (4 - a.ndim) + a.shape
-    if shape[0] != 1 or shape[2:] != (1, 1) or shape[1] != x.shape[1]:
-        return None
-    return a.reshape(-1)
+    per = per_channel(c.numpy(), x.shape[1], 4)
+    return None if per is None else per.astype(x.dtype.numpy)
 
 
 def _movable(x: Value, op_type: str) -> MatchResult:
