@@ -159,36 +159,152 @@ def _format_optimize(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_compile(args: argparse.Namespace) -> int:
+def _stage(name: str) -> None:
+    print(f"[kiln] {name}", file=sys.stderr, flush=True)
+
+
+def _optimized(args: argparse.Namespace, target) -> tuple:
+    """Import ``args.model``, pin ``--input-shape``, and run ``--level``'s passes for ``target``.
+
+    ``kiln compile`` and ``kiln tune`` share this, so that tuning sees the kernels that
+    compilation will build.
+    """
     from kiln.check import parse_shape_overrides
-    from kiln.codegen.build import build, file_sha256
-    from kiln.codegen.target import parse_target
     from kiln.ir import load, set_input_shapes
     from kiln.passes import PassManager
     from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
 
-    src, dst = Path(args.model), Path(args.output)
     level = args.level or DEFAULT_COMPILE_LEVEL
+    _stage("importing")
+    graph = load(Path(args.model))
+    if args.input_shape:
+        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
+    _stage(f"optimizing ({level})")
+    passes = passes_for(level, block=target.layout_block)
+    graph, _ = PassManager(passes).run(graph)
+    return graph, passes
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from kiln.codegen.build import build, file_sha256
+    from kiln.codegen.target import parse_target
+
+    src, dst = Path(args.model), Path(args.output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
     target = parse_target(args.target, arch=args.arch, threads=args.threads)
+    tuning_db = None
+    if args.tune_db:
+        from kiln.codegen.tune import TuningDatabase
 
-    def stage(name: str) -> None:
-        print(f"[kiln] {name}", file=sys.stderr, flush=True)
-
-    stage("importing")
-    graph = load(src)
-    if args.input_shape:
-        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
-    stage(f"optimizing ({level})")
-    passes = passes_for(level, block=target.layout_block)
-    graph, _ = PassManager(passes).run(graph)
+        tuning_db = TuningDatabase(args.tune_db)
+    graph, passes = _optimized(args, target)
     report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
-                   passes=[p.describe() for p in passes], progress=stage)
+                   passes=[p.describe() for p in passes], progress=_stage, tuning_db=tuning_db)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
           f"target {target.tvm.get('mcpu', target.kind)}; {times})")
+    if tuning_db is not None:
+        info = tuning_db.manifest()
+        print(f"tuning database {args.tune_db}: {info['kernels_from_database']} kernels scheduled from it "
+              f"({info['kernels_tuned']} tuned, {info['kernels_default_kept']} kept kiln's default); "
+              f"sha256 {info['sha256'][:12]}")
     return 0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``1h`` or ``1h30m``."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise KilnError(f"--budget '{text}' is not a duration; write e.g. 90s, 30m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from kiln.codegen.target import parse_target
+    from kiln.codegen.tune import tune
+    budget = parse_duration(args.budget) if args.budget else None
+    if args.trials is not None and args.trials < 1:
+        raise KilnError("--trials must be at least 1")
+    if budget is None and args.trials is None:
+        raise KilnError("give a tuning budget: --budget (e.g. 30m) and/or --trials N")
+    target = parse_target(args.target, threads=args.threads)
+    graph, _ = _optimized(args, target)
+    try:
+        with _TuneProgress() as show:
+            report = tune(graph, target, args.db, budget_seconds=budget, max_trials=args.trials,
+                          max_kernels=args.kernels, on_status=show.update, say=show.say)
+    except KeyboardInterrupt:
+        print(f"kiln: interrupted; what was measured is kept in {args.db}: run the same command to resume",
+              file=sys.stderr)
+        return 130
+    st = report.status
+    default, best = st.model_estimate(st.default_seconds), st.model_estimate(st.best_seconds)
+    print(f"tuned {len(st.kernels)} kernels in {args.db}: {st.trials} trials, {st.seconds:.0f} s in all"
+          f"{' (resumed)' if report.resumed else ''}; stopped by {report.stopped_by}")
+    if default > 0:
+        print(f"their time per run: kiln's default {default * 1e3:.3f} ms, best in the database "
+              f"{best * 1e3:.3f} ms ({best / default:.2f}x)")
+    print(f"compile with: kiln compile {args.model} --tune-db {args.db} -o OUT.kiln"
+          + "".join(f" --input-shape {s}" for s in args.input_shape or ()))
+    return 0
+
+
+class _TuneProgress:
+    """A progress bar for ``kiln tune``: trials, elapsed time, best estimate and ETA.
+
+    On a terminal it is a live bar; otherwise each update is one plain line.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "_TuneProgress":
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.progress = Progress(TextColumn("tuning"), BarColumn(), TextColumn("{task.fields[text]}"),
+                                     console=self.console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("tuning", total=1.0, text="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[kiln] {text}", markup=False, highlight=False)
+        else:
+            _stage(text)
+
+    def update(self, st) -> None:
+        frac = st.fraction
+        eta = (st.seconds / frac - st.seconds) if 0 < frac < 1 else 0.0
+        best, default = st.model_estimate(st.best_seconds), st.model_estimate(st.default_seconds)
+        trials = f"{st.trials}/{st.max_trials}" if st.max_trials else f"{st.trials}"
+        text = (f"trials {trials}  elapsed {_clock(st.seconds)}  best {best * 1e3:.3f} ms"
+                f" (default {default * 1e3:.3f} ms)  ETA {_clock(eta)}")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=frac, text=text)
+        else:
+            _stage(text)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -297,7 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", help="optimisation level: O0 to O3 (default O3, which adds the blocked layout)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
     p.add_argument("--threads", type=int, help="threads at run time (default: all cores)")
+    p.add_argument("--tune-db", metavar="DIR", help="schedule kernels from this tuning database (see kiln tune)")
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("tune", parents=[common],
+                       help="search faster schedules for a model's kernels into a tuning database")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--db", required=True, metavar="DIR",
+                   help="the tuning database (created if missing; a killed run resumes from it)")
+    p.add_argument("--budget", metavar="TIME", help="time for this model in this database, e.g. 30m (counts earlier runs)")
+    p.add_argument("--trials", type=int, help="measured candidates for this model in this database (counts earlier runs)")
+    p.add_argument("--kernels", type=int, help="tune only the N heaviest kernels")
+    p.add_argument("--target", default="cpu", help="cpu (default: the host's CPU) or a JSON llvm target dict")
+    p.add_argument("--level", help="optimisation level, as for kiln compile (default O3)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
+                   help="pin an input's dims (tuning needs static shapes; use the same pins for compile)")
+    p.add_argument("--threads", type=int, help="threads the kernels run with (default: all cores)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("run", parents=[common], help="run a .kiln artifact on inputs from an .npz file")
     p.add_argument("artifact", help="a .kiln file (it contains native code: only run trusted artifacts)")

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from kiln.codegen.lower import CodegenError, lower
 from kiln.codegen.target import Target, cpu_target
 from kiln.ir import Graph, is_unknown_dim
 from kiln.runtime.artifact import write_artifact
+
+if TYPE_CHECKING:
+    from kiln.codegen.tune import TuningDatabase
 
 LIBRARY = "model.so"
 WEIGHTS = "weights.safetensors"
@@ -68,8 +71,12 @@ def build(
     source_name: str | None = None,
     passes: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    tuning_db: "TuningDatabase | None" = None,
 ) -> BuildReport:
-    """Compile ``graph`` for ``target`` (the host CPU by default) into the artifact ``out``."""
+    """Compile ``graph`` for ``target`` (the host CPU by default) into the artifact ``out``.
+
+    With ``tuning_db``, every kernel the database holds gets its best recorded schedule.
+    """
     import tvm
     from safetensors.numpy import save as save_safetensors
 
@@ -90,8 +97,11 @@ def build(
     if target.kind == "cpu":
         from kiln.codegen.schedule import cpu_pipeline
 
-        executable = tvm.compile(lowered.module, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+        tuned = tuning_db.lookup(tvm_target) if tuning_db is not None else None
+        executable = tvm.compile(lowered.module, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, tuned))
     else:
+        if tuning_db is not None:
+            raise CodegenError("--tune-db applies to CPU targets; kiln tunes only on this machine's CPU")
         executable = tvm.compile(lowered.module, target=tvm_target)
     members: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +128,7 @@ def build(
         "params": list(lowered.weights),  # weight parameters of main, in order after the inputs
         "source": {"name": source_name, "sha256": source_sha256},
         "passes": list(passes or []),
-        "tuning_db": None,
+        "tuning_db": tuning_db.manifest() if tuning_db is not None else None,
         "quantization": None,
     }
     write_artifact(out, manifest, {**members, WEIGHTS: weights})

@@ -217,33 +217,56 @@ def _has_root(sch: Any) -> bool:
         return False
 
 
-def schedule_func(func: Any) -> Any:
-    """``func`` with its kiln schedule (or the generic one) applied; unchanged if scheduling fails."""
+def apply_default_schedule(sch: Any) -> bool:
+    """Apply kiln's default schedule to ``sch`` in place; False if it left the func as it was.
+
+    The schedule is the one named by the func's ``kiln.schedule`` attribute, or the generic
+    one. On an error the schedule is left half done, so callers start from a fresh one.
+    """
+    func = sch.mod["main"]
+    kind = func.attrs.get("kiln.schedule") if func.attrs is not None else None
+    if kind is not None:
+        SCHEDULES[str(kind)](sch)
+        return True
+    return schedule_generic(sch)
+
+
+def schedule_func(func: Any, tuned: Callable[[Any], Any | None] | None = None) -> Any:
+    """``func`` with its tuned schedule, else kiln's default one; unchanged if scheduling fails.
+
+    ``tuned`` looks ``func`` up in a tuning database and returns its scheduled form, or None.
+    """
     from tvm import s_tir
 
-    kind = func.attrs.get("kiln.schedule") if func.attrs is not None else None
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
         return func
+    if tuned is not None:
+        found = tuned(func)
+        if found is not None:
+            return found.with_attr("tirx.is_scheduled", True)
     sch = s_tir.Schedule(func)
     try:
-        if kind is not None:
-            SCHEDULES[str(kind)](sch)
-        elif not schedule_generic(sch):
+        if not apply_default_schedule(sch):
             return func
     except Exception as e:  # noqa: BLE001 - any schedule error: keep the unscheduled (correct) func
+        kind = func.attrs.get("kiln.schedule") if func.attrs is not None else None
         log.debug("schedule %s failed: %s", kind or "generic", e)
         return func
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_module(mod: Any) -> Any:
-    """Every prim func of ``mod`` scheduled (see :func:`schedule_func`)."""
+def schedule_module(mod: Any, tuned: Callable[[str, Any], Any | None] | None = None) -> Any:
+    """Every prim func of ``mod`` scheduled (see :func:`schedule_func`).
+
+    ``tuned(name, func)`` looks a kernel up in a tuning database by its global name and func.
+    """
     from tvm import tirx
 
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc):
-            new = schedule_func(func)
+            lookup = None if tuned is None else (lambda f, name=gv.name_hint: tuned(name, f))
+            new = schedule_func(func, lookup)
             if new is not func:
                 updates[gv] = new
     for gv, func in updates.items():
@@ -251,7 +274,19 @@ def schedule_module(mod: Any) -> Any:
     return mod
 
 
-def cpu_pipeline(target: Any) -> Any:
+def fusion_passes() -> list[Any]:
+    """Legalisation and TVM's fusion of injective kernels: what runs before scheduling.
+
+    Tuning extracts its kernels after these passes, so a tuned kernel is the same prim func
+    that compilation later schedules.
+    """
+    from tvm.relax import backend, transform
+
+    return [backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
+            transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR()]
+
+
+def cpu_pipeline(target: Any, tuned: Callable[[str, Any], Any | None] | None = None) -> Any:
     """tvm.compile's default CPU pipeline, plus TVM's fusion of injective kernels and kiln's schedules.
 
     After legalisation, FuseOps/FuseTIR merge chains of elementwise and layout kernels (a
@@ -261,17 +296,16 @@ def cpu_pipeline(target: Any) -> Any:
     kernels without inputs at compile time, such as the assertion of a failing If branch.
     """
     import tvm
-    from tvm.relax import backend, transform
+    from tvm.relax import transform
 
     @tvm.transform.module_pass(opt_level=0, name="KilnSchedule")
     def kiln_schedule(mod: Any, _ctx: Any) -> Any:
-        return schedule_module(mod)
+        return schedule_module(mod, tuned)
 
     @tvm.transform.module_pass(opt_level=0, name="KilnCPUPipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
         seq = tvm.transform.Sequential([
-            backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
-            transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR(), kiln_schedule,
+            *fusion_passes(), kiln_schedule,
             transform.RewriteDataflowReshape(), transform.ToNonDataflow(), transform.RemovePurityChecking(),
             transform.CallTIRRewrite(), transform.StaticPlanBlockMemory(), transform.LowerAllocTensor(),
             transform.KillAfterLastUse(), transform.LowerRuntimeBuiltin(), transform.ComputePrimValue(),

@@ -1,0 +1,440 @@
+"""Tuning: MetaSchedule search over kiln's kernels, kept in a database on disk.
+
+``kiln tune`` lowers a model exactly as ``kiln compile`` does, takes the prim funcs that
+come out of fusion (the kernels), and searches schedules for the heaviest of them with
+MetaSchedule. Every kernel first gets a record for kiln's default schedule, measured by the
+same runner, so the database's best record for a kernel is never slower than the default:
+where the search finds nothing better, compilation keeps the default.
+
+The database is MetaSchedule's JSON database (one workload table, one record table, both
+append-only), keyed by the kernel's structure, so models that share a kernel share its
+records. Records are written as they are measured: a killed run loses at most the batch in
+flight, and the next run starts its search from what is there. ``kiln-tune.json`` beside
+the tables keeps the trials and seconds spent per tuning job, which is what a resumed run's
+budget counts against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.codegen._tvm import skip_foreign_tensor_intrinsics, x86_tensor_intrinsics_only
+from kiln.codegen.lower import CodegenError, lower
+from kiln.codegen.schedule import apply_default_schedule, fusion_passes
+from kiln.codegen.target import Target
+from kiln.ir import Graph
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+PROGRESS = "kiln-tune.json"
+MIN_TUNE_FLOPS = 1e6  # below this a kernel costs less to run than to tune
+TRIALS_PER_ITER = 8  # candidates measured per round; the budget is checked between rounds
+
+
+class TuningError(CodegenError):
+    """A tuning database that cannot be used, or a tuning job that cannot start."""
+
+
+def workload(func: Any) -> Any:
+    """The IRModule that names ``func`` in the database (``main``, as MetaSchedule builds it)."""
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def is_static(func: Any) -> bool:
+    """Whether every argument of ``func`` has a static shape, which MetaSchedule needs to measure it."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    try:
+        ArgInfo.from_prim_func(func)
+    except Exception:  # noqa: BLE001 - TVM refuses a symbolic dim with a type error
+        return False
+    return True
+
+
+@dataclass
+class Kernel:
+    """One distinct kernel of a model: a prim func after fusion, and how often the model runs it."""
+
+    name: str
+    func: Any
+    weight: int
+    flops: float
+
+    @property
+    def mod(self) -> Any:
+        return workload(self.func)
+
+
+def fused_module(graph: Graph, target: Target) -> Any:
+    """``graph`` lowered and fused: the module whose prim funcs compilation will schedule."""
+    import tvm
+
+    lowered = lower(graph)
+    with tvm.target.Target(dict(target.tvm)):
+        return tvm.transform.Sequential(fusion_passes())(lowered.module)
+
+
+def tunable_kernels(mod: Any, *, min_flops: float = MIN_TUNE_FLOPS) -> list[Kernel]:
+    """The distinct static kernels of ``mod`` worth tuning, heaviest (FLOPs x uses) first."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    kernels: list[Kernel] = []
+    by_hash: dict[int, list[Kernel]] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or not is_static(func):
+            continue
+        if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+            continue
+        h = tvm_ffi.structural_hash(func)
+        same = next((k for k in by_hash.get(h, []) if tvm_ffi.structural_equal(k.func, func)), None)
+        if same is not None:
+            same.weight += 1
+            continue
+        try:
+            flops = float(estimate_tir_flops(workload(func)))
+        except Exception:  # noqa: BLE001 - funcs the estimator cannot read are not worth tuning
+            flops = 0.0
+        k = Kernel(gv.name_hint, func, 1, flops)
+        by_hash.setdefault(h, []).append(k)
+        kernels.append(k)
+    kernels = [k for k in kernels if k.flops >= min_flops]
+    kernels.sort(key=lambda k: -k.flops * k.weight)
+    return kernels
+
+
+def job_key(kernels: list[Kernel], target: Target) -> str:
+    """A name for one tuning job (these kernels, this target) in the progress file."""
+    import tvm_ffi
+
+    h = hashlib.sha256(json.dumps(target.tvm, sort_keys=True).encode())
+    for k in kernels:
+        h.update(f"{tvm_ffi.structural_hash(k.func)}:{k.weight};".encode())
+    return h.hexdigest()[:16]
+
+
+class TuningDatabase:
+    """A MetaSchedule JSON database in a directory, as kiln reads and writes it."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            if self.path.exists() and not self.path.is_dir():
+                raise TuningError(f"{self.path}: exists and is not a directory; --db needs a directory")
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not (self.path / WORKLOADS).is_file() or not (self.path / RECORDS).is_file():
+            raise TuningError(f"{self.path}: not a tuning database (no {WORKLOADS} and {RECORDS}); "
+                              "make one with kiln tune --db")
+        from tvm.s_tir import meta_schedule as ms
+
+        try:
+            self.ms = ms.database.JSONDatabase(
+                path_workload=str(self.path / WORKLOADS), path_tuning_record=str(self.path / RECORDS),
+                allow_missing=create, module_equality="structural")
+        except Exception as e:  # noqa: BLE001 - TVM reports a damaged table as a generic error
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise TuningError(f"{self.path}: the tuning database cannot be read ({first})") from None
+        self.applied: dict[str, str] = {}  # kernel name -> "tuned" or "default", filled by lookup()
+
+    def sha256(self) -> str:
+        """sha256 over both tables: the state of the database that a build used."""
+        h = hashlib.sha256()
+        for name in (WORKLOADS, RECORDS):
+            h.update((self.path / name).read_bytes())
+        return h.hexdigest()
+
+    def best_seconds(self, mod: Any) -> float | None:
+        """The best measured mean run time of ``mod``'s kernel, or None if it has no record."""
+        if not self.ms.has_workload(mod):
+            return None
+        top = self.ms.get_top_k(self.ms.commit_workload(mod), 1)
+        if not top or not top[0].run_secs:
+            return None
+        secs = [float(s) for s in top[0].run_secs]
+        return sum(secs) / len(secs)
+
+    def lookup(self, target: Any) -> Callable[[str, Any], Any | None]:
+        """A lookup for :func:`kiln.codegen.schedule.schedule_module`: a kernel's best schedule, or None."""
+
+        def tuned(name: str, func: Any) -> Any | None:
+            mod = workload(func)
+            if not self.ms.has_workload(mod):
+                return None
+            sch = self.ms.query_schedule(mod, target, "main")
+            if sch is None:
+                return None
+            self.applied[name] = "default" if _is_default(mod, sch) else "tuned"
+            return sch.mod["main"].without_attr("global_symbol")
+
+        return tuned
+
+    def manifest(self) -> dict[str, Any]:
+        """What the artifact's manifest records about the database a build used."""
+        tuned = sum(1 for v in self.applied.values() if v == "tuned")
+        return {"sha256": self.sha256(), "kernels_from_database": len(self.applied),
+                "kernels_tuned": tuned, "kernels_default_kept": len(self.applied) - tuned}
+
+
+def _is_default(mod: Any, sch: Any) -> bool:
+    """Whether ``sch`` is kiln's default schedule of ``mod`` (the search found nothing better)."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    default = s_tir.Schedule(mod)
+    try:
+        apply_default_schedule(default)
+    except Exception:  # noqa: BLE001 - the default failed, so the database's schedule is a tuned one
+        return False
+    return bool(tvm_ffi.structural_equal(default.mod, sch.mod))
+
+
+@dataclass
+class TuneStatus:
+    """Where a tuning job stands; passed to the progress callback after every measured batch."""
+
+    kernels: list[Kernel]
+    trials: int
+    max_trials: int | None
+    seconds: float
+    budget_seconds: float | None
+    default_seconds: dict[str, float] = field(default_factory=dict)  # per kernel name, one run
+    best_seconds: dict[str, float] = field(default_factory=dict)
+
+    def model_estimate(self, which: dict[str, float]) -> float:
+        """Seconds per model run spent in the tuned kernels, by per-kernel times in ``which``."""
+        return sum(which.get(k.name, 0.0) * k.weight for k in self.kernels)
+
+    @property
+    def fraction(self) -> float:
+        parts = []
+        if self.max_trials:
+            parts.append(self.trials / self.max_trials)
+        if self.budget_seconds:
+            parts.append(self.seconds / self.budget_seconds)
+        return min(1.0, max(parts)) if parts else 0.0
+
+
+@dataclass
+class TuneReport:
+    """What a tuning run did."""
+
+    status: TuneStatus
+    resumed: bool
+    records: int
+    stopped_by: str
+
+
+def _load_progress(db: TuningDatabase) -> dict[str, Any]:
+    path = db.path / PROGRESS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TuningError(f"{path}: cannot be read ({e}); delete it to start the budget afresh") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _save_progress(db: TuningDatabase, data: dict[str, Any]) -> None:
+    path = db.path / PROGRESS
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def kernel_hash(k: Kernel) -> str:
+    """The kernel's structural hash, as the database and the progress file key it."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(k.mod) & (2**64 - 1):016x}"
+
+
+def _measure_defaults(kernels: list[Kernel], db: TuningDatabase, target: Any, builder: Any, runner: Any,
+                      defaults: dict[str, float]) -> None:
+    """Commit one record per kernel that has none: kiln's default schedule, measured.
+
+    ``defaults`` (kernel hash -> seconds) receives each measured time.
+    """
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    todo = []
+    for k in kernels:
+        if db.best_seconds(k.mod) is not None:
+            continue
+        sch = s_tir.Schedule(k.mod)
+        try:
+            apply_default_schedule(sch)
+        except Exception:  # noqa: BLE001 - a failing default compiles unscheduled; measure that
+            sch = s_tir.Schedule(k.mod)
+        todo.append((k, sch))
+    if not todo:
+        return
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in todo])
+    inputs, kept = [], []
+    for (k, sch), b in zip(todo, built):
+        if b.error_msg is None:
+            inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", ArgInfo.from_prim_func(k.mod["main"])))
+            kept.append((k, sch, b))
+    for (k, sch, b), future in zip(kept, runner.run(inputs)):
+        result = future.result()
+        try:
+            if result.error_msg is None and result.run_secs:
+                wl = db.ms.commit_workload(k.mod)
+                db.ms.commit_tuning_record(ms.database.TuningRecord(
+                    sch.trace, wl, result.run_secs, target, ArgInfo.from_prim_func(k.mod["main"])))
+                secs = [float(x) for x in result.run_secs]
+                defaults[kernel_hash(k)] = sum(secs) / len(secs)
+        finally:
+            if b.artifact_path and os.path.exists(b.artifact_path):
+                os.remove(b.artifact_path)
+
+
+def tune(
+    graph: Graph,
+    target: Target,
+    db_dir: str | os.PathLike,
+    *,
+    budget_seconds: float | None = None,
+    max_trials: int | None = None,
+    max_kernels: int | None = None,
+    seed: int = 0,
+    on_status: Callable[[TuneStatus], None] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> TuneReport:
+    """Tune ``graph``'s heaviest kernels for ``target`` into the database at ``db_dir``.
+
+    The run stops when the job has used ``budget_seconds`` or ``max_trials`` in total, counting
+    earlier runs of the same job on the same database (a killed run resumes), or when the
+    search has nothing left to try.
+    """
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    if target.kind != "cpu":
+        raise TuningError("kiln tune measures on this machine, so it tunes only the CPU target")
+    if budget_seconds is None and max_trials is None:
+        raise TuningError("give a tuning budget: --budget (e.g. 30m) and/or --trials")
+    say = say or (lambda _: None)
+    tvm_target = tvm.target.Target(dict(target.tvm))
+    threads = int(target.tvm.get("num-cores") or os.cpu_count() or 1)
+
+    say("extracting kernels")
+    kernels = tunable_kernels(fused_module(graph, target))
+    if not kernels:
+        raise TuningError("the model has no kernel worth tuning (static shape, at least 1 MFLOP); "
+                          "pin symbolic dims with --input-shape")
+    if max_kernels is not None:
+        kernels = kernels[:max_kernels]
+    db = TuningDatabase(db_dir, create=True)
+    key = job_key(kernels, target)
+    progress = _load_progress(db)
+    job = progress.setdefault("jobs", {}).setdefault(key, {"trials": 0, "seconds": 0.0})
+    resumed = job["trials"] > 0 or job["seconds"] > 0
+    status = TuneStatus(kernels, int(job["trials"]), max_trials, float(job["seconds"]), budget_seconds)
+
+    _quiet_metaschedule()
+    builder = ms.Builder.create("local", max_workers=threads, initializer=skip_foreign_tensor_intrinsics)
+    runner = ms.Runner.create("local", max_workers=1)
+    say(f"measuring kiln's default schedules of {len(kernels)} kernels")
+    defaults = progress.setdefault("default_seconds", {})
+    _measure_defaults(kernels, db, tvm_target, builder, runner, defaults)
+    _save_progress(db, progress)
+    for k in kernels:
+        best = db.best_seconds(k.mod)
+        if best is not None:
+            status.best_seconds[k.name] = best
+        if kernel_hash(k) in defaults:
+            status.default_seconds[k.name] = defaults[kernel_hash(k)]
+    if on_status:
+        on_status(status)
+
+    def out_of_budget() -> str | None:
+        if max_trials is not None and status.trials >= max_trials:
+            return "trials"
+        if budget_seconds is not None and status.seconds >= budget_seconds:
+            return "time"
+        return None
+
+    start_seconds, start = status.seconds, time.monotonic()
+    kernel_trials = job.setdefault("kernel_trials", {})
+
+    def record(k: Kernel, measured: int) -> None:
+        status.trials += measured
+        status.seconds = start_seconds + time.monotonic() - start
+        best = db.best_seconds(k.mod)
+        if best is not None:
+            status.best_seconds[k.name] = best
+        kernel_trials[kernel_hash(k)] = kernel_trials.get(kernel_hash(k), 0) + measured
+        job.update(trials=status.trials, seconds=round(status.seconds, 3))
+        _save_progress(db, progress)
+        if on_status:
+            on_status(status)
+
+    current: list[Kernel] = []
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
+            record(current[0], len(candidates))
+
+    cost_model = ms.CostModel.create("xgb", num_tuning_cores=threads)
+    callbacks = [*ms.MeasureCallback.create("default"), Progress()]
+    exhausted: set[str] = set()
+    if out_of_budget() is None:
+        say(f"tuning {len(kernels)} kernels" + (" (resuming)" if resumed else ""))
+    stopped = None
+    with x86_tensor_intrinsics_only():
+        while (stopped := out_of_budget()) is None:
+            alive = [k for k in kernels if k.name not in exhausted]
+            if not alive:
+                stopped = "search exhausted"
+                break
+            k = _next_kernel(alive, status, kernel_trials)
+            n = TRIALS_PER_ITER if max_trials is None else min(TRIALS_PER_ITER, max_trials - status.trials)
+            before = status.trials
+            current[:] = [k]
+            ctx = ms.TuneContext(mod=k.mod, target=tvm_target, space_generator="post-order-apply",
+                                 search_strategy="evolutionary", task_name=k.name,
+                                 rand_state=seed + status.trials, num_threads=threads).clone()
+            ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(db.path), max_trials_global=n,
+                          num_trials_per_iter=n, builder=builder, runner=runner, database=db.ms,
+                          cost_model=cost_model, measure_callbacks=callbacks, task_scheduler="round-robin")
+            if status.trials == before:
+                exhausted.add(k.name)
+    return TuneReport(status, resumed, len(db.ms), stopped)
+
+
+def _next_kernel(alive: list[Kernel], status: TuneStatus, kernel_trials: dict[str, int]) -> Kernel:
+    """The kernel to search next: each gets one round first, then the one with most time at stake.
+
+    The time at stake is the kernel's share of a model run (best time x uses), discounted by
+    the rounds it has had, so a heavy kernel gets more rounds without starving the others.
+    """
+    fresh = [k for k in alive if kernel_trials.get(kernel_hash(k), 0) == 0]
+    if fresh:
+        return fresh[0]
+
+    def stake(k: Kernel) -> float:
+        best = status.best_seconds.get(k.name, 1.0)
+        return best * k.weight / (1 + kernel_trials.get(kernel_hash(k), 0) / TRIALS_PER_ITER)
+
+    return max(alive, key=stake)
+
+
+def _quiet_metaschedule() -> None:
+    """MetaSchedule logs every round to the console; kiln shows its own progress instead."""
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)
