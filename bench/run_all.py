@@ -6,7 +6,10 @@ process, alternating A B A B after warm-up, medians over all timed runs. onnxrun
 ``tvm.compile``, no tuning) at batch 1 only, with fewer rounds, since one of its runs takes
 seconds. Models come from the test suite's cache (``tests/models.py``).
 
-    .venv/bin/python bench/run_all.py [--rounds 8] [--quick] [--only NAME,...]
+    .venv/bin/python bench/run_all.py [--rounds 8] [--only NAME,...] [--tuned NAME=DB_DIR ...]
+
+``--tuned`` adds a batch-1 row for that model compiled with a tuning database made by
+``kiln tune`` (say how long it was tuned in the commit that updates RESULTS.md).
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ def _cpu() -> tuple[str, str]:
     return model, flags
 
 
+def _row(label: str, batch: int, report, tvm_cell: str, tvm_ratio: str) -> str:
+    k, o = report.results["kiln"], report.results["onnxruntime"]
+    return (f"| {label} | {batch} | {k.median_ms:.2f} ({k.percentile_ms(10):.2f}..{k.percentile_ms(90):.2f}) "
+            f"| {o.median_ms:.2f} ({o.percentile_ms(10):.2f}..{o.percentile_ms(90):.2f}) "
+            f"| **{report.ratio('onnxruntime'):.3f}** | {tvm_cell} | {tvm_ratio} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
@@ -74,8 +84,11 @@ def main() -> int:
     ap.add_argument("--tvm-rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--tuned", action="append", default=[], metavar="NAME=DB_DIR",
+                    help="add a batch-1 row for NAME compiled with this tuning database")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    tuned = dict(t.split("=", 1) for t in args.tuned)
 
     rows: list[str] = []
     start = time.time()
@@ -90,7 +103,6 @@ def main() -> int:
             print(f"[bench] {case.label}, batch {batch}", flush=True)
             ort = bench(path, against=("onnxruntime",), batch=batch, rounds=args.rounds,
                         iterations=args.iterations, input_shapes=shapes, inputs=feeds)
-            k, o = ort.results["kiln"], ort.results["onnxruntime"]
             tvm_cell, tvm_ratio = "not run", ""
             if case.tvm and batch == 1:
                 try:
@@ -100,10 +112,14 @@ def main() -> int:
                     tvm_ratio = f"{tv.ratio('tvm'):.4f}"
                 except KilnError as e:
                     tvm_cell = f"fails: {str(e).split(': ', 2)[-1][:60]}"
-            rows.append(f"| {case.label} | {batch} | {k.median_ms:.2f} ({k.percentile_ms(10):.2f}..{k.percentile_ms(90):.2f}) "
-                        f"| {o.median_ms:.2f} ({o.percentile_ms(10):.2f}..{o.percentile_ms(90):.2f}) "
-                        f"| **{ort.ratio('onnxruntime'):.3f}** | {tvm_cell} | {tvm_ratio} |")
+            rows.append(_row(case.label, batch, ort, tvm_cell, tvm_ratio))
             print("   ", rows[-1], flush=True)
+            if batch == 1 and case.name in tuned:
+                print(f"[bench] {case.label}, batch 1, tuned", flush=True)
+                tr = bench(path, against=("onnxruntime",), batch=batch, rounds=args.rounds,
+                           iterations=args.iterations, input_shapes=shapes, inputs=feeds, tune_db=tuned[case.name])
+                rows.append(_row(f"{case.label}, tuned (`kiln tune`)", batch, tr, "", ""))
+                print("   ", rows[-1], flush=True)
 
     model, flags = _cpu()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("apache-tvm", "apache-tvm-ffi", "onnxruntime", "numpy"))
@@ -114,7 +130,7 @@ def main() -> int:
         "",
         f"- date: {datetime.date.today().isoformat()}; {len(rows)} rows in {(time.time() - start) / 60:.0f} min",
         f"- machine: {model}; {platform.machine()}; flags {flags}",
-        f"- kiln {__version__} (untuned default schedules, level O3); {versions}",
+        f"- kiln {__version__} (level O3; default schedules, untuned except rows marked tuned); {versions}",
         f"- method: `bench/run_all.py --rounds {args.rounds} --iterations {args.iterations}`: 2 threads per engine, each "
         "engine in its own process, alternating runs after warm-up, onnxruntime ORT_ENABLE_ALL with spinning off; "
         f"medians (p10..p90) in ms over {args.rounds}x{args.iterations} runs; TVM's own pipeline over "

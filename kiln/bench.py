@@ -99,6 +99,7 @@ class BenchReport:
     iterations: int
     batch: int
     results: dict[str, EngineResult]
+    kernels: list[Any] = field(default_factory=list)  # kiln's per-kernel times (KernelTime), if profiled
 
     def ratio(self, baseline: str) -> float | None:
         if "kiln" not in self.results or baseline not in self.results:
@@ -116,6 +117,7 @@ class BenchReport:
                 for name, r in self.results.items()
             },
             "ratios": {f"kiln/{b}": self.ratio(b) for b in self.results if b != "kiln"},
+            "kernels": [{"name": k.name, "calls": k.calls, "ms": k.ms} for k in self.kernels],
         }
 
     def format(self) -> str:
@@ -128,7 +130,23 @@ class BenchReport:
         for b in self.results:
             if b != "kiln" and self.ratio(b) is not None:
                 lines.append(f"  kiln / {b}: {self.ratio(b):.3f}")
+        if self.kernels:
+            lines.append(format_kernels(self.kernels))
         return "\n".join(lines)
+
+
+def format_kernels(kernels: list[Any], top: int = 15) -> str:
+    """kiln's per-kernel profile as a table: the ``top`` slowest, then the rest summed."""
+    total = sum(k.ms for k in kernels) or 1.0
+    lines = [f"  kiln per kernel (VM instrument hook; {total:.2f} ms per run in all):",
+             f"    {'ms/run':>8} {'share':>6} {'calls':>5}  kernel"]
+    for k in kernels[:top]:
+        lines.append(f"    {k.ms:8.3f} {k.ms / total:6.1%} {k.calls:5d}  {k.name}")
+    rest = kernels[top:]
+    if rest:
+        ms = sum(k.ms for k in rest)
+        lines.append(f"    {ms:8.3f} {ms / total:6.1%} {sum(k.calls for k in rest):5d}  ({len(rest)} more kernels)")
+    return "\n".join(lines)
 
 
 def bench(
@@ -143,11 +161,14 @@ def bench(
     warmup: int = 3,
     input_shapes: dict[str, tuple[int | str, ...]] | None = None,
     inputs: dict[str, np.ndarray] | None = None,
+    tune_db: str | os.PathLike | None = None,
+    profile: bool = False,
 ) -> BenchReport:
     """Benchmark kiln (compiling ``model`` if no ``artifact`` is given) against ``against``.
 
     Every engine runs the same feeds: ``inputs`` when given (silero's sample rate must be a
-    real one), else seeded random inputs at ``batch``.
+    real one), else seeded random inputs at ``batch``. ``tune_db`` compiles with that tuning
+    database; ``profile`` adds kiln's per-kernel times, taken after the timed rounds.
     """
     from kiln.ir import load, set_input_shapes
     from kiln.ir.oracle import seeded_inputs
@@ -177,7 +198,12 @@ def bench(
             artifact = Path(tmp) / "bench.kiln"
             target = cpu_target(threads)
             optimized, _ = PassManager(passes_for(DEFAULT_COMPILE_LEVEL, block=target.layout_block)).run(graph)
-            build(optimized, artifact, target=target)
+            db = None
+            if tune_db is not None:
+                from kiln.codegen.tune import TuningDatabase
+
+                db = TuningDatabase(tune_db)
+            build(optimized, artifact, target=target, tuning_db=db)
         spec = {"model": baseline_model, "artifact": str(artifact), "threads": threads, "feeds": feeds}
         engines = ["kiln", *[e for e in against if e != "kiln"]]
         ctx = mp.get_context("spawn")
@@ -198,6 +224,10 @@ def bench(
             for _ in range(rounds):  # A B A B ...: one engine at a time
                 for e in engines:
                     results[e].latencies.extend(_ask(workers[e], iterations, e))
+            if profile:  # in this process, while the engines' processes wait
+                import kiln.runtime
+
+                kernels = kiln.runtime.load(artifact, threads=threads).profile(feeds, runs=max(iterations, 5))
         finally:
             for proc, conn in workers.values():
                 try:
@@ -207,7 +237,7 @@ def bench(
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
-    return BenchReport(str(model), threads, rounds, iterations, batch, results)
+    return BenchReport(str(model), threads, rounds, iterations, batch, results, kernels if profile else [])
 
 
 def _frees_a_static_dim(model: str | os.PathLike, v: Any) -> bool:

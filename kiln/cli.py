@@ -331,6 +331,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bad = [a for a in against if a not in ENGINES]
     if bad:
         raise KilnError(f"--against: unknown engine {bad[0]!r}; choose from {', '.join(e for e in ENGINES if e != 'kiln')}")
+    if args.artifact and args.tune_db:
+        raise KilnError("--tune-db applies when bench compiles the model; an --artifact is already compiled")
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -339,7 +341,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for batch in batches:
         report = bench(args.model, artifact=args.artifact, against=against, threads=args.threads, batch=batch,
                        rounds=args.rounds, iterations=args.iterations,
-                       input_shapes=parse_shape_overrides(args.input_shape))
+                       input_shapes=parse_shape_overrides(args.input_shape), tune_db=args.tune_db,
+                       profile=args.profile)
         print(report.format())
         reports.append(report.to_json())
     if args.json:
@@ -449,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
+    p.add_argument("--tune-db", metavar="DIR", help="compile with this tuning database (see kiln tune)")
+    p.add_argument("--profile", action="store_true", help="also print kiln's time per kernel (VM instrument hook)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -242,15 +242,31 @@ def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert main(["bench", str(EXAMPLE), "--against", "onnxruntime", "--batch", "2", "--rounds", "2",
-                 "--iterations", "2", "--json", str(out)]) == 0
+                 "--iterations", "2", "--json", str(out), "--profile"]) == 0
     data = json.loads(out.read_text())
     assert set(data["engines"]) == {"kiln", "onnxruntime"} and data["batch"] == 2
     pids = {e["pid"] for e in data["engines"].values()}
     assert len(pids) == 2 and os.getpid() not in pids  # each engine in its own process
     assert all(e["samples"] == 4 and e["median_ms"] > 0 for e in data["engines"].values())
     assert data["ratios"]["kiln/onnxruntime"] > 0
-    assert "onnxruntime spinning off" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "onnxruntime spinning off" in printed and "kiln per kernel" in printed
+    kernels = {k["name"]: k for k in data["kernels"]}
+    assert sum(1 for name in kernels if "conv" in name) >= 2 and all(k["ms"] > 0 for k in kernels.values())
     assert main(["bench", str(EXAMPLE), "--against", "openvino"]) == 2
+    assert main(["bench", str(EXAMPLE), "--artifact", str(out), "--tune-db", str(tmp_path)]) == 2
+
+
+def test_profile_times_every_kernel_of_a_run(artifact):
+    model = kiln.runtime.load(artifact)
+    rows = model.profile({"input": _x(2)}, runs=3)
+    names = [r.name for r in rows]
+    assert len(names) == len(set(names)) and "(vm builtins)" in names
+    assert [r.ms for r in rows] == sorted((r.ms for r in rows), reverse=True)
+    convs = [r for r in rows if "conv" in r.name]
+    assert len(convs) >= 2 and all(r.calls >= 1 for r in convs)
+    with pytest.raises(InputError):
+        model.profile({"input": _x(2)[:, :2]})
 
 
 def test_compile_refuses_a_microsoft_op(tmp_path, capsys):

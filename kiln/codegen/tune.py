@@ -348,16 +348,19 @@ def tune(
     _quiet_metaschedule()
     builder = ms.Builder.create("local", max_workers=threads, initializer=skip_foreign_tensor_intrinsics)
     runner = ms.Runner.create("local", max_workers=1)
+    start_seconds, start = status.seconds, time.monotonic()  # the budget counts from here
     say(f"measuring kiln's default schedules of {len(kernels)} kernels")
     defaults = progress.setdefault("default_seconds", {})
     _measure_defaults(kernels, db, tvm_target, builder, runner, defaults)
-    _save_progress(db, progress)
     for k in kernels:
         best = db.best_seconds(k.mod)
         if best is not None:
             status.best_seconds[k.name] = best
         if kernel_hash(k) in defaults:
             status.default_seconds[k.name] = defaults[kernel_hash(k)]
+    status.seconds = start_seconds + time.monotonic() - start
+    job.update(seconds=round(status.seconds, 3))
+    _save_progress(db, progress)
     if on_status:
         on_status(status)
 
@@ -368,7 +371,6 @@ def tune(
             return "time"
         return None
 
-    start_seconds, start = status.seconds, time.monotonic()
     kernel_trials = job.setdefault("kernel_trials", {})
 
     def record(k: Kernel, measured: int) -> None:
