@@ -89,3 +89,20 @@ def test_verify_rejects_a_bad_epilogue():
     g.nodes[0].set_attr("activation", "Clip")
     with pytest.raises(VerifyError, match="activation Clip takes 2 parameter"):
         g.verify()
+
+
+def test_qblocked_conv_matches_its_decomposition():
+    from kiln.passes import PassManager
+    from kiln.passes.layout import QLINEARCONV_BLOCKED
+    from kiln.passes.pipeline import passes_for
+
+    g = QLINEARCONV_BLOCKED.example()
+    g, _ = PassManager(passes_for("O3", block=16)).run(g)
+    assert sum(1 for n in g.walk_nodes() if n.op_type == "QBlockedConv") == 1
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((1, 20, 9, 9)).astype(np.float32) * 2}
+    model = to_onnx(g)  # kiln ops as functions: QBlockedConv is ConvInteger, Round, Max/Min and transforms
+    onnx.checker.check_model(model, full_check=True)
+    assert any(f.name.startswith("QBlockedConv") for f in model.functions)
+    cmp = compare("qconv", evaluate(g, feeds), run_onnxruntime(model.SerializeToString(), feeds), 0, 1e-6)
+    assert cmp.passed, cmp.max_abs

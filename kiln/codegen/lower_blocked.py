@@ -103,3 +103,19 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
     kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
     return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind, "kiln.pads": int(any(pads))})]
+
+
+@lowers("QBlockedConv", domain="kiln")
+def _qblocked_conv(lw: Lowerer, node: Node) -> list[Any]:
+    """The int8 conv of :mod:`kiln.codegen.int8`, scheduled onto VNNI where the target has it."""
+    from kiln.codegen.int8 import conv_int8
+
+    pads = tuple(node.attr("pads", ()) or (0, 0, 0, 0))
+    strides = tuple(node.attr("strides", ()) or (1, 1))
+    xzp, yzp, relu = node.attr("x_zero_point", 0), node.attr("y_zero_point", 0), bool(node.attr("relu", 0))
+
+    def compute(x: Any, w: Any, b: Any, s: Any) -> Any:
+        return conv_int8(x, w, b, s, strides=strides, pads=pads, x_zero_point=xzp, y_zero_point=yzp, relu=relu)
+
+    args = [lw.get(node.input(i)) for i in range(4)]
+    return [lw.emit(compute, *args, name="qblocked_conv", attrs={"kiln.schedule": "conv_nchwc_int8"})]

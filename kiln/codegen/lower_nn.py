@@ -584,30 +584,69 @@ def max_pool_with_indices(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
 
 
-@lowers("ConvInteger")
-def _conv_integer(lw: Lowerer, node: Node) -> list[Any]:
-    """conv(x - x_zero_point, w - w_zero_point) accumulated in int32."""
+def _integer_conv(x: Any, w: Any, xzp: Any | None, wzp: Any | None, node: Node) -> Any:
+    """conv(x - x_zero_point, w - w_zero_point) accumulated in int32 (zero points per tensor or per channel)."""
     from tvm import topi
 
     from kiln.codegen.lower import _conv2d
 
+    def shifted(v: Any, zp: Any | None) -> Any:
+        v = topi.cast(v, "int32")
+        if zp is None:
+            return v
+        z = topi.cast(zp, "int32")
+        if len(zp.shape) == 1 and int(zp.shape[0]) > 1:  # per output channel (weights)
+            z = topi.reshape(z, (int(zp.shape[0]), *([1] * (len(v.shape) - 1))))
+        return topi.subtract(v, z)
+
+    return _conv2d(shifted(x, xzp), shifted(w, wzp), node)
+
+
+@lowers("ConvInteger")
+def _conv_integer(lw: Lowerer, node: Node) -> list[Any]:
+    """conv(x - x_zero_point, w - w_zero_point) accumulated in int32."""
     names, ins = lw.present_inputs(node, ("x", "w", "xzp", "wzp"))
 
     def compute(*ts: Any) -> Any:
         t = dict(zip(names, ts))
-
-        def shifted(v: Any, zp: Any | None) -> Any:
-            v = topi.cast(v, "int32")
-            if zp is None:
-                return v
-            z = topi.cast(zp, "int32")
-            if len(zp.shape) == 1 and int(zp.shape[0]) > 1:  # per output channel (weights)
-                z = topi.reshape(z, (int(zp.shape[0]), *([1] * (len(v.shape) - 1))))
-            return topi.subtract(v, z)
-
-        return _conv2d(shifted(t["x"], t.get("xzp")), shifted(t["w"], t.get("wzp")), node)
+        return _integer_conv(t["x"], t["w"], t.get("xzp"), t.get("wzp"), node)
 
     return [lw.emit(compute, *ins, name="conv_integer")]
+
+
+@lowers("QLinearConv")
+def _qlinear_conv(lw: Lowerer, node: Node) -> list[Any]:
+    """The int32 conv plus bias, requantized: ``round_half_even(acc * x_scale * w_scale / y_scale) + y_zp``.
+
+    The generic form, for any target; on AVX-512 the layout pass turns uint8 x int8 convs
+    into ``kiln::QBlockedConv`` (the VNNI kernel) first.
+    """
+    from tvm import te, tirx
+
+    names, ins = lw.present_inputs(node, ("x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"))
+    out_dtype = node.outputs[0].dtype.numpy.name
+    lo, hi = (0, 255) if out_dtype == "uint8" else (-128, 127)
+
+    def compute(*ts: Any) -> Any:
+        t = dict(zip(names, ts))
+        acc = _integer_conv(t["x"], t["w"], t["xzp"], t["wzp"], node)
+        per_channel = len(t["ws"].shape) == 1 and int(t["ws"].shape[0]) > 1
+
+        def body(n: Any, k: Any, *rest: Any) -> Any:
+            a = acc[(n, k, *rest)]
+            if "b" in t:
+                a = a + t["b"][k]
+            ws = t["ws"][k] if per_channel else t["ws"][()] if not t["ws"].shape else t["ws"][0]
+            xs = t["xs"][()] if not t["xs"].shape else t["xs"][0]
+            ys = t["ys"][()] if not t["ys"].shape else t["ys"][0]
+            yzp = t["yzp"][()] if not t["yzp"].shape else t["yzp"][0]
+            scale = xs * ws / ys
+            q = tirx.nearbyint(a.astype("float32") * scale).astype("int32") + yzp.astype("int32")
+            return tirx.max(tirx.min(q, hi), lo).astype(out_dtype)
+
+        return te.compute(acc.shape, body, name="qlinear_conv")
+
+    return [lw.emit(compute, *ins, name="qlinear_conv")]
 
 
 @lowers("MaxUnpool", reads=(0, 1))

@@ -160,7 +160,20 @@ def schedule_dense(sch: Any) -> None:
     _accumulate_in_registers(sch, dense, mo, [mi, nv], nl, k)
 
 
+def schedule_conv_nchwc_int8(sch: Any) -> None:
+    """kiln's VNNI int8 conv schedule (:mod:`kiln.codegen.int8`), where the target has VNNI.
+
+    Elsewhere it raises, and the kernel compiles unscheduled: correct, and slow.
+    """
+    from kiln.codegen.int8 import has_vnni, schedule_conv_nchwc_int8 as vnni
+
+    if not has_vnni():
+        raise RuntimeError("the target has no AVX-512 VNNI")
+    vnni(sch)
+
+
 SCHEDULES: dict[str, Callable[[Any], None]] = {
+    "conv_nchwc_int8": schedule_conv_nchwc_int8,
     "dense": schedule_dense,
     "conv_nchwc": schedule_conv_nchwc,
     "depthwise_nchwc": schedule_depthwise_nchwc,

@@ -227,9 +227,27 @@ class Squeeze(OpRun):
         return (np.squeeze(data, axis=norm),)
 
 
+class DequantizeLinear(OpRun):
+    """DequantizeLinear below opset 19 runs opset 19's kernel (see ``schemas.REFERENCE_FROM``)."""
+
+    op_domain = ""
+
+    def __init__(self, onnx_node, run_params, schema=None):
+        super().__init__(onnx_node, run_params, schema)
+        version = run_params["opsets"].get("", onnx.defs.onnx_opset_version())
+        self._impl = load_op("", "DequantizeLinear", schemas.reference_version("", "DequantizeLinear", version))(
+            onnx_node, run_params)
+
+    def run(self, *args, **kwargs):
+        return self._impl.run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):  # run() is overridden; OpRun requires the method to exist
+        return self._impl._run(*args, **kwargs)
+
+
 #: Standard ops whose onnx reference implementation kiln replaces or wraps, each with its reason.
 STANDARD_OVERRIDES: list[type[OpRun]] = [
-    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements, Squeeze,
+    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements, Squeeze, DequantizeLinear,
     *(type(op, (_WideAccumulation,), {"__doc__": _WideAccumulation.__doc__}) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
 ]
 

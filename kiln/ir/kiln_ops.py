@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from onnx.reference.ops.op_conv import Conv as _RefConv
 
-from kiln.ir.core import AttrType, Graph, Node, Value
+from kiln.ir.core import AttrType, DType, Graph, Node, Value
 from kiln.ir.schemas import KILN_OPS, coerce_attrs, register_kiln_op
 
 # --------------------------------------------------------------------------- activations
@@ -532,3 +532,95 @@ register_kiln_op("FromBlocked", inputs=(1, 1), attrs={"channels": (AttrType.INT,
                  decompose=_decompose_from_blocked)(from_blocked)
 register_kiln_op("BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE_ATTRS}, infer=_blocked_conv_shape,
                  decompose=_decompose_blocked_conv, validate=_validate_epilogue)(blocked_conv)
+
+
+# ``kiln::QBlockedConv(X, W, B, S)``: an int8 conv on blocked tensors, the layout of x86's VNNI
+#     instruction. X is uint8 ``[N, C/16, H, W, 16]``; W is int8 ``[K/16, C/16, kh, kw, 4, 16, 4]``
+#     (input-channel group of 4, output lane, input channel in the group); B is int32 ``[K]`` and
+#     S float32 ``[K]``. With X padded by ``x_zero_point``:
+#     ``acc[k] = sum(X * W) + B[k]``, ``Y = clip(round_half_even(acc * S[k]) + y_zero_point, lo, 255)``
+#     as uint8, with ``lo = y_zero_point`` when ``relu`` (a fused ReLU) and 0 otherwise. The bias
+#     folds the input zero point in (``bias - x_zero_point * sum(W[k])``), and S is
+#     ``x_scale * w_scale[k] / y_scale``. Channel counts are the padded ones.
+_QCONV_ATTRS = {"pads": (AttrType.INTS, ()), "strides": (AttrType.INTS, ()), "kernel_shape": (AttrType.INTS, ()),
+                "x_zero_point": (AttrType.INT, 0), "y_zero_point": (AttrType.INT, 0), "relu": (AttrType.INT, 0)}
+
+
+def pack_qconv_weight(w: np.ndarray, lanes: int = 16, group: int = 4) -> np.ndarray:
+    """OIHW int8 ``[K, C, kh, kw]`` -> ``[K/16, C/16, kh, kw, 4, 16, 4]``, K and C zero-padded to 16."""
+    k, c, r, s = w.shape
+    kp, cp = -(-k // lanes) * lanes, -(-c // lanes) * lanes
+    full = np.zeros((kp, cp, r, s), np.int8)
+    full[:k, :c] = w
+    blocks = full.reshape(kp // lanes, lanes, cp // lanes, lanes // group, group, r, s)
+    # (ko, ki, co, cg, ci, r, s) -> (ko, co, r, s, cg, ki, ci)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def unpack_qconv_weight(w: np.ndarray) -> np.ndarray:
+    """``[K/16, C/16, kh, kw, 4, 16, 4]`` -> ``[K, C, kh, kw]``."""
+    ko, co, kh, kw, g, bo, gi = w.shape
+    return np.ascontiguousarray(w.transpose(0, 5, 1, 4, 6, 2, 3)).reshape(ko * bo, co * g * gi, kh, kw)
+
+
+def qblocked_conv(x, w, b, s, pads=(), strides=(), kernel_shape=(), x_zero_point=0, y_zero_point=0, relu=0):
+    """kiln::QBlockedConv: int8 conv with int32 accumulation and a fused requantize, on NCHW16c."""
+    xs = from_blocked_array(x).astype(np.int64)
+    wk = unpack_qconv_weight(w).astype(np.int64)
+    top, left, bottom, right = list(pads) or [0, 0, 0, 0]
+    sy, sx = list(strides) or [1, 1]
+    n, c, h, wd = xs.shape
+    k, _, kh, kw = wk.shape
+    xp = np.full((n, c, h + top + bottom, wd + left + right), x_zero_point, np.int64)
+    xp[:, :, top:top + h, left:left + wd] = xs
+    oh, ow = (xp.shape[2] - kh) // sy + 1, (xp.shape[3] - kw) // sx + 1
+    acc = np.zeros((n, k, oh, ow), np.int64)
+    for dy in range(kh):
+        for dx in range(kw):
+            patch = xp[:, :, dy:dy + sy * (oh - 1) + 1:sy, dx:dx + sx * (ow - 1) + 1:sx]
+            acc += np.einsum("nchw,kc->nkhw", patch, wk[:, :, dy, dx])
+    acc += b.astype(np.int64)[None, :, None, None]
+    q = np.rint(acc.astype(np.float32) * s.astype(np.float32)[None, :, None, None]).astype(np.int64) + y_zero_point
+    y = np.clip(q, y_zero_point if relu else 0, 255).astype(np.uint8)
+    return (to_blocked_array(y, w.shape[5]),)
+
+
+def _qblocked_conv_shape(node: Node) -> list[tuple]:
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or x.shape is None or w.shape is None:
+        return [(DType.UINT8, None)]
+    plain = _conv_out_shape_for(node, (x.shape[0], 0, *x.shape[2:-1]), (0, 0, *w.shape[2:4]))
+    return [(DType.UINT8, (plain[0], w.shape[0], *plain[2:], w.shape[5]))]
+
+
+def _decompose_qblocked_conv(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    # ConvInteger pads with the zero point and subtracts it: sum((X - zp) W) = sum(X W) - zp sum(W)
+    x, w, b, s = inputs
+    xzp, yzp = node.attr("x_zero_point", 0), node.attr("y_zero_point", 0)
+    attrs = {k: node.attr(k) for k in ("pads", "strides", "kernel_shape") if node.attr(k)}
+
+    def dims(v: Value, start: int, end: int) -> Value:
+        return op.Slice(op.Shape(v), op.constant(np.array([start], np.int64)), op.constant(np.array([end], np.int64)))
+
+    w_t = op.Transpose(w, perm=[0, 5, 1, 4, 6, 2, 3])  # [Ko, 16, Co, 4, 4, kh, kw]
+    plain_shape = op.Concat(op.ReduceProd(dims(w_t, 0, 2), keepdims=1), op.ReduceProd(dims(w_t, 2, 5), keepdims=1),
+                            dims(w_t, 5, 7), axis=0)
+    plain_w = op.Reshape(w_t, plain_shape)
+    xs = _decompose_from_blocked(op, node, [x], opset)[0]
+    acc = op.ConvInteger(xs, plain_w, op.constant(np.array(xzp, np.uint8)), **attrs)
+    w_sum = op.ReduceSum(op.Cast(plain_w, to=6), op.constant(np.array([1, 2, 3], np.int64)), keepdims=0)
+    per_k = op.Add(b, op.Mul(w_sum, op.constant(np.array(xzp, np.int32))))
+    per_k_shape = op.constant(np.array([1, -1, 1, 1], np.int64))
+    acc = op.Add(acc, op.Reshape(per_k, per_k_shape))
+    scaled = op.Round(op.Mul(op.Cast(acc, to=1), op.Reshape(s, per_k_shape)))
+    q = op.Add(op.Cast(scaled, to=6), op.constant(np.array(yzp, np.int32)))
+    q = op.Max(op.Min(q, op.constant(np.array(255, np.int32))),
+               op.constant(np.array(yzp if node.attr("relu", 0) else 0, np.int32)))
+    y = op.Cast(q, to=2)
+    nhwc = op.Transpose(y, perm=[0, 2, 3, 1])
+    target = op.Concat(op.constant(np.array([0, 0, 0, -1], np.int64)), dims(w, 5, 6), axis=0)
+    return [op.Transpose(op.Reshape(nhwc, target), perm=[0, 3, 1, 2, 4])]
+
+
+register_kiln_op("QBlockedConv", inputs=(4, 4), attrs=_QCONV_ATTRS, infer=_qblocked_conv_shape,
+                 decompose=_decompose_qblocked_conv)(qblocked_conv)

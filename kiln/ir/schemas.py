@@ -81,6 +81,18 @@ def onnx_schema(domain: str, op_type: str, version: int) -> onnx.defs.OpSchema |
         return None
 
 
+#: Ops whose onnx reference kernels start at a later opset than the op, because the newer kernel
+#: also computes the older definition: DequantizeLinear 10 and 13 are opset 19's on the types
+#: they allow (int8, uint8, int32; per tensor or per axis). onnx 1.23 has kernels from 19 only,
+#: and onnxruntime's quantizer writes QDQ models at opset 13 to 17.
+REFERENCE_FROM: dict[str, int] = {"DequantizeLinear": 19}
+
+
+def reference_version(domain: str, op_type: str, version: int) -> int:
+    """The opset whose onnx reference kernel evaluates ``op_type`` at ``version``."""
+    return max(version, REFERENCE_FROM.get(op_type, 0)) if domain == DEFAULT_DOMAIN else version
+
+
 @functools.lru_cache(maxsize=None)
 def is_supported(domain: str, op_type: str, version: int) -> bool:
     """True if kiln can evaluate ``domain::op_type`` at opset ``version``."""
@@ -92,7 +104,8 @@ def is_supported(domain: str, op_type: str, version: int) -> bool:
     if schema is None:
         return False
     try:
-        (_load_ml_op if domain == ML_DOMAIN else _load_std_op)(domain, op_type, version)
+        (_load_ml_op if domain == ML_DOMAIN else _load_std_op)(domain, op_type,
+                                                               reference_version(domain, op_type, version))
         return True
     except Exception:  # noqa: BLE001 - onnx raises several types for "no kernel"
         # ops defined by a function body are expanded by the reference evaluator

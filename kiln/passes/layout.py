@@ -141,6 +141,93 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
                                    "with its weight packed at compile time.")
 
 
+# --------------------------------------------------------------------------- int8 convs
+
+INT8_BLOCK = 16  # int32 lanes of the VNNI instruction's accumulator
+
+
+def _qconv_pattern(op, x):
+    return op.QLinearConv(x, Const("xs"), Const("xzp"), Const("w"), Const("ws"), Const("wzp"), Const("ys"),
+                          Const("yzp"), Optional(Const("b")), _name="conv")
+
+
+def _qconv_check(ctx: MatchContext, x: Value, xs: Value, xzp: Value, w: Value, ws: Value, wzp: Value, ys: Value,
+                 yzp: Value, conv: Node, b: Value | None = None) -> MatchResult:
+    if x.dtype != DType.UINT8 or w.dtype != DType.INT8:
+        return MatchResult.fail(f"activations {x.dtype} and weights {w.dtype}; the int8 kernel takes uint8 x int8")
+    if yzp.dtype != DType.UINT8:
+        return MatchResult.fail(f"the output is {yzp.dtype}, not uint8")
+    if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[1], int) or w.shape is None:
+        return MatchResult.fail("only 2-D convs with a static channel count are blocked")
+    if conv.attr("group", 1) != 1 or any(d != 1 for d in conv.attr("dilations", ()) or ()):
+        return MatchResult.fail("grouped or dilated int8 convs are not blocked yet")
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return MatchResult.fail("the conv uses auto_pad")
+    if np.any(wzp.numpy() != 0):
+        return MatchResult.fail("the weights' zero point is not 0 (kiln's int8 kernel takes symmetric weights)")
+    if xs.numpy().size != 1 or ys.numpy().size != 1 or xzp.numpy().size != 1 or yzp.numpy().size != 1:
+        return MatchResult.fail("activation scales and zero points must be per tensor")
+    if ws.numpy().size not in (1, w.shape[0]):
+        return MatchResult.fail("the weight scale is neither per tensor nor per output channel")
+    folded = _qconv_bias(w.numpy(), b.numpy() if b is not None else None, int(xzp.numpy().reshape(())))
+    if np.abs(folded).max(initial=0) >= 2**31:
+        return MatchResult.fail("the bias with the zero point folded in does not fit int32")
+    return MatchResult.ok()
+
+
+def _qconv_bias(w: np.ndarray, b: np.ndarray | None, x_zero_point: int) -> np.ndarray:
+    """int64 ``b - x_zp * sum(w[k])``: the kernel sums X W over input padded with the zero point."""
+    folded = -x_zero_point * w.astype(np.int64).reshape(w.shape[0], -1).sum(axis=1)
+    return folded + (b.astype(np.int64) if b is not None else 0)
+
+
+def _qconv_rewrite(op, x, xs, xzp, w, ws, wzp, ys, yzp, conv, b=None):
+    from kiln.ir.kiln_ops import pack_qconv_weight
+
+    wv = w.numpy()
+    k = wv.shape[0]
+    kp = _padded(k, INT8_BLOCK)
+    x_zp = int(xzp.numpy().reshape(()))
+    bias = np.zeros(kp, np.int32)
+    bias[:k] = _qconv_bias(wv, b.numpy() if b is not None else None, x_zp)
+    scale = np.zeros(kp, np.float32)  # padded lanes: 0, so they hold the zero point (finite)
+    scale[:k] = (np.float32(xs.numpy().reshape(())) * ws.numpy().astype(np.float32).reshape(-1)
+                 / np.float32(ys.numpy().reshape(()))) * np.ones(k, np.float32)
+    attrs = {"kernel_shape": list(wv.shape[2:]), "x_zero_point": x_zp,
+             "y_zero_point": int(yzp.numpy().reshape(()))}
+    for name in ("pads", "strides"):
+        if conv.attr(name):
+            attrs[name] = list(conv.attr(name))
+    y = op.kiln.QBlockedConv(op.kiln.ToBlocked(x, block=INT8_BLOCK), op.constant(pack_qconv_weight(wv), f"{w.name}_packed"),
+                             op.constant(bias, f"{w.name}_bias"), op.constant(scale, f"{w.name}_scale"), **attrs)
+    return op.kiln.FromBlocked(y, channels=k if k % INT8_BLOCK else 0)
+
+
+def _qconv_example() -> Graph:
+    rng = _rng()
+
+    def build(op, x):  # 20 -> 24 channels (both padded), per-channel weight scales, stride 2
+        q = op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120)))
+        w = rng.integers(-127, 128, (24, 20, 3, 3)).astype(np.int8)
+        y = op.QLinearConv(q, op.constant(np.float32(0.02)), op.constant(np.uint8(120)), op.constant(w),
+                           op.constant((rng.random(24) * 0.01 + 0.001).astype(np.float32)),
+                           op.constant(np.zeros(24, np.int8)), op.constant(np.float32(0.05)),
+                           op.constant(np.uint8(100)), op.constant(rng.integers(-3000, 3000, 24).astype(np.int32)),
+                           pads=[1, 1, 1, 1], strides=[2, 2])
+        return op.DequantizeLinear(y, op.constant(np.float32(0.05)), op.constant(np.uint8(100)))
+
+    return example_graph("qlinearconv_blocked", {"x": (DType.FLOAT32, (1, 20, 9, 9))}, build, opset=21)
+
+
+# Its example dequantizes the output: the tolerance is one output quantization step (0.05), for
+# products that float32 rounds to the other side of a half.
+QLINEARCONV_BLOCKED = RewriteRule(
+    "qlinearconv-blocked", _qconv_pattern, _qconv_rewrite, check=_qconv_check, example=_qconv_example, rtol=0,
+    atol=0.0501, description="A QLinearConv (uint8 x symmetric int8) becomes kiln::QBlockedConv in NCHW16c, "
+                             "the layout of the VNNI int8 kernel, with its weight packed and the input zero "
+                             "point folded into the bias.")
+
+
 # --------------------------------------------------------------------------- moving transforms
 
 
@@ -481,7 +568,8 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *MOVE_RULES, *GEMM_RULES,
+    int8 = [QLINEARCONV_BLOCKED] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
+    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *MOVE_RULES, *GEMM_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
 

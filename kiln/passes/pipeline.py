@@ -1,17 +1,20 @@
 """kiln's pipelines, top to bottom: which passes each optimisation level runs.
 
     O0  nothing
-    O1  cleanup and folding: fold-constants, inline-if (Ifs on constants), simplify (no-ops and algebra), cse, dce
+    O1  QDQ import (qdq: quantized convs as QLinearConv), then cleanup and folding: fold-constants, inline-if (Ifs on constants), simplify (no-ops and algebra), cse, dce
     O2  O1, then the fusions: fuse-conv, fuse-transformer
     O3  O2, then layout: convs in NCHW[b]c with pre-packed weights (b from the target's vector width)
 """
 
 from __future__ import annotations
 
-from kiln.passes import cleanup, control_flow, fold_constants, fuse_conv, fuse_transformer, layout, simplify  # noqa: F401 - registration
+from kiln.passes import (  # noqa: F401 - registration
+    cleanup, control_flow, fold_constants, fuse_conv, fuse_transformer, layout, quantize, simplify,
+)
 from kiln.passes.manager import Pass, PassError, get_pass
 from kiln.passes.rules import register_rule_set
 
+register_rule_set("qdq", quantize.RULES)
 register_rule_set("simplify", [*simplify.NOOP_RULES, *simplify.ALGEBRA_RULES])
 register_rule_set("fuse-conv", fuse_conv.RULES)
 register_rule_set("fuse-transformer", fuse_transformer.RULES)
@@ -21,9 +24,9 @@ DEFAULT_COMPILE_LEVEL = "O3"
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],
-    "O1": ["fold-constants", "inline-if", "simplify", "cse", "dce"],
-    "O2": ["fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
-    "O3": ["fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce", "layout",
+    "O1": ["qdq", "fold-constants", "inline-if", "simplify", "cse", "dce"],
+    "O2": ["qdq", "fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce"],
+    "O3": ["qdq", "fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv", "fuse-transformer", "dce", "layout",
            "fold-constants", "cse", "dce"],
 }
 
