@@ -82,6 +82,28 @@ def test_intermediate_with_other_uses_is_not_fused():
     assert "is also used by" in stats.near_miss["test-mul-add"].reason
 
 
+def test_a_shared_pattern_node_may_feed_nodes_outside_the_match():
+    def pattern(op, x, d):  # the Mul may have other users: the rewrite leaves it for them
+        return op.Add(op.Mul(x, Const("c"), _name="mul", _shared=True), d, _name="add")
+
+    def rewrite(op, x, c, d):
+        return op.Sub(d, op.Mul(op.Neg(x), c))
+
+    def build(op, x, d):
+        m = op.Mul(x, op.constant(np.float32(2.0)))
+        return op.Add(m, d), op.Neg(m)
+
+    inputs = {"x": (DType.FLOAT32, (3,)), "d": (DType.FLOAT32, (3,))}
+    g, before = example_graph("m", inputs, build), example_graph("m", inputs, build)
+    stats = apply_rules(g, [RewriteRule("test-shared", pattern, rewrite)], max_rounds=1)
+    assert stats.fired == {"test-shared": 1}
+    g.verify()
+    ops = [n.op_type for n in g.nodes]
+    assert ops.count("Mul") == 2 and "Add" not in ops  # the shared Mul stays for the Neg
+    feeds = {"x": RNG.standard_normal(3).astype(np.float32), "d": RNG.standard_normal(3).astype(np.float32)}
+    _numbers_unchanged(before, g, feeds)
+
+
 def test_attribute_predicates_and_optional_inputs():
     def pattern(op, x, lo):
         return op.Clip(x, lo, Optional(Var("hi")), _name="clip")

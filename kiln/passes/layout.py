@@ -48,7 +48,10 @@ MAX_SWEEPS = 200  # rounds of apply_rules in one run of the pass (each does up t
 #: Elementwise ops whose result does not depend on where an element sits: they run on blocked data.
 UNARY_OPS = ("Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Exp", "Abs", "Neg", "Sqrt",
              "Erf", "Elu", "Selu", "Softplus")
-BINARY_OPS = ("Add", "Sub", "Mul", "Div", "Max", "Min")
+BINARY_OPS = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum")
+#: Per-tensor (de)quantization: elementwise with a scalar scale and zero point (a QDQ model's
+#: residual adds run between them).
+QUANT_OPS = ("QuantizeLinear", "DequantizeLinear")
 #: Those that may turn a finite value into inf or NaN: kept off tensors with padded lanes.
 UNSAFE_ON_PADDING = frozenset({"Exp", "Sqrt", "Div"})
 
@@ -266,7 +269,9 @@ def _blocked_unary_rule(op_type: str) -> RewriteRule:
     def pattern(op, x):
         return getattr(op, op_type)(x, Optional(Const("lo")), Optional(Const("hi")), _name="act")
 
-    def check(ctx: MatchContext, x: Value) -> MatchResult:
+    def check(ctx: MatchContext, x: Value, lo: Value | None = None, hi: Value | None = None) -> MatchResult:
+        if op_type in QUANT_OPS and any(v is not None and v.numpy().size != 1 for v in (lo, hi)):
+            return MatchResult.fail("the scale or zero point is per axis, not per tensor")
         return _movable(x, op_type)
 
     def rewrite(op, x, act, lo=None, hi=None):
@@ -279,6 +284,11 @@ def _blocked_unary_rule(op_type: str) -> RewriteRule:
             y = op.kiln.FromBlocked(op.kiln.ToBlocked(x, block=4))
             if op_type == "Clip":
                 return op.Clip(y, op.constant(np.array(-0.5, np.float32)), op.constant(np.array(0.5, np.float32)))
+            if op_type in QUANT_OPS:  # x -> uint8 (blocked) -> float: both directions on blocked data
+                scale, zp = op.constant(np.float32(0.05)), op.constant(np.uint8(120))
+                q = op.kiln.FromBlocked(op.QuantizeLinear(op.kiln.ToBlocked(x, block=4), scale, zp))
+                return op.DequantizeLinear(q, scale, zp) if op_type == "DequantizeLinear" \
+                    else op.QuantizeLinear(y, scale, zp)
             return getattr(op, op_type)(y)
 
         return example_graph(f"blocked_{op_type.lower()}", {"x": (DType.FLOAT32, (1, 8, 3, 3))}, build)
@@ -559,7 +569,7 @@ UNBLOCK_REBLOCK = RewriteRule(
 
 MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, _blocked_pool_rule("MaxPool"), _blocked_pool_rule("AveragePool"),
               _blocked_global_pool_rule("GlobalAveragePool", "ReduceMean"),
-              _blocked_global_pool_rule("GlobalMaxPool", "ReduceMax"), *(_blocked_unary_rule(o) for o in UNARY_OPS),
+              _blocked_global_pool_rule("GlobalMaxPool", "ReduceMax"), *(_blocked_unary_rule(o) for o in (*UNARY_OPS, *QUANT_OPS)),
               *(_blocked_binary_rule(o) for o in BINARY_OPS)]
 
 

@@ -17,7 +17,9 @@ The pattern's parameters are variables that match any value (``Const(name)``
 matches only constants); ``op.Conv(...)`` matches a node, with attribute
 predicates as keyword arguments (a value, or a callable), ``Optional(pat)`` for
 optional inputs, ``_outputs=n`` for multi-output nodes and ``_name=`` to bind
-the matched node itself. Add and Mul match in either input order.
+the matched node itself. Add and Mul match in either input order. Nodes inside a
+match may not be read from outside it, unless their pattern says ``_shared=True``
+(the rewrite then leaves them for their other users).
 
 ``check`` and ``rewrite`` receive only the bindings they name. The engine never
 changes a constant in place: ``op.constant(array)`` always makes a new one.
@@ -97,6 +99,7 @@ class NodePat:
     num_outputs: int
     name: str | None
     allow_extra_inputs: bool = False
+    shared: bool = False  # the node may also feed nodes outside the match (it stays for them)
 
 
 @dataclass(eq=False)
@@ -118,12 +121,12 @@ class PatternBuilder:
             raise AttributeError(op_type)
 
         def build(*inputs: Pat, _domain: str | None = None, _outputs: int = 1, _name: str | None = None,
-                  _allow_extra_inputs: bool = False, **attrs: Any) -> Any:
+                  _allow_extra_inputs: bool = False, _shared: bool = False, **attrs: Any) -> Any:
             for i in inputs:
                 if not isinstance(i, Pat):
                     raise TypeError(f"input of pattern op.{op_type} must be a pattern, got {i!r}")
             node = NodePat(op_type, self._domain if _domain is None else _domain, list(inputs), attrs, _outputs,
-                           _name, _allow_extra_inputs)
+                           _name, _allow_extra_inputs, _shared)
             if _outputs == 1:
                 return Out(node, 0)
             return tuple(Out(node, i) for i in range(_outputs))
@@ -158,6 +161,7 @@ class Match:
     values: dict[str, Value | None]
     nodes: dict[str, Node]
     matched: list[Node]
+    shared: frozenset[int] = frozenset()  # ids of matched nodes whose pattern allows outside uses
 
     def bindings(self) -> dict[str, Any]:
         return {**self.values, **self.nodes}
@@ -203,11 +207,29 @@ def match(root_pat: Out, node: Node) -> Match | Attempt:
         if name:
             named[name] = n
     matched = [n for n in node.graph.nodes if any(n is m for m in state.order)] if node.graph else state.order
-    m = Match(node, state.values, named, matched)
+    shared = frozenset(id(n) for pid, n in state.nodes.items() if pid in _shared_patterns(root_pat))
+    m = Match(node, state.values, named, matched, shared)
     problem = _check_containment(m)
     if problem:
         return Attempt(node, len(matched), problem)
     return m
+
+
+def _shared_patterns(root: Out) -> set[int]:
+    """ids of the node patterns marked ``_shared=True`` under ``root``."""
+    found: set[int] = set()
+
+    def walk(p: Pat) -> None:
+        if isinstance(p, Optional):
+            walk(p.pat)
+        elif isinstance(p, Out):
+            if p.node.shared:
+                found.add(id(p.node))
+            for i in p.node.inputs:
+                walk(i)
+
+    walk(root)
+    return found
 
 
 def _node_names(root: Out) -> dict[int, str]:
@@ -329,10 +351,13 @@ def _attr_equal(have: Any, want: Any) -> bool:
 
 
 def _check_containment(m: Match) -> str:
-    """Intermediate values of the match must not be read outside it, nor be graph outputs."""
+    """Intermediate values of the match must not be read outside it, nor be graph outputs.
+
+    A node matched by a ``_shared=True`` pattern may be: the rewrite leaves it for its other users.
+    """
     inside = {id(n) for n in m.matched}
     for n in m.matched:
-        if n is m.root:
+        if n is m.root or id(n) in m.shared:
             continue
         for o in n.outputs:
             if o.is_graph_output:

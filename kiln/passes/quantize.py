@@ -25,7 +25,7 @@ from kiln.passes.rules import MatchContext, RewriteRule, example_graph
 
 
 def _qdq_conv_pattern(op, xq):
-    x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq_x")
+    x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq_x", _shared=True)  # may feed two convs
     w = op.DequantizeLinear(Const("wq"), Const("ws"), Optional(Const("wzp")), _name="dq_w")
     b = op.DequantizeLinear(Const("bq"), Const("bs"), Optional(Const("bzp")), _name="dq_b")
     return op.QuantizeLinear(op.Conv(x, w, Optional(b), _name="conv"), Const("ys"), Const("yzp"), _name="q")
