@@ -183,20 +183,26 @@ def test_qlinearconv_compiles_to_vnni_kernels_and_matches_onnxruntime(tmp_path):
 
 
 def _qdq_model(tmp_path):
-    """A Conv-Relu-Conv-Relu net quantized by onnxruntime's quantize_static (QDQ, per channel, u8/s8)."""
+    """A conv, then two convs added (a residual block), quantized by onnxruntime's quantize_static
+    (QDQ, per channel, uint8 activations, int8 weights)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(11)
-    inits = [numpy_helper.from_array(rng.standard_normal((24, 20, 3, 3)).astype(np.float32) * 0.2, "w1"),
-             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((40, 24, 1, 1)).astype(np.float32) * 0.2, "w2"),
-             numpy_helper.from_array(rng.standard_normal(40).astype(np.float32), "b2")]
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.2, name)
+
+    inits = [weight("w1", 24, 20, 3, 3), weight("b1", 24), weight("w2", 40, 24, 1, 1), weight("b2", 40),
+             weight("w3", 40, 24, 3, 3), weight("b3", 40)]
+    # a residual block's shape: a strided 1x1 branch and a strided 3x3 branch, added, then ReLU
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2]),
-             helper.make_node("Relu", ["c2"], ["y"])]
+             helper.make_node("Conv", ["r1", "w3", "b3"], ["c3"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "c3"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20, 14, 14])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40, 7, 7])],
                               initializer=inits)
@@ -234,7 +240,8 @@ def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     qdq = _qdq_model(tmp_path)
     g, _ = PassManager(passes_for("O3", block=TARGET.layout_block)).run(kiln.load(qdq))
     ops = [n.op_type for n in g.walk_nodes()]
-    assert ops.count("QBlockedConv") == 2 and "Conv" not in ops and "BlockedConv" not in ops, ops
+    assert ops.count("QBlockedConv") == 3 and "Conv" not in ops and "BlockedConv" not in ops, ops
+    assert ops.count("ToBlocked") == 1 and ops.count("FromBlocked") == 1, ops  # the add runs blocked too
     out = tmp_path / "q.kiln"
     build(g, out, target=TARGET)
     x = np.random.default_rng(1).standard_normal((1, 20, 14, 14)).astype(np.float32)

@@ -214,6 +214,13 @@ def _known(v: Value | None) -> bool:
 def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
     for node in g.nodes:
         outs = [o for o in node.outputs if o.name]
+        if node.domain == KILN_DOMAIN:
+            # always: onnx sees a kiln op only as its decomposition, and may leave dims unknown
+            # (a packed weight's dims pass through Shape and Reshape) that kiln's rule knows
+            op = schemas.KILN_OPS.get(node.op_type)
+            if op is not None and op.infer is not None:
+                for o, (dt, sh) in zip(node.outputs, op.infer(node)):
+                    _merge(o, dt, sh, unknowns)
         if all(_known(o) for o in outs):
             continue
         if node.op_type == "Loop" and node.domain == "":
@@ -222,11 +229,6 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             _type_scan_body(node)
         if node.op_type == "If" and node.domain == "":
             _infer_if(node, unknowns)
-        elif node.domain == KILN_DOMAIN:
-            op = schemas.KILN_OPS.get(node.op_type)
-            if op is not None and op.infer is not None:
-                for o, (dt, sh) in zip(node.outputs, op.infer(node)):
-                    _merge(o, dt, sh, unknowns)
         if all(_known(o) for o in outs):
             continue
         if _all_small_constants(node):

@@ -25,7 +25,8 @@ UNARY = (
     "Abs Acos Acosh Asin Asinh Atan Atanh Ceil Celu Cos Cosh Elu Erf Exp Floor Gelu HardSigmoid HardSwish Identity "
     "IsInf IsNaN LeakyRelu Log LogSoftmax LpNormalization Mish Neg Not Reciprocal Relu Round Selu Shrink Sigmoid "
     "Sign Sin Sinh Softmax Softplus Softsign Sqrt Tan Tanh ThresholdedRelu Clip Hardmax Cast CastLike Dropout "
-    "LayerNormalization BatchNormalization InstanceNormalization LRN MeanVarianceNormalization"
+    "LayerNormalization BatchNormalization InstanceNormalization LRN MeanVarianceNormalization QuantizeLinear "
+    "DequantizeLinear"
 ).split()
 BROADCAST = "Add Sub Mul Div Pow Mod PRelu Max Min Sum Mean Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor Where BitShift".split()
 
