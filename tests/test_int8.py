@@ -223,12 +223,19 @@ def _qdq_model(tmp_path):
     return qdq
 
 
+def _output_step(qdq) -> float:
+    """The quantization step of the model's output ``y`` (its QuantizeLinear scale)."""
+    import onnx
+
+    m = onnx.load(qdq)
+    (step,) = [onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.name == "y_scale"]
+    return float(step)
+
+
 def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     """onnxruntime's own QDQ model: kiln runs its convs on VNNI and matches onnxruntime's int8 run."""
     import subprocess
     import zipfile
-
-    import onnx
 
     import kiln
     import kiln.runtime
@@ -247,12 +254,50 @@ def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     x = np.random.default_rng(1).standard_normal((1, 20, 14, 14)).astype(np.float32)
     got = kiln.runtime.load(out).run({"x": x})["y"]
     want = ort_outputs(str(qdq), {"x": x})["y"]  # onnxruntime runs the QDQ model on its int8 kernels
-    m = onnx.load(qdq)
-    (step,) = [onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.name == "y_scale"]
-    assert np.abs(got - want).max() <= float(step) * 1.001
-    assert (np.abs(got - want) < float(step) / 2).mean() > 0.99
+    step = _output_step(qdq)
+    assert np.abs(got - want).max() <= step * 1.001
+    assert (np.abs(got - want) < step / 2).mean() > 0.99
     with zipfile.ZipFile(out) as z:
         (tmp_path / "model.so").write_bytes(z.read("model.so"))
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
                          text=True, check=True).stdout
     assert "vpdpbusd" in asm
+
+
+def test_int8_kernels_replay_from_a_tuning_database(tmp_path):
+    """A database record of the VNNI conv (its trace tensorizes with kiln's intrinsic) applies on compile."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    import kiln
+    import kiln.runtime
+    from kiln.codegen.build import build
+    from kiln.codegen.schedule import apply_default_schedule
+    from kiln.codegen.tune import TuningDatabase, fused_module, tunable_kernels
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import passes_for
+    from test_onnx_io import ort_outputs
+
+    qdq = _qdq_model(tmp_path)
+    g, _ = PassManager(passes_for("O3", block=TARGET.layout_block)).run(kiln.load(qdq))
+    int8 = [k for k in tunable_kernels(fused_module(g, TARGET)) if k.name.startswith("qblocked_conv")]
+    assert int8
+    db = TuningDatabase(tmp_path / "db", create=True)
+    target = tvm.target.Target(dict(TARGET.tvm))
+    for k in int8:
+        sch = s_tir.Schedule(k.mod)
+        with target:
+            apply_default_schedule(sch)
+        assert "tensorize" in str(sch.trace)
+        db.ms.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.ms.commit_workload(k.mod), [1e-5], target, ArgInfo.from_prim_func(k.mod["main"])))
+    out = tmp_path / "q.kiln"
+    build(g, out, target=TARGET, tuning_db=TuningDatabase(tmp_path / "db"))
+    info = kiln.runtime.load(out).manifest["tuning_db"]
+    assert info["kernels_from_database"] == sum(k.weight for k in int8) and info["kernels_tuned"] == 0
+    x = np.random.default_rng(1).standard_normal((1, 20, 14, 14)).astype(np.float32)
+    got = kiln.runtime.load(out).run({"x": x})["y"]
+    step = _output_step(qdq)
+    assert np.abs(got - ort_outputs(str(qdq), {"x": x})["y"]).max() <= step * 1.001

@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln.codegen._tvm import skip_foreign_tensor_intrinsics, x86_tensor_intrinsics_only
+from kiln.codegen.int8 import register_vnni_intrinsic
 from kiln.codegen.lower import CodegenError, lower
 from kiln.codegen.schedule import apply_default_schedule, fusion_passes
 from kiln.codegen.target import Target
 from kiln.ir import Graph
+
+log = logging.getLogger("kiln.tune")
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -145,6 +148,7 @@ class TuningDatabase:
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise TuningError(f"{self.path}: the tuning database cannot be read ({first})") from None
         self.applied: dict[str, str] = {}  # kernel name -> "tuned" or "default", filled by lookup()
+        register_vnni_intrinsic()  # records of int8 kernels tensorize with kiln's own intrinsic
 
     def sha256(self) -> str:
         """sha256 over both tables: the state of the database that a build used."""
@@ -170,7 +174,12 @@ class TuningDatabase:
             mod = workload(func)
             if not self.ms.has_workload(mod):
                 return None
-            sch = self.ms.query_schedule(mod, target, "main")
+            try:
+                sch = self.ms.query_schedule(mod, target, "main")
+            except Exception as e:  # noqa: BLE001 - a record that no longer replays: keep the default
+                log.warning("tuning record for %s does not apply (%s); using kiln's default schedule", name,
+                            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+                return None
             if sch is None:
                 return None
             self.applied[name] = "default" if _is_default(mod, sch) else "tuned"
@@ -351,7 +360,8 @@ def tune(
     start_seconds, start = status.seconds, time.monotonic()  # the budget counts from here
     say(f"measuring kiln's default schedules of {len(kernels)} kernels")
     defaults = progress.setdefault("default_seconds", {})
-    _measure_defaults(kernels, db, tvm_target, builder, runner, defaults)
+    with tvm_target:  # kiln's schedules read the target (the int8 conv needs VNNI)
+        _measure_defaults(kernels, db, tvm_target, builder, runner, defaults)
     for k in kernels:
         best = db.best_seconds(k.mod)
         if best is not None:
