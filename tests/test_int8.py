@@ -248,7 +248,9 @@ def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     g, _ = PassManager(passes_for("O3", block=TARGET.layout_block)).run(kiln.load(qdq))
     ops = [n.op_type for n in g.walk_nodes()]
     assert ops.count("QBlockedConv") == 3 and "Conv" not in ops and "BlockedConv" not in ops, ops
-    assert ops.count("ToBlocked") == 1 and ops.count("FromBlocked") == 1, ops  # the add runs blocked too
+    assert ops.count("ToBlocked") == 1 and ops.count("FromBlocked") == 1, ops  # one blocked region
+    assert "Add" not in ops and "Relu" not in ops, ops  # the residual add and ReLU run in a conv's write-back
+    assert sum(1 for n in g.walk_nodes() if n.op_type == "QBlockedConv" and n.input(4) is not None) == 1
     out = tmp_path / "q.kiln"
     build(g, out, target=TARGET)
     x = np.random.default_rng(1).standard_normal((1, 20, 14, 14)).astype(np.float32)

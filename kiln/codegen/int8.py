@@ -83,7 +83,7 @@ def has_vnni() -> bool:
 
 def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[int, int] = (1, 1),
               pads: tuple[int, int, int, int] = (0, 0, 0, 0), x_zero_point: int = 0, y_zero_point: int = 0,
-              relu: bool = False) -> Any:
+              relu: bool = False, residual: tuple[Any, dict[str, Any]] | None = None) -> Any:
     """The TE compute of a blocked int8 conv (group 1).
 
     ``x``: uint8 ``[N, C/16, H, W, 16]``; ``w``: packed int8; ``bias``: int32 ``[K]`` with the
@@ -110,13 +110,26 @@ def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[in
         xp[i, rc, y * strides[0] + ry, v * strides[1] + rx, rg * group + rl].astype("int32")
         * w[k, rc, ry, rx, rg, j, rl].astype("int32"), axis=[rc, ry, rx, rg, rl]), name="conv")
 
-    def epilogue(i: Any, k: Any, y: Any, v: Any, j: Any) -> Any:
-        acc = conv[i, k, y, v, j] + bias[k * bo + j]
+    def epilogue(i: Any, k: Any, y_: Any, v_: Any, j: Any) -> Any:
+        acc = conv[i, k, y_, v_, j] + bias[k * bo + j]
         if scale is None:
             return acc
         q = tirx.nearbyint(acc.astype("float32") * scale[k * bo + j]).astype("int32") + y_zero_point
         low = y_zero_point if relu else 0
-        return tirx.max(tirx.min(q, 255), low).astype("uint8")
+        y = tirx.max(tirx.min(q, 255), low)
+        if residual is None:
+            return y.astype("uint8")
+        z, a = residual
+
+        def f32(v: float) -> Any:
+            return tirx.const(v, "float32")
+
+        v = ((y - y_zero_point).astype("float32") * f32(a["y_scale"])
+             + (z[i, k, y_, v_, j].astype("int32") - a["z_zero_point"]).astype("float32") * f32(a["z_scale"]))
+        if a["out_relu"]:
+            v = tirx.max(v, f32(0.0))
+        out = tirx.nearbyint(v / f32(a["out_scale"])) + f32(float(a["out_zero_point"]))
+        return tirx.max(tirx.min(out, f32(255.0)), f32(0.0)).astype("uint8")
 
     return te.compute(conv.shape, epilogue, name="epilogue")
 

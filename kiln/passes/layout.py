@@ -231,6 +231,76 @@ QLINEARCONV_BLOCKED = RewriteRule(
                              "point folded into the bias.")
 
 
+def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
+    """``Q(Relu?(DQ(QBlockedConv(...)) + DQ(z)))`` folds into the conv: the residual add of a QDQ model."""
+
+    def pattern(op, x, w, b, s, z):
+        c = op.DequantizeLinear(op.kiln.QBlockedConv(x, w, b, s, _name="conv"), Const("sc"), Const("zc"), _name="dq_c")
+        r = op.DequantizeLinear(z, Const("sr"), Const("zr"), _name="dq_z", _shared=True)  # z also feeds the next conv
+        total = getattr(op, add)(*((c, r) if conv_first else (r, c)))
+        return op.QuantizeLinear(op.Relu(total) if relu else total, Const("sy"), Const("zy"), _name="q")
+
+    def check(ctx: MatchContext, z: Value, sc: Value, zc: Value, sr: Value, zr: Value, sy: Value, zy: Value,
+              conv: Node) -> MatchResult:
+        if any(v.numpy().size != 1 for v in (sc, zc, sr, zr, sy, zy)):
+            return MatchResult.fail("scales and zero points must be per tensor")
+        if any(v.dtype != DType.UINT8 for v in (zc, zr, zy)) or z.dtype != DType.UINT8:
+            return MatchResult.fail("the residual is not uint8")
+        if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
+            return MatchResult.fail("the conv's output is dequantized with another zero point than its own")
+        out = conv.outputs[0]
+        if z.shape is None or out.shape is None or tuple(z.shape) != tuple(out.shape):
+            return MatchResult.fail(f"the residual {z.type_str()} does not have the conv's blocked shape")
+        return MatchResult.ok()
+
+    def rewrite(op, x, w, b, s, z, sc, zc, sr, zr, sy, zy, conv):
+        def f(v: Value) -> float:
+            return float(v.numpy().reshape(()))
+
+        attrs = copy_attrs(conv)
+        attrs.update(y_scale=f(sc), z_scale=f(sr), z_zero_point=int(f(zr)), out_scale=f(sy),
+                     out_zero_point=int(f(zy)), out_relu=int(relu))
+        return op.kiln.QBlockedConv(x, w, b, s, z, **attrs)
+
+    def example() -> Graph:
+        from kiln.ir.kiln_ops import pack_qconv_weight
+
+        rng = _rng()
+
+        def build(op, x, r):  # a 3x3 int8 conv (24 -> 20 channels, padded) plus a uint8 residual
+            xq = op.kiln.ToBlocked(op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120))),
+                                   block=INT8_BLOCK)
+            rq = op.kiln.ToBlocked(op.QuantizeLinear(r, op.constant(np.float32(0.04)), op.constant(np.uint8(30))),
+                                   block=INT8_BLOCK)
+            w = pack_qconv_weight(rng.integers(-127, 128, (20, 24, 3, 3)).astype(np.int8))
+            s = np.zeros(32, np.float32)
+            s[:20] = rng.random(20).astype(np.float32) * 2e-3 + 1e-4
+            c = op.kiln.QBlockedConv(xq, op.constant(w), op.constant(rng.integers(-2000, 2000, 32).astype(np.int32)),
+                                     op.constant(s), pads=[1, 1, 1, 1], kernel_shape=[3, 3], x_zero_point=120,
+                                     y_zero_point=90)
+            dc = op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(90)))
+            dr = op.DequantizeLinear(rq, op.constant(np.float32(0.04)), op.constant(np.uint8(30)))
+            total = getattr(op, add)(*((dc, dr) if conv_first else (dr, dc)))
+            y = op.QuantizeLinear(op.Relu(total) if relu else total, op.constant(np.float32(0.06)),
+                                  op.constant(np.uint8(0 if relu else 100)))
+            return op.DequantizeLinear(op.kiln.FromBlocked(y, channels=20), op.constant(np.float32(0.06)),
+                                       op.constant(np.uint8(0 if relu else 100)))
+
+        inputs = {"x": (DType.FLOAT32, (1, 24, 7, 7)), "r": (DType.FLOAT32, (1, 32, 7, 7))}
+        return example_graph(f"qresidual_{add.lower()}", inputs, build, opset=21)
+
+    order = "" if add == "Add" or conv_first else "-swapped"
+    name = f"qblocked-conv-{add.lower()}{'-relu' if relu else ''}{order}"
+    # one output step (0.06): onnxruntime runs the unfused QDQ add as its own QLinearAdd
+    return RewriteRule(name, pattern, rewrite, check=check, example=example, rtol=0, atol=0.0601,
+                       description=f"A QDQ residual {add}{' and ReLU' if relu else ''} after an int8 conv runs in "
+                                   "the conv's write-back, in the same float32 steps.")
+
+
+QRESIDUAL_RULES = [_qresidual_rule(add, relu, first) for add in ("Add", "Sum") for relu in (True, False)
+                   for first in ((True,) if add == "Add" else (True, False))]
+
+
 # --------------------------------------------------------------------------- moving transforms
 
 
@@ -578,7 +648,7 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    int8 = [QLINEARCONV_BLOCKED] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
+    int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
     return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *MOVE_RULES, *GEMM_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
