@@ -110,6 +110,18 @@ def test_weights_are_packed_for_the_instruction():
         assert p[ko, co, r, s, g, ki, ci] == full[ko * 16 + ki, co * 16 + g * 4 + ci, r, s]
 
 
+def _disassembly(artifact, tmp_path) -> str:
+    """objdump's disassembly of an artifact's compiled library."""
+    import subprocess
+    import zipfile
+
+    lib = tmp_path / "model.so"
+    with zipfile.ZipFile(artifact) as z:
+        lib.write_bytes(z.read("model.so"))
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _quantized_model():
     """float -> QuantizeLinear -> QLinearConv 3x3 (20 -> 24) -> QLinearConv 1x1 stride 2 (24 -> 40,
     per-channel weight scales) -> DequantizeLinear: what onnxruntime's QOperator quantizer emits."""
@@ -146,8 +158,6 @@ def _quantized_model():
 
 
 def test_qlinearconv_compiles_to_vnni_kernels_and_matches_onnxruntime(tmp_path):
-    import subprocess
-
     import onnx
 
     import kiln
@@ -172,14 +182,7 @@ def test_qlinearconv_compiles_to_vnni_kernels_and_matches_onnxruntime(tmp_path):
     step = 0.05  # the output's quantization step
     assert np.abs(got - want).max() <= step * 1.001
     assert (np.abs(got - want) < step / 2).mean() > 0.999
-
-    import zipfile
-
-    with zipfile.ZipFile(out) as z:
-        (tmp_path / "model.so").write_bytes(z.read("model.so"))
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
-                         text=True, check=True).stdout
-    assert "vpdpbusd" in asm  # int8 dot products, not float emulation
+    assert "vpdpbusd" in _disassembly(out, tmp_path)  # int8 dot products, not float emulation
 
 
 def _qdq_model(tmp_path):
@@ -234,9 +237,6 @@ def _output_step(qdq) -> float:
 
 def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     """onnxruntime's own QDQ model: kiln runs its convs on VNNI and matches onnxruntime's int8 run."""
-    import subprocess
-    import zipfile
-
     import kiln
     import kiln.runtime
     from kiln.codegen.build import build
@@ -259,11 +259,7 @@ def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     step = _output_step(qdq)
     assert np.abs(got - want).max() <= step * 1.001
     assert (np.abs(got - want) < step / 2).mean() > 0.99
-    with zipfile.ZipFile(out) as z:
-        (tmp_path / "model.so").write_bytes(z.read("model.so"))
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "model.so")], capture_output=True,
-                         text=True, check=True).stdout
-    assert "vpdpbusd" in asm
+    assert "vpdpbusd" in _disassembly(out, tmp_path)
 
 
 def test_int8_kernels_replay_from_a_tuning_database(tmp_path):

@@ -16,6 +16,7 @@ budget counts against.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -72,9 +73,17 @@ class Kernel:
     weight: int
     flops: float
 
-    @property
+    @functools.cached_property
     def mod(self) -> Any:
+        """The kernel's workload module in the database."""
         return workload(self.func)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The kernel's structural hash, as the progress file keys it."""
+        import tvm_ffi
+
+        return f"{tvm_ffi.structural_hash(self.mod) & (2**64 - 1):016x}"
 
 
 def fused_module(graph: Graph, target: Target) -> Any:
@@ -164,8 +173,7 @@ class TuningDatabase:
         top = self.ms.get_top_k(self.ms.commit_workload(mod), 1)
         if not top or not top[0].run_secs:
             return None
-        secs = [float(s) for s in top[0].run_secs]
-        return sum(secs) / len(secs)
+        return _mean(top[0].run_secs)
 
     def lookup(self, target: Any) -> Callable[[str, Any], Any | None]:
         """A lookup for :func:`kiln.codegen.schedule.schedule_module`: a kernel's best schedule, or None."""
@@ -239,7 +247,6 @@ class TuneReport:
 
     status: TuneStatus
     resumed: bool
-    records: int
     stopped_by: str
 
 
@@ -261,11 +268,10 @@ def _save_progress(db: TuningDatabase, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def kernel_hash(k: Kernel) -> str:
-    """The kernel's structural hash, as the database and the progress file key it."""
-    import tvm_ffi
-
-    return f"{tvm_ffi.structural_hash(k.mod) & (2**64 - 1):016x}"
+def _mean(run_secs: Any) -> float:
+    """The mean of a record's measured run times, in seconds."""
+    secs = [float(s) for s in run_secs]
+    return sum(secs) / len(secs)
 
 
 def _measure_defaults(kernels: list[Kernel], db: TuningDatabase, target: Any, builder: Any, runner: Any,
@@ -303,8 +309,7 @@ def _measure_defaults(kernels: list[Kernel], db: TuningDatabase, target: Any, bu
                 wl = db.ms.commit_workload(k.mod)
                 db.ms.commit_tuning_record(ms.database.TuningRecord(
                     sch.trace, wl, result.run_secs, target, ArgInfo.from_prim_func(k.mod["main"])))
-                secs = [float(x) for x in result.run_secs]
-                defaults[kernel_hash(k)] = sum(secs) / len(secs)
+                defaults[k.key] = _mean(result.run_secs)
         finally:
             if b.artifact_path and os.path.exists(b.artifact_path):
                 os.remove(b.artifact_path)
@@ -366,8 +371,8 @@ def tune(
         best = db.best_seconds(k.mod)
         if best is not None:
             status.best_seconds[k.name] = best
-        if kernel_hash(k) in defaults:
-            status.default_seconds[k.name] = defaults[kernel_hash(k)]
+        if k.key in defaults:
+            status.default_seconds[k.name] = defaults[k.key]
     status.seconds = start_seconds + time.monotonic() - start
     job.update(seconds=round(status.seconds, 3))
     _save_progress(db, progress)
@@ -389,7 +394,7 @@ def tune(
         best = db.best_seconds(k.mod)
         if best is not None:
             status.best_seconds[k.name] = best
-        kernel_trials[kernel_hash(k)] = kernel_trials.get(kernel_hash(k), 0) + measured
+        kernel_trials[k.key] = kernel_trials.get(k.key, 0) + measured
         job.update(trials=status.trials, seconds=round(status.seconds, 3))
         _save_progress(db, progress)
         if on_status:
@@ -407,7 +412,6 @@ def tune(
     exhausted: set[str] = set()
     if out_of_budget() is None:
         say(f"tuning {len(kernels)} kernels" + (" (resuming)" if resumed else ""))
-    stopped = None
     with x86_tensor_intrinsics_only():
         while (stopped := out_of_budget()) is None:
             alive = [k for k in kernels if k.name not in exhausted]
@@ -426,7 +430,7 @@ def tune(
                           cost_model=cost_model, measure_callbacks=callbacks, task_scheduler="round-robin")
             if status.trials == before:
                 exhausted.add(k.name)
-    return TuneReport(status, resumed, len(db.ms), stopped)
+    return TuneReport(status, resumed, stopped)
 
 
 def _next_kernel(alive: list[Kernel], status: TuneStatus, kernel_trials: dict[str, int]) -> Kernel:
@@ -435,13 +439,13 @@ def _next_kernel(alive: list[Kernel], status: TuneStatus, kernel_trials: dict[st
     The time at stake is the kernel's share of a model run (best time x uses), discounted by
     the rounds it has had, so a heavy kernel gets more rounds without starving the others.
     """
-    fresh = [k for k in alive if kernel_trials.get(kernel_hash(k), 0) == 0]
+    fresh = [k for k in alive if kernel_trials.get(k.key, 0) == 0]
     if fresh:
         return fresh[0]
 
     def stake(k: Kernel) -> float:
         best = status.best_seconds.get(k.name, 1.0)
-        return best * k.weight / (1 + kernel_trials.get(kernel_hash(k), 0) / TRIALS_PER_ITER)
+        return best * k.weight / (1 + kernel_trials.get(k.key, 0) / TRIALS_PER_ITER)
 
     return max(alive, key=stake)
 
