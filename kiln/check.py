@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from kiln.errors import InputError
+from kiln.errors import InputError, KilnError
 from kiln.ir import Graph, evaluate, load, to_onnx
 from kiln.ir.interpreter import check_inputs
 from kiln.ir.oracle import Comparison, compare, run_onnxruntime, seeded_inputs
@@ -24,6 +24,18 @@ __all__ = ["CheckReport", "Comparison", "check_model", "compare", "parse_shape_o
 
 ROUND_TRIP_RTOL = 1e-6
 EVAL_RTOL, EVAL_ATOL = 1e-4, 1e-5
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file by name; a clear error for a missing or unreadable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise KilnError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise KilnError(f"{p}: not a readable .npz file ({e})") from None
 
 
 def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int | str, ...]]:

@@ -58,7 +58,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     feeds = None
     if args.inputs:
-        feeds = _read_npz(args.inputs)
+        from kiln.check import read_npz
+
+        feeds = read_npz(args.inputs)
     report = check_model(
         args.model,
         input_shapes=parse_shape_overrides(args.input_shape),
@@ -198,6 +200,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         from kiln.codegen.tune import TuningDatabase
 
         tuning_db = TuningDatabase(args.tune_db)
+    if args.quantize:
+        return _compile_int8(args, target, tuning_db)
     graph, passes = _optimized(args, target)
     report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
                    passes=[p.describe() for p in passes], progress=_stage, tuning_db=tuning_db)
@@ -209,6 +213,70 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"tuning database {args.tune_db}: {info['kernels_from_database']} kernels scheduled from it "
               f"({info['kernels_tuned']} tuned, {info['kernels_default_kept']} kept kiln's default); "
               f"sha256 {info['sha256'][:12]}")
+    return 0
+
+
+def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
+    """``kiln compile --quantize int8``: calibrate, choose layers, compile, and report accuracy."""
+    from kiln.calibrate import Budget, QuantizeOptions, QuantizeSession, format_accuracy, format_sensitivity
+    from kiln.check import parse_shape_overrides
+    from kiln.codegen.build import build, file_sha256, set_manifest_entry
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
+
+    if args.quantize != "int8":
+        raise KilnError(f"--quantize {args.quantize}: kiln quantizes to int8 only")
+    if not args.calib:
+        raise KilnError("--quantize int8 needs --calib SAMPLES.npz (arrays keyed by input name, leading sample axis)")
+    if target.kind != "cpu":
+        raise KilnError("--quantize int8 builds CPU kernels (VNNI); CUDA int8 is not built yet")
+    budget = Budget.parse(args.accuracy_budget) if args.accuracy_budget else None
+    exclude = tuple(n for part in (args.exclude or []) for n in part.split(",") if n)
+    options = QuantizeOptions(args.calib, method=args.calib_method, per_channel=args.per_channel,
+                              symmetric=args.symmetric, exclude=exclude, eval=args.eval,
+                              sensitivity=args.sensitivity or budget is not None, budget=args.accuracy_budget)
+    src, dst = Path(args.model), Path(args.output)
+    session = QuantizeSession(args.model, options, target, parse_shape_overrides(args.input_shape), say=_stage)
+    level = args.level or DEFAULT_COMPILE_LEVEL
+    try:
+        _stage("importing and preparing the float model")
+        session.prepare()
+        session.calibrate()
+        if options.sensitivity:
+            session.measure_sensitivity()
+            print("sensitivity (one layer in int8 at a time, most sensitive first):")
+            print(format_sensitivity(session.sensitivity))
+        if budget is not None:
+            session.fit_budget(budget)
+        for attempt in range(4):
+            graph = session.quantized_graph()
+            _stage(f"optimizing ({level})")
+            passes = passes_for(level, block=target.layout_block)
+            graph, _ = PassManager(passes).run(graph)
+            report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
+                           passes=["quantize", *(p.describe() for p in passes)], progress=_stage,
+                           tuning_db=tuning_db)
+            accuracy = session.evaluate(dst)
+            if budget is None or budget.holds(accuracy) or attempt == 3 or not session.keep_more(budget):
+                break
+            _stage(f"the compiled model misses {budget} ({budget.metric} {budget.score(accuracy):.4f}); "
+                   f"keeping one more layer in float")
+        record = session.record(accuracy, budget)
+        set_manifest_entry(dst, "quantization", record)
+    finally:
+        session.close()
+    layers = record["layers"]
+    int8 = sum(1 for v in layers.values() if v == "int8")
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, int8: {int8} of "
+          f"{len(layers)} layers; calibration {options.method} on {len(session.calib)} samples)")
+    if session.kept_float:
+        print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in session.kept_float.items()))
+    print(f"accuracy against the float model on {len(session.held_out)} held-out samples:")
+    print(format_accuracy(accuracy))
+    if budget is not None and not budget.holds(accuracy):
+        print(f"kiln: warning: the compiled model misses the budget {budget} ({budget.metric} "
+              f"{budget.score(accuracy):.4f})", file=sys.stderr)
+        return EXIT_MISMATCH
     return 0
 
 
@@ -313,7 +381,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import kiln.runtime
 
     model = kiln.runtime.load(args.artifact, threads=args.threads)
-    outputs = model.run(_read_npz(args.inputs))
+    from kiln.check import read_npz
+
+    outputs = model.run(read_npz(args.inputs))
     dst = Path(args.output)
     tmp = dst.with_name(f".{dst.name}.tmp.npz")
     np.savez(tmp, **outputs)
@@ -348,19 +418,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
     return 0
-
-
-def _read_npz(path: str) -> dict:
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as e:
-        raise KilnError(f"{p}: not a readable .npz file ({e})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
     p.add_argument("--threads", type=int, help="threads at run time (default: all cores)")
     p.add_argument("--tune-db", metavar="DIR", help="schedule kernels from this tuning database (see kiln tune)")
+    q = p.add_argument_group("int8 quantization (see docs/int8.md)")
+    q.add_argument("--quantize", choices=["int8"], help="quantize a float model to int8 from calibration samples")
+    q.add_argument("--calib", metavar="SAMPLES.npz",
+                   help="calibration inputs keyed by input name, with a leading sample axis")
+    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],
+                   help="how activation ranges are chosen (default minmax)")
+    q.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="one weight scale per output channel (default; --no-per-channel: one per tensor)")
+    q.add_argument("--symmetric", action="store_true", help="activation ranges centred on zero")
+    q.add_argument("--exclude", action="append", metavar="NODE,...", help="layers to keep in float (repeatable)")
+    q.add_argument("--eval", metavar="SAMPLES.npz",
+                   help="held-out samples for the accuracy report (default: the last quarter of --calib)")
+    q.add_argument("--sensitivity", action="store_true", help="measure and print each layer's int8 error")
+    q.add_argument("--accuracy-budget", metavar="METRIC>=X",
+                   help="keep the most sensitive layers in float until it holds: argmax>=0.99 or cosine>=0.999")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("tune", parents=[common],

@@ -136,6 +136,14 @@ def build(
     return report
 
 
+def set_manifest_entry(path: str | os.PathLike, key: str, value: Any) -> None:
+    """Rewrite an artifact with one more manifest entry (its members unchanged, hashes rechecked)."""
+    from kiln.runtime.artifact import read_artifact, write_artifact
+
+    art = read_artifact(path, check_host=False)
+    write_artifact(path, {**art.manifest, key: value}, art.members)
+
+
 def _cuda_source(executable: Any) -> str:
     """The CUDA C that TVM generated (without a CUDA driver, TVM keeps only the source)."""
 

@@ -182,14 +182,17 @@ def load(
     source: str | os.PathLike | ModelProto | bytes,
     *,
     infer_shapes: bool = True,
+    min_opset: int | None = None,
 ) -> Graph:
     """Import an ONNX model (a path, bytes or a ``ModelProto``) into a kiln ``Graph``.
 
     Raises ``UnsupportedOpError`` naming every op kiln cannot evaluate before
     doing any other work, and ``ModelLoadError``/``GraphError`` for files that
-    are not valid ONNX.
+    are not valid ONNX. With ``min_opset``, a model below that ``ai.onnx`` opset is
+    upgraded first by onnx's version converter (quantization needs per-axis
+    QuantizeLinear, which opset 13 introduced).
     """
-    graph, _ = load_with_report(source, infer_shapes=infer_shapes, allow_unsupported=False)
+    graph, _ = load_with_report(source, infer_shapes=infer_shapes, allow_unsupported=False, min_opset=min_opset)
     return graph
 
 
@@ -198,6 +201,7 @@ def load_with_report(
     *,
     infer_shapes: bool = True,
     allow_unsupported: bool = True,
+    min_opset: int | None = None,
 ) -> tuple[Graph, dict[tuple[str, str], list[str]]]:
     """Like :func:`load`, but return the unsupported ops instead of raising (for ``kiln inspect``)."""
     model, base_dir = read_model(source)
@@ -205,6 +209,8 @@ def load_with_report(
     unsupported = unsupported_ops(model)
     if unsupported and not allow_unsupported:
         raise UnsupportedOpError(format_unsupported(unsupported, where), unsupported)
+    if min_opset and opset_of(model).get("", 0) < min_opset:
+        model = _upgrade(model, min_opset, where)
     if model.functions:
         model = _inline_foreign_functions(model)
     graph = _Importer(base_dir, where).model(model)
@@ -213,6 +219,23 @@ def load_with_report(
 
         _infer(graph, model=model)
     return graph, unsupported
+
+
+def clone_graph(graph: Graph) -> Graph:
+    """An independent copy of a top-level graph (through ONNX: names, constants and shapes kept)."""
+    return load(to_onnx(graph, value_info=True))
+
+
+def _upgrade(model: ModelProto, opset: int, where: str) -> ModelProto:
+    """``model`` converted to ``ai.onnx`` ``opset`` by onnx's version converter."""
+    from onnx import version_converter
+
+    before = opset_of(model).get("", 0)
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise ModelLoadError(f"{where}: cannot upgrade the model from opset {before} to {opset}: "
+                             f"{' '.join(str(e).split())[:200]}") from e
 
 
 def _inline_foreign_functions(model: ModelProto) -> ModelProto:

@@ -774,7 +774,9 @@ D2S_RULES = [CONVT_DEPTH_TO_SPACE, _d2s_channel_rule("Add"), _d2s_channel_rule("
              *(_d2s_unary_rule(o) for o in ("Relu", "Sigmoid", "HardSwish", "LeakyRelu", "HardSigmoid"))]
 
 
-RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, PAD_AVGPOOL, PAD_MAXPOOL,
-         HARDSWISH_CLIP, HARDSWISH_CLIP_14,
-         MATMUL_ADD_GEMM,
-         CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES, *D2S_RULES]
+#: The rules that fold constants into convs and gemms (BatchNorm, bias adds, scales, pads) and
+#: leave standard ops: what ``--quantize int8`` runs before it observes ranges.
+FOLD_RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCALE, PAD_CONV, PAD_AVGPOOL, PAD_MAXPOOL,
+              HARDSWISH_CLIP, HARDSWISH_CLIP_14, MATMUL_ADD_GEMM]
+
+RULES = [*FOLD_RULES, CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES, *D2S_RULES]

@@ -17,10 +17,16 @@ from kiln.passes.rules import register_rule_set
 register_rule_set("qdq", quantize.RULES)
 register_rule_set("simplify", [*simplify.NOOP_RULES, *simplify.ALGEBRA_RULES])
 register_rule_set("fuse-conv", fuse_conv.RULES)
+register_rule_set("fold-into-conv", fuse_conv.FOLD_RULES)
 register_rule_set("fuse-transformer", fuse_transformer.RULES)
 
 #: The level ``kiln compile`` and ``kiln bench`` use unless told otherwise.
 DEFAULT_COMPILE_LEVEL = "O3"
+
+#: The float passes ``--quantize int8`` runs before it observes and quantizes: folding, and
+#: the constant folds into convs (BatchNorm, bias, scale, pads; no activation fusion), so that the ranges measured are the ones the
+#: int8 kernels will see.
+FLOAT_PREP = ["fold-constants", "inline-if", "simplify", "cse", "dce", "fold-into-conv", "dce"]
 
 LEVELS: dict[str, list[str]] = {
     "O0": [],

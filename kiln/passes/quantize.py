@@ -17,10 +17,14 @@ float weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import numpy as np
 
-from kiln.ir import DType, Graph, Node, Value
-from kiln.passes.pattern import Const, MatchResult, Optional, copy_attrs
+from kiln.ir import DType, Graph, Node, Value, infer_shapes
+from kiln.passes.manager import Pass, PassResult, register_pass
+from kiln.passes.pattern import Const, MatchResult, Optional, RewriteBuilder, copy_attrs
 from kiln.passes.rules import MatchContext, RewriteRule, example_graph
 
 
@@ -93,3 +97,343 @@ QDQ_CONV = RewriteRule(
                              "the conv runs on integers.")
 
 RULES = [QDQ_CONV]
+
+
+# =========================================================================== float models: kiln's own quantizer
+#
+# ``kiln compile --quantize int8`` quantizes a float model itself. The plan is per layer: a
+# *layer* is a node that runs on integers when it is enabled, a Conv (its input activations
+# and its weights) or a residual Add/Sum (its two inputs). Enabling a layer quantizes the
+# tensors it reads; a tensor is quantized once, with one scale and zero point, and every
+# reader except a layer kept in float reads the quantized copy. The result is the QDQ form
+# that ``qdq-conv`` and the layout pass's int8 rules already turn into VNNI kernels:
+#
+#   * a Relu between a quantized tensor and its producer is absorbed: uint8 with zero point 0
+#     saturates at 0, so ``Q(x)`` is ``Q(Relu(x))``;
+#   * tensors joined by layout-transparent ops (MaxPool, Reshape, Transpose, Concat, ...)
+#     share one scale, so the op commutes with quantization exactly and chains stay int8;
+#   * weights are symmetric int8 (per output channel unless told otherwise), biases int32
+#     at ``x_scale * w_scale``: the requantize, bias and activation fold into the kernel.
+
+#: Ops whose output holds exactly the values of their inputs (reordered, or a subset): a
+#: quantized tensor keeps its scale through them. AveragePool is not one: it averages.
+TRANSPARENT_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                             "Concat", "Slice", "Split", "Pad"})
+
+
+@dataclass(frozen=True)
+class QParams:
+    """A per-tensor activation quantization: ``x ~ scale * (q - zero_point)``, q in uint8."""
+
+    scale: float
+    zero_point: int
+
+    @staticmethod
+    def from_range(lo: float, hi: float, *, symmetric: bool = False) -> QParams:
+        """uint8 parameters covering ``[lo, hi]`` (widened to hold 0, so that 0 is exact).
+
+        Asymmetric (the default) spends all 256 levels on the range. Symmetric centres the grid
+        on 0: a non-negative tensor gets zero point 0, a signed one zero point 128, which is
+        int8's symmetric grid stored offset by 128 so that the u8 x s8 VNNI kernel reads it.
+        """
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi - lo <= 0:
+            return QParams(1.0, 0)
+        if symmetric:
+            if lo == 0:
+                return QParams(float(np.float32(hi / 255)), 0)
+            return QParams(float(np.float32(max(-lo, hi) / 127)), 128)
+        scale = float(np.float32((hi - lo) / 255))
+        return QParams(scale, int(np.clip(np.round(-lo / scale), 0, 255)))
+
+
+@dataclass
+class QuantLayer:
+    """A node that runs on integers when enabled: its name, kind and the activations it reads."""
+
+    name: str
+    kind: str  # "conv" or "add"
+    node: Node
+    inputs: tuple[Value, ...]
+
+
+def int8_conv_problem(conv: Node) -> str | None:
+    """Why kiln's VNNI kernel cannot run this Conv, or None when it can."""
+    w = conv.input(1)
+    x = conv.input(0)
+    if w is None or not w.is_constant:
+        return "its weight is not a constant"
+    if w.shape is None or len(w.shape) != 4 or x is None or x.shape is None or len(x.shape) != 4:
+        return "only 2-D convs have an int8 kernel"
+    if conv.attr("group", 1) != 1:
+        return "grouped convs have no int8 kernel yet"
+    if any(d != 1 for d in conv.attr("dilations", ()) or ()):
+        return "dilated convs have no int8 kernel yet"
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return "the conv uses auto_pad"
+    b = conv.input(2)
+    if b is not None and not b.is_constant:
+        return "its bias is not a constant"
+    return None
+
+
+def quantizable_layers(graph: Graph) -> list[QuantLayer]:
+    """The layers of ``graph`` that kiln can run in int8, in graph order.
+
+    Convs that the VNNI kernel takes, and residual Adds/Sums of two float tensors of one
+    shape of which at least one is a quantizable conv's output (possibly through a Relu):
+    quantizing those lets the add run in the conv's write-back.
+    """
+    layers: list[QuantLayer] = []
+    conv_outputs: set[int] = set()
+    for n in graph.nodes:
+        if n.domain or n.op_type not in ("Conv", "Add", "Sum"):
+            continue
+        if n.op_type == "Conv":
+            if int8_conv_problem(n) is None and n.inputs[0].dtype == DType.FLOAT32:
+                layers.append(QuantLayer(n.name, "conv", n, (n.inputs[0],)))
+                conv_outputs.add(id(_through_relu(n.outputs[0])))
+            continue
+        ins = [v for v in n.inputs if v is not None]
+        if (len(ins) == 2 and all(v.dtype == DType.FLOAT32 and v.shape is not None and len(v.shape) == 4 for v in ins)
+                and ins[0].shape == ins[1].shape and any(id(v) in conv_outputs for v in ins)):
+            layers.append(QuantLayer(n.name, "add", n, tuple(ins)))
+    return layers
+
+
+def _through_relu(v: Value) -> Value:
+    """``Relu(v)`` when that Relu is v's only reader, else ``v``."""
+    users = v.users
+    if len(users) == 1 and users[0].op_type == "Relu" and not users[0].domain and not v.is_graph_output:
+        return users[0].outputs[0]
+    return v
+
+
+class _Groups:
+    """Union-find over tensors that must share a scale (joined by layout-transparent ops)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.values: dict[int, Value] = {}
+
+    def find(self, v: Value) -> int:
+        k = id(v)
+        self.values.setdefault(k, v)
+        self.parent.setdefault(k, k)
+        while self.parent[k] != k:
+            self.parent[k] = self.parent[self.parent[k]]
+            k = self.parent[k]
+        return k
+
+    def union(self, a: Value, b: Value) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+    def members(self, v: Value) -> list[Value]:
+        root = self.find(v)
+        return [self.values[k] for k in list(self.parent) if self.find(self.values[k]) == root]
+
+
+def _transparent_groups(graph: Graph, seeds: list[Value]) -> _Groups:
+    """Tensors connected to ``seeds`` through layout-transparent float ops."""
+    groups = _Groups()
+    for n in graph.nodes:
+        if n.domain or n.op_type not in TRANSPARENT_OPS:
+            continue
+        data = [n.inputs[0]] if n.op_type != "Concat" else [v for v in n.inputs if v is not None]
+        outs = [o for o in n.outputs if o.name]
+        if n.op_type == "MaxPool" and len(outs) > 1:
+            continue  # the indices output is not data
+        if any(v is None or v.dtype != DType.FLOAT32 for v in [*data, *outs]):
+            continue
+        for v in [*data, *outs]:
+            groups.union(data[0], v)
+    for v in seeds:
+        groups.find(v)
+    return groups
+
+
+def quantized_tensors(graph: Graph, layers: list[QuantLayer]) -> list[Value]:
+    """Every tensor that quantizing ``layers`` quantizes, in graph order: the layers' inputs,
+    and the tensors that share their scale through layout-transparent ops."""
+    seeds = [v for layer in layers for v in layer.inputs]
+    groups = _transparent_groups(graph, seeds)
+    roots = {groups.find(v) for v in seeds}
+    chosen = {id(v): v for v in seeds}
+    for k, v in groups.values.items():
+        if groups.find(v) in roots:
+            chosen[k] = v
+    order = {id(v): i for i, v in enumerate([*graph.inputs, *(o for n in graph.nodes for o in n.outputs)])}
+    return sorted(chosen.values(), key=lambda v: order.get(id(v), -1))
+
+
+def scale_groups(graph: Graph, tensors: list[Value]) -> dict[str, list[str]]:
+    """Tensor name -> the names of the quantized tensors that must share its scale."""
+    groups = _transparent_groups(graph, tensors)
+    names = {id(v) for v in tensors}
+    return {v.name: [m.name for m in groups.members(v) if id(m) in names] for v in tensors}
+
+
+def weight_quantization(w: np.ndarray, *, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights in [-127, 127] and their scales (per output channel, or one)."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if per_channel else np.abs(w).max(keepdims=True)
+    scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    shaped = scale.reshape(-1, *([1] * (w.ndim - 1))) if per_channel else scale.reshape(())
+    q = np.clip(np.round(w / shaped), -127, 127).astype(np.int8)
+    return q, scale if per_channel else scale.reshape(())
+
+
+def bias_quantization(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An int32 bias at scale ``x_scale * w_scale`` (zero point 0), as the int8 conv adds it."""
+    scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)  # w_scale's shape
+    q = np.clip(np.round(np.asarray(b, np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    return q, scale
+
+
+@dataclass
+class Quantize(Pass):
+    """Quantize a float model's layers to int8 from calibrated ranges (see ``kiln.calibrate``).
+
+    ``ranges`` maps tensor names to their calibrated ``(min, max)``; ``layers`` names the
+    layers to quantize (None: every quantizable layer); ``keep_float`` names layers to leave
+    in float. A tensor without a range is left in float, with the layers that read it.
+    """
+
+    name: ClassVar[str] = "quantize"
+    description: ClassVar[str] = "insert Q/DQ around int8-capable layers from calibrated ranges"
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_channel: bool = True
+    symmetric: bool = False
+    keep_float: frozenset[str] = frozenset()
+    params: dict[str, QParams] = field(default_factory=dict, init=False)  # what the last run chose
+
+    def plan(self, graph: Graph) -> tuple[list[QuantLayer], dict[str, QParams]]:
+        """The enabled layers and each quantized tensor's parameters (groups share the union range)."""
+        layers = [ly for ly in quantizable_layers(graph) if ly.name not in self.keep_float
+                  and all(v.name in self.ranges for v in ly.inputs)]
+        tensors = quantized_tensors(graph, layers)
+        groups = scale_groups(graph, tensors)
+        params: dict[str, QParams] = {}
+        for v in tensors:
+            names = [n for n in groups[v.name] if n in self.ranges] or [v.name]
+            if not any(n in self.ranges for n in names):
+                continue
+            lo = min(self.ranges[n][0] for n in names if n in self.ranges)
+            hi = max(self.ranges[n][1] for n in names if n in self.ranges)
+            params[v.name] = QParams.from_range(lo, hi, symmetric=self.symmetric)
+        layers = [ly for ly in layers if all(v.name in params for v in ly.inputs)]
+        return layers, params
+
+    def run(self, graph: Graph) -> PassResult:
+        if not self.ranges:
+            return PassResult.of(graph, 0)
+        if graph.model_opset.get("", 0) < 13:
+            raise ValueError(f"quantize needs ai.onnx opset 13 or later (per-axis QuantizeLinear); the model has "
+                             f"{graph.model_opset.get('', 0)}")
+        layers, params = self.plan(graph)
+        self.params = params
+        float_readers = {id(n) for ly in quantizable_layers(graph) if ly.name in self.keep_float for n in [ly.node]}
+        values = {v.name: v for v in quantized_tensors(graph, layers)}
+        dq_of: dict[str, Value] = {}
+        for name, p in params.items():
+            dq_of[name] = _insert_qdq(graph, values[name], p, float_readers)
+        for ly in layers:
+            if ly.kind == "conv":
+                self._quantize_weights(graph, ly.node, params[ly.inputs[0].name])
+        graph.sort()
+        infer_shapes(graph)
+        return PassResult.of(graph, len(params) + len(layers), {"quantized-tensors": len(params),
+                                                                "int8-layers": len(layers)})
+
+    def _quantize_weights(self, graph: Graph, conv: Node, x: QParams) -> None:
+        op = RewriteBuilder(graph, conv)
+        w = conv.input(1)
+        wq, ws = weight_quantization(w.numpy(), per_channel=self.per_channel)
+        axis = {"axis": 0} if self.per_channel else {}
+        conv.set_input(1, op.DequantizeLinear(op.constant(wq, f"{w.name}_int8"), op.constant(ws, f"{w.name}_scale"),
+                                              op.constant(np.zeros(ws.shape, np.int8), f"{w.name}_zero_point"), **axis))
+        b = conv.input(2)
+        if b is not None:
+            bq, bs = bias_quantization(b.numpy(), x.scale, ws)
+            conv.set_input(2, op.DequantizeLinear(op.constant(bq, f"{b.name}_int32"), op.constant(bs, f"{b.name}_scale"),
+                                                  op.constant(np.zeros(bs.shape, np.int32), f"{b.name}_zero_point"),
+                                                  **axis))
+
+
+def _insert_qdq(graph: Graph, v: Value, p: QParams, float_readers: set[int]) -> Value:
+    """``DQ(Q(v))`` read by all of v's readers but the float-kept layers; a Relu that only clips
+    what uint8 with zero point 0 clips anyway is bypassed."""
+    source = v
+    producer = v.producer
+    if (p.zero_point == 0 and producer is not None and producer.op_type == "Relu" and not producer.domain
+            and len(producer.inputs[0].uses) == 1 and not producer.inputs[0].is_graph_output
+            and not producer.inputs[0].is_graph_input):
+        source = producer.inputs[0]
+    readers = [u for u in v.uses if id(u.node) not in float_readers]
+    if not readers:
+        return v
+    first = {id(u.node) for u in readers}
+    anchor = next(n for n in graph.nodes if id(n) in first)
+    op = RewriteBuilder(graph, anchor)
+    s, z = op.constant(np.float32(p.scale), f"{v.name}_scale"), op.constant(np.uint8(p.zero_point), f"{v.name}_zero_point")
+    dq = op.DequantizeLinear(op.QuantizeLinear(source, s, z, _name=f"{v.name}_quantize"), s, z,
+                             _name=f"{v.name}_dequantize")
+    for use in readers:
+        use.node.set_input(use.index, dq)
+    return dq
+
+
+register_pass(Quantize)
+
+
+def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, QParams], *,
+                     per_channel: bool = True) -> tuple[Graph, str]:
+    """A float copy of ``graph`` in which each layer's int8 arithmetic is simulated behind a mask.
+
+    The copy takes one more input, ``kiln_layer_mask`` (float32, one entry per layer): where
+    entry i is 1, layer i reads its activations through ``DQ(Q(x))`` with the parameters the
+    quantize pass would use, and a conv uses its dequantized int8 weights and int32 bias.
+    One compile of this model measures any set of layers in int8 (sensitivity, budgets);
+    a conv computes both weight versions, so it runs at about twice the float cost.
+    """
+    from kiln.ir import clone_graph
+
+    g = clone_graph(graph)
+    by_name = {n.name: n for n in g.nodes}
+    mask = g.add_input(g.fresh_name("kiln_layer_mask"), DType.FLOAT32, (len(layers),))
+    op = RewriteBuilder(g, None)
+    for i, layer in enumerate(layers):
+        node = by_name[layer.name]
+        op._anchor = node
+        on = op.Greater(op.Gather(mask, op.constant(np.int64(i), f"mask_index_{i}"), axis=0),
+                        op.constant(np.float32(0.5), "half"))
+        for k, original in enumerate(layer.inputs):  # by position: an earlier layer may have gated the value
+            v = node.input(k)
+            p = params[original.name]
+            s, z = op.constant(np.float32(p.scale), f"{original.name}_scale"), op.constant(np.uint8(p.zero_point),
+                                                                                           f"{original.name}_zp")
+            node.set_input(k, op.Where(on, op.DequantizeLinear(op.QuantizeLinear(v, s, z), s, z), v))
+        if layer.kind != "conv":
+            continue
+        w, b = node.input(1), node.input(2)
+        wq, ws = weight_quantization(w.numpy(), per_channel=per_channel)
+        shaped = ws.reshape(-1, 1, 1, 1) if per_channel else ws
+        inputs = [node.input(0), op.constant((wq.astype(np.float32) * shaped).astype(np.float32), f"{w.name}_fq")]
+        if b is not None:
+            bq, bs = bias_quantization(b.numpy(), params[layer.inputs[0].name].scale, ws)
+            inputs.append(op.constant((bq.astype(np.float64) * bs).astype(np.float32), f"{b.name}_fq"))
+        y = node.outputs[0]
+        readers = list(y.uses)
+        gated = op.Where(on, op.Conv(*inputs, **copy_attrs(node)), y)
+        for use in readers:
+            use.node.set_input(use.index, gated)
+        if y.is_graph_output:  # the output keeps its name
+            name = y.name
+            g.rename_value(y, g.fresh_name(f"{name}_float"))
+            g.rename_value(gated, name)
+            g.outputs = [gated if v is y else v for v in g.outputs]
+    g.sort()
+    infer_shapes(g)
+    return g, mask.name
