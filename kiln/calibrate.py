@@ -364,6 +364,9 @@ class QuantizeSession:
                                 f"compile it without --quantize")
         if self.input_shapes:
             set_input_shapes(graph, self.input_shapes)
+        from kiln.codegen.build import check_compilable_signature
+
+        check_compilable_signature(graph)  # calibration runs the model: its input shapes must be known
         self.graph, _ = PassManager(passes_for(names=FLOAT_PREP)).run(graph)
         self.layers = quantizable_layers(self.graph)
         if not self.layers:

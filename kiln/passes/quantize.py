@@ -96,7 +96,45 @@ QDQ_CONV = RewriteRule(
     atol=0.0501, description="Q(Conv(DQ(x), DQ(w), DQ(b))) from a QDQ model is the QLinearConv it stands for: "
                              "the conv runs on integers.")
 
-RULES = [QDQ_CONV]
+def _qdq_maxpool_pattern(op, xq):
+    x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq")
+    return op.QuantizeLinear(op.MaxPool(x, _name="pool"), Const("ys"), Const("yzp"), _name="q")
+
+
+def _qdq_maxpool_check(ctx: MatchContext, xq: Value, xs: Value, xzp: Value, ys: Value, yzp: Value,
+                       pool: Node) -> MatchResult:
+    if xq.dtype not in (DType.UINT8, DType.INT8) or yzp.dtype != xq.dtype:
+        return MatchResult.fail(f"input {xq.dtype} and output {yzp.dtype} are not the same 8-bit type")
+    if not all(_scalar(v) for v in (xs, xzp, ys, yzp)):
+        return MatchResult.fail("scales and zero points must be per tensor")
+    if (xs.numpy().astype(np.float32).reshape(()) != ys.numpy().astype(np.float32).reshape(())
+            or xzp.numpy().reshape(()) != yzp.numpy().reshape(()) or float(xs.numpy().reshape(())) <= 0):
+        return MatchResult.fail("the pool's input and output are quantized differently: it would requantize")
+    if len([o for o in pool.outputs if o.name]) > 1:
+        return MatchResult.fail("the pool's indices output is used")
+    return MatchResult.ok()
+
+
+def _qdq_maxpool_rewrite(op, xq, pool):
+    return op.MaxPool(xq, **copy_attrs(pool))
+
+
+def _qdq_maxpool_example() -> Graph:
+    def build(op, x):
+        s, z = op.constant(np.float32(0.04)), op.constant(np.uint8(10))
+        p = op.MaxPool(op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z), kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                       strides=[2, 2])
+        return op.DequantizeLinear(op.QuantizeLinear(p, s, z), s, z)
+
+    return example_graph("qdq_maxpool", {"x": (DType.FLOAT32, (1, 5, 9, 9))}, build, opset=17)
+
+
+# exact: a positive scale keeps the order, so the max of the integers is the integer of the max
+QDQ_MAXPOOL = RewriteRule(
+    "qdq-maxpool", _qdq_maxpool_pattern, _qdq_maxpool_rewrite, check=_qdq_maxpool_check, example=_qdq_maxpool_example,
+    rtol=0, atol=0, description="Q(MaxPool(DQ(x))) with one scale and zero point is MaxPool on the 8-bit values.")
+
+RULES = [QDQ_CONV, QDQ_MAXPOOL]
 
 
 # =========================================================================== float models: kiln's own quantizer
@@ -155,6 +193,9 @@ class QuantLayer:
     kind: str  # "conv" or "add"
     node: Node
     inputs: tuple[Value, ...]
+    #: The output the layer quantizes itself (after a Relu it feeds alone): set when no layer
+    #: reads it (an activation, a pool or a head does), so the layer still ends in uint8.
+    output: Value | None = None
 
 
 def int8_conv_problem(conv: Node) -> str | None:
@@ -198,6 +239,11 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
         if (len(ins) == 2 and all(v.dtype == DType.FLOAT32 and v.shape is not None and len(v.shape) == 4 for v in ins)
                 and ins[0].shape == ins[1].shape and any(id(v) in conv_outputs for v in ins)):
             layers.append(QuantLayer(n.name, "add", n, tuple(ins)))
+    nodes = {id(ly.node) for ly in layers}
+    for ly in layers:
+        out = _through_relu(ly.node.outputs[0])
+        if out.uses and not out.is_graph_output and not any(id(u.node) in nodes for u in out.uses):
+            ly.output = out
     return layers
 
 
@@ -255,9 +301,9 @@ def _transparent_groups(graph: Graph, seeds: list[Value]) -> _Groups:
 
 
 def quantized_tensors(graph: Graph, layers: list[QuantLayer]) -> list[Value]:
-    """Every tensor that quantizing ``layers`` quantizes, in graph order: the layers' inputs,
-    and the tensors that share their scale through layout-transparent ops."""
-    seeds = [v for layer in layers for v in layer.inputs]
+    """Every tensor that quantizing ``layers`` quantizes, in graph order: the layers' inputs and
+    own outputs, and the tensors that share their scale through layout-transparent ops."""
+    seeds = [v for layer in layers for v in (*layer.inputs, *([layer.output] if layer.output else []))]
     groups = _transparent_groups(graph, seeds)
     roots = {groups.find(v) for v in seeds}
     chosen = {id(v): v for v in seeds}
@@ -275,11 +321,25 @@ def scale_groups(graph: Graph, tensors: list[Value]) -> dict[str, list[str]]:
     return {v.name: [m.name for m in groups.members(v) if id(m) in names] for v in tensors}
 
 
-def weight_quantization(w: np.ndarray, *, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 weights in [-127, 127] and their scales (per output channel, or one)."""
+#: The int32 bias may use this much of its range: the kernel adds ``-x_zp * sum(w)`` (at most
+#: 255 * 127 per reduction element) to it, and 2**30 leaves room for reductions up to 33,000.
+BIAS_LIMIT = 2**30
+
+
+def weight_quantization(w: np.ndarray, *, per_channel: bool = True, bias: np.ndarray | None = None,
+                        x_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights in [-127, 127] and their scales (per output channel, or one).
+
+    With ``bias`` and ``x_scale``, a scale is raised where the bias would not fit int32 at
+    ``x_scale * w_scale`` (a channel of near-zero weights with a large bias, as after folding a
+    BatchNorm): that channel's weights get coarser instead of its bias overflowing.
+    """
     w = np.asarray(w, np.float32)
     amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if per_channel else np.abs(w).max(keepdims=True)
     scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    if bias is not None and x_scale:
+        need = np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * BIAS_LIMIT)
+        scale = np.maximum(scale, (need if per_channel else need.max(keepdims=True)).astype(np.float32))
     shaped = scale.reshape(-1, *([1] * (w.ndim - 1))) if per_channel else scale.reshape(())
     q = np.clip(np.round(w / shaped), -127, 127).astype(np.int8)
     return q, scale if per_channel else scale.reshape(())
@@ -288,7 +348,7 @@ def weight_quantization(w: np.ndarray, *, per_channel: bool = True) -> tuple[np.
 def bias_quantization(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An int32 bias at scale ``x_scale * w_scale`` (zero point 0), as the int8 conv adds it."""
     scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)  # w_scale's shape
-    q = np.clip(np.round(np.asarray(b, np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    q = np.clip(np.round(np.asarray(b, np.float64) / scale), -BIAS_LIMIT, BIAS_LIMIT).astype(np.int32)
     return q, scale
 
 
@@ -349,12 +409,12 @@ class Quantize(Pass):
 
     def _quantize_weights(self, graph: Graph, conv: Node, x: QParams) -> None:
         op = RewriteBuilder(graph, conv)
-        w = conv.input(1)
-        wq, ws = weight_quantization(w.numpy(), per_channel=self.per_channel)
+        w, b = conv.input(1), conv.input(2)
+        wq, ws = weight_quantization(w.numpy(), per_channel=self.per_channel,
+                                     bias=b.numpy() if b is not None else None, x_scale=x.scale)
         axis = {"axis": 0} if self.per_channel else {}
         conv.set_input(1, op.DequantizeLinear(op.constant(wq, f"{w.name}_int8"), op.constant(ws, f"{w.name}_scale"),
                                               op.constant(np.zeros(ws.shape, np.int8), f"{w.name}_zero_point"), **axis))
-        b = conv.input(2)
         if b is not None:
             bq, bs = bias_quantization(b.numpy(), x.scale, ws)
             conv.set_input(2, op.DequantizeLinear(op.constant(bq, f"{b.name}_int32"), op.constant(bs, f"{b.name}_scale"),
@@ -394,7 +454,8 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
 
     The copy takes one more input, ``kiln_layer_mask`` (float32, one entry per layer): where
     entry i is 1, layer i reads its activations through ``DQ(Q(x))`` with the parameters the
-    quantize pass would use, and a conv uses its dequantized int8 weights and int32 bias.
+    quantize pass would use, a conv uses its dequantized int8 weights and int32 bias, and an
+    output the layer quantizes itself goes through ``DQ(Q(y))``.
     One compile of this model measures any set of layers in int8 (sensitivity, budgets);
     a conv computes both weight versions, so it runs at about twice the float cost.
     """
@@ -402,23 +463,33 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
 
     g = clone_graph(graph)
     by_name = {n.name: n for n in g.nodes}
+    conv_out: dict[str, Value] = {}  # a conv's output name -> its gated value
     mask = g.add_input(g.fresh_name("kiln_layer_mask"), DType.FLOAT32, (len(layers),))
     op = RewriteBuilder(g, None)
+
+    def bit(i: int) -> Value:
+        return op.Greater(op.Gather(mask, op.constant(np.int64(i), f"mask_index_{i}"), axis=0),
+                          op.constant(np.float32(0.5), "half"))
+
+    def fake_quant(on: Value, v: Value, p: QParams, name: str) -> Value:
+        s, z = op.constant(np.float32(p.scale), f"{name}_scale"), op.constant(np.uint8(p.zero_point), f"{name}_zp")
+        return op.Where(on, op.DequantizeLinear(op.QuantizeLinear(v, s, z), s, z), v)
+
+    def gate_readers(v: Value, gated: Value, readers: list) -> None:
+        for use in readers:
+            use.node.set_input(use.index, gated)
+
     for i, layer in enumerate(layers):
         node = by_name[layer.name]
         op._anchor = node
-        on = op.Greater(op.Gather(mask, op.constant(np.int64(i), f"mask_index_{i}"), axis=0),
-                        op.constant(np.float32(0.5), "half"))
+        on = bit(i)
         for k, original in enumerate(layer.inputs):  # by position: an earlier layer may have gated the value
-            v = node.input(k)
-            p = params[original.name]
-            s, z = op.constant(np.float32(p.scale), f"{original.name}_scale"), op.constant(np.uint8(p.zero_point),
-                                                                                           f"{original.name}_zp")
-            node.set_input(k, op.Where(on, op.DequantizeLinear(op.QuantizeLinear(v, s, z), s, z), v))
+            node.set_input(k, fake_quant(on, node.input(k), params[original.name], original.name))
         if layer.kind != "conv":
             continue
         w, b = node.input(1), node.input(2)
-        wq, ws = weight_quantization(w.numpy(), per_channel=per_channel)
+        wq, ws = weight_quantization(w.numpy(), per_channel=per_channel, bias=b.numpy() if b is not None else None,
+                                     x_scale=params[layer.inputs[0].name].scale)
         shaped = ws.reshape(-1, 1, 1, 1) if per_channel else ws
         inputs = [node.input(0), op.constant((wq.astype(np.float32) * shaped).astype(np.float32), f"{w.name}_fq")]
         if b is not None:
@@ -426,14 +497,21 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
             inputs.append(op.constant((bq.astype(np.float64) * bs).astype(np.float32), f"{b.name}_fq"))
         y = node.outputs[0]
         readers = list(y.uses)
-        gated = op.Where(on, op.Conv(*inputs, **copy_attrs(node)), y)
-        for use in readers:
-            use.node.set_input(use.index, gated)
+        gated = conv_out[y.name] = op.Where(on, op.Conv(*inputs, **copy_attrs(node)), y)
+        gate_readers(y, gated, readers)
         if y.is_graph_output:  # the output keeps its name
             name = y.name
             g.rename_value(y, g.fresh_name(f"{name}_float"))
             g.rename_value(gated, name)
             g.outputs = [gated if v is y else v for v in g.outputs]
+    values = {v.name: v for v in g.values()}
+    for i, layer in enumerate(layers):  # the outputs layers quantize themselves, behind the same mask
+        if layer.output is None or layer.output.name not in params:
+            continue
+        v = conv_out.get(layer.output.name) or values[layer.output.name]
+        readers = list(v.uses)
+        op._anchor = readers[0].node
+        gate_readers(v, fake_quant(bit(i), v, params[layer.output.name], layer.output.name), readers)
     g.sort()
     infer_shapes(g)
     return g, mask.name
