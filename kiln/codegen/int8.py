@@ -83,12 +83,14 @@ def has_vnni() -> bool:
 
 def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[int, int] = (1, 1),
               pads: tuple[int, int, int, int] = (0, 0, 0, 0), x_zero_point: int = 0, y_zero_point: int = 0,
-              relu: bool = False, residual: tuple[Any, dict[str, Any]] | None = None) -> Any:
+              relu: bool = False, residual: tuple[Any | None, dict[str, Any]] | None = None) -> Any:
     """The TE compute of a blocked int8 conv (group 1).
 
     ``x``: uint8 ``[N, C/16, H, W, 16]``; ``w``: packed int8; ``bias``: int32 ``[K]`` with the
     input zero point's term folded in (``bias - x_zp * sum(w)``); ``scale``: float32 ``[K]``
-    (``x_scale * w_scale / y_scale``), or None for int32 output ``acc + bias``.
+    (``x_scale * w_scale / y_scale``), or None for int32 output ``acc + bias``. ``residual`` is
+    ``(z or None, attrs)``: the write-back step after the requantize (a uint8 residual add and/or
+    an activation, requantized to ``out_scale``; see ``kiln::QBlockedConv``).
     """
     from tvm import te, tirx
 
@@ -124,10 +126,15 @@ def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[in
         def f32(v: float) -> Any:
             return tirx.const(v, "float32")
 
-        v = ((y - y_zero_point).astype("float32") * f32(a["y_scale"])
-             + (z[i, k, y_, v_, j].astype("int32") - a["z_zero_point"]).astype("float32") * f32(a["z_scale"]))
+        v = (y - y_zero_point).astype("float32") * f32(a["y_scale"])
+        if z is not None:
+            v = v + (z[i, k, y_, v_, j].astype("int32") - a["z_zero_point"]).astype("float32") * f32(a["z_scale"])
         if a["out_relu"]:
             v = tirx.max(v, f32(0.0))
+        if a.get("activation"):
+            from kiln.codegen.lower import activation_expr
+
+            v = activation_expr(v, a["activation"], tuple(a.get("activation_params", ())))
         out = tirx.nearbyint(v / f32(a["out_scale"])) + f32(float(a["out_zero_point"]))
         return tirx.max(tirx.min(out, f32(255.0)), f32(0.0)).astype("uint8")
 

@@ -114,12 +114,14 @@ def _qblocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     strides = tuple(node.attr("strides", ()) or (1, 1))
     xzp, yzp, relu = node.attr("x_zero_point", 0), node.attr("y_zero_point", 0), bool(node.attr("relu", 0))
     has_z = node.input(4) is not None
-    residual_attrs = {k: node.attr(k, d) for k, d in (("y_scale", 1.0), ("z_scale", 1.0), ("z_zero_point", 0),
-                                                       ("out_scale", 1.0), ("out_zero_point", 0), ("out_relu", 0))}
+    post = {k: node.attr(k, d) for k, d in (("y_scale", 1.0), ("z_scale", 1.0), ("z_zero_point", 0),
+                                             ("out_scale", 1.0), ("out_zero_point", 0), ("out_relu", 0))}
+    post["activation"] = node.attr("activation", "") or ""
+    post["activation_params"] = tuple(node.attr("activation_params", ()) or ())
 
     def compute(x: Any, w: Any, b: Any, s: Any, *z: Any) -> Any:
         return conv_int8(x, w, b, s, strides=strides, pads=pads, x_zero_point=xzp, y_zero_point=yzp, relu=relu,
-                         residual=(z[0], residual_attrs) if z else None)
+                         residual=(z[0] if z else None, post) if z or post["activation"] else None)
 
     args = [lw.get(node.input(i)) for i in range(5 if has_z else 4)]
     return [lw.emit(compute, *args, name="qblocked_conv", attrs={"kiln.schedule": "conv_nchwc_int8"})]

@@ -542,23 +542,29 @@ register_kiln_op("BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE
 #     as uint8, with ``lo = y_zero_point`` when ``relu`` (a fused ReLU) and 0 otherwise. The bias
 #     folds the input zero point in (``bias - x_zero_point * sum(W[k])``), and S is
 #     ``x_scale * w_scale[k] / y_scale``. Channel counts are the padded ones.
-#     With a fifth input Z (uint8, Y's shape: a residual), Y goes on through what a QDQ model
-#     writes after a conv's output, in float32: ``v = (Y - y_zero_point) * y_scale +
-#     (Z - z_zero_point) * z_scale``, ``max(v, 0)`` if ``out_relu``, then
+#     With a fifth input Z (uint8, Y's shape: a residual), or an ``activation``, Y goes on through
+#     what a QDQ model writes after a conv's output, in float32: ``v = (Y - y_zero_point) * y_scale
+#     (+ (Z - z_zero_point) * z_scale)``, ``max(v, 0)`` if ``out_relu``, the activation (one of
+#     the epilogue activations above, with ``activation_params``), then
 #     ``clip(round_half_even(v / out_scale) + out_zero_point, 0, 255)`` as uint8.
 _QCONV_ATTRS = {"pads": (AttrType.INTS, ()), "strides": (AttrType.INTS, ()), "kernel_shape": (AttrType.INTS, ()),
                 "x_zero_point": (AttrType.INT, 0), "y_zero_point": (AttrType.INT, 0), "relu": (AttrType.INT, 0),
                 "y_scale": (AttrType.FLOAT, 1.0), "z_scale": (AttrType.FLOAT, 1.0), "z_zero_point": (AttrType.INT, 0),
-                "out_scale": (AttrType.FLOAT, 1.0), "out_zero_point": (AttrType.INT, 0), "out_relu": (AttrType.INT, 0)}
+                "out_scale": (AttrType.FLOAT, 1.0), "out_zero_point": (AttrType.INT, 0), "out_relu": (AttrType.INT, 0),
+                **_EPILOGUE_ATTRS}
 
 
-def qresidual_array(y: np.ndarray, z: np.ndarray, y_scale: float, y_zero_point: int, z_scale: float,
-                    z_zero_point: int, out_scale: float, out_zero_point: int, out_relu: int) -> np.ndarray:
-    """uint8 ``Q(Relu?(DQ(y) + DQ(z)))`` in float32, the residual step of QBlockedConv."""
+def qresidual_array(y: np.ndarray, z: np.ndarray | None, y_scale: float, y_zero_point: int, z_scale: float,
+                    z_zero_point: int, out_scale: float, out_zero_point: int, out_relu: int, activation: str = "",
+                    activation_params: Sequence[float] = ()) -> np.ndarray:
+    """uint8 ``Q(act(Relu?(DQ(y) + DQ(z))))`` in float32, the write-back step of QBlockedConv."""
     f32 = np.float32
-    v = (y.astype(f32) - f32(y_zero_point)) * f32(y_scale) + (z.astype(f32) - f32(z_zero_point)) * f32(z_scale)
+    v = (y.astype(f32) - f32(y_zero_point)) * f32(y_scale)
+    if z is not None:
+        v = v + (z.astype(f32) - f32(z_zero_point)) * f32(z_scale)
     if out_relu:
         v = np.maximum(v, f32(0))
+    v = apply_activation(v, activation, activation_params).astype(f32)
     q = np.rint(v / f32(out_scale)) + f32(out_zero_point)
     return np.clip(q, 0, 255).astype(np.uint8)
 
@@ -581,7 +587,8 @@ def unpack_qconv_weight(w: np.ndarray) -> np.ndarray:
 
 
 def qblocked_conv(x, w, b, s, z=None, pads=(), strides=(), kernel_shape=(), x_zero_point=0, y_zero_point=0, relu=0,
-                  y_scale=1.0, z_scale=1.0, z_zero_point=0, out_scale=1.0, out_zero_point=0, out_relu=0):
+                  y_scale=1.0, z_scale=1.0, z_zero_point=0, out_scale=1.0, out_zero_point=0, out_relu=0, activation="",
+                  activation_params=()):
     """kiln::QBlockedConv: int8 conv with int32 accumulation and a fused requantize, on NCHW16c."""
     xs = from_blocked_array(x).astype(np.int64)
     wk = unpack_qconv_weight(w).astype(np.int64)
@@ -600,8 +607,9 @@ def qblocked_conv(x, w, b, s, z=None, pads=(), strides=(), kernel_shape=(), x_ze
     acc += b.astype(np.int64)[None, :, None, None]
     q = np.rint(acc.astype(np.float32) * s.astype(np.float32)[None, :, None, None]).astype(np.int64) + y_zero_point
     y = to_blocked_array(np.clip(q, y_zero_point if relu else 0, 255).astype(np.uint8), w.shape[5])
-    if z is not None:
-        y = qresidual_array(y, z, y_scale, y_zero_point, z_scale, z_zero_point, out_scale, out_zero_point, out_relu)
+    if z is not None or activation:
+        y = qresidual_array(y, z, y_scale, y_zero_point, z_scale, z_zero_point, out_scale, out_zero_point, out_relu,
+                            activation, activation_params)
     return (y,)
 
 
@@ -640,7 +648,8 @@ def _decompose_qblocked_conv(op: Any, node: Node, inputs: Sequence[Value | None]
     nhwc = op.Transpose(y, perm=[0, 2, 3, 1])
     target = op.Concat(op.constant(np.array([0, 0, 0, -1], np.int64)), dims(w, 5, 6), axis=0)
     y = op.Transpose(op.Reshape(nhwc, target), perm=[0, 3, 1, 2, 4])
-    if z is None:
+    act = node.attr("activation", "") or ""
+    if z is None and not act:
         return [y]
 
     def f32(v: float) -> Value:
@@ -649,12 +658,16 @@ def _decompose_qblocked_conv(op: Any, node: Node, inputs: Sequence[Value | None]
     def dq(t: Value, scale: float, zp: int) -> Value:
         return op.Mul(op.Sub(op.Cast(t, to=1), f32(zp)), f32(scale))
 
-    v = op.Add(dq(y, node.attr("y_scale", 1.0), yzp), dq(z, node.attr("z_scale", 1.0), node.attr("z_zero_point", 0)))
+    v = dq(y, node.attr("y_scale", 1.0), yzp)
+    if z is not None:
+        v = op.Add(v, dq(z, node.attr("z_scale", 1.0), node.attr("z_zero_point", 0)))
     if node.attr("out_relu", 0):
         v = op.Relu(v)
+    if act:
+        v = decompose_activation(op, v, act, tuple(node.attr("activation_params", ()) or ()), opset)
     q = op.Add(op.Round(op.Div(v, f32(node.attr("out_scale", 1.0)))), f32(node.attr("out_zero_point", 0)))
     return [op.Cast(op.Max(op.Min(q, f32(255)), f32(0)), to=2)]
 
 
 register_kiln_op("QBlockedConv", inputs=(4, 5), attrs=_QCONV_ATTRS, infer=_qblocked_conv_shape,
-                 decompose=_decompose_qblocked_conv)(qblocked_conv)
+                 decompose=_decompose_qblocked_conv, validate=_validate_epilogue)(qblocked_conv)

@@ -32,12 +32,13 @@ move into the blocked region (not Exp, Sqrt, Div), and Concat moves only unpadde
 from __future__ import annotations
 
 import functools
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
 
 from kiln.ir import DType, Graph, Node, Value
-from kiln.passes.fuse_conv import per_channel
+from kiln.passes.fuse_conv import ACTIVATION_PATTERNS, _example_activation, per_channel
 from kiln.passes.manager import Pass, PassResult, register_pass
 from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
 from kiln.passes.rules import MatchContext, RewriteRule, apply_rules, example_graph, register_rule
@@ -231,6 +232,19 @@ QLINEARCONV_BLOCKED = RewriteRule(
                              "point folded into the bias.")
 
 
+def _example_qconv(op, xq: Value, rng: np.random.Generator, *, y_zero_point: int) -> Value:
+    """For rule examples: a 3x3 int8 conv from 24 to 20 channels (both padded to 32) on blocked ``xq``
+    (input zero point 120), with per-channel requantize scales."""
+    from kiln.ir.kiln_ops import pack_qconv_weight
+
+    w = pack_qconv_weight(rng.integers(-127, 128, (20, 24, 3, 3)).astype(np.int8))
+    s = np.zeros(32, np.float32)
+    s[:20] = rng.random(20).astype(np.float32) * 2e-3 + 1e-4
+    return op.kiln.QBlockedConv(xq, op.constant(w), op.constant(rng.integers(-2000, 2000, 32).astype(np.int32)),
+                                op.constant(s), pads=[1, 1, 1, 1], kernel_shape=[3, 3], x_zero_point=120,
+                                y_zero_point=y_zero_point)
+
+
 def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
     """``Q(Relu?(DQ(QBlockedConv(...)) + DQ(z)))`` folds into the conv: the residual add of a QDQ model."""
 
@@ -263,8 +277,6 @@ def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
         return op.kiln.QBlockedConv(x, w, b, s, z, **attrs)
 
     def example() -> Graph:
-        from kiln.ir.kiln_ops import pack_qconv_weight
-
         rng = _rng()
 
         def build(op, x, r):  # a 3x3 int8 conv (24 -> 20 channels, padded) plus a uint8 residual
@@ -272,12 +284,7 @@ def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
                                    block=INT8_BLOCK)
             rq = op.kiln.ToBlocked(op.QuantizeLinear(r, op.constant(np.float32(0.04)), op.constant(np.uint8(30))),
                                    block=INT8_BLOCK)
-            w = pack_qconv_weight(rng.integers(-127, 128, (20, 24, 3, 3)).astype(np.int8))
-            s = np.zeros(32, np.float32)
-            s[:20] = rng.random(20).astype(np.float32) * 2e-3 + 1e-4
-            c = op.kiln.QBlockedConv(xq, op.constant(w), op.constant(rng.integers(-2000, 2000, 32).astype(np.int32)),
-                                     op.constant(s), pads=[1, 1, 1, 1], kernel_shape=[3, 3], x_zero_point=120,
-                                     y_zero_point=90)
+            c = _example_qconv(op, xq, rng, y_zero_point=90)
             dc = op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(90)))
             dr = op.DequantizeLinear(rq, op.constant(np.float32(0.04)), op.constant(np.uint8(30)))
             total = getattr(op, add)(*((dc, dr) if conv_first else (dr, dc)))
@@ -299,6 +306,60 @@ def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
 
 QRESIDUAL_RULES = [_qresidual_rule(add, relu, first) for add in ("Add", "Sum") for relu in (True, False)
                    for first in ((True,) if add == "Add" else (True, False))]
+
+
+def _qactivation_rule(form: str) -> RewriteRule:
+    """``Q(act(DQ(QBlockedConv(...))))`` folds into the conv: an activation between two int8 convs."""
+    make_act, params_of = ACTIVATION_PATTERNS[form]
+    act_name = form.split("-")[0]
+
+    def pattern(op, x, w, b, s):
+        c = op.DequantizeLinear(op.kiln.QBlockedConv(x, w, b, s, _name="conv"), Const("sc"), Const("zc"), _name="dq_c")
+        return op.QuantizeLinear(make_act(op, c), Const("sy"), Const("zy"), _name="q")
+
+    def check(ctx: MatchContext, sc: Value, zc: Value, sy: Value, zy: Value, conv: Node, act: Node,
+              **bound: Any) -> MatchResult:
+        if any(v.numpy().size != 1 for v in (sc, zc, sy, zy)):
+            return MatchResult.fail("scales and zero points must be per tensor")
+        if zc.dtype != DType.UINT8 or zy.dtype != DType.UINT8:
+            return MatchResult.fail("the activation's input or output is not uint8")
+        if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
+            return MatchResult.fail("the conv's output is dequantized with another zero point than its own")
+        if conv.input(4) is not None or conv.attr("activation") or conv.attr("out_relu", 0):
+            return MatchResult.fail("the conv already has a write-back step")
+        params = params_of(act, **bound)
+        return MatchResult.fail(params) if isinstance(params, str) else MatchResult.ok()
+
+    def rewrite(op, x, w, b, s, sc, sy, zy, conv, act, **bound):
+        attrs = copy_attrs(conv)
+        attrs.update(y_scale=float(sc.numpy().reshape(())), out_scale=float(sy.numpy().reshape(())),
+                     out_zero_point=int(zy.numpy().reshape(())), activation=act_name,
+                     activation_params=list(params_of(act, **bound)))
+        return op.kiln.QBlockedConv(x, w, b, s, **attrs)
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, x):  # a 3x3 int8 conv (24 -> 20 channels, padded), then the activation and a requantize
+            xq = op.kiln.ToBlocked(op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120))),
+                                   block=INT8_BLOCK)
+            c = _example_qconv(op, xq, rng, y_zero_point=128)
+            y = _example_activation(op, op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(128))),
+                                    form)
+            q = op.QuantizeLinear(y, op.constant(np.float32(0.03)), op.constant(np.uint8(40)))
+            return op.DequantizeLinear(op.kiln.FromBlocked(q, channels=20), op.constant(np.float32(0.03)),
+                                       op.constant(np.uint8(40)))
+
+        return example_graph(f"qactivation_{form.lower()}", {"x": (DType.FLOAT32, (1, 24, 7, 7))}, build, opset=21)
+
+    # one output step (0.03): float32 activations may round a value at a half step either way
+    return RewriteRule(f"qblocked-conv-{form.lower()}", pattern, rewrite, check=check, example=example, rtol=0,
+                       atol=0.0301, description=f"A QDQ {form.replace('-', ' written as ')} after an int8 conv runs "
+                                                "in the conv's write-back, in the same float32 steps.")
+
+
+QACTIVATION_RULES = [_qactivation_rule(form) for form in ("SiLU", "HardSwish", "HardSwish-HardSigmoid", "Sigmoid",
+                                                           "HardSigmoid", "LeakyRelu", "Clip", "Tanh")]
 
 
 # --------------------------------------------------------------------------- moving transforms
@@ -648,7 +709,7 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
+    int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES, *QACTIVATION_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
     return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *MOVE_RULES, *GEMM_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
