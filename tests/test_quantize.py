@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kiln.calibrate import Budget, Observer, QuantizeError, QuantizeOptions, QuantizeSession, compare
 from kiln.cli import main
 from kiln.codegen.target import cpu_target
-from kiln.ir import evaluate, load, to_onnx
+from kiln.ir import DType, evaluate, load, to_onnx
 from kiln.passes.manager import get_pass
 from kiln.passes.quantize import (
     QParams, Quantize, fake_quant_model, quantizable_layers, quantized_tensors, weight_quantization,
@@ -138,10 +138,10 @@ def test_relu_is_absorbed_and_maxpool_shares_its_input_scale(tmp_path):
     graph = load(_model(tmp_path / "m.onnx"))
     layers = quantizable_layers(graph)
     assert [(ly.name, ly.kind) for ly in layers] == [("conv1", "conv"), ("conv2", "conv"), ("conv3", "conv"),
-                                                     ("add", "add"), ("conv4", "conv")]
-    assert [ly.output.name if ly.output else None for ly in layers] == ["r1", None, None, None, "r4"]  # read by pools
+                                                     ("add", "add"), ("conv4", "conv"), ("fc", "dense")]
+    assert [ly.output.name if ly.output else None for ly in layers] == ["r1", None, None, None, "r4", None]  # pools
     names = [v.name for v in quantized_tensors(graph, layers)]
-    assert names == ["x", "r1", "p1", "r2", "c3", "ra", "r4"]  # r1 joins p1 through the MaxPool
+    assert names == ["x", "r1", "p1", "r2", "c3", "ra", "r4", "g", "f"]  # r1 joins p1 through the MaxPool
     x = np.random.default_rng(0).normal(0, 1, (4, 3, 24, 24)).astype(np.float32)
     values = [evaluate(graph, {"x": x[i:i + 1]}, names) for i in range(4)]
     ranges = {n: (min(float(v[n].min()) for v in values), max(float(v[n].max()) for v in values)) for n in names}
@@ -253,15 +253,17 @@ def test_compile_quantize_int8_runs_vnni_kernels(tmp_path, capsys):
     assert main(["compile", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib),
                  "--calib-method", "percentile"]) == 0
     text = capsys.readouterr().out
-    assert "int8: 5 of 5 layers" in text and "held-out samples" in text and "cosine" in text
+    assert "int8: 6 of 6 layers" in text and "held-out samples" in text and "cosine" in text
     q = _manifest(out)["quantization"]
     assert q["calibration"]["method"] == "percentile" and q["calibration"]["samples"] == 9
     assert q["calibration"]["held_out_samples"] == 3
-    assert q["layers"] == {"conv1": "int8", "conv2": "int8", "conv3": "int8", "add": "int8", "conv4": "int8"}
+    assert q["layers"] == {"conv1": "int8", "conv2": "int8", "conv3": "int8", "add": "int8", "conv4": "int8",
+                           "fc": "int8"}
     assert "per output channel" in q["scheme"]["weights"]
     assert q["accuracy"]["y"]["cosine"] > 0.999
     asm = _disassembly(out, tmp_path)
-    assert asm.count("vpdpbusd") >= 4
+    assert asm.count("vpdpbusd") >= 5
+    assert "<qdense" in asm  # the classifier runs as kiln's int8 dense kernel
     # the artifact against onnxruntime running the same QDQ graph in float: one step of the last
     # quantized tensor, carried through the average pool and the Gemm, bounds the difference
     import kiln.runtime
@@ -311,6 +313,13 @@ def test_exclude_keeps_named_layers_in_float(tmp_path, capsys):
     assert q["layers"]["conv1"] == "fp32" and q["layers"]["add"] == "fp32" and q["layers"]["conv2"] == "int8"
     assert q["kept_float"] == {"conv1": "--exclude", "add": "--exclude"}
     assert "per tensor" in q["scheme"]["weights"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "quantization: int8 in 4 of 6 layers (minmax calibration on 6 samples)" in text
+    assert "kept in float: conv1 (--exclude)" in text and "y: cosine" in text
+
+
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -368,7 +377,7 @@ def test_light_resnet50_int8_from_real_photographs(real_model, tmp_path, capsys)
                  str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz")]) == 0
     capsys.readouterr()
     q = _manifest(out)["quantization"]
-    assert list(q["layers"].values()).count("int8") == 69  # 53 convs and 16 residual adds
+    assert list(q["layers"].values()).count("int8") == 70  # 53 convs, 16 residual adds and the classifier
     assert q["calibration"]["observer"] == "compiled"
     (acc,) = q["accuracy"].values()
     assert acc["cosine"] > 0.999 and acc["argmax_agreement"] == 1.0
@@ -400,3 +409,56 @@ def test_activation_write_back_compiles_to_one_kernel_and_matches(form, tmp_path
     (name,) = want
     diff = np.abs(got[name] - want[name])
     assert diff.max() <= 0.0301 and (diff > 0).mean() < 0.01
+
+
+def test_a_symbolic_batch_is_calibrated_and_compiled_once(tmp_path, capsys):
+    m = onnx.load(_model(tmp_path / "m.onnx"))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(m, tmp_path / "sym.onnx")
+    out = tmp_path / "s.kiln"
+    assert main(["compile", str(tmp_path / "sym.onnx"), "-o", str(out), "--quantize", "int8", "--calib",
+                 str(_samples(tmp_path / "c.npz", 6))]) == 0
+    import kiln.runtime
+
+    art = kiln.runtime.load(out)
+    x = np.random.default_rng(2).normal(0, 1, (3, 3, 24, 24)).astype(np.float32)
+    batched = art.run({"x": x})["y"]
+    one = np.concatenate([art.run({"x": x[i:i + 1]})["y"] for i in range(3)])
+    np.testing.assert_allclose(batched, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not VNNI, reason="the host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("m, k, n, bias", [(1, 2048, 1000, True), (3, 64, 32, False), (2, 36, 20, True)])
+def test_int8_dense_kernel_matches_its_semantics(m, k, n, bias, tmp_path):
+    """kiln::QDense compiled (VNNI, tensorized) against its numpy definition: the integer sums are
+    exact, the float32 scale and bias may differ by a fused multiply-add's rounding."""
+    import kiln.runtime
+    from kiln.codegen.build import build
+    from kiln.ir.kiln_ops import pack_qdense_weight, qdense
+    from kiln.passes.rules import example_graph
+
+    rng = np.random.default_rng(m * k + n)
+    npad = -(-n // 16) * 16
+    w = pack_qdense_weight(rng.integers(-127, 128, (n, k)).astype(np.int8))
+    c = rng.integers(-50_000, 50_000, npad).astype(np.int32)
+    s = (rng.random(npad) * 1e-3).astype(np.float32)
+    b = rng.standard_normal(npad).astype(np.float32)
+
+    def build_graph(op, x):
+        consts = [op.constant(w), op.constant(c), op.constant(s)] + ([op.constant(b)] if bias else [])
+        return op.kiln.QDense(x, *consts, n=n)
+
+    graph = example_graph("qdense", {"x": (DType.UINT8, (m, k))}, build_graph)
+    build(graph, tmp_path / "d.kiln")
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    (want,) = qdense(x, w, c, s, b if bias else None, n=n)
+    got = next(iter(kiln.runtime.load(tmp_path / "d.kiln").run({"x": x}).values()))
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_int8 import _disassembly
+
+    import re
+
+    funcs = re.split(r"\n(?=[0-9a-f]+ <)", _disassembly(tmp_path / "d.kiln", tmp_path))
+    assert any("<qdense_compute_" in f.split("\n")[0] and "vpdpbusd" in f for f in funcs)  # tensorized, not fallback

@@ -182,3 +182,45 @@ def schedule_conv_nchwc_int8(sch: Any) -> None:
     for loop in outer:
         sch.unroll(loop)
     sch.vectorize(lane)
+
+
+def dense_int8(x: Any, w: Any, c: Any, s: Any, b: Any | None, n: int) -> Any:
+    """The TE compute of ``kiln::QDense``: ``x`` uint8 ``[M, K]``, ``w`` packed int8
+    ``[N'/16, K/4, 16, 4]``; int32 accumulators in blocks of 16 outputs, then float32
+    ``(acc + c) * s + b`` sliced to ``n`` outputs."""
+    from tvm import te
+
+    m = x.shape[0]
+    no, ko, lanes, group = w.shape
+    rk = te.reduce_axis((0, ko), name="rk")
+    rl = te.reduce_axis((0, group), name="rl")
+    acc = te.compute((m, no, lanes), lambda i, j, l: te.sum(
+        x[i, rk * group + rl].astype("int32") * w[j, rk, l, rl].astype("int32"), axis=[rk, rl]), name="dense")
+
+    def scaled(i: Any, j: Any, l: Any) -> Any:
+        y = (acc[i, j, l] + c[j * lanes + l]).astype("float32") * s[j * lanes + l]
+        return y + b[j * lanes + l] if b is not None else y
+
+    epilogue = te.compute((m, no, lanes), scaled, name="epilogue")
+    return te.compute((m, n), lambda i, j: epilogue[i, j // lanes, j % lanes], name="unblock")
+
+
+def schedule_dense_int8(sch: Any) -> None:
+    """``j_o parallel, m, k/4, j_i, 16 x 4`` around the VNNI instruction: up to 4 output blocks
+    accumulate side by side (independent ``vpdpbusd`` chains), the epilogue in the write-back."""
+    intrin = register_vnni_intrinsic()
+    dense = sch.get_sblock("dense")
+    i, j, lane, rk, rl = sch.get_loops(dense)
+    no = int(sch.get(j).extent)
+    tile = max(d for d in range(1, 5) if no % d == 0)
+    j_o, j_i = sch.split(j, [None, tile])
+    sch.reorder(j_o, i, rk, j_i, lane, rl)
+    sch.parallel(j_o)
+    epilogue = sch.get_sblock("epilogue")
+    sch.reverse_compute_at(epilogue, i)
+    sch.set_scope(dense, 0, "local")
+    sch.unroll(j_i)
+    init = sch.decompose_reduction(dense, rk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(sch.get_loops(dense)[-2], intrin)
+    sch.vectorize(sch.get_loops(epilogue)[-1])

@@ -125,3 +125,18 @@ def _qblocked_conv(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(node.input(i)) for i in range(5 if has_z else 4)]
     return [lw.emit(compute, *args, name="qblocked_conv", attrs={"kiln.schedule": "conv_nchwc_int8"})]
+
+
+@lowers("QDense", domain="kiln")
+def _qdense(lw: Lowerer, node: Node) -> list[Any]:
+    """The int8 dense layer of :mod:`kiln.codegen.int8`, scheduled onto VNNI where the target has it."""
+    from kiln.codegen.int8 import dense_int8
+
+    n = node.attr("n", 0)
+    has_b = node.input(4) is not None
+
+    def compute(x: Any, w: Any, c: Any, s: Any, *b: Any) -> Any:
+        return dense_int8(x, w, c, s, b[0] if b else None, n)
+
+    args = [lw.get(node.input(i)) for i in range(5 if has_b else 4)]
+    return [lw.emit(compute, *args, name="qdense", attrs={"kiln.schedule": "dense_int8"})]

@@ -172,8 +172,18 @@ def schedule_conv_nchwc_int8(sch: Any) -> None:
     vnni(sch)
 
 
+def schedule_dense_int8(sch: Any) -> None:
+    """kiln's VNNI int8 dense schedule, where the target has VNNI (elsewhere it raises, as above)."""
+    from kiln.codegen.int8 import has_vnni, schedule_dense_int8 as vnni
+
+    if not has_vnni():
+        raise RuntimeError("the target has no AVX-512 VNNI")
+    vnni(sch)
+
+
 SCHEDULES: dict[str, Callable[[Any], None]] = {
     "conv_nchwc_int8": schedule_conv_nchwc_int8,
+    "dense_int8": schedule_dense_int8,
     "dense": schedule_dense,
     "conv_nchwc": schedule_conv_nchwc,
     "depthwise_nchwc": schedule_depthwise_nchwc,

@@ -671,3 +671,56 @@ def _decompose_qblocked_conv(op: Any, node: Node, inputs: Sequence[Value | None]
 
 register_kiln_op("QBlockedConv", inputs=(4, 5), attrs=_QCONV_ATTRS, infer=_qblocked_conv_shape,
                  decompose=_decompose_qblocked_conv, validate=_validate_epilogue)(qblocked_conv)
+
+
+# ``kiln::QDense(X, W, C, S, B?)``: an int8 dense layer in the layout of x86's VNNI instruction.
+#     X is uint8 ``[M, K]`` (K a multiple of 4); W is int8 ``[N'/16, K/4, 16, 4]`` (output block,
+#     input group of 4, output lane, input in the group: ``pack_qdense_weight``), N' the output
+#     count padded to 16; C is int32 ``[N']``: the input zero point's term ``-x_zp * sum_k W[n, k]``;
+#     S is float32 ``[N']`` (``x_scale * w_scale[n]``) and B an optional float32 ``[N']`` bias.
+#     ``Y[m, n] = float32(sum_k X[m, k] W[n, k] + C[n]) * S[n] + B[n]``, float32 ``[M, n]`` for the
+#     attribute ``n``, the true output count.
+def pack_qdense_weight(w_nk: np.ndarray, lanes: int = 16, group: int = 4) -> np.ndarray:
+    """int8 ``[N, K]`` -> ``[N'/16, K/4, 16, 4]``, N zero-padded to 16 (K must divide by 4)."""
+    n, k = w_nk.shape
+    npad = -(-n // lanes) * lanes
+    full = np.zeros((npad, k), np.int8)
+    full[:n] = w_nk
+    return np.ascontiguousarray(full.reshape(npad // lanes, lanes, k // group, group).transpose(0, 2, 1, 3))
+
+
+def unpack_qdense_weight(w: np.ndarray) -> np.ndarray:
+    """``[N'/16, K/4, 16, 4]`` -> ``[N', K]``."""
+    no, ko, lanes, group = w.shape
+    return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(no * lanes, ko * group)
+
+
+def qdense(x, w, c, s, b=None, n=0):
+    """kiln::QDense: uint8 x int8 with int32 accumulation, scaled to float32."""
+    acc = x.astype(np.int64) @ unpack_qdense_weight(w).astype(np.int64).T + c.astype(np.int64)
+    y = acc.astype(np.float32) * s.astype(np.float32)
+    if b is not None:
+        y = y + b.astype(np.float32)
+    return (y[:, :n].astype(np.float32),)
+
+
+def _qdense_shape(node: Node) -> list[tuple]:
+    x = node.input(0)
+    m = x.shape[0] if x is not None and x.shape is not None else None
+    return [(DType.FLOAT32, (m, node.attr("n", 0)) if m is not None else None)]
+
+
+def _decompose_qdense(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    x, w, c, s, b = (list(inputs) + [None])[:5]
+    no, ko, lanes, group = w.shape
+    plain = op.Reshape(op.Transpose(w, perm=[1, 3, 0, 2]), op.constant(np.array([ko * group, no * lanes], np.int64)))
+    acc = op.Add(op.MatMulInteger(x, plain), c)  # [M, N'] int32
+    y = op.Mul(op.Cast(acc, to=1), s)
+    if b is not None:
+        y = op.Add(y, b)
+    return [op.Slice(y, op.constant(np.array([0], np.int64)), op.constant(np.array([node.attr("n", 0)], np.int64)),
+                     op.constant(np.array([1], np.int64)))]
+
+
+register_kiln_op("QDense", inputs=(4, 5), attrs={"n": (AttrType.INT, 0)}, infer=_qdense_shape,
+                 decompose=_decompose_qdense)(qdense)

@@ -358,6 +358,74 @@ def _qactivation_rule(form: str) -> RewriteRule:
                                                 "in the conv's write-back, in the same float32 steps.")
 
 
+def _qdense_rule(bias: bool) -> RewriteRule:
+    """``MatMulInteger(x, w) * s (+ b)`` (what ``qdq-gemm`` makes) becomes the VNNI ``kiln::QDense``."""
+
+    def pattern(op, x):
+        acc = op.MatMulInteger(x, Const("w"), Const("xzp"), _name="mm")
+        y = op.Mul(op.Cast(acc, _name="cast"), Const("s"), _name="mul")
+        return op.Add(y, Const("b")) if bias else y
+
+    def check(ctx: MatchContext, x: Value, w: Value, xzp: Value, s: Value, mm: Node, cast: Node, mul: Node,
+              b: Value | None = None) -> MatchResult:
+        users = mul.outputs[0].users
+        if not bias and len(users) == 1 and users[0].op_type == "Add" and any(v.is_constant for v in users[0].inputs):
+            return MatchResult.fail("a constant bias add follows: qdense-vnni-bias takes it")
+        if x.dtype != DType.UINT8 or w.dtype != DType.INT8:
+            return MatchResult.fail(f"activations {x.dtype}, weights {w.dtype}: the kernel takes uint8 x int8")
+        if x.shape is None or len(x.shape) != 2 or not isinstance(x.shape[1], int) or w.shape is None:
+            return MatchResult.fail("the input is not 2-D with a static width")
+        k, n = w.shape
+        if k % 4:
+            return MatchResult.fail(f"the reduction ({k}) is not a multiple of 4")
+        if cast.attr("to") != 1 or len([v for v in mm.inputs if v is not None]) != 3 or xzp.numpy().size != 1:
+            return MatchResult.fail("not a float32 cast of MatMulInteger with one input zero point")
+        if any(v is not None and v.numpy().size not in (1, n) for v in (s, b)):
+            return MatchResult.fail("the scale or bias is not per output column")
+        if b is not None and b.numpy().ndim > 1:
+            return MatchResult.fail("the bias is not a vector")
+        return MatchResult.ok()
+
+    def rewrite(op, x, w, xzp, s, b=None):
+        from kiln.ir.kiln_ops import pack_qdense_weight
+
+        wv = w.numpy()
+        k, n = wv.shape
+        npad = _padded(n, INT8_BLOCK)
+
+        def padded(v: np.ndarray, dtype: type) -> np.ndarray:
+            out = np.zeros(npad, dtype)
+            out[:n] = np.broadcast_to(v.reshape(-1), (n,))
+            return out
+
+        zp = int(xzp.numpy().reshape(()))
+        c = padded(-zp * wv.astype(np.int64).sum(axis=0), np.int32)
+        inputs = [x, op.constant(pack_qdense_weight(np.ascontiguousarray(wv.T)), f"{w.name}_packed"),
+                  op.constant(c, f"{w.name}_zero_point_term"), op.constant(padded(s.numpy(), np.float32), "dense_scale")]
+        if b is not None:
+            inputs.append(op.constant(padded(b.numpy(), np.float32), "dense_bias"))
+        return op.kiln.QDense(*inputs, n=n)
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, x):  # 40 -> 20 outputs (padded to 32), per-column scales
+            xq = op.QuantizeLinear(x, op.constant(np.float32(0.05)), op.constant(np.uint8(100)))
+            acc = op.MatMulInteger(xq, op.constant(rng.integers(-127, 128, (40, 20)).astype(np.int8)),
+                                   op.constant(np.uint8(100)))
+            y = op.Mul(op.Cast(acc, to=1), op.constant((rng.random(20) * 1e-3).astype(np.float32)))
+            return op.Add(y, op.constant(rng.standard_normal(20).astype(np.float32))) if bias else y
+
+        return example_graph(f"qdense{'_bias' if bias else ''}", {"x": (DType.FLOAT32, (2, 40))}, build, opset=17)
+
+    return RewriteRule(f"qdense-vnni{'-bias' if bias else ''}", pattern, rewrite, check=check, example=example,
+                       priority=1 if bias else 0, rtol=1e-6, atol=1e-6,
+                       description="A scaled MatMulInteger (an int8 Gemm of a QDQ model) becomes kiln::QDense, "
+                                   "the VNNI dense kernel, with its weight packed and the zero point folded.")
+
+
+QDENSE_RULES = [_qdense_rule(True), _qdense_rule(False)]
+
 QACTIVATION_RULES = [_qactivation_rule(form) for form in ("SiLU", "HardSwish", "HardSwish-HardSigmoid", "Sigmoid",
                                                            "HardSigmoid", "LeakyRelu", "Clip", "Tanh")]
 
@@ -709,7 +777,7 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
-    int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES, *QACTIVATION_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
+    int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES, *QACTIVATION_RULES, *QDENSE_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
     return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *MOVE_RULES, *GEMM_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 

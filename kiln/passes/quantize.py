@@ -134,7 +134,73 @@ QDQ_MAXPOOL = RewriteRule(
     "qdq-maxpool", _qdq_maxpool_pattern, _qdq_maxpool_rewrite, check=_qdq_maxpool_check, example=_qdq_maxpool_example,
     rtol=0, atol=0, description="Q(MaxPool(DQ(x))) with one scale and zero point is MaxPool on the 8-bit values.")
 
-RULES = [QDQ_CONV, QDQ_MAXPOOL]
+def _qdq_dense_rule(op_type: str) -> RewriteRule:
+    """``Gemm/MatMul(DQ(x), DQ(w_q), DQ(b_q)?)`` as ``MatMulInteger`` scaled to float32: integer products."""
+
+    def pattern(op, xq):
+        x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq_x", _shared=True)
+        w = op.DequantizeLinear(Const("wq"), Const("ws"), Optional(Const("wzp")), _name="dq_w")
+        if op_type == "MatMul":
+            return op.MatMul(x, w, _name="core")
+        b = op.DequantizeLinear(Const("bq"), Const("bs"), Optional(Const("bzp")), _name="dq_b")
+        return op.Gemm(x, w, Optional(b), _name="core")
+
+    def check(ctx: MatchContext, xq: Value, xs: Value, xzp: Value, wq: Value, ws: Value, dq_w: Node, core: Node,
+              wzp: Value | None = None) -> MatchResult:
+        if xq.dtype not in (DType.UINT8, DType.INT8) or wq.dtype != DType.INT8:
+            return MatchResult.fail(f"activations {xq.dtype}, weights {wq.dtype}: not 8-bit x int8")
+        if xq.shape is None or len(xq.shape) != 2 or wq.shape is None or len(wq.shape) != 2:
+            return MatchResult.fail("only 2-D inputs and weights are taken")
+        if not (_scalar(xs) and _scalar(xzp)):
+            return MatchResult.fail("the activation scale and zero point must be per tensor")
+        if wzp is not None and np.any(wzp.numpy() != 0):
+            return MatchResult.fail("the weights' zero point is not 0")
+        trans_b = op_type == "Gemm" and core.attr("transB", 0)
+        if op_type == "Gemm" and (core.attr("transA", 0) or core.attr("alpha", 1.0) != 1.0
+                                  or core.attr("beta", 1.0) != 1.0):
+            return MatchResult.fail("transA, alpha or beta is not the default")
+        n = wq.shape[0] if trans_b else wq.shape[1]
+        if not _scalar(ws) and (ws.numpy().size != n or dq_w.attr("axis", 1) != (0 if trans_b else 1)):
+            return MatchResult.fail("the weight scale is neither per tensor nor per output column")
+        return MatchResult.ok()
+
+    def rewrite(op, xq, xs, xzp, wq, ws, core, bq=None, bs=None, bzp=None):
+        trans_b = op_type == "Gemm" and core.attr("transB", 0)
+        w_kn = wq.numpy().T if trans_b else wq.numpy()
+        scale = (np.float32(xs.numpy().reshape(())) * ws.numpy().astype(np.float32).reshape(-1)).astype(np.float32)
+        y = op.Mul(op.Cast(op.MatMulInteger(xq, op.constant(np.ascontiguousarray(w_kn), f"{wq.name}_kn"), xzp), to=1),
+                   op.constant(scale if scale.size > 1 else scale.reshape(()), f"{wq.name}_dense_scale"))
+        if bq is not None:  # the float bias DequantizeLinear would compute
+            zp = bzp.numpy().astype(np.float32) if bzp is not None else np.float32(0)
+            b = ((bq.numpy().astype(np.float32) - zp) * bs.numpy().astype(np.float32)).astype(np.float32)
+            y = op.Add(y, op.constant(b, f"{bq.name}_float"))
+        return y
+
+    def example() -> Graph:
+        rng = np.random.default_rng(1)
+
+        def build(op, x):  # per-column weight scales, a bias, as quantize_static writes a classifier
+            xs, xzp = op.constant(np.float32(0.05)), op.constant(np.uint8(10))
+            ws = (rng.random(12) * 0.01 + 0.002).astype(np.float32)
+            wq = rng.integers(-127, 128, (12, 40) if op_type == "Gemm" else (40, 12)).astype(np.int8)
+            w = op.DequantizeLinear(op.constant(wq), op.constant(ws), op.constant(np.zeros(12, np.int8)),
+                                    axis=0 if op_type == "Gemm" else 1)
+            x_dq = op.DequantizeLinear(op.QuantizeLinear(x, xs, xzp), xs, xzp)
+            if op_type == "MatMul":
+                return op.MatMul(x_dq, w)
+            b = op.DequantizeLinear(op.constant(rng.integers(-500, 500, 12).astype(np.int32)),
+                                    op.constant(np.float32(0.05) * ws), op.constant(np.zeros(12, np.int32)), axis=0)
+            return op.Gemm(x_dq, w, b, transB=1)
+
+        return example_graph(f"qdq_{op_type.lower()}", {"x": (DType.FLOAT32, (3, 40))}, build, opset=17)
+
+    # the same real number: float32 sums of dequantized products against an exact integer sum
+    return RewriteRule(f"qdq-{op_type.lower()}", pattern, rewrite, check=check, example=example, rtol=1e-5,
+                       atol=1e-4, description=f"{op_type}(DQ(x), DQ(w)) of a QDQ model multiplies the integers "
+                                              "(MatMulInteger) and scales the int32 sums once.")
+
+
+RULES = [QDQ_CONV, QDQ_MAXPOOL, _qdq_dense_rule("Gemm"), _qdq_dense_rule("MatMul")]
 
 
 # =========================================================================== float models: kiln's own quantizer
@@ -190,7 +256,7 @@ class QuantLayer:
     """A node that runs on integers when enabled: its name, kind and the activations it reads."""
 
     name: str
-    kind: str  # "conv" or "add"
+    kind: str  # "conv", "dense" (Gemm or MatMul) or "add"
     node: Node
     inputs: tuple[Value, ...]
     #: The output the layer quantizes itself (after a Relu it feeds alone): set when no layer
@@ -218,6 +284,31 @@ def int8_conv_problem(conv: Node) -> str | None:
     return None
 
 
+def int8_dense_problem(node: Node) -> str | None:
+    """Why a Gemm or MatMul cannot run as kiln's int8 dense kernel, or None when it can."""
+    x, w = node.input(0), node.input(1)
+    if w is None or not w.is_constant or w.shape is None or len(w.shape) != 2:
+        return "its weight is not a constant matrix"
+    if x is None or x.shape is None or len(x.shape) != 2:
+        return "only 2-D inputs have an int8 dense kernel"
+    if node.op_type == "Gemm":
+        if node.attr("transA", 0) or node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0:
+            return "transA, alpha or beta is not the default"
+        b = node.input(2)
+        n = w.shape[0] if node.attr("transB", 0) else w.shape[1]
+        if b is not None and (not b.is_constant or b.numpy().size not in (1, n) or b.numpy().ndim > 1):
+            return "its bias is not a constant vector"
+    k = w.shape[1] if node.op_type == "Gemm" and node.attr("transB", 0) else w.shape[0]
+    if k % 4:
+        return f"its reduction ({k}) is not a multiple of 4"
+    return None
+
+
+def _dense_axis(node: Node) -> int:
+    """The weight axis of a Gemm's or MatMul's output columns."""
+    return 0 if node.op_type == "Gemm" and node.attr("transB", 0) else 1
+
+
 def quantizable_layers(graph: Graph) -> list[QuantLayer]:
     """The layers of ``graph`` that kiln can run in int8, in graph order.
 
@@ -228,7 +319,11 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
     layers: list[QuantLayer] = []
     conv_outputs: set[int] = set()
     for n in graph.nodes:
-        if n.domain or n.op_type not in ("Conv", "Add", "Sum"):
+        if n.domain or n.op_type not in ("Conv", "Add", "Sum", "Gemm", "MatMul"):
+            continue
+        if n.op_type in ("Gemm", "MatMul"):
+            if int8_dense_problem(n) is None and n.inputs[0].dtype == DType.FLOAT32:
+                layers.append(QuantLayer(n.name, "dense", n, (n.inputs[0],)))
             continue
         if n.op_type == "Conv":
             if int8_conv_problem(n) is None and n.inputs[0].dtype == DType.FLOAT32:
@@ -241,6 +336,8 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
             layers.append(QuantLayer(n.name, "add", n, tuple(ins)))
     nodes = {id(ly.node) for ly in layers}
     for ly in layers:
+        if ly.kind == "dense":
+            continue  # the int8 dense kernel ends in float32
         out = _through_relu(ly.node.outputs[0])
         if out.uses and not out.is_graph_output and not any(id(u.node) in nodes for u in out.uses):
             ly.output = out
@@ -327,13 +424,17 @@ BIAS_LIMIT = 2**30
 
 
 def weight_quantization(w: np.ndarray, *, per_channel: bool = True, bias: np.ndarray | None = None,
-                        x_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        x_scale: float | None = None, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weights in [-127, 127] and their scales (per output channel, or one).
 
     With ``bias`` and ``x_scale``, a scale is raised where the bias would not fit int32 at
     ``x_scale * w_scale`` (a channel of near-zero weights with a large bias, as after folding a
     BatchNorm): that channel's weights get coarser instead of its bias overflowing.
     """
+    if axis:
+        q, scale = weight_quantization(np.moveaxis(np.asarray(w), axis, 0), per_channel=per_channel, bias=bias,
+                                       x_scale=x_scale)
+        return np.ascontiguousarray(np.moveaxis(q, 0, axis)), scale
     w = np.asarray(w, np.float32)
     amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if per_channel else np.abs(w).max(keepdims=True)
     scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
@@ -400,7 +501,7 @@ class Quantize(Pass):
         for name, p in params.items():
             dq_of[name] = _insert_qdq(graph, values[name], p, float_readers)
         for ly in layers:
-            if ly.kind == "conv":
+            if ly.kind in ("conv", "dense"):
                 self._quantize_weights(graph, ly.node, params[ly.inputs[0].name])
         graph.sort()
         infer_shapes(graph)
@@ -410,16 +511,17 @@ class Quantize(Pass):
     def _quantize_weights(self, graph: Graph, conv: Node, x: QParams) -> None:
         op = RewriteBuilder(graph, conv)
         w, b = conv.input(1), conv.input(2)
+        channel = _dense_axis(conv) if conv.op_type in ("Gemm", "MatMul") else 0
         wq, ws = weight_quantization(w.numpy(), per_channel=self.per_channel,
-                                     bias=b.numpy() if b is not None else None, x_scale=x.scale)
-        axis = {"axis": 0} if self.per_channel else {}
+                                     bias=b.numpy() if b is not None else None, x_scale=x.scale, axis=channel)
+        axis = {"axis": channel} if self.per_channel else {}
         conv.set_input(1, op.DequantizeLinear(op.constant(wq, f"{w.name}_int8"), op.constant(ws, f"{w.name}_scale"),
                                               op.constant(np.zeros(ws.shape, np.int8), f"{w.name}_zero_point"), **axis))
         if b is not None:
             bq, bs = bias_quantization(b.numpy(), x.scale, ws)
             conv.set_input(2, op.DequantizeLinear(op.constant(bq, f"{b.name}_int32"), op.constant(bs, f"{b.name}_scale"),
                                                   op.constant(np.zeros(bs.shape, np.int32), f"{b.name}_zero_point"),
-                                                  **axis))
+                                                  **({"axis": 0} if self.per_channel else {})))
 
 
 def _insert_qdq(graph: Graph, v: Value, p: QParams, float_readers: set[int]) -> Value:
@@ -485,19 +587,20 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
         on = bit(i)
         for k, original in enumerate(layer.inputs):  # by position: an earlier layer may have gated the value
             node.set_input(k, fake_quant(on, node.input(k), params[original.name], original.name))
-        if layer.kind != "conv":
+        if layer.kind == "add":
             continue
         w, b = node.input(1), node.input(2)
+        channel = _dense_axis(node) if layer.kind == "dense" else 0
         wq, ws = weight_quantization(w.numpy(), per_channel=per_channel, bias=b.numpy() if b is not None else None,
-                                     x_scale=params[layer.inputs[0].name].scale)
-        shaped = ws.reshape(-1, 1, 1, 1) if per_channel else ws
+                                     x_scale=params[layer.inputs[0].name].scale, axis=channel)
+        shaped = np.expand_dims(ws, [d for d in range(w.numpy().ndim) if d != channel]) if per_channel else ws
         inputs = [node.input(0), op.constant((wq.astype(np.float32) * shaped).astype(np.float32), f"{w.name}_fq")]
         if b is not None:
             bq, bs = bias_quantization(b.numpy(), params[layer.inputs[0].name].scale, ws)
             inputs.append(op.constant((bq.astype(np.float64) * bs).astype(np.float32), f"{b.name}_fq"))
         y = node.outputs[0]
         readers = list(y.uses)
-        gated = conv_out[y.name] = op.Where(on, op.Conv(*inputs, **copy_attrs(node)), y)
+        gated = conv_out[y.name] = op.Where(on, getattr(op, node.op_type)(*inputs, **copy_attrs(node)), y)
         gate_readers(y, gated, readers)
         if y.is_graph_output:  # the output keeps its name
             name = y.name

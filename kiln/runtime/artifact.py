@@ -187,6 +187,20 @@ def describe(manifest: Mapping[str, Any]) -> str:
         out.write(f"  source: {source.get('name', '?')} (sha256 {str(source.get('sha256', ''))[:16]}...)\n")
     if manifest.get("passes"):
         out.write(f"  passes: {', '.join(manifest['passes'])}\n")
+    quant = manifest.get("quantization")
+    if isinstance(quant, dict):
+        layers = quant.get("layers") or {}
+        calib = quant.get("calibration") or {}
+        int8 = sum(1 for v in layers.values() if v == "int8")
+        out.write(f"  quantization: int8 in {int8} of {len(layers)} layers ({calib.get('method')} calibration on "
+                  f"{calib.get('samples')} samples)\n")
+        for name, why in (quant.get("kept_float") or {}).items():
+            out.write(f"    kept in float: {name} ({why})\n")
+        for name, acc in (quant.get("accuracy") or {}).items():
+            agree = acc.get("argmax_agreement")
+            out.write(f"    {name}: cosine {acc.get('cosine')}, max abs error {acc.get('max_abs_error')}"
+                      f"{'' if agree is None else f', argmax agreement {agree}'} on {calib.get('held_out_samples')} "
+                      f"held-out samples\n")
     for name, digest in sorted((manifest.get("members") or {}).items()):
         out.write(f"  member {name}: sha256 {digest[:16]}...\n")
     return out.getvalue().rstrip()
