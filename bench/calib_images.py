@@ -36,8 +36,9 @@ def _photo(name: str) -> np.ndarray:
     return img[..., :3].astype(np.uint8)
 
 
-def crops(photos: list[str], count: int, size: int | tuple[int, int], seed: int) -> np.ndarray:
-    """``count`` normalised NCHW crops of ``photos`` (round robin), shape ``[count, 3, H, W]``."""
+def crops(photos: list[str], count: int, size: int | tuple[int, int], seed: int, norm: str = "imagenet") -> np.ndarray:
+    """``count`` NCHW crops of ``photos`` (round robin), shape ``[count, 3, H, W]``; ``norm`` is
+    ``imagenet`` (mean/std) or ``unit`` (RGB in [0, 1], as YOLO models take it)."""
     from PIL import Image
 
     h, w = (size, size) if isinstance(size, int) else size
@@ -53,14 +54,14 @@ def crops(photos: list[str], count: int, size: int | tuple[int, int], seed: int)
         a = np.asarray(crop, np.float32) / 255
         if rng.random() < 0.5:
             a = a[:, ::-1]
-        out[i] = ((a - MEAN) / STD).transpose(2, 0, 1)
+        out[i] = (a if norm == "unit" else (a - MEAN) / STD).transpose(2, 0, 1)
     return out
 
 
-def calibration_sets(size: int | tuple[int, int], calib: int = 32, held_out: int = 64,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def calibration_sets(size: int | tuple[int, int], calib: int = 32, held_out: int = 64, seed: int = 0,
+                     norm: str = "imagenet") -> tuple[np.ndarray, np.ndarray]:
     """Calibration and held-out image batches from disjoint photographs."""
-    return crops(CALIB_PHOTOS, calib, size, seed), crops(EVAL_PHOTOS, held_out, size, seed + 1)
+    return crops(CALIB_PHOTOS, calib, size, seed, norm), crops(EVAL_PHOTOS, held_out, size, seed + 1, norm)
 
 
 def main() -> None:
@@ -70,10 +71,11 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norm", default="imagenet", choices=["imagenet", "unit"])
     p.add_argument("--out", required=True, help="directory for calib.npz and eval.npz")
     args = p.parse_args()
     size = tuple(int(d) for d in args.size.split("x")) if "x" in args.size else int(args.size)
-    cal, ev = calibration_sets(size, args.calib, args.eval, args.seed)
+    cal, ev = calibration_sets(size, args.calib, args.eval, args.seed, args.norm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "calib.npz", **{args.input: cal})

@@ -55,7 +55,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--input", required=True)
-    p.add_argument("--size", default="224")
+    p.add_argument("--size", default="224", help="H or HxW of the crops")
+    p.add_argument("--norm", default="imagenet", choices=["imagenet", "unit"], help="input normalisation")
+    p.add_argument("--input-shape", help="NAME=DxDxD, passed to kiln compile and kiln bench")
+    p.add_argument("--no-ort-int8", action="store_true", help="skip onnxruntime's quantizer")
     p.add_argument("--budget", help="kiln's --accuracy-budget")
     p.add_argument("--method", default="minmax")
     p.add_argument("--out", default="int8-bench")
@@ -66,21 +69,25 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = tuple(int(d) for d in args.size.split("x")) if "x" in args.size else int(args.size)
-    cal, ev = calibration_sets(size)
+    cal, ev = calibration_sets(size, norm=args.norm)
     np.savez(out / "calib.npz", **{args.input: cal})
     np.savez(out / "eval.npz", **{args.input: ev})
     kiln = [sys.executable, "-m", "kiln.cli"]
     artifact = out / "kiln_int8.kiln"
     cmd = [*kiln, "compile", args.model, "-o", str(artifact), "--quantize", "int8", "--calib",
            str(out / "calib.npz"), "--eval", str(out / "eval.npz"), "--calib-method", args.method]
+    pins = ["--input-shape", args.input_shape] if args.input_shape else []
+    cmd += pins
     if args.budget:
         cmd += ["--accuracy-budget", args.budget, "--sensitivity"]
     if not (artifact.exists() and args.reuse):
         subprocess.run(cmd, check=True)
-    ort_model = ort_int8(Path(args.model), cal, args.input, out)
-    timing = ["--rounds", str(args.rounds), "--iterations", str(args.iterations)]
+    timing = ["--rounds", str(args.rounds), "--iterations", str(args.iterations), *pins]
     print("\n# kiln int8 vs onnxruntime fp32")
     subprocess.run([*kiln, "bench", args.model, "--artifact", str(artifact), *timing], check=True)
+    if args.no_ort_int8:
+        return
+    ort_model = ort_int8(Path(args.model), cal, args.input, out)
     print("\n# kiln int8 vs onnxruntime int8 (quantize_static, QDQ, per channel, same calibration inputs)")
     subprocess.run([*kiln, "bench", str(ort_model), "--artifact", str(artifact), *timing], check=True)
 
