@@ -253,6 +253,7 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
             _stage(f"optimizing ({level})")
             passes = passes_for(level, block=target.layout_block)
             graph, _ = PassManager(passes).run(graph)
+            kernels = sum(1 for n in graph.walk_nodes() if n.domain == "kiln" and n.op_type in ("QBlockedConv", "QDense"))
             report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
                            passes=["quantize", *(p.describe() for p in passes)], progress=_stage,
                            tuning_db=tuning_db)
@@ -262,13 +263,19 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
             _stage(f"the compiled model misses {budget} ({budget.metric} {budget.score(accuracy):.4f}); "
                    f"keeping one more layer in float")
         record = session.record(accuracy, budget)
+        record["int8_kernels"] = kernels
         set_manifest_entry(dst, "quantization", record)
     finally:
         session.close()
     layers = record["layers"]
     int8 = sum(1 for v in layers.values() if v == "int8")
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, int8: {int8} of "
-          f"{len(layers)} layers; calibration {options.method} on {len(session.calib)} samples)")
+          f"{len(layers)} layers in {kernels} int8 kernels; calibration {options.method} on {len(session.calib)} "
+          f"samples)")
+    planned = sum(1 for ly in session.layers if ly.kind != "add" and layers.get(ly.name) == "int8")
+    if kernels < planned:
+        print(f"kiln: warning: {planned - kernels} of {planned} int8 convs and dense layers did not become int8 "
+              f"kernels and run in float", file=sys.stderr)
     if session.kept_float:
         print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in session.kept_float.items()))
     print(f"accuracy against the float model on {len(session.held_out)} held-out samples:")

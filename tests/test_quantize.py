@@ -253,7 +253,7 @@ def test_compile_quantize_int8_runs_vnni_kernels(tmp_path, capsys):
     assert main(["compile", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib),
                  "--calib-method", "percentile"]) == 0
     text = capsys.readouterr().out
-    assert "int8: 6 of 6 layers" in text and "held-out samples" in text and "cosine" in text
+    assert "int8: 6 of 6 layers in 5 int8 kernels" in text  # 4 convs (the add runs in conv3) and the Gemm and "held-out samples" in text and "cosine" in text
     q = _manifest(out)["quantization"]
     assert q["calibration"]["method"] == "percentile" and q["calibration"]["samples"] == 9
     assert q["calibration"]["held_out_samples"] == 3
@@ -378,6 +378,7 @@ def test_light_resnet50_int8_from_real_photographs(real_model, tmp_path, capsys)
     capsys.readouterr()
     q = _manifest(out)["quantization"]
     assert list(q["layers"].values()).count("int8") == 70  # 53 convs, 16 residual adds and the classifier
+    assert q["int8_kernels"] == 54  # the adds run in their convs' write-back
     assert q["calibration"]["observer"] == "compiled"
     (acc,) = q["accuracy"].values()
     assert acc["cosine"] > 0.999 and acc["argmax_agreement"] == 1.0
