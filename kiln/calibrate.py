@@ -347,7 +347,13 @@ class QuantizeSession:
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
     kept_float: dict[str, str] = field(default_factory=dict)  # layer -> why
     budget_search: list[dict[str, Any]] = field(default_factory=list)
+    observer_compiled: bool = False  # whether the float model ran compiled (else the evaluator)
+    int8_layers: list[str] = field(default_factory=list)  # what the last quantized_graph() put in int8
+    params: dict[str, Any] = field(default_factory=dict)  # tensor -> QParams, from the last quantized_graph()
     _tmp: Any = None
+    _gated: GraphRunner | None = None  # the fake-quant model behind its layer mask
+    _mask_name: str = ""
+    _mask_layers: list[str] = field(default_factory=list)  # the mask's entries, in order
 
     # -- 1. prepare
     def prepare(self) -> None:
@@ -421,7 +427,7 @@ class QuantizeSession:
                     observers[n].see_histogram(out[n])
         self.ranges = {n: o.range(self.options.method) for n, o in observers.items()}
         self.reference = [{n: runner.run(f)[n] for n in outputs} for f in self.held_out]
-        self._runner_compiled = compiled
+        self.observer_compiled = compiled
 
     # -- 3. sensitivity
     def measure_sensitivity(self) -> None:
@@ -435,7 +441,7 @@ class QuantizeSession:
         outputs = [v.name for v in self.graph.outputs]
         self.say(f"measuring sensitivity: {len(layers)} layers, one at a time, on "
                  f"{min(len(self.held_out), SEARCH_SAMPLES)} held-out samples")
-        self._gated = GraphRunner(gated, outputs, compiled=self._runner_compiled, target=self.target,
+        self._gated = GraphRunner(gated, outputs, compiled=self.observer_compiled, target=self.target,
                                   workdir=self._tmp.name, label="sensitivity")
         self._mask_name = mask_name
         n = len(layers)
@@ -472,7 +478,7 @@ class QuantizeSession:
                 return
         raise QuantizeError(f"accuracy budget {budget} does not hold even with every layer in float")
 
-    def keep_more(self, budget: Budget) -> bool:
+    def keep_more(self) -> bool:
         """One more of the most sensitive layers in float; False when none is left."""
         for s in self.sensitivity:
             if s.name not in self.kept_float:
@@ -491,8 +497,8 @@ class QuantizeSession:
         q = Quantize(ranges=self.ranges, per_channel=self.options.per_channel, symmetric=self.options.symmetric,
                      keep_float=frozenset(self.kept_float))
         g, _ = PassManager([q, get_pass("dce")], max_iterations=1).run(g)
-        self._int8_layers = [ly.name for ly in q.plan(self.graph)[0]]
-        self._params = q.params
+        self.int8_layers = [ly.name for ly in q.plan(self.graph)[0]]
+        self.params = q.params
         return g
 
     def evaluate(self, artifact: str | os.PathLike) -> list[OutputAccuracy]:
@@ -506,7 +512,7 @@ class QuantizeSession:
         """The manifest's ``quantization`` entry."""
         from kiln.codegen.build import file_sha256
 
-        per_layer = {ly.name: ("int8" if ly.name in self._int8_layers else "fp32") for ly in self.layers}
+        per_layer = {ly.name: ("int8" if ly.name in self.int8_layers else "fp32") for ly in self.layers}
         return {
             "scheme": {
                 "activations": "uint8 per tensor, " + ("symmetric (zero point 0 or 128)" if self.options.symmetric
@@ -516,10 +522,10 @@ class QuantizeSession:
             },
             "calibration": {"method": self.options.method, "samples": len(self.calib),
                             "held_out_samples": len(self.held_out), "calib_sha256": file_sha256(self.options.calib),
-                            "observer": "compiled" if self._runner_compiled else "evaluator"},
+                            "observer": "compiled" if self.observer_compiled else "evaluator"},
             "layers": per_layer,
             "kept_float": dict(self.kept_float),
-            "tensors": {n: {"scale": p.scale, "zero_point": p.zero_point} for n, p in sorted(self._params.items())},
+            "tensors": {n: {"scale": p.scale, "zero_point": p.zero_point} for n, p in sorted(self.params.items())},
             "accuracy": {r.name: r.to_json() for r in accuracy},
             "budget": str(budget) if budget else None,
             "budget_search": self.budget_search or None,

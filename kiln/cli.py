@@ -258,7 +258,7 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
                            passes=["quantize", *(p.describe() for p in passes)], progress=_stage,
                            tuning_db=tuning_db)
             accuracy = session.evaluate(dst)
-            if budget is None or budget.holds(accuracy) or attempt == 3 or not session.keep_more(budget):
+            if budget is None or budget.holds(accuracy) or attempt == 3 or not session.keep_more():
                 break
             _stage(f"the compiled model misses {budget} ({budget.metric} {budget.score(accuracy):.4f}); "
                    f"keeping one more layer in float")

@@ -274,7 +274,7 @@ def test_compile_quantize_int8_runs_vnni_kernels(tmp_path, capsys):
     session.calibrate()
     qgraph = session.quantized_graph()
     wf = numpy_helper.to_array(next(i for i in onnx.load(model).graph.initializer if i.name == "wf"))
-    s_last = max(p.scale for p in session._params.values())
+    s_last = max(p.scale for p in session.params.values())
     art = kiln.runtime.load(out)
     for feeds in session.held_out:
         got = art.run(feeds)["y"]
@@ -463,3 +463,25 @@ def test_int8_dense_kernel_matches_its_semantics(m, k, n, bias, tmp_path):
 
     funcs = re.split(r"\n(?=[0-9a-f]+ <)", _disassembly(tmp_path / "d.kiln", tmp_path))
     assert any("<qdense_compute_" in f.split("\n")[0] and "vpdpbusd" in f for f in funcs)  # tensorized, not fallback
+
+
+def test_a_residual_add_after_a_fused_activation_is_not_folded():
+    """The write-back adds the residual before its activation; an add that follows the activation
+    must stay outside, or the order of the two would change."""
+    from kiln.passes.layout import INT8_BLOCK, QRESIDUAL_RULES, _example_qconv
+    from kiln.passes.rules import example_graph
+
+    def build(op, x, z):  # an int8 conv ending in SiLU -> DQ -> Add(DQ(z)) -> Q
+        xq = op.kiln.ToBlocked(op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120))),
+                               block=INT8_BLOCK)
+        c = _example_qconv(op, xq, np.random.default_rng(0), y_zero_point=40)  # the zero point the DQ reads
+        c.producer.set_attr("activation", "SiLU")
+        s, zp = op.constant(np.float32(0.03)), op.constant(np.uint8(40))
+        total = op.Add(op.DequantizeLinear(c, s, zp), op.DequantizeLinear(z, s, zp))
+        return op.QuantizeLinear(total, op.constant(np.float32(0.05)), op.constant(np.uint8(30)))
+
+    graph = example_graph("act_then_add", {"x": (DType.FLOAT32, (1, 24, 7, 7)), "z": (DType.UINT8, (1, 2, 7, 7, 16))},
+                          build, opset=21)
+    add = next(r for r in QRESIDUAL_RULES if r.name == "qblocked-conv-add")
+    attempt = add.try_match(graph.outputs[0].producer)
+    assert "already ends in an activation" in getattr(attempt, "reason", "")

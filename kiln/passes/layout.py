@@ -262,6 +262,8 @@ def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
             return MatchResult.fail("the residual is not uint8")
         if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
             return MatchResult.fail("the conv's output is dequantized with another zero point than its own")
+        if conv.attr("activation"):  # its write-back would apply the activation after the add, not before
+            return MatchResult.fail("the conv already ends in an activation")
         out = conv.outputs[0]
         if z.shape is None or out.shape is None or tuple(z.shape) != tuple(out.shape):
             return MatchResult.fail(f"the residual {z.type_str()} does not have the conv's blocked shape")
