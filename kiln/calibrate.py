@@ -524,7 +524,9 @@ class QuantizeSession:
                             "held_out_samples": len(self.held_out), "calib_sha256": file_sha256(self.options.calib),
                             "observer": "compiled" if self.observer_compiled else "evaluator"},
             "layers": per_layer,
-            "kept_float": dict(self.kept_float),
+            "kept_float": {**self.kept_float, **{ly.name: "its output stays float (a graph output, or read only by "
+                                                          "float layers)" for ly in self.layers
+                                                 if ly.name not in self.int8_layers and ly.name not in self.kept_float}},
             "tensors": {n: {"scale": p.scale, "zero_point": p.zero_point} for n, p in sorted(self.params.items())},
             "accuracy": {r.name: r.to_json() for r in accuracy},
             "budget": str(budget) if budget else None,

@@ -276,8 +276,8 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
     if kernels < planned:
         print(f"kiln: warning: {planned - kernels} of {planned} int8 convs and dense layers did not become int8 "
               f"kernels and run in float", file=sys.stderr)
-    if session.kept_float:
-        print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in session.kept_float.items()))
+    if record["kept_float"]:
+        print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in record["kept_float"].items()))
     print(f"accuracy against the float model on {len(session.held_out)} held-out samples:")
     print(format_accuracy(accuracy))
     if budget is not None and not budget.holds(accuracy):

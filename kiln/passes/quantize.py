@@ -397,10 +397,12 @@ def _transparent_groups(graph: Graph, seeds: list[Value]) -> _Groups:
     return groups
 
 
-def quantized_tensors(graph: Graph, layers: list[QuantLayer]) -> list[Value]:
+def quantized_tensors(graph: Graph, layers: list[QuantLayer], readers: list[QuantLayer] = ()) -> list[Value]:
     """Every tensor that quantizing ``layers`` quantizes, in graph order: the layers' inputs and
-    own outputs, and the tensors that share their scale through layout-transparent ops."""
+    own outputs, the inputs of ``readers`` (float layers that read quantized inputs), and the
+    tensors that share their scale through layout-transparent ops."""
     seeds = [v for layer in layers for v in (*layer.inputs, *([layer.output] if layer.output else []))]
+    seeds += [v for layer in readers for v in layer.inputs]
     groups = _transparent_groups(graph, seeds)
     roots = {groups.find(v) for v in seeds}
     chosen = {id(v): v for v in seeds}
@@ -471,10 +473,26 @@ class Quantize(Pass):
     params: dict[str, QParams] = field(default_factory=dict, init=False)  # what the last run chose
 
     def plan(self, graph: Graph) -> tuple[list[QuantLayer], dict[str, QParams]]:
-        """The enabled layers and each quantized tensor's parameters (groups share the union range)."""
-        layers = [ly for ly in quantizable_layers(graph) if ly.name not in self.keep_float
-                  and all(v.name in self.ranges for v in ly.inputs)]
-        tensors = quantized_tensors(graph, layers)
+        """The enabled layers and each quantized tensor's parameters (groups share the union range).
+
+        A conv whose output ends up unquantized (a graph output, or read only by layers kept in
+        float) is left in float too: without a requantize it has no int8 kernel, and quantizing
+        only its weights would cost accuracy for nothing.
+        """
+        readers = [ly for ly in quantizable_layers(graph) if ly.name not in self.keep_float
+                   and all(v.name in self.ranges for v in ly.inputs)]
+        layers = readers
+        while True:
+            # a conv left float this way still reads its inputs quantized: their producers stay int8
+            enabled, params = self._params_for(graph, layers, [ly for ly in readers if ly not in layers])
+            kept = [ly for ly in enabled if ly.kind != "conv" or _through_relu(ly.node.outputs[0]).name in params]
+            if len(kept) == len(layers):
+                return kept, params
+            layers = kept
+
+    def _params_for(self, graph: Graph, layers: list[QuantLayer],
+                    readers: list[QuantLayer]) -> tuple[list[QuantLayer], dict[str, QParams]]:
+        tensors = quantized_tensors(graph, layers, readers)
         groups = scale_groups(graph, tensors)
         params: dict[str, QParams] = {}
         for v in tensors:
@@ -496,10 +514,9 @@ class Quantize(Pass):
         layers, params = self.plan(graph)
         self.params = params
         float_readers = {id(n) for ly in quantizable_layers(graph) if ly.name in self.keep_float for n in [ly.node]}
-        values = {v.name: v for v in quantized_tensors(graph, layers)}
-        dq_of: dict[str, Value] = {}
+        values = {v.name: v for v in graph.values()}
         for name, p in params.items():
-            dq_of[name] = _insert_qdq(graph, values[name], p, float_readers)
+            _insert_qdq(graph, values[name], p, float_readers)
         for ly in layers:
             if ly.kind in ("conv", "dense"):
                 self._quantize_weights(graph, ly.node, params[ly.inputs[0].name])
