@@ -276,8 +276,10 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
     if kernels < planned:
         print(f"kiln: warning: {planned - kernels} of {planned} int8 convs and dense layers did not become int8 "
               f"kernels and run in float", file=sys.stderr)
-    if record["kept_float"]:
-        print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in record["kept_float"].items()))
+    kept = list(record["kept_float"].items())
+    if kept:
+        more = f", and {len(kept) - 12} more (kiln inspect {dst})" if len(kept) > 12 else ""
+        print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in kept[:12]) + more)
     print(f"accuracy against the float model on {len(session.held_out)} held-out samples:")
     print(format_accuracy(accuracy))
     if budget is not None and not budget.holds(accuracy):

@@ -194,7 +194,7 @@ def describe(manifest: Mapping[str, Any]) -> str:
         int8 = sum(1 for v in layers.values() if v == "int8")
         out.write(f"  quantization: int8 in {int8} of {len(layers)} layers ({calib.get('method')} calibration on "
                   f"{calib.get('samples')} samples)\n")
-        for name, why in (quant.get("kept_float") or {}).items():
+        for name, why in (quant.get("kept_float") or {}).items():  # every one: inspect is the full view
             out.write(f"    kept in float: {name} ({why})\n")
         for name, acc in (quant.get("accuracy") or {}).items():
             agree = acc.get("argmax_agreement")
