@@ -57,7 +57,6 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()
     eval: str | None = None
     sensitivity: bool = False
-    budget: str | None = None
     observer: str = "auto"  # auto | compiled | evaluator
 
 

@@ -234,7 +234,7 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
     exclude = tuple(n for part in (args.exclude or []) for n in part.split(",") if n)
     options = QuantizeOptions(args.calib, method=args.calib_method, per_channel=args.per_channel,
                               symmetric=args.symmetric, exclude=exclude, eval=args.eval,
-                              sensitivity=args.sensitivity or budget is not None, budget=args.accuracy_budget)
+                              sensitivity=args.sensitivity or budget is not None)
     src, dst = Path(args.model), Path(args.output)
     session = QuantizeSession(args.model, options, target, parse_shape_overrides(args.input_shape), say=_stage)
     level = args.level or DEFAULT_COMPILE_LEVEL

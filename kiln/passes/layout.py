@@ -40,6 +40,7 @@ import numpy as np
 from kiln.ir import DType, Graph, Node, Value
 from kiln.passes.fuse_conv import ACTIVATION_PATTERNS, _example_activation, per_channel
 from kiln.passes.manager import Pass, PassResult, register_pass
+from kiln.passes.quantize import int8_conv_attr_problem
 from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
 from kiln.passes.rules import MatchContext, RewriteRule, apply_rules, example_graph, register_rule
 
@@ -163,10 +164,9 @@ def _qconv_check(ctx: MatchContext, x: Value, xs: Value, xzp: Value, w: Value, w
         return MatchResult.fail(f"the output is {yzp.dtype}, not uint8")
     if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[1], int) or w.shape is None:
         return MatchResult.fail("only 2-D convs with a static channel count are blocked")
-    if conv.attr("group", 1) != 1 or any(d != 1 for d in conv.attr("dilations", ()) or ()):
-        return MatchResult.fail("grouped or dilated int8 convs are not blocked yet")
-    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return MatchResult.fail("the conv uses auto_pad")
+    problem = int8_conv_attr_problem(conv)
+    if problem:
+        return MatchResult.fail(problem)
     if np.any(wzp.numpy() != 0):
         return MatchResult.fail("the weights' zero point is not 0 (kiln's int8 kernel takes symmetric weights)")
     if xs.numpy().size != 1 or ys.numpy().size != 1 or xzp.numpy().size != 1 or yzp.numpy().size != 1:

@@ -264,6 +264,17 @@ class QuantLayer:
     output: Value | None = None
 
 
+def int8_conv_attr_problem(conv: Node) -> str | None:
+    """Why a Conv's or QLinearConv's attributes keep it off kiln's VNNI kernel, or None."""
+    if conv.attr("group", 1) != 1:
+        return "grouped convs have no int8 kernel yet"
+    if any(d != 1 for d in conv.attr("dilations", ()) or ()):
+        return "dilated convs have no int8 kernel yet"
+    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return "the conv uses auto_pad"
+    return None
+
+
 def int8_conv_problem(conv: Node) -> str | None:
     """Why kiln's VNNI kernel cannot run this Conv, or None when it can."""
     w = conv.input(1)
@@ -272,12 +283,9 @@ def int8_conv_problem(conv: Node) -> str | None:
         return "its weight is not a constant"
     if w.shape is None or len(w.shape) != 4 or x is None or x.shape is None or len(x.shape) != 4:
         return "only 2-D convs have an int8 kernel"
-    if conv.attr("group", 1) != 1:
-        return "grouped convs have no int8 kernel yet"
-    if any(d != 1 for d in conv.attr("dilations", ()) or ()):
-        return "dilated convs have no int8 kernel yet"
-    if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return "the conv uses auto_pad"
+    problem = int8_conv_attr_problem(conv)
+    if problem:
+        return problem
     b = conv.input(2)
     if b is not None and not b.is_constant:
         return "its bias is not a constant"
