@@ -496,8 +496,7 @@ class QuantizeSession:
         q = Quantize(ranges=self.ranges, per_channel=self.options.per_channel, symmetric=self.options.symmetric,
                      keep_float=frozenset(self.kept_float))
         g, _ = PassManager([q, get_pass("dce")], max_iterations=1).run(g)
-        self.int8_layers = [ly.name for ly in q.plan(self.graph)[0]]
-        self.params = q.params
+        self.int8_layers, self.params = q.int8_layers, q.params
         return g
 
     def evaluate(self, artifact: str | os.PathLike) -> list[OutputAccuracy]:

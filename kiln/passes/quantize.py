@@ -479,6 +479,7 @@ class Quantize(Pass):
     symmetric: bool = False
     keep_float: frozenset[str] = frozenset()
     params: dict[str, QParams] = field(default_factory=dict, init=False)  # what the last run chose
+    int8_layers: list[str] = field(default_factory=list, init=False)  # the layers the last run quantized
 
     def plan(self, graph: Graph) -> tuple[list[QuantLayer], dict[str, QParams]]:
         """The enabled layers and each quantized tensor's parameters (groups share the union range).
@@ -520,8 +521,8 @@ class Quantize(Pass):
             raise ValueError(f"quantize needs ai.onnx opset 13 or later (per-axis QuantizeLinear); the model has "
                              f"{graph.model_opset.get('', 0)}")
         layers, params = self.plan(graph)
-        self.params = params
-        float_readers = {id(n) for ly in quantizable_layers(graph) if ly.name in self.keep_float for n in [ly.node]}
+        self.params, self.int8_layers = params, [ly.name for ly in layers]
+        float_readers = {id(n) for n in graph.nodes if n.name in self.keep_float}
         values = {v.name: v for v in graph.values()}
         for name, p in params.items():
             _insert_qdq(graph, values[name], p, float_readers)
@@ -533,18 +534,19 @@ class Quantize(Pass):
         return PassResult.of(graph, len(params) + len(layers), {"quantized-tensors": len(params),
                                                                 "int8-layers": len(layers)})
 
-    def _quantize_weights(self, graph: Graph, conv: Node, x: QParams) -> None:
-        op = RewriteBuilder(graph, conv)
-        w, b = conv.input(1), conv.input(2)
-        channel = _dense_axis(conv) if conv.op_type in ("Gemm", "MatMul") else 0
+    def _quantize_weights(self, graph: Graph, node: Node, x: QParams) -> None:
+        """A conv's or dense layer's weights as DQ(int8), its bias as DQ(int32)."""
+        op = RewriteBuilder(graph, node)
+        w, b = node.input(1), node.input(2)
+        channel = _dense_axis(node) if node.op_type in ("Gemm", "MatMul") else 0
         wq, ws = weight_quantization(w.numpy(), per_channel=self.per_channel,
                                      bias=b.numpy() if b is not None else None, x_scale=x.scale, axis=channel)
         axis = {"axis": channel} if self.per_channel else {}
-        conv.set_input(1, op.DequantizeLinear(op.constant(wq, f"{w.name}_int8"), op.constant(ws, f"{w.name}_scale"),
+        node.set_input(1, op.DequantizeLinear(op.constant(wq, f"{w.name}_int8"), op.constant(ws, f"{w.name}_scale"),
                                               op.constant(np.zeros(ws.shape, np.int8), f"{w.name}_zero_point"), **axis))
         if b is not None:
             bq, bs = bias_quantization(b.numpy(), x.scale, ws)
-            conv.set_input(2, op.DequantizeLinear(op.constant(bq, f"{b.name}_int32"), op.constant(bs, f"{b.name}_scale"),
+            node.set_input(2, op.DequantizeLinear(op.constant(bq, f"{b.name}_int32"), op.constant(bs, f"{b.name}_scale"),
                                                   op.constant(np.zeros(bs.shape, np.int32), f"{b.name}_zero_point"),
                                                   **({"axis": 0} if self.per_channel else {})))
 
@@ -602,7 +604,7 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
         s, z = op.constant(np.float32(p.scale), f"{name}_scale"), op.constant(np.uint8(p.zero_point), f"{name}_zp")
         return op.Where(on, op.DequantizeLinear(op.QuantizeLinear(v, s, z), s, z), v)
 
-    def gate_readers(v: Value, gated: Value, readers: list) -> None:
+    def gate_readers(gated: Value, readers: list) -> None:
         for use in readers:
             use.node.set_input(use.index, gated)
 
@@ -626,7 +628,7 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
         y = node.outputs[0]
         readers = list(y.uses)
         gated = conv_out[y.name] = op.Where(on, getattr(op, node.op_type)(*inputs, **copy_attrs(node)), y)
-        gate_readers(y, gated, readers)
+        gate_readers(gated, readers)
         if y.is_graph_output:  # the output keeps its name
             name = y.name
             g.rename_value(y, g.fresh_name(f"{name}_float"))
@@ -639,7 +641,7 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
         v = conv_out.get(layer.output.name) or values[layer.output.name]
         readers = list(v.uses)
         op._anchor = readers[0].node
-        gate_readers(v, fake_quant(bit(i), v, params[layer.output.name], layer.output.name), readers)
+        gate_readers(fake_quant(bit(i), v, params[layer.output.name], layer.output.name), readers)
     g.sort()
     infer_shapes(g)
     return g, mask.name
