@@ -212,7 +212,11 @@ def _qconv_example() -> Graph:
 
     def build(op, x):  # 20 -> 24 channels (both padded), per-channel weight scales, stride 2
         q = op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120)))
-        w = rng.integers(-127, 128, (24, 20, 3, 3)).astype(np.int8)
+        # 7-bit weights: on x86 without VNNI, onnxruntime's u8 x s8 kernels (vpmaddubsw) saturate the
+        # int16 sum of two products, measured 3.1 (62 output steps) off the exact result with full-range
+        # weights on an AVX2-only AMD EPYC. Within [-64, 63] no pair can saturate, so the oracle is exact
+        # on every x86 CPU (the range onnxruntime's own quantizer picks there, reduce_range).
+        w = rng.integers(-64, 64, (24, 20, 3, 3)).astype(np.int8)
         y = op.QLinearConv(q, op.constant(np.float32(0.02)), op.constant(np.uint8(120)), op.constant(w),
                            op.constant((rng.random(24) * 0.01 + 0.001).astype(np.float32)),
                            op.constant(np.zeros(24, np.int8)), op.constant(np.float32(0.05)),
