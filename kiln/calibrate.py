@@ -264,9 +264,7 @@ class GraphRunner:
 
     def __init__(self, graph: Any, outputs: Sequence[str], *, compiled: bool, target: Any, workdir: str,
                  label: str, extra_inputs: Sequence[Any] = ()):
-        from kiln.ir import clone_graph
-
-        g = clone_graph(graph)
+        g = graph.clone()
         values = {v.name: v for v in g.values()}
         present = {v.name for v in g.outputs}
         for name in outputs:
@@ -487,12 +485,11 @@ class QuantizeSession:
 
     # -- 5. quantize
     def quantized_graph(self) -> Any:
-        from kiln.ir import clone_graph
         from kiln.passes import PassManager
         from kiln.passes.manager import get_pass
         from kiln.passes.quantize import Quantize
 
-        g = clone_graph(self.graph)
+        g = self.graph.clone()
         q = Quantize(ranges=self.ranges, per_channel=self.options.per_channel, symmetric=self.options.symmetric,
                      keep_float=frozenset(self.kept_float))
         g, _ = PassManager([q, get_pass("dce")], max_iterations=1).run(g)

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper
 
 from kiln.cli import main
-from test_onnx_io import f32, make_model
+from helpers import f32, make_model
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_cnn.onnx"

@@ -20,7 +20,7 @@ from kiln.codegen.lower import CodegenError
 from kiln.errors import InputError
 from kiln.passes import PassManager
 from kiln.passes.pipeline import passes_for
-from test_onnx_io import f32, make_model, ort_outputs
+from helpers import f32, make_model, ort_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_cnn.onnx"

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import kiln
 import kiln.runtime
 from kiln.codegen.build import build
-from test_onnx_io import f32, make_model, ort_outputs
+from helpers import f32, make_model, ort_outputs
 
 
 def _compiled(model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

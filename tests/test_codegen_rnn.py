@@ -12,7 +12,7 @@ from kiln.check import compare
 from kiln.cli import main
 from kiln.codegen.build import build
 from kiln.codegen.lower import CodegenError
-from test_onnx_io import f32, make_model, ort_outputs
+from helpers import f32, make_model, ort_outputs
 
 SEQ, BATCH, WIDTH, HIDDEN = 3, 2, 4, 5
 

@@ -11,7 +11,7 @@ from kiln.ir import evaluate, to_onnx
 from kiln.ir.oracle import run_onnxruntime
 from kiln.passes import PassManager
 from kiln.passes.pipeline import passes_for
-from test_onnx_io import f32, make_model
+from helpers import f32, make_model
 
 
 def _shape_if_model() -> onnx.ModelProto:

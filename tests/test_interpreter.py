@@ -11,7 +11,7 @@ from kiln.check import compare
 from kiln.errors import EvaluationError, InputError
 from kiln.ir import AttrType, DType, Evaluator, Graph, evaluate, evaluate_node, load
 from kiln.ir import schemas
-from test_onnx_io import f32, make_model, ort_outputs
+from helpers import f32, make_model, ort_outputs
 
 RNG = np.random.default_rng(0)
 

@@ -118,6 +118,36 @@ def test_printer_shows_small_constants_and_subgraphs():
     assert evaluate(g, {"cond": np.array(False)})[node.outputs[0].name].tolist() == [2.0]
 
 
+def test_clone_is_structural_and_independent():
+    g = Graph("g", opset={"": 17})
+    cond = g.add_input("cond", DType.BOOL, ())
+    x = g.add_input("x", DType.FLOAT32, ("N", 2))
+    then = g.subgraph("then")
+    other = g.subgraph("else")
+    for branch, op in ((then, "Relu"), (other, "Neg")):
+        y = branch.make_node(op, [x]).outputs[0]  # reads an outer value
+        y.dtype, y.shape = DType.FLOAT32, ("N", 2)
+        branch.outputs.append(y)
+    node = g.make_node("If", [cond], {"then_branch": then, "else_branch": other}, name="if")
+    node.outputs[0].dtype, node.outputs[0].shape = DType.FLOAT32, ("N", 2)
+    split = g.make_node("Split", [node.outputs[0]], {"axis": 1}, num_outputs=2, name="split")
+    split.outputs[1].name = ""  # an optional output nobody reads
+    split.outputs[0].dtype, split.outputs[0].shape = DType.FLOAT32, ("N", 1)
+    g.outputs.append(split.outputs[0])
+    c = g.clone()
+    assert str(c) == str(g)
+    c.verify()
+    assert c.nodes[1].outputs[1].name == ""
+    inner = c.nodes[0].attr("then_branch").nodes[0]
+    assert inner.input(0) is c.inputs[1] and inner.input(0) is not x  # outer reads point into the copy
+    assert not set(map(id, c.walk_nodes())) & set(map(id, g.walk_nodes()))
+    c.remove_node(c.nodes[1], force=True)  # changing the copy leaves the original alone
+    assert len(g.nodes) == 2 and g.nodes[1].graph is g
+    feeds = {"cond": np.array(False), "x": np.array([[1.0, -2.0]], np.float32)}
+    assert evaluate(g.clone(), feeds)[g.outputs[0].name].tolist() == [[-1.0]]
+    assert c.fresh_name(x.name) != x.name  # names used in the original stay taken
+
+
 def test_verify_reports_out_of_order_nodes():
     g = small_graph()
     conv, relu = g.nodes

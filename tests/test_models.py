@@ -15,7 +15,7 @@ from kiln.check import compare
 from kiln.cli import main
 from kiln.ir import Evaluator, Graph
 from models import MODELS, make_inputs, model_path
-from test_onnx_io import ort_outputs
+from helpers import ort_outputs
 
 ALL = list(MODELS)
 # The models whose evaluator results the foundation must match (all models are run).

@@ -40,8 +40,8 @@ from onnx import TensorProto
 
 import kiln
 import kiln.runtime
-from test_node_suite import CASES as ALL_CASES
-from test_node_suite import NodeCase, _check_random_draw, _compare, _first_line, read_xfails
+from node_cases import CASES as ALL_CASES
+from node_cases import NodeCase, check_random_draw, compare, first_line, read_xfails
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -127,7 +127,7 @@ def artifact(case: NodeCase) -> Path:
         try:
             _compile(case, Path(tmp))
         except Exception as e:  # noqa: BLE001 - any import, pass or build error is the case's result
-            message = f"{type(e).__name__}: {_first_line(e)}"
+            message = f"{type(e).__name__}: {first_line(e)}"
             Path(tmp).write_text(message)
             os.replace(tmp, err)
             raise BuildFailed(message) from e
@@ -162,9 +162,9 @@ def test_compiled(case: NodeCase):
         for i, (name, e) in enumerate(zip(out_names, expected)):
             what = f"data set {n}, output {i} '{name}'"
             if case.is_random:
-                _check_random_draw(results[name], e, what)
+                check_random_draw(results[name], e, what)
             else:
-                _compare(results[name], e, what, rtol=1e-3, atol=1e-7, narrow_rtol=1e-3, narrow_atol=1e-7)
+                compare(results[name], e, what, rtol=1e-3, atol=1e-7, narrow_rtol=1e-3, narrow_atol=1e-7)
 
 
 def test_codegen_pass_rate():

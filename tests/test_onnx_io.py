@@ -12,24 +12,7 @@ from kiln.check import compare
 from kiln.errors import ExternalDataError, GraphError, ModelLoadError, UnsupportedOpError
 from kiln.ir import DType, evaluate, is_unknown_dim, load, save_onnx, to_onnx
 from kiln.ir.onnx_io import MAX_IR_VERSION
-from kiln.ir.oracle import run_onnxruntime
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8, **kw) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "t", inputs, outputs, initializer=list(inits), **kw)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = ir_version
-    return model
-
-
-def f32(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def ort_outputs(model: onnx.ModelProto | bytes | str, feeds) -> dict[str, np.ndarray]:
-    """onnxruntime's outputs, by name, for a model proto, serialized bytes or a path."""
-    return run_onnxruntime(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-                           if not isinstance(model, bytes) else model, feeds)
+from helpers import f32, make_model, ort_outputs, shape_chain_model
 
 
 def test_initializers_and_constant_nodes_become_constants():
@@ -99,23 +82,6 @@ def test_named_symbols_are_kept_and_propagate():
     )
     g = load(model)
     assert g.outputs[0].shape == ("N", 3)
-
-
-def shape_chain_model() -> onnx.ModelProto:
-    """x[2,3,4] reshaped by a Shape -> Gather -> Unsqueeze -> Concat chain to [2, -1]."""
-    return make_model(
-        [
-            helper.make_node("Shape", ["x"], ["s"]),
-            helper.make_node("Gather", ["s", "i"], ["d"], axis=0),
-            helper.make_node("Unsqueeze", ["d", "axes"], ["d1"]),
-            helper.make_node("Concat", ["d1", "minus1"], ["shape"], axis=0),
-            helper.make_node("Reshape", ["x", "shape"], ["y"]),
-        ],
-        [f32("x", [2, 3, 4])], [f32("y", None)],
-        [numpy_helper.from_array(np.array(0, np.int64), "i"),
-         numpy_helper.from_array(np.array([0], np.int64), "axes"),
-         numpy_helper.from_array(np.array([-1], np.int64), "minus1")],
-    )
 
 
 def test_data_propagation_makes_shape_chains_static():

@@ -16,7 +16,7 @@ from kiln.passes.cleanup import CommonSubexpressionElimination, DeadCodeEliminat
 from kiln.passes.fold_constants import FoldConstants
 from kiln.passes.pipeline import passes_for
 from kiln.passes.rules import example_graph
-from test_onnx_io import f32, make_model, ort_outputs, shape_chain_model
+from helpers import f32, make_model, ort_outputs, shape_chain_model
 
 RNG = np.random.default_rng(0)
 

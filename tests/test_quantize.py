@@ -404,7 +404,6 @@ def test_activation_write_back_compiles_to_one_kernel_and_matches(form, tmp_path
     unfused QDQ graph within one output step (float32 activations may round a half step apart)."""
     import kiln.runtime
     from kiln.codegen.build import build
-    from kiln.ir import clone_graph
     from kiln.passes import PassManager
     from kiln.passes.layout import QACTIVATION_RULES
     from kiln.passes.pipeline import passes_for
@@ -413,7 +412,7 @@ def test_activation_write_back_compiles_to_one_kernel_and_matches(form, tmp_path
     graph = rule.example()
     x = np.random.default_rng(5).normal(0, 1, (1, 24, 7, 7)).astype(np.float32)
     want = evaluate(graph, {"x": x})
-    optimized, report = PassManager(passes_for("O3", block=16)).run(clone_graph(graph))
+    optimized, report = PassManager(passes_for("O3", block=16)).run(graph.clone())
     assert report.rule_counts().get(rule.name) == 1
     convs = [n for n in optimized.nodes if n.op_type == "QBlockedConv"]
     assert len(convs) == 1 and convs[0].attr("activation")

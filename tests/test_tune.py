@@ -23,7 +23,7 @@ from kiln.errors import KilnError
 from kiln.ir import set_input_shapes
 from kiln.passes import PassManager
 from kiln.passes.pipeline import passes_for
-from test_onnx_io import ort_outputs
+from helpers import ort_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny_cnn.onnx"

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from kiln.ir.core import (
-    DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Graph, Node, Shape, Tensor, Use, Value, is_static,
-    is_unknown_dim,
+    DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Graph, Node, Shape, Tensor, Use, Value, const_ints, is_static,
+    is_unknown_dim, normalize_axes, normalize_axis,
 )
 from kiln.ir.dtypes import DType
 from kiln.ir import kiln_ops  # noqa: F401 - registers the kiln-domain ops
 from kiln.ir.interpreter import Evaluator, evaluate, evaluate_node
-from kiln.ir.onnx_io import clone_graph, load, save_onnx, to_onnx
+from kiln.ir.onnx_io import load, save_onnx, to_onnx
 from kiln.ir.shape_inference import infer_shapes, set_input_shapes
 
 __all__ = [
     "DEFAULT_DOMAIN", "KILN_DOMAIN", "Attr", "AttrType", "DType", "Dim", "Evaluator", "Graph", "Node", "Shape",
-    "Tensor", "Use", "Value", "clone_graph", "evaluate", "evaluate_node", "infer_shapes", "is_static", "is_unknown_dim", "load",
+    "Tensor", "Use", "Value", "const_ints", "normalize_axes", "normalize_axis", "evaluate", "evaluate_node", "infer_shapes", "is_static", "is_unknown_dim", "load",
     "save_onnx", "set_input_shapes", "to_onnx",
 ]

@@ -41,6 +41,16 @@ def is_static(shape: Shape | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
+def normalize_axis(axis: int, rank: int) -> int:
+    """An ONNX axis (negative counts from the end) as an index in ``range(rank)``."""
+    return axis + rank if axis < 0 else axis
+
+
+def normalize_axes(axes: Iterable[int], rank: int) -> list[int]:
+    """ONNX axes (negative count from the end) as sorted indices in ``range(rank)``."""
+    return sorted(normalize_axis(int(a), rank) for a in axes)
+
+
 def normalize_domain(domain: str) -> str:
     """Map ONNX's two spellings of the default domain to ``""``."""
     return DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain
@@ -90,6 +100,12 @@ class Tensor:
             self._array = arr.astype(self.dtype.numpy, copy=False)
             self._loader = None
         return self._array
+
+    def copy(self) -> Tensor:
+        """A new Tensor over the same payload (loaded or lazy)."""
+        t = Tensor.__new__(Tensor)
+        t.name, t.dtype, t.shape, t._array, t._loader = self.name, self.dtype, self.shape, self._array, self._loader
+        return t
 
     @property
     def is_loaded(self) -> bool:
@@ -267,6 +283,10 @@ class Value:
     @property
     def rank(self) -> int | None:
         return None if self.shape is None else len(self.shape)
+
+    def const_ints(self) -> list[int] | None:
+        """A constant's elements as a flat list of Python ints; None if the value is not a constant."""
+        return const_ints(self)
 
     def numpy(self) -> np.ndarray:
         """The constant payload; raises if the value is not a constant."""
@@ -669,6 +689,47 @@ class Graph:
             raise GraphError("set_nodes must be given exactly the graph's nodes")
         self._nodes = list(nodes)
 
+    def clone(self) -> Graph:
+        """A structural copy of this top-level graph: new nodes and values with the same names,
+        types and attributes, subgraphs copied too. Constants get new ``Tensor`` objects that share
+        their payload (kiln never changes a payload in place); nothing is re-imported or re-inferred."""
+        if self.parent_node is not None:
+            raise GraphError(f"graph '{self.name}' is a subgraph; clone the model's top-level graph")
+        new = Graph(self.name, opset=self.opset)
+        new.ir_version, new.producer, new.doc, new.metadata = self.ir_version, self.producer, self.doc, dict(self.metadata)
+        self._copy_into(new, {})
+        new._names.used |= self._names.used
+        new._node_names.used |= self._node_names.used
+        return new
+
+    def _copy_into(self, new: Graph, mapping: dict[int, Value]) -> None:
+        """Copy this graph's inputs, constants, nodes and outputs into the empty ``new``; ``mapping``
+        takes each old value's id to its copy (outer values first, for subgraphs' reads)."""
+        for v in self.inputs:
+            mapping[id(v)] = new.add_input(v.name, v.dtype, v.shape)  # type: ignore[arg-type]
+        for name, v in self.constants.items():
+            assert v.const is not None
+            mapping[id(v)] = new.add_constant(v.const.copy(), name)
+        for node in self._nodes:
+            attrs: dict[str, Attr] = {}
+            for key, a in node.attrs.items():
+                if a.type is AttrType.GRAPH:
+                    attrs[key] = Attr.graph(_copy_subgraph(a.value, new, mapping))
+                elif a.type is AttrType.GRAPHS:
+                    attrs[key] = Attr(AttrType.GRAPHS, tuple(_copy_subgraph(g, new, mapping) for g in a.value))
+                else:
+                    attrs[key] = a
+            outputs = [Value(o.name, o.dtype, o.shape) for o in node.outputs]
+            copy = Node(node.op_type, [None if v is None else mapping[id(v)] for v in node.inputs], attrs,
+                        domain=node.domain, outputs=outputs, name=node.name)
+            copy.doc = node.doc
+            new.append(copy)
+            for o, c in zip(node.outputs, outputs):
+                if not o.name:
+                    c.name = ""  # an optional output nobody asked for stays unnamed
+                mapping[id(o)] = c
+        new.outputs = [mapping[id(v)] for v in self.outputs]
+
     # -- analysis helpers
     def to_networkx(self) -> Any:
         """A ``networkx.DiGraph`` of this graph's nodes, an edge per producer→consumer.
@@ -715,6 +776,20 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self._nodes)} nodes, {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
+
+
+def _copy_subgraph(sub: Graph, parent: Graph, mapping: dict[int, Value]) -> Graph:
+    copy = parent.subgraph(sub.name)
+    copy.doc = sub.doc
+    sub._copy_into(copy, mapping)
+    return copy
+
+
+def const_ints(v: Value | None) -> list[int] | None:
+    """A constant value's elements as a flat list of Python ints; None if ``v`` is absent or not constant."""
+    if v is None or not v.is_constant:
+        return None
+    return [int(x) for x in np.asarray(v.numpy()).reshape(-1).tolist()]
 
 
 def _free_inputs(node: Node) -> Iterator[Value]:

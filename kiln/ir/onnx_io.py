@@ -221,11 +221,6 @@ def load_with_report(
     return graph, unsupported
 
 
-def clone_graph(graph: Graph) -> Graph:
-    """An independent copy of a top-level graph (through ONNX: names, constants and shapes kept)."""
-    return load(to_onnx(graph, value_info=True))
-
-
 def _upgrade(model: ModelProto, opset: int, where: str) -> ModelProto:
     """``model`` converted to ``ai.onnx`` ``opset`` by onnx's version converter."""
     from onnx import version_converter

@@ -588,9 +588,8 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
     One compile of this model measures any set of layers in int8 (sensitivity, budgets);
     a conv computes both weight versions, so it runs at about twice the float cost.
     """
-    from kiln.ir import clone_graph
 
-    g = clone_graph(graph)
+    g = graph.clone()
     by_name = {n.name: n for n in g.nodes}
     conv_out: dict[str, Value] = {}  # a conv's output name -> its gated value
     mask = g.add_input(g.fresh_name("kiln_layer_mask"), DType.FLOAT32, (len(layers),))
