@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("kiln.ir.onnx_io", "load"),
     "save_onnx": ("kiln.ir.onnx_io", "save_onnx"),
-    "to_onnx": ("kiln.ir.onnx_io", "to_onnx"),
+    "to_onnx": ("kiln.ir.serde", "to_onnx"),
     "evaluate": ("kiln.ir.interpreter", "evaluate"),
     "Graph": ("kiln.ir.core", "Graph"),
     "Node": ("kiln.ir.core", "Node"),

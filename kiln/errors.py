@@ -42,10 +42,6 @@ class VerifyError(GraphError):
     """``Graph.verify()`` found a broken invariant."""
 
 
-class ShapeInferenceError(KilnError):
-    """Types or shapes could not be inferred consistently."""
-
-
 class EvaluationError(KilnError):
     """The reference evaluator failed on a node."""
 

@@ -165,7 +165,7 @@ def test_qlinearconv_compiles_to_vnni_kernels_and_matches_onnxruntime(tmp_path):
     from kiln.codegen.build import build
     from kiln.passes import PassManager
     from kiln.passes.pipeline import passes_for
-    from test_onnx_io import ort_outputs
+    from helpers import ort_outputs
 
     model = _quantized_model()
     src = tmp_path / "q.onnx"
@@ -242,7 +242,7 @@ def test_a_qdq_model_from_onnxruntime_compiles_to_int8_kernels(tmp_path):
     from kiln.codegen.build import build
     from kiln.passes import PassManager
     from kiln.passes.pipeline import passes_for
-    from test_onnx_io import ort_outputs
+    from helpers import ort_outputs
 
     qdq = _qdq_model(tmp_path)
     g, _ = PassManager(passes_for("O3", block=TARGET.layout_block)).run(kiln.load(qdq))
@@ -276,7 +276,7 @@ def test_int8_kernels_replay_from_a_tuning_database(tmp_path):
     from kiln.codegen.tune import TuningDatabase, fused_module, tunable_kernels
     from kiln.passes import PassManager
     from kiln.passes.pipeline import passes_for
-    from test_onnx_io import ort_outputs
+    from helpers import ort_outputs
 
     qdq = _qdq_model(tmp_path)
     g, _ = PassManager(passes_for("O3", block=TARGET.layout_block)).run(kiln.load(qdq))

@@ -11,7 +11,7 @@ import kiln
 from kiln.check import compare
 from kiln.errors import ExternalDataError, GraphError, ModelLoadError, UnsupportedOpError
 from kiln.ir import DType, evaluate, is_unknown_dim, load, save_onnx, to_onnx
-from kiln.ir.onnx_io import MAX_IR_VERSION
+from kiln.ir.serde import MAX_IR_VERSION
 from helpers import f32, make_model, ort_outputs, shape_chain_model
 
 

@@ -60,7 +60,7 @@ def test_matmul_gather_unsqueeze_and_reduce():
 def _batch1_reshape_model(target: list[int]):
     from onnx import helper, numpy_helper
 
-    from test_onnx_io import f32, make_model
+    from helpers import f32, make_model
 
     return make_model(
         [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Reshape", ["p", "t"], ["y"])],

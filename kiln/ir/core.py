@@ -1,4 +1,4 @@
-"""kiln's graph IR: ``Graph``, ``Node``, ``Value``, ``Tensor`` and typed attributes.
+"""kiln's graph IR: ``Graph``, ``Node`` and ``Value``, on the leaves in :mod:`kiln.ir.types`.
 
 The IR is SSA. Every ``Value`` is defined exactly once: by a node output, as a
 graph input, or as a constant (a ``Value`` holding a ``Tensor``). Each value
@@ -6,230 +6,26 @@ keeps its list of uses, ``(node, input index)`` pairs, and the mutation methods
 (``Node.set_input``, ``Value.replace_all_uses_with``, ``Graph.remove_node``, ...)
 keep producers and uses correct. ``Graph.verify()`` checks all of it.
 
-Shapes are tuples of dims. A dim is an ``int`` (static), or a ``str`` naming a
-symbol. Unknown dims are symbols too, each with a distinct name that starts
-with ``?`` (see :func:`is_unknown_dim`), so two unknown dims are never assumed
-equal. A shape of ``None`` means the rank itself is unknown.
+Shapes are tuples of dims (see :mod:`kiln.ir.types`); a shape of ``None`` means the rank
+itself is unknown. ``verify()`` and ``str()`` call the verifier and the printer, which need
+only the leaves, so neither imports this module.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from kiln.errors import GraphError
 from kiln.ir.dtypes import DType
-
-Dim = int | str
-Shape = tuple[Dim, ...]
-
-DEFAULT_DOMAIN = ""
-KILN_DOMAIN = "kiln"
-
-
-def is_unknown_dim(dim: Dim) -> bool:
-    """True for a dim that is an anonymous unknown symbol (``?0``, ``?1``, ...)."""
-    return isinstance(dim, str) and dim.startswith("?")
-
-
-def is_static(shape: Shape | None) -> bool:
-    """True if the rank and every dim are known integers."""
-    return shape is not None and all(isinstance(d, int) for d in shape)
-
-
-def normalize_axis(axis: int, rank: int) -> int:
-    """An ONNX axis (negative counts from the end) as an index in ``range(rank)``."""
-    return axis + rank if axis < 0 else axis
-
-
-def normalize_axes(axes: Iterable[int], rank: int) -> list[int]:
-    """ONNX axes (negative count from the end) as sorted indices in ``range(rank)``."""
-    return sorted(normalize_axis(int(a), rank) for a in axes)
-
-
-def normalize_domain(domain: str) -> str:
-    """Map ONNX's two spellings of the default domain to ``""``."""
-    return DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-class Tensor:
-    """A constant payload: a numpy array, or a loader that reads one lazily.
-
-    External data is loaded on first access to :meth:`numpy`; ``dtype`` and
-    ``shape`` are known without loading.
-    """
-
-    __slots__ = ("name", "dtype", "shape", "_array", "_loader")
-
-    def __init__(
-        self,
-        array: np.ndarray | None = None,
-        *,
-        name: str = "",
-        dtype: DType | None = None,
-        shape: Sequence[int] | None = None,
-        loader: Callable[[], np.ndarray] | None = None,
-    ):
-        if array is None and loader is None:
-            raise ValueError("Tensor needs an array or a loader")
-        if array is not None:
-            array = np.asarray(array)
-            dtype = dtype or DType.from_numpy(array.dtype)
-            shape = array.shape
-        assert dtype is not None and shape is not None, "a lazy Tensor needs dtype and shape"
-        self.name = name
-        self.dtype: DType = dtype
-        self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
-        self._array = array
-        self._loader = loader
-
-    def numpy(self) -> np.ndarray:
-        """The payload as a numpy array, loading external data on first use."""
-        if self._array is None:
-            assert self._loader is not None
-            arr = np.asarray(self._loader())
-            if arr.shape != self.shape:
-                arr = arr.reshape(self.shape)
-            self._array = arr.astype(self.dtype.numpy, copy=False)
-            self._loader = None
-        return self._array
-
-    def copy(self) -> Tensor:
-        """A new Tensor over the same payload (loaded or lazy)."""
-        t = Tensor.__new__(Tensor)
-        t.name, t.dtype, t.shape, t._array, t._loader = self.name, self.dtype, self.shape, self._array, self._loader
-        return t
-
-    @property
-    def is_loaded(self) -> bool:
-        """True once the payload is in memory."""
-        return self._array is not None
-
-    @property
-    def size(self) -> int:
-        """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the payload."""
-        return self.size * self.dtype.itemsize
-
-    def __repr__(self) -> str:
-        dims = ",".join(str(d) for d in self.shape)
-        return f"Tensor({self.name!r}, {self.dtype}[{dims}])"
-
-
-# --------------------------------------------------------------------------- attributes
-
-
-class AttrType(enum.Enum):
-    """The attribute kinds of ONNX, with the same numbering as ``AttributeProto``."""
-
-    FLOAT = 1
-    INT = 2
-    STRING = 3
-    TENSOR = 4
-    GRAPH = 5
-    FLOATS = 6
-    INTS = 7
-    STRINGS = 8
-    TENSORS = 9
-    GRAPHS = 10
-
-
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """A typed attribute value. Use the constructors (``Attr.ints([1, 1])``) or :meth:`infer`."""
-
-    type: AttrType
-    value: Any
-
-    @staticmethod
-    def float(v: float) -> Attr:
-        return Attr(AttrType.FLOAT, float(v))
-
-    @staticmethod
-    def int(v: int) -> Attr:
-        return Attr(AttrType.INT, int(v))
-
-    @staticmethod
-    def string(v: str) -> Attr:
-        return Attr(AttrType.STRING, str(v))
-
-    @staticmethod
-    def tensor(v: Tensor | np.ndarray) -> Attr:
-        return Attr(AttrType.TENSOR, v if isinstance(v, Tensor) else Tensor(np.asarray(v)))
-
-    @staticmethod
-    def graph(v: Graph) -> Attr:
-        return Attr(AttrType.GRAPH, v)
-
-    @staticmethod
-    def floats(v: Iterable[float]) -> Attr:
-        return Attr(AttrType.FLOATS, tuple(float(x) for x in v))
-
-    @staticmethod
-    def ints(v: Iterable[int]) -> Attr:
-        return Attr(AttrType.INTS, tuple(int(x) for x in v))
-
-    @staticmethod
-    def strings(v: Iterable[str]) -> Attr:
-        return Attr(AttrType.STRINGS, tuple(str(x) for x in v))
-
-    @staticmethod
-    def infer(v: Any) -> Attr:
-        """Build an Attr from a plain Python value, guessing its type."""
-        if isinstance(v, Attr):
-            return v
-        if isinstance(v, bool | int | np.integer):
-            return Attr.int(int(v))
-        if isinstance(v, float | np.floating):
-            return Attr.float(float(v))
-        if isinstance(v, str):
-            return Attr.string(v)
-        if isinstance(v, Tensor | np.ndarray):
-            return Attr.tensor(v)
-        if isinstance(v, Graph):
-            return Attr.graph(v)
-        if isinstance(v, list | tuple):
-            items = list(v)
-            if items and all(isinstance(x, Graph) for x in items):
-                return Attr(AttrType.GRAPHS, tuple(items))
-            if items and all(isinstance(x, Tensor | np.ndarray) for x in items):
-                return Attr(AttrType.TENSORS, tuple(Attr.tensor(x).value for x in items))
-            if items and all(isinstance(x, str) for x in items):
-                return Attr.strings(items)
-            if all(isinstance(x, bool | int | np.integer) for x in items):
-                return Attr.ints(items)
-            if all(isinstance(x, int | float | np.number) for x in items):
-                return Attr.floats(items)
-        raise TypeError(f"cannot infer an attribute type for {v!r}")
-
-    def graphs(self) -> tuple[Graph, ...]:
-        """The subgraphs this attribute holds (empty unless GRAPH or GRAPHS)."""
-        if self.type is AttrType.GRAPH:
-            return (self.value,)
-        if self.type is AttrType.GRAPHS:
-            return tuple(self.value)
-        return ()
-
+from kiln.ir.types import (  # noqa: F401 - re-exported: the IR's names, from one module
+    DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Shape, Tensor, Use, is_static, is_unknown_dim, normalize_axes,
+    normalize_axis, normalize_domain,
+)
 
 # --------------------------------------------------------------------------- values and nodes
-
-
-class Use(NamedTuple):
-    """One use of a value: ``node.inputs[index] is value``."""
-
-    node: Node
-    index: int
 
 
 class Value:
@@ -344,7 +140,7 @@ class Node:
         self.name = name
         self.graph: Graph | None = None
         self.doc = ""
-        self.attrs: dict[str, Attr] = {k: Attr.infer(v) for k, v in (attrs or {}).items()}
+        self.attrs: dict[str, Attr] = {k: _attr(v) for k, v in (attrs or {}).items()}
         self._inputs: list[Value | None] = []
         for v in inputs:
             self._append_input(v)
@@ -413,7 +209,7 @@ class Node:
 
     def set_attr(self, name: str, value: Any) -> None:
         """Set an attribute from a plain value or an ``Attr``."""
-        a = Attr.infer(value)
+        a = _attr(value)
         self.attrs[name] = a
         for sub in a.graphs():
             sub.parent_node = self
@@ -463,10 +259,6 @@ class _Names:
             if name not in self.used:
                 self.used.add(name)
                 return name
-
-    def claim(self, name: str) -> str:
-        """``name`` itself if it is free (and mark it used), else a fresh variant."""
-        return self.fresh(name)
 
 
 class Graph:
@@ -569,7 +361,7 @@ class Graph:
         value.name = name
 
     def _claim(self, value: Value, base: str) -> None:
-        value.name = self._names.claim(value.name or base)
+        value.name = self._names.fresh(value.name or base)
 
     # -- building
     def add_input(self, name: str, dtype: DType, shape: Shape | None) -> Value:
@@ -601,7 +393,7 @@ class Graph:
         if node.graph is not None:
             raise GraphError(f"node {node.label()} already belongs to graph '{node.graph.name}'")
         node.graph = self
-        node.name = self._node_names.claim(node.name or node.op_type.lower())
+        node.name = self._node_names.fresh(node.name or node.op_type.lower())
         for o in node.outputs:
             self._claim(o, f"{node.name}_out")
             o.graph = self
@@ -776,6 +568,15 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self._nodes)} nodes, {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
+
+
+def _attr(v: Any) -> Attr:
+    """An attribute from a plain value, a graph, or a list of graphs (``Attr.infer`` for the rest)."""
+    if isinstance(v, Graph):
+        return Attr.graph(v)
+    if isinstance(v, list | tuple) and v and all(isinstance(x, Graph) for x in v):
+        return Attr(AttrType.GRAPHS, tuple(v))
+    return Attr.infer(v)
 
 
 def _copy_subgraph(sub: Graph, parent: Graph, mapping: dict[int, Value]) -> Graph:

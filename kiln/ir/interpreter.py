@@ -22,6 +22,7 @@ from kiln.errors import EvaluationError, InputError
 from kiln.ir import schemas
 from kiln.ir.core import KILN_DOMAIN, Graph, Node, Value, _free_inputs
 from kiln.ir.dtypes import DType
+from kiln.ir.serde import node_proto, tensor_proto, to_onnx, value_info
 
 
 class BatchNormalization(OpRun):
@@ -276,8 +277,6 @@ class Evaluator:
     """Evaluates one graph many times; build once, call :meth:`run` per input set."""
 
     def __init__(self, graph: Graph):
-        from kiln.ir.onnx_io import to_onnx
-
         self.graph = graph
         self._model = to_onnx(graph, kiln_functions=False)  # kiln ops run through their numpy definitions
         try:
@@ -360,8 +359,6 @@ def evaluate_node(node: Node, inputs: Mapping[str, np.ndarray]) -> list[np.ndarr
         attrs = {k: a.value for k, a in node.attrs.items()}
         return [np.asarray(r) for r in op.impl(*args, **attrs)]
 
-    from kiln.ir.onnx_io import _node_proto, tensor_proto, value_info
-
     free: dict[str, Value] = {}
     for v in _free_inputs(node):
         free.setdefault(v.name, v)
@@ -376,7 +373,7 @@ def evaluate_node(node: Node, inputs: Mapping[str, np.ndarray]) -> list[np.ndarr
             graph_inputs.append(helper.make_tensor_value_info(name, _code(arr, v), list(arr.shape)))
     outs = [o for o in node.outputs if o.name]
     out_infos = [value_info(o) if o.dtype is not None else helper.make_empty_tensor_value_info(o.name) for o in outs]
-    gp = helper.make_graph([_node_proto(node, True)], "node", graph_inputs, out_infos, initializer=inits)
+    gp = helper.make_graph([node_proto(node, True)], "node", graph_inputs, out_infos, initializer=inits)
     opset = node.graph.model_opset if node.graph is not None else {"": 21}
     model = helper.make_model(gp, opset_imports=[helper.make_opsetid(d, v) for d, v in opset.items()])
     try:

@@ -12,9 +12,14 @@ printed inline after the node that owns them, indented.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from kiln.ir.core import Attr, AttrType, Graph, Node, Tensor
+from kiln.ir.types import Attr, AttrType, Tensor
+
+if TYPE_CHECKING:
+    from kiln.ir.core import Graph, Node
 
 _INLINE_ELEMENTS = 8
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import onnx.defs
 from onnx.reference.ops import load_op as _load_std_op
 from onnx.reference.ops.aionnxml import load_op as _load_ml_op
 
-from kiln.ir.core import DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Node
+from kiln.ir.types import DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType
+
+if TYPE_CHECKING:
+    from kiln.ir.core import Node
 
 ML_DOMAIN = "ai.onnx.ml"
 

@@ -22,9 +22,12 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from kiln.errors import InputError
 from kiln.ir import schemas, shape_rules
 from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim
 from kiln.ir.dtypes import DType
+from kiln.ir.interpreter import evaluate_node
+from kiln.ir.serde import dim_from_proto, to_onnx
 
 _EVAL_LIMIT = 1 << 16  # elements: evaluate all-constant nodes only when inputs are small
 
@@ -56,8 +59,6 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
     ``model`` is the graph's ONNX form when the caller already has it (import
     does); otherwise the graph is exported without its weights for onnx.
     """
-    from kiln.ir.onnx_io import to_onnx
-
     proto = model if model is not None else to_onnx(graph, weights=False)
     inferred = _onnx_infer(proto)
     unknowns = _Unknowns(graph)
@@ -87,8 +88,6 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> 
     graph are recomputed, so once the inputs are static, shape subgraphs become
     foldable.
     """
-    from kiln.errors import InputError
-
     by_name = {v.name: v for v in graph.inputs}
     freed: dict[str, int] = {}  # symbol -> the static size it replaced, for leading dims
     for name, shape in shapes.items():
@@ -159,8 +158,6 @@ def _onnx_infer(proto: ModelProto) -> ModelProto | None:
 
 
 def _collect_types(gp: onnx.GraphProto) -> dict[str, tuple[DType | None, Shape | None]]:
-    from kiln.ir.onnx_io import dim_from_proto
-
     out: dict[str, tuple[DType | None, Shape | None]] = {}
 
     def visit(g: onnx.GraphProto) -> None:
@@ -363,8 +360,6 @@ def _all_small_constants(node: Node) -> bool:
 
 
 def _infer_by_evaluation(node: Node, unknowns: _Unknowns) -> None:
-    from kiln.ir.interpreter import evaluate_node
-
     try:
         results = evaluate_node(node, {})
     except Exception:  # noqa: BLE001 - inference is best effort; verify() reports what stays unknown

@@ -9,9 +9,14 @@ counts, required and known attributes, attribute types).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kiln.errors import VerifyError
 from kiln.ir import schemas
-from kiln.ir.core import Graph, Use, Value
+from kiln.ir.types import Use
+
+if TYPE_CHECKING:
+    from kiln.ir.core import Graph, Value
 
 _MAX_REPORTED = 5
 

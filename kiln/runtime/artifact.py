@@ -36,7 +36,6 @@ from kiln.errors import KilnError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-SUFFIX = ".kiln"
 
 
 class ArtifactError(KilnError):
