@@ -16,7 +16,7 @@ import kiln.runtime
 from kiln.check import compare
 from kiln.cli import main
 from kiln.codegen.build import build
-from kiln.codegen.lower import CodegenError
+from kiln.codegen.lowering import CodegenError
 from kiln.errors import InputError
 from kiln.passes import PassManager
 from kiln.passes.pipeline import passes_for
@@ -302,7 +302,7 @@ def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
     padded to a block, through the blocked-layout kernels and their schedules."""
     from onnx import numpy_helper
 
-    from kiln.codegen.lower import lower
+    from kiln.codegen.lowering import lower
     from kiln.codegen.schedule import schedule_func
 
     rng = np.random.default_rng(0)

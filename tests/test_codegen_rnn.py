@@ -11,7 +11,7 @@ import kiln.runtime
 from kiln.check import compare
 from kiln.cli import main
 from kiln.codegen.build import build
-from kiln.codegen.lower import CodegenError
+from kiln.codegen.lowering import CodegenError
 from helpers import f32, make_model, ort_outputs
 
 SEQ, BATCH, WIDTH, HIDDEN = 3, 2, 4, 5

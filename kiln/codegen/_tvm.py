@@ -1,4 +1,6 @@
-"""The one place kiln imports the TVM compiler (``import tvm`` takes seconds; do it lazily)."""
+"""Helpers around TVM's process-wide state: which LLVM CPU names this TVM accepts (for the target's
+``mcpu``), and keeping the registration of tensor intrinsics to x86's, which saves MetaSchedule's
+build workers most of their start-up. TVM is imported inside each function (it takes seconds)."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from kiln import __version__
-from kiln.codegen.lower import CodegenError, lower
+from kiln.codegen.lowering import CodegenError, lower
 from kiln.codegen.target import Target, cpu_target
-from kiln.ir import Graph, is_unknown_dim
+from kiln.ir import Graph, Value, is_unknown_dim
 from kiln.runtime.artifact import write_artifact
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class BuildReport:
 def signature(graph: Graph) -> tuple[list[dict], list[dict]]:
     """The graph's input and output signature as manifest entries (symbolic dims by name)."""
 
-    def entry(v) -> dict:
+    def entry(v: Value) -> dict:
         return {"name": v.name, "dtype": v.dtype.numpy.name if v.dtype else None,
                 "shape": None if v.shape is None else list(v.shape)}
 

@@ -28,7 +28,9 @@ from typing import Any
 VNNI_INTRIN = "kiln_dot_16x4_u8s8s32_vnni"
 LANES = 16  # int32 accumulator lanes of a zmm register
 GROUP = 4  # uint8 x int8 products summed into each lane per instruction
-MAX_ACCUMULATORS = 14  # 7 x 2 measured best: 8 x 2 let LLVM scalarise the requantize epilogue
+#: int32 accumulator vectors the VNNI conv's register tile keeps: 7 x 2 measured best (8 x 2 let LLVM
+#: scalarise the requantize epilogue)
+MAX_INT8_ACCUMULATORS = 14
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +134,7 @@ def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[in
         if a["out_relu"]:
             v = tirx.max(v, f32(0.0))
         if a.get("activation"):
-            from kiln.codegen.lower import activation_expr
+            from kiln.codegen.lowering.te import activation_expr  # lazily: lowering's families import int8
 
             v = activation_expr(v, a["activation"], tuple(a.get("activation_params", ())))
         out = tirx.nearbyint(v / f32(a["out_scale"])) + f32(float(a["out_zero_point"]))
@@ -146,8 +148,8 @@ def conv_int8_tiles(ow: int) -> tuple[int, int]:
     widest divisor of the width up to 14 with as many output blocks as fit in 14 registers."""
     if ow % 7 == 0:
         return 7, 2
-    o = max(d for d in range(1, MAX_ACCUMULATORS + 1) if ow % d == 0)
-    return o, max(1, min(4, MAX_ACCUMULATORS // o))
+    o = max(d for d in range(1, MAX_INT8_ACCUMULATORS + 1) if ow % d == 0)
+    return o, max(1, min(4, MAX_INT8_ACCUMULATORS // o))
 
 
 def schedule_conv_nchwc_int8(sch: Any) -> None:

@@ -11,7 +11,8 @@ injective kernels, then :func:`schedule_module`, then TVM's lowering. Each prim 
 A schedule that fails on some func leaves that func as it was (correct, only slower), so
 scheduling can never break a build. The tile rules come from measurements on AVX-512
 (see the conv schedule notes in docs): the register tile keeps at most 16 accumulator
-vectors, which is what the 32 zmm registers hold alongside the weights and inputs.
+vectors, which is what the 32 zmm registers hold alongside the weights and inputs. The int8
+kernels' VNNI schedules are :mod:`kiln.codegen.int8`'s, applied only where the target has VNNI.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import kiln.codegen.int8 as int8
+
 log = logging.getLogger("kiln.schedule")
 
 PARALLEL_MIN_ELEMENTS = 4096  # below this, a thread-pool launch costs more than it saves
-MAX_ACCUMULATORS = 16
+#: float32 accumulator vectors a register tile keeps (with the weights and inputs, the 32 zmm registers)
+MAX_FLOAT_ACCUMULATORS = 16
 
 
 def _static(e: Any) -> int | None:
@@ -54,10 +58,10 @@ def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
     ``max(k·o, 2k + o) / (k·o)``. Tiles divide the width: a guarded tail puts a predicate on
     every unrolled FMA, measured up to 2x slower (13 wide: 13x1 ran 145 GFLOP/s, 7x2 with a
     tail 96). Only when no divisor of at least 4 exists does a tile of 8 take a tail. At most
-    MAX_ACCUMULATORS vectors (more spill: measured 1.4-3x slower); ties go to the wider tile.
+    MAX_FLOAT_ACCUMULATORS vectors (more spill: measured 1.4-3x slower); ties go to the wider tile.
     It picks 8x2 at width 56, 7x2 at 28, 14 and 7, 3x4 at 27 and 13x1 at 13.
     """
-    limit = MAX_ACCUMULATORS
+    limit = MAX_FLOAT_ACCUMULATORS
     widths = [o for o in range(1, limit + 1) if ow is not None and ow % o == 0]
     if not widths or max(widths) < 4:
         widths = sorted(set(widths) | {min(8, ow) if ow is not None else 8})
@@ -111,7 +115,7 @@ def schedule_depthwise_nchwc(sch: Any) -> None:
     conv = sch.get_sblock("conv")
     _pad_stage(sch)
     n, k, h, w, j, ry, rx = sch.get_loops(conv)
-    ow_tile = _width_tile(_static(sch.get(w).extent), MAX_ACCUMULATORS)
+    ow_tile = _width_tile(_static(sch.get(w).extent), MAX_FLOAT_ACCUMULATORS)
     wo, wi = sch.split(w, [None, ow_tile])
     sch.reorder(n, k, h, wo, ry, rx, wi, j)
     sch.parallel(sch.fuse(n, k, h))
@@ -152,7 +156,7 @@ def schedule_dense(sch: Any) -> None:
         vecs = _largest_divisor_at_most(n_static // lanes, 4)
     else:
         vecs = 4 if n_static is None or n_static >= 64 else max(1, n_static // lanes)
-    m_tile = _largest_divisor_at_most(m_static, MAX_ACCUMULATORS // vecs) if m_static else 1
+    m_tile = _largest_divisor_at_most(m_static, MAX_FLOAT_ACCUMULATORS // vecs) if m_static else 1
     no, nv, nl = sch.split(n, [None, vecs, lanes])
     mo, mi = sch.split(m, [None, m_tile])
     sch.reorder(no, mo, k, mi, nv, nl)
@@ -160,30 +164,21 @@ def schedule_dense(sch: Any) -> None:
     _accumulate_in_registers(sch, dense, mo, [mi, nv], nl, k)
 
 
-def schedule_conv_nchwc_int8(sch: Any) -> None:
-    """kiln's VNNI int8 conv schedule (:mod:`kiln.codegen.int8`), where the target has VNNI.
+def needs_vnni(schedule: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``schedule`` where the current target has AVX-512 VNNI; elsewhere a schedule that raises,
+    so that the kernel compiles unscheduled: correct, and slow."""
 
-    Elsewhere it raises, and the kernel compiles unscheduled: correct, and slow.
-    """
-    from kiln.codegen.int8 import has_vnni, schedule_conv_nchwc_int8 as vnni
+    def where_vnni(sch: Any) -> None:
+        if not int8.has_vnni():
+            raise RuntimeError("the target has no AVX-512 VNNI")
+        schedule(sch)
 
-    if not has_vnni():
-        raise RuntimeError("the target has no AVX-512 VNNI")
-    vnni(sch)
-
-
-def schedule_dense_int8(sch: Any) -> None:
-    """kiln's VNNI int8 dense schedule, where the target has VNNI (elsewhere it raises, as above)."""
-    from kiln.codegen.int8 import has_vnni, schedule_dense_int8 as vnni
-
-    if not has_vnni():
-        raise RuntimeError("the target has no AVX-512 VNNI")
-    vnni(sch)
+    return where_vnni
 
 
 SCHEDULES: dict[str, Callable[[Any], None]] = {
-    "conv_nchwc_int8": schedule_conv_nchwc_int8,
-    "dense_int8": schedule_dense_int8,
+    "conv_nchwc_int8": needs_vnni(int8.schedule_conv_nchwc_int8),
+    "dense_int8": needs_vnni(int8.schedule_dense_int8),
     "dense": schedule_dense,
     "conv_nchwc": schedule_conv_nchwc,
     "depthwise_nchwc": schedule_depthwise_nchwc,

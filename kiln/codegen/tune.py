@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from kiln.codegen._tvm import skip_foreign_tensor_intrinsics, x86_tensor_intrinsics_only
 from kiln.codegen.int8 import register_vnni_intrinsic
-from kiln.codegen.lower import CodegenError, lower
+from kiln.codegen.lowering import CodegenError, lower
 from kiln.codegen.schedule import apply_default_schedule, fusion_passes
 from kiln.codegen.target import Target
 from kiln.ir import Graph
@@ -53,7 +53,7 @@ def workload(func: Any) -> Any:
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
-def is_static(func: Any) -> bool:
+def has_static_args(func: Any) -> bool:
     """Whether every argument of ``func`` has a static shape, which MetaSchedule needs to measure it."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
@@ -104,7 +104,7 @@ def tunable_kernels(mod: Any, *, min_flops: float = MIN_TUNE_FLOPS) -> list[Kern
     kernels: list[Kernel] = []
     by_hash: dict[int, list[Kernel]] = {}
     for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or not is_static(func):
+        if not isinstance(func, tirx.PrimFunc) or not has_static_args(func):
             continue
         if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
             continue
@@ -233,6 +233,7 @@ class TuneStatus:
 
     @property
     def fraction(self) -> float:
+        """How much of the budget is spent, 0 to 1: trials or seconds, whichever is further along."""
         parts = []
         if self.max_trials:
             parts.append(self.trials / self.max_trials)

@@ -1,4 +1,4 @@
-"""Lowering of ``If`` on a run-time condition to ``relax.If``.
+"""Lowering of ``If`` on a run-time condition to ``relax.If``, and of the Optional ops.
 
 (An ``If`` on a constant never gets here: the ``inline-if`` pass replaces it by
 its taken branch.) Each branch becomes a ``SeqExpr`` with its own binding block,
@@ -6,14 +6,21 @@ and may read any value of the enclosing graphs. A branch that would fail at run
 time at the pinned shapes (see ``RUN_TIME_FAILURES``) compiles to an assertion
 with the reason, so taking it fails as it does in onnxruntime. Loop and Scan have
 no lowering, so ``kiln compile`` refuses them by name.
+
+An optional holding a plain tensor is present or absent when compiling, so
+OptionalHasElement is a constant and OptionalGetElement the tensor itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.codegen.lower import CodegenError, Lowerer, _topi, branch_failure, lowers
+from kiln.codegen.lowering.registry import CodegenError, branch_failure, lowers
+from kiln.codegen.lowering.te import get_topi
 from kiln.ir import Graph, Node, is_static
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
 
 
 def _failing_branch(lw: Lowerer, node: Node, reason: str, like: Graph, name: str) -> Any:
@@ -57,7 +64,7 @@ def _if(lw: Lowerer, node: Node) -> list[Any]:
     c = node.input(0)
     cond = lw.get(c)
     if c.shape != ():  # ONNX allows a one-element tensor; relax.If takes a scalar
-        cond = lw.emit(lambda t: _topi().reshape(t, ()), cond, name="if_cond")
+        cond = lw.emit(lambda t: get_topi().reshape(t, ()), cond, name="if_cond")
     branches: list[Graph] = [node.attr("then_branch"), node.attr("else_branch")]
     failures = [branch_failure(b) for b in branches]
     if all(failures):
@@ -72,3 +79,20 @@ def _if(lw: Lowerer, node: Node) -> list[Any]:
     if len(good.outputs) == 1:
         return [result]
     return [lw.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
+
+
+@lowers("OptionalHasElement", reads=())
+def _optional_has_element(lw: Lowerer, node: Node) -> list[Any]:
+    """An optional holding a plain tensor: whether it is present is known when compiling."""
+    from tvm import te, tirx
+
+    present = node.input(0) is not None
+    return [lw.emit(lambda: te.compute((), lambda: tirx.const(present, "bool"), name="has_element"),
+                    name="optional_has_element")]
+
+
+@lowers("OptionalGetElement")
+def _optional_get_element(lw: Lowerer, node: Node) -> list[Any]:
+    if node.input(0) is None:
+        raise CodegenError(f"node {node.label()}: OptionalGetElement of an empty optional")
+    return [lw.get(node.input(0))]

@@ -2,17 +2,48 @@
 and ArgMax/ArgMin.
 
 Axes come from the attribute (older opsets), a constant input, or, when the input is computed
-at run time, the declared shapes (:func:`kiln.codegen.lower_shapes.reduced_axes`). No axes
+at run time, the declared shapes (``_candidate_axes``): where they settle the axes, those;
+where several sets fit, the lowering reduces over each and picks one at run time. No axes
 reduces everything, unless ``noop_with_empty_axes`` makes the op an identity.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
 
-from kiln.codegen.lower import CodegenError, Lowerer, lowers
-from kiln.codegen.lower_shapes import candidate_axes, const_ints, norm_axes
-from kiln.ir import Node
+import numpy as np
+
+from kiln.codegen.lowering.registry import CodegenError, lowers
+from kiln.codegen.lowering.te import full, static_shape, wrap_index
+from kiln.ir import Node, Value, const_ints, normalize_axes, normalize_axis
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
+
+
+def _candidate_axes(node: Node, inp: Value, out: Value, keepdims: bool, count: int | None) -> list[list[int]]:
+    """Every set of ``count`` axes a reduction could drop (or keep as 1) to turn the declared input
+    shape into the declared output shape; raises when there is none."""
+    si, so = static_shape(inp), static_shape(out)
+    if si is None or so is None:
+        raise CodegenError(f"node {node.label()}: runtime axes need static input and output shapes to compile")
+    found: list[list[int]] = []
+    if keepdims:
+        if len(si) == len(so) and all(a == b or b == 1 for a, b in zip(si, so)):
+            need = [k for k, (a, b) in enumerate(zip(si, so)) if a != b]
+            ones = [k for k, a in enumerate(si) if a == 1]
+            sizes = [count - len(need)] if count is not None else range(len(ones) + 1)
+            found = [sorted(need + list(c)) for n in sizes if 0 <= n <= len(ones) for c in combinations(ones, n)]
+    else:
+        drop = len(si) - len(so)
+        for c in combinations(range(len(si)), drop):
+            if (count is None or count == drop) and [d for k, d in enumerate(si) if k not in c] == so:
+                found.append(list(c))
+    if not found:
+        raise CodegenError(f"node {node.label()}: no axes turn {si} into {so}")
+    return found
+
 
 _REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
            "ReduceLogSumExp", "ReduceSumSquare")
@@ -30,10 +61,10 @@ def _axes(node: Node) -> list[list[int]] | None:
         shape = node.input(1).shape
         count = shape[0] if shape and isinstance(shape[0], int) else None
         if axes is None and count != 0:
-            return candidate_axes(node, x, out, keep, count)
+            return _candidate_axes(node, x, out, keep, count)
     if not axes:
         return [[]] if node.attr("noop_with_empty_axes", 0) else None
-    return [norm_axes(list(axes), rank)]
+    return [normalize_axes(axes, rank)]
 
 
 def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
@@ -96,15 +127,13 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
     rank = x.rank or 0
     if cands is not None and len(cands) == 1 and any(x.shape[k] == 0 for k in cands[0]) or \
             cands is None and 0 in (x.shape or []):
-        import numpy as np
-
         out = node.outputs[0]
         dt = out.dtype.numpy
         value = _EMPTY[op]
         if dt.kind in "iub" and not np.isfinite(value):  # integer max/min identities
             value = (np.iinfo(dt).min if value < 0 else np.iinfo(dt).max) if dt.kind != "b" else (value > 0)
         dims = [lw.dim(d) for d in out.shape]
-        return [lw.emit(lambda t: _full(dims, dt.name, value), lw.get(x), name=f"{op.lower()}_empty")]
+        return [lw.emit(lambda t: full(dims, value, dt.name, "full"), lw.get(x), name=f"{op.lower()}_empty")]
     if cands is None or len(cands) == 1:
         axes = None if cands is None else cands[0]
         return [lw.emit(lambda t: _reduce(op, t, axes, keep), lw.get(x), name=op.lower())]
@@ -114,7 +143,7 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
         outs = [_reduce(op, t, c, keep) for c in cands]
 
         def chosen(c: list[int]) -> Any:
-            norm = [tirx.Select(ax[j] < 0, ax[j] + rank, ax[j]) for j in range(len(c))]
+            norm = [wrap_index(ax[j], rank) for j in range(len(c))]
             return tirx.all(*[tirx.any(*[a == k for k in c]) for a in norm])
 
         def body(*i: Any) -> Any:
@@ -128,20 +157,13 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(pick, lw.get(x), lw.get(node.input(1)), name=op.lower())]
 
 
-def _full(dims: list[Any], dt: str, value: float) -> Any:
-    from tvm import te, tirx
-
-    return te.compute(dims, lambda *i: tirx.const(value, dt), name="full")
-
-
 @lowers("ArgMax", "ArgMin")
 def _arg(lw: Lowerer, node: Node) -> list[Any]:
     """ArgMax/ArgMin with ``select_last_index``, as a two-value reduction (value, index)."""
     from tvm import te, tirx
 
     x = node.input(0)
-    axis = node.attr("axis", 0)
-    axis = axis + (x.rank or 0) if axis < 0 else axis
+    axis = normalize_axis(node.attr("axis", 0), x.rank or 0)
     keep = bool(node.attr("keepdims", 1))
     last = bool(node.attr("select_last_index", 0))
     is_max = node.op_type == "ArgMax"

@@ -1,19 +1,25 @@
-"""Lowerings for the blocked layout: ``kiln::ToBlocked``, ``kiln::FromBlocked``, ``kiln::BlockedConv``.
+"""Lowerings for the blocked layout: ``kiln::ToBlocked``, ``kiln::FromBlocked``, ``kiln::BlockedConv``,
+and the int8 kernels ``kiln::QBlockedConv`` and ``kiln::QDense``.
 
 ``BlockedConv`` becomes one prim func: a zero-padding stage (inlined by the schedule), the
 convolution with the input channel split into a block axis and a lane axis (no div/mod in
 any index), and one epilogue stage (bias, residual, activation) that the schedule fuses into
 the accumulator's write-back. The func carries ``kiln.schedule`` so that
-:mod:`kiln.codegen.schedule` applies the register-tiled conv schedule to it.
+:mod:`kiln.codegen.schedule` applies the register-tiled conv schedule to it. The int8 computes
+and their VNNI schedules are in :mod:`kiln.codegen.int8`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.codegen.lower import CodegenError, Lowerer, activation_expr, lowers
+from kiln.codegen.int8 import conv_int8, dense_int8
+from kiln.codegen.lowering.registry import CodegenError, lowers
+from kiln.codegen.lowering.te import activation_expr
 from kiln.ir import Node
 
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
 
 
 @lowers("ToBlocked", domain="kiln")
@@ -102,14 +108,13 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
     kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
-    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}", attrs={"kiln.schedule": kind, "kiln.pads": int(any(pads))})]
+    return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}",
+                    attrs={"kiln.schedule": kind, "kiln.pads": int(any(pads))})]
 
 
 @lowers("QBlockedConv", domain="kiln")
 def _qblocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     """The int8 conv of :mod:`kiln.codegen.int8`, scheduled onto VNNI where the target has it."""
-    from kiln.codegen.int8 import conv_int8
-
     pads = tuple(node.attr("pads", ()) or (0, 0, 0, 0))
     strides = tuple(node.attr("strides", ()) or (1, 1))
     xzp, yzp, relu = node.attr("x_zero_point", 0), node.attr("y_zero_point", 0), bool(node.attr("relu", 0))
@@ -130,8 +135,6 @@ def _qblocked_conv(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("QDense", domain="kiln")
 def _qdense(lw: Lowerer, node: Node) -> list[Any]:
     """The int8 dense layer of :mod:`kiln.codegen.int8`, scheduled onto VNNI where the target has it."""
-    from kiln.codegen.int8 import dense_int8
-
     n = node.attr("n", 0)
     has_b = node.input(4) is not None
 

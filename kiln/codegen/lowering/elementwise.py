@@ -1,4 +1,5 @@
-"""Lowerings of ONNX's elementwise ops: unary math, activations, comparisons, logic, bits, casts.
+"""Lowerings of ONNX's elementwise ops: unary math, activations, comparisons, logic, bits, casts,
+and the identities (Identity, inference Dropout).
 
 Each op is one prim func. Binary ops broadcast numpy-style through :func:`broadcast`, which
 indexes each operand with 0 along its size-1 dims. Semantics follow ONNX where topi's differ:
@@ -8,22 +9,20 @@ integer Pow is computed in float64, a Cast to bool is ``x != 0``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from kiln.codegen.lower import CodegenError, Lowerer, lowers
-from kiln.ir import Node
+from kiln.codegen.lowering.registry import CodegenError, lowers
+from kiln.codegen.lowering.te import apply_activation, get_topi, is_one
+from kiln.ir import Node, const_ints
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
 
 
 def _const(v: float | int, dt: str) -> Any:
     from tvm import tirx
 
     return tirx.const(v, dt)
-
-
-def _is_one(d: Any) -> bool:
-    from tvm import tirx
-
-    return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
 
 
 def broadcast(fn: Callable[..., Any], *ts: Any, name: str = "ew") -> Any:
@@ -34,12 +33,12 @@ def broadcast(fn: Callable[..., Any], *ts: Any, name: str = "ew") -> Any:
     shape: list[Any] = []
     for k in range(rank):
         dims = [t.shape[len(t.shape) - rank + k] for t in ts if len(t.shape) - rank + k >= 0]
-        big = [d for d in dims if not _is_one(d)]
+        big = [d for d in dims if not is_one(d)]
         shape.append(big[0] if big else 1)
 
     def at(t: Any, idx: tuple[Any, ...]) -> Any:
         off = rank - len(t.shape)
-        return t[tuple(0 if _is_one(d) and not _is_one(shape[off + j]) else idx[off + j]
+        return t[tuple(0 if is_one(d) and not is_one(shape[off + j]) else idx[off + j]
                        for j, d in enumerate(t.shape))] if t.shape else t[()]
 
     return te.compute(shape, lambda *i: fn(*(at(t, i) for t in ts)), name=name)
@@ -53,6 +52,20 @@ def _emit_ew(lw: Lowerer, node: Node, fn: Callable[..., Any]) -> list[Any]:
 
 
 # =========================================================================== unary math
+
+
+_UNARY: dict[str, Callable[[Any], Any]] = {
+    "Relu": lambda x: get_topi().nn.relu(x), "Sigmoid": lambda x: get_topi().sigmoid(x), "Tanh": lambda x: get_topi().tanh(x),
+    "Exp": lambda x: get_topi().exp(x), "Log": lambda x: get_topi().log(x), "Sqrt": lambda x: get_topi().sqrt(x),
+    "Abs": lambda x: get_topi().abs(x), "Neg": lambda x: get_topi().negative(x), "Erf": lambda x: get_topi().erf(x),
+    "Floor": lambda x: get_topi().floor(x), "Ceil": lambda x: get_topi().ceil(x), "Sin": lambda x: get_topi().sin(x),
+    "Cos": lambda x: get_topi().cos(x), "Reciprocal": lambda x: get_topi().divide(1.0, x),
+}
+
+
+@lowers(*_UNARY)
+def _unary(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.emit(_UNARY[node.op_type], lw.get(node.input(0)), name=node.op_type.lower())]
 
 
 def _tir(name: str) -> Callable[[Any], Any]:
@@ -110,7 +123,46 @@ def _not(lw: Lowerer, node: Node) -> list[Any]:
     return _emit_ew(lw, node, lambda x: tirx.Not(x) if str(x.dtype) == "bool" else tirx.bitwise_not(x))
 
 
+@lowers("Identity")
+def _alias(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.get(node.input(0))]
+
+
+@lowers("Dropout", reads=(0,))
+def _dropout(lw: Lowerer, node: Node) -> list[Any]:
+    """Inference Dropout: the input, and an all-true mask when one is asked for."""
+    from tvm import te, tirx
+
+    training = node.input(2)
+    if training is not None and const_ints(training) != [0]:
+        raise CodegenError(f"node {node.label()}: training-mode Dropout draws random masks; it does not compile")
+    x = lw.get(node.input(0))
+    if len(node.outputs) < 2 or not node.outputs[1].name:
+        return [x]
+    mask = lw.emit(lambda t: te.compute(t.shape, lambda *i: tirx.const(True), name="mask"), x, name="dropout_mask")
+    return [x, mask]
+
+
 # =========================================================================== activations
+
+
+@lowers("LeakyRelu", "HardSigmoid", "HardSwish", "Gelu")
+def _param_activation(lw: Lowerer, node: Node) -> list[Any]:
+    op = node.op_type
+    params: tuple[float, ...] = ()
+    if op == "LeakyRelu":
+        params = (node.attr("alpha", 0.01),)
+    elif op == "HardSigmoid":
+        params = (node.attr("alpha", 0.2), node.attr("beta", 0.5))
+    elif op == "Gelu":
+        params = (1.0,) if node.attr("approximate", "none") == "tanh" else ()
+    return [lw.emit(lambda x: apply_activation(x, op, params), lw.get(node.input(0)), name=op.lower())]
+
+
+@lowers("Gelu", domain="kiln")
+def _kiln_gelu(lw: Lowerer, node: Node) -> list[Any]:
+    params = (1.0,) if node.attr("approximate", "none") == "tanh" else ()
+    return [lw.emit(lambda x: apply_activation(x, "Gelu", params), lw.get(node.input(0)), name="gelu")]
 
 
 def _exp_m1(x: Any, dt: str) -> Any:
@@ -204,7 +256,34 @@ def _clip(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(compute, x, *[b for _, b in bounds], name="clip")]
 
 
-# =========================================================================== binary
+# =========================================================================== binary and variadic
+
+
+_BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Max": "maximum",
+           "Min": "minimum", "Equal": "equal", "Less": "less", "Greater": "greater", "LessOrEqual": "less_equal",
+           "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or"}
+
+
+@lowers(*_BINARY, "Sum")
+def _topi_binary(lw: Lowerer, node: Node) -> list[Any]:
+    ins = [lw.get(v) for v in node.inputs if v is not None]
+    fn_name = _BINARY.get(node.op_type, "add")
+    if len(ins) == 1:
+        return [ins[0]]
+
+    def compute(*xs: Any) -> Any:
+        fn = getattr(get_topi(), fn_name)
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+
+    return [lw.emit(compute, *ins, name=node.op_type.lower())]
+
+
+@lowers("Where")
+def _where(lw: Lowerer, node: Node) -> list[Any]:
+    return [lw.emit(get_topi().where, *[lw.get(v) for v in node.inputs], name="where")]
 
 
 def _int(dt: Any) -> bool:
@@ -318,53 +397,6 @@ def _cast_like(lw: Lowerer, node: Node) -> list[Any]:
     dt = node.outputs[0].dtype.numpy.name
     name = "castlike"
     return [lw.emit(lambda t: broadcast(_cast_to(dt), t, name=name), lw.get(node.input(0)), name=name)]
-
-
-# =========================================================================== quantization
-
-
-def _q_param(p: Any, i: tuple[Any, ...], axis: int, block: int) -> Any:
-    """A scale or zero point for element ``i``: per tensor, per axis, or per block along ``axis``."""
-    if len(p.shape) == 0:
-        return p[()]
-    if not block:
-        return p[i[axis]]
-    return p[tuple(j // block if k == axis and block else j for k, j in enumerate(i))]
-
-
-@lowers("QuantizeLinear", "DequantizeLinear")
-def _quantize(lw: Lowerer, node: Node) -> list[Any]:
-    """y = saturate(round_half_even(x / scale) + zero_point), and its inverse (x - zero_point) * scale."""
-    import numpy as np
-    from tvm import te, tirx
-
-    x = node.input(0)
-    axis = node.attr("axis", 1)
-    axis = axis + (x.rank or 0) if axis < 0 else axis
-    block = node.attr("block_size", 0)
-    out_dt = node.outputs[0].dtype.numpy
-    has_zp = node.input(2) is not None
-    quant = node.op_type == "QuantizeLinear"
-    ins = [lw.get(node.input(i)) for i in range(3) if node.input(i) is not None]
-
-    def compute(t: Any, scale: Any, *zp: Any) -> Any:
-        def body(*i: Any) -> Any:
-            s = _q_param(scale, i, axis, block)
-            z = _q_param(zp[0], i, axis, block) if has_zp else None
-            if quant:
-                f = str(s.dtype) if str(s.dtype) == "float64" else "float32"
-                v = tirx.nearbyint(tirx.Cast(f, t[i]) / tirx.Cast(f, s))
-                if z is not None:
-                    v = v + tirx.Cast(f, z)
-                info = np.iinfo(out_dt)
-                v = tirx.max(tirx.min(v, tirx.const(float(info.max), f)), tirx.const(float(info.min), f))
-                return tirx.Cast(out_dt.name, v)
-            v = tirx.Cast("int32", t[i]) - (tirx.Cast("int32", z) if z is not None else tirx.const(0, "int32"))
-            return tirx.Cast(out_dt.name, tirx.Cast(str(s.dtype), v) * s)
-
-        return te.compute(t.shape, body, name=node.op_type.lower())
-
-    return [lw.emit(compute, *ins, name=node.op_type.lower())]
 
 
 @lowers("BitCast")

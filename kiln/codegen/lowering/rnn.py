@@ -1,4 +1,4 @@
-"""Lowerings for recurrent layers (LSTM, GRU), plus the few other ops silero-vad needs.
+"""Lowerings of the recurrent layers, LSTM and GRU.
 
 The recurrence is unrolled over the sequence, which must be static and at most
 :data:`MAX_UNROLL` steps long (silero-vad runs one step per call); longer or
@@ -9,11 +9,14 @@ One LSTM/GRU node becomes one prim func with ``Y``, ``Y_h`` (and ``Y_c``) as out
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from kiln.codegen.lowering.registry import CodegenError, lowers, run_time_failure
+from kiln.codegen.lowering.te import get_topi
+from kiln.ir import Node, const_ints
 
-from kiln.codegen.lower import CodegenError, Lowerer, _const_ints, _topi, lowers, run_time_failure
-from kiln.ir import Node
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
 
 MAX_UNROLL = 64  # sequence steps an RNN may unroll into
 
@@ -55,13 +58,14 @@ def _rnn_config(node: Node) -> tuple[int, list[bool]]:
                            "to compile (kiln unrolls the recurrence)")
     lens = node.input(4)
     if lens is not None:
-        got = _const_ints(lens)
+        got = const_ints(lens)
         if got is None or any(n != seq for n in got):
             raise CodegenError(f"node {node.label()}: sequence_lens must be constant and all equal to {seq} to compile")
     return seq, dirs
 
 
-def _rnn_compute(node: Node, seq: int, dirs: list[bool], has_b: bool, has_h: bool, has_c: bool):
+def _rnn_compute(node: Node, seq: int, dirs: list[bool], has_b: bool, has_h: bool,
+                 has_c: bool) -> Callable[..., list[Any]]:
     """The TE function of one LSTM or GRU node: (X, W, R, [B], [initial_h], [initial_c]) -> [Y, Y_h(, Y_c)]."""
     lstm = node.op_type == "LSTM"
     gates = 4 if lstm else 3
@@ -69,8 +73,9 @@ def _rnn_compute(node: Node, seq: int, dirs: list[bool], has_b: bool, has_h: boo
     lbr = node.attr("linear_before_reset", 0)
 
     def compute(X: Any, W: Any, R: Any, *rest: Any) -> list[Any]:
-        topi = _topi()
         from tvm import te, tirx
+
+        topi = get_topi()
 
         rest_l = list(rest)
         B = rest_l.pop(0) if has_b else None
@@ -150,6 +155,3 @@ def _rnn(lw: Lowerer, node: Node) -> list[Any]:
     tup = lw.emit(fn, *args, name=node.op_type.lower())
     n_out = 3 if node.op_type == "LSTM" else 2
     return [lw.bb.emit(relax.TupleGetItem(tup, i)) for i in range(n_out)][:len(node.outputs)]
-
-
-# =========================================================================== other ops silero-vad needs

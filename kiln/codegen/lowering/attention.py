@@ -1,22 +1,52 @@
-"""ONNX's Attention op (opsets 23+) as one prim func: 3-D or 4-D Q/K/V, grouped KV heads, a bool or
-additive mask (shorter masks padded), a past KV cache (with the present outputs), causal masking,
-sliding windows, ``nonpad_kv_seqlen``, softcap and every ``qk_matmul_output_mode``.
+"""Lowerings of attention: ``kiln::Attention`` (what the transformer fusion makes), ONNX's Attention
+op and RotaryEmbedding.
 
-It follows onnx's reference implementation step by step: the scale is split as sqrt(scale) on
-Q and on K, rows whose bias masks every key give zeros, and a softcap applies before the bias.
+ONNX's Attention (opsets 23+) is one prim func: 3-D or 4-D Q/K/V, grouped KV heads, a bool or
+additive mask (shorter masks padded), a past KV cache (with the present outputs), causal masking,
+sliding windows, ``nonpad_kv_seqlen``, softcap and every ``qk_matmul_output_mode``. It follows
+onnx's reference implementation step by step: the scale is split as sqrt(scale) on Q and on K,
+rows whose bias masks every key give zeros, and a softcap applies before the bias.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.codegen.lower import CodegenError, Lowerer, lowers
+from kiln.codegen.lowering.registry import CodegenError, lowers
+from kiln.codegen.lowering.te import batched_matmul, get_topi, is_one
 from kiln.ir import Node
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
+
+
+@lowers("Attention", domain="kiln")
+def _kiln_attention(lw: Lowerer, node: Node) -> list[Any]:
+    """``softmax(scale * Q @ Kt + Mask) @ V`` over the last axis (see kiln.ir.kiln_ops)."""
+    q, kt, v, mask = (node.input(i) for i in range(4))
+    scale = node.attr("scale", 1.0)
+    nan_to_zero = node.attr("nan_to_zero", 0)
+    has_mask = mask is not None
+
+    def compute(qt: Any, ktt: Any, vt: Any, *m: Any) -> Any:
+        topi = get_topi()
+        s = batched_matmul(qt, ktt)
+        if scale != 1.0:
+            s = topi.multiply(s, scale)
+        if m:
+            s = topi.add(s, m[0])
+        p = topi.nn.softmax(s, -1)
+        if nan_to_zero:
+            p = topi.where(topi.isnan(p), topi.full_like(p, 0.0), p)
+        return batched_matmul(p, vt)
+
+    args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if has_mask else [])
+    return [lw.emit(compute, *args, name="attention")]
 
 
 @lowers("Attention")
 def _attention(lw: Lowerer, node: Node) -> list[Any]:
-    from tvm import relax, te, tirx
+    from tvm import te, tirx
 
     q_v = node.input(0)
     rank = q_v.rank
@@ -81,8 +111,7 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
                 m = t["mask"]
                 mr = len(m.shape)
                 full = [b, h, i, j][4 - mr:]
-                idx = [0 if isinstance(d, tirx.IntImm) and int(d) == 1 else ix
-                       for d, ix in zip(m.shape[:-1], full[:-1])]
+                idx = [0 if is_one(d) else ix for d, ix in zip(m.shape[:-1], full[:-1])]
                 ml = m.shape[-1]
                 jj = tirx.min(j, ml - 1)
                 val = m[(*idx, jj)]
@@ -142,7 +171,7 @@ def _attention(lw: Lowerer, node: Node) -> list[Any]:
                   name="attention")
     if n_out == 1:
         return [out]
-    return [lw.bb.emit(relax.TupleGetItem(out, i)) for i, o in enumerate(node.outputs) if o.name]
+    return lw.unpack(out, node)
 
 
 @lowers("RotaryEmbedding")

@@ -1,5 +1,7 @@
-"""ONNX's Resize, written out in TE after onnx's reference: nearest (four rounding modes), linear and
-cubic (with ``cubic_coeff_a`` and ``exclude_outside``) over any axes, every coordinate
+"""Lowerings of image sampling: Resize, GridSample and AffineGrid.
+
+ONNX's Resize is written out in TE after onnx's reference: nearest (four rounding modes), linear
+and cubic (with ``cubic_coeff_a`` and ``exclude_outside``) over any axes, every coordinate
 transformation mode, ``keep_aspect_ratio_policy``, and ``extrapolation_value`` for
 tf_crop_and_resize. The scale per axis is the one ONNX uses for coordinates (the given scale, not
 out/in). ``antialias`` is not compiled.
@@ -7,13 +9,16 @@ out/in). ``antialias`` is not compiled.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.codegen.lower import CodegenError, Lowerer, lowers
-from kiln.codegen.lower_shapes import static_shape
-from kiln.ir import Node
+from kiln.codegen.lowering.registry import CodegenError, lowers
+from kiln.codegen.lowering.te import output_dims, static_shape
+from kiln.ir import Node, normalize_axis
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
 
 
 def _cubic(r: Any, a: float, dt: str) -> list[Any]:
@@ -55,7 +60,7 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
     cubic_a, exclude = node.attr("cubic_coeff_a", -0.75), bool(node.attr("exclude_outside", 0))
     extrap = node.attr("extrapolation_value", 0.0)
     policy = node.attr("keep_aspect_ratio_policy", "stretch")
-    axes = [a + rank if a < 0 else a for a in (node.attr("axes") or range(rank))]
+    axes = [normalize_axis(a, rank) for a in node.attr("axes") or range(rank)]
     has = {k: _given(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3))}
     if ctm == "tf_crop_and_resize" and not has["roi"]:
         raise CodegenError(f"node {node.label()}: tf_crop_and_resize needs a roi")
@@ -261,3 +266,39 @@ def _grid_sample(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(out, body, name="grid_sample")
 
     return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="grid_sample")]
+
+
+@lowers("AffineGrid", reads=(0,))
+def _affine_grid(lw: Lowerer, node: Node) -> list[Any]:
+    """Sampling grids from affine matrices theta (N, 2, 3) or (N, 3, 4), over the declared output size."""
+    from tvm import te, tirx
+
+    dims = output_dims(lw, node)
+    align = bool(node.attr("align_corners", 0))
+    nd = len(dims) - 2  # (N, H, W, 2) or (N, D, H, W, 3)
+    spatial = [int(d) for d in dims[1:1 + nd]]
+
+    def compute(theta: Any) -> Any:
+        f = theta.dtype
+
+        def base(k: int, i: Any) -> Any:
+            # normalised coordinate of index i along spatial axis k (of size n), in [-1, 1]
+            n = spatial[k]
+            if n == 1:
+                return tirx.const(0, f)
+            x = tirx.Cast(f, i)
+            if align:
+                return tirx.const(-1, f) + x * tirx.const(2 / (n - 1), f)
+            return (x * tirx.const(2, f) + tirx.const(1, f)) / tirx.const(n, f) - tirx.const(1, f)
+
+        def body(b: Any, *rest: Any) -> Any:
+            *pos, c = rest
+            coords = [base(k, pos[k]) for k in range(nd)][::-1]  # x (width) first
+            acc = theta[b, c, nd]
+            for k, v in enumerate(coords):
+                acc = acc + theta[b, c, k] * v
+            return acc
+
+        return te.compute(dims, body, name="affine_grid")
+
+    return [lw.emit(compute, lw.get(node.input(0)), name="affine_grid")]

@@ -1,0 +1,213 @@
+"""Lowering: a kiln ``Graph`` becomes a Relax ``main`` built with ``relax.BlockBuilder``.
+
+Each kiln node, fused kiln ops included, becomes one prim func through ``bb.emit_te`` with
+topi computes, by the node's entry in :data:`~kiln.codegen.lowering.registry.LOWERINGS`.
+Weights stay function parameters (the artifact keeps them in safetensors); constants of at
+most a few elements are baked into the code. Symbolic dims become ``int64`` TIR variables, so
+one compiled function runs at any size of them. Lowering checks the whole graph first and
+refuses, in one error, every op it cannot lower.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kiln.codegen.lowering.registry import (
+    LOWERINGS, CodegenError, compiled_graphs, needed_nodes, outer_reads, read_values, uncompilable,
+)
+from kiln.ir import Graph, Node, Value
+
+BAKE_LIMIT = 64  # constants with at most this many elements are compiled in
+OPAQUE = 8  # TVM's kOpaque op pattern
+
+
+@dataclass
+class Lowered:
+    """A lowered model: the Relax module and the order of ``main``'s parameters."""
+
+    module: Any
+    inputs: list[str]  # graph input names, in order
+    weights: dict[str, np.ndarray]  # weight parameters, in order after the inputs
+
+
+class Lowerer:
+    """Builds the Relax module for one graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        from tvm import relax
+
+        self.graph = graph
+        self.bb = relax.BlockBuilder()
+        self.env: dict[int, Any] = {}
+        self.syms: dict[str, Any] = {}  # named input dims: TIR variables
+        self.derived: dict[str, Any] = {}  # kiln's other symbolic dims: their TIR expressions
+
+    def bind_dims(self, v: Value, r: Any) -> None:
+        """Learn the TIR expression of each of ``v``'s symbolic dims from its lowered value ``r``.
+
+        kiln names derived dims it cannot express (``?256``: a conv's output width); the
+        lowered tensor knows them in terms of the input variables, so later reads of the
+        same name (a Reshape target computed by a Shape subgraph) resolve to that expression.
+        """
+        shape = getattr(getattr(r, "ty", None), "shape", None)
+        values = getattr(shape, "values", None)
+        if v.shape is None or values is None or len(values) != len(v.shape):
+            return
+        for d, e in zip(v.shape, values):
+            if isinstance(d, str) and d not in self.syms and d not in self.derived:
+                self.derived[d] = e
+
+    # -- types and values
+    def dim(self, d: int | str) -> Any:
+        """A kiln dim as TIR: an int as itself, a symbol as its ``int64`` variable or learnt expression."""
+        from tvm import tirx
+
+        if isinstance(d, int):
+            return d
+        if d in self.derived:
+            return self.derived[d]
+        if d not in self.syms:
+            self.syms[d] = tirx.Var(re.sub(r"\W", "_", d).strip("_") or "d", "int64")
+        return self.syms[d]
+
+    def tensor_type(self, v: Value) -> Any:
+        """The Relax tensor type of ``v`` (raises when its shape or dtype is unknown)."""
+        from tvm import relax
+
+        if v.shape is None or v.dtype is None:
+            raise CodegenError(f"value '{v.name}' has an unknown shape or dtype; kiln cannot compile it")
+        return relax.TensorType([self.dim(d) for d in v.shape], v.dtype.numpy.name)
+
+    def get(self, v: Value | None) -> Any:
+        """The lowered (Relax) value of ``v``; None for an absent optional input."""
+        if v is None:
+            return None
+        if id(v) not in self.env:
+            raise CodegenError(f"value '{v.name}' is read before it is computed")
+        return self.env[id(v)]
+
+    def present_inputs(self, node: Node, names: Sequence[str]) -> tuple[list[str], list[Any]]:
+        """The names (from ``names``, one per input slot) and lowered values of ``node``'s present inputs."""
+        present = [i for i, v in enumerate(node.inputs[:len(names)]) if v is not None]
+        return [names[i] for i in present], [self.get(node.input(i)) for i in present]
+
+    def emit(self, fn: Callable[..., Any], *args: Any, name: str, attrs: dict[str, Any] | None = None) -> Any:
+        """One prim func computing ``fn`` on ``args``; ``attrs`` (e.g. ``kiln.schedule``) go on the func.
+
+        A func with a kiln schedule is marked opaque to TVM's FuseOps, so that it stays whole
+        (its epilogue is already fused) and its schedule applies to the compute it was written for.
+        """
+        if attrs and "kiln.schedule" in attrs:
+            attrs = {**attrs, "op_pattern": OPAQUE}
+        kwargs = {"primfunc_attrs": attrs} if attrs else {}
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
+
+    def unpack(self, result: Any, node: Node) -> list[Any]:
+        """The values of ``node``'s named outputs from an emitted tuple ``result``, by output position."""
+        from tvm import relax
+
+        return [self.bb.emit(relax.TupleGetItem(result, i)) for i, o in enumerate(node.outputs) if o.name]
+
+    # -- the whole graph
+    def lower(self) -> Lowered:
+        """Lower the whole graph into ``main`` (raises ``CodegenError`` naming every op kiln cannot lower)."""
+        from tvm import relax
+
+        missing = uncompilable(self.graph)
+        if missing:
+            parts = "; ".join(f"{d + '::' if d else ''}{op} (nodes: {', '.join(ns[:3])})" for (d, op), ns in sorted(missing.items()))
+            raise CodegenError(f"kiln cannot compile these ops yet: {parts}")
+        nodes = needed_nodes(self.graph)
+        params = []
+        for v in self.graph.inputs:
+            var = relax.Var(_ident(v.name), self.tensor_type(v))
+            self.env[id(v)] = var
+            params.append(var)
+        weights: dict[str, np.ndarray] = {}
+        graphs = compiled_graphs(self.graph)
+        read = {id(v) for g in graphs for n in needed_nodes(g) for v in read_values(n)}
+        read |= {id(v) for g in graphs for v in g.outputs}
+        for v in (c for g in graphs for c in g.constants.values()):
+            if id(v) not in read:
+                continue
+            arr = v.numpy()
+            if arr.size <= BAKE_LIMIT:
+                self.env[id(v)] = relax.const(np.ascontiguousarray(arr) if arr.ndim else arr, arr.dtype.name)
+            else:
+                var = relax.Var(_ident(v.name), self.tensor_type(v))
+                self.env[id(v)] = var
+                params.append(var)
+                weights[v.name] = arr
+        with self.bb.function("main", params):
+            if any(True for n in nodes for _ in n.subgraphs()):
+                # relax.If stands outside dataflow blocks: with control flow, main is one plain binding block
+                self.lower_nodes(nodes)
+                out = self.bb.emit(self.pack(self.graph.outputs))
+            else:
+                with self.bb.dataflow():
+                    self.lower_nodes(nodes)
+                    out = self.bb.emit_output(self.pack(self.graph.outputs))
+            self.bb.emit_func_output(out)
+        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights)
+
+    def lower_nodes(self, nodes: list[Node]) -> None:
+        """Emit each node's lowering in the current block and record its outputs."""
+        for node in nodes:
+            outs = LOWERINGS[(node.domain, node.op_type)](self, node)
+            for o, r in zip([o for o in node.outputs if o.name], outs):
+                self.env[id(o)] = r
+                self.bind_dims(o, r)
+
+    def pack(self, values: list[Value]) -> Any:
+        """One value as itself, several as a Relax tuple."""
+        from tvm import relax
+
+        results = [self.get(v) for v in values]
+        return results[0] if len(results) == 1 else relax.Tuple(results)
+
+    def lower_branch(self, graph: Graph, name: str) -> Any:
+        """``graph`` (an If branch) as a call to its own Relax function, which takes the outer values it reads.
+
+        A function of its own, not bindings inside the If: TVM's memory planner (StaticPlanBlockMemory)
+        mishandles allocations inside If branches (apache/tvm#17348) and the VM then crashes.
+        """
+        from tvm import relax
+
+        weights = [c for g in compiled_graphs(graph) for c in g.constants.values()]  # main's parameters
+        reads = list({id(v): v for v in outer_reads(graph) + weights
+                      if isinstance(self.env.get(id(v)), relax.Var)}.values())
+        outer = {id(v): self.env[id(v)] for v in reads}
+        params = [relax.Var(_ident(v.name), outer[id(v)].ty) for v in reads]
+        self.env.update({id(v): p for v, p in zip(reads, params)})
+
+        def body() -> Any:
+            self.lower_nodes(needed_nodes(graph))
+            return self.pack(graph.outputs)
+
+        try:
+            return self.call_function(name, params, [outer[id(v)] for v in reads], body)
+        finally:
+            self.env.update(outer)
+
+    def call_function(self, name: str, params: list[Any], args: list[Any], body: Callable[[], Any]) -> Any:
+        """Build a Relax function from what ``body`` emits (returning its result); an expression calling it."""
+        from tvm import relax
+
+        self.bb._begin_binding_block()
+        result = body()
+        fn = relax.Function(params, self.bb.normalize(relax.SeqExpr([self.bb._end_block()], result)))
+        gv = self.bb.add_func(fn, _ident(name))
+        return relax.SeqExpr([], relax.Call(gv, args))
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name) or "v"
+
+
+def lower(graph: Graph) -> Lowered:
+    """Lower ``graph`` to a Relax module (raises ``CodegenError`` listing what it cannot lower)."""
+    return Lowerer(graph).lower()

@@ -1,0 +1,272 @@
+"""TE and TIR helpers that more than one op family uses.
+
+Scalar expressions (``exp_expr``, ``activation_expr``, indices wrapped into range), dim
+arithmetic (``prod``, ``simplify``, ``broadcast_dims``, ``is_one``), small computes
+(``full``, ``per_channel``, ``batched_matmul``), conv and pool padding (``spatial_pads``), and
+what the declared shapes tell a lowering (``static_shape``, ``known_shape``, ``output_dims``).
+
+An ONNX op may take its axes, sizes or repeats as a run-time input. kiln compiles for the shapes
+that shape inference settled, so where the output shape determines such a value (Expand's
+shape, Tile's repeats) the lowering reads it from :func:`output_dims`.
+
+TVM is imported inside each function: ``import tvm`` takes seconds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kiln.codegen.lowering.registry import CodegenError
+from kiln.ir import Node, Value, is_static, is_unknown_dim
+
+if TYPE_CHECKING:
+    from kiln.codegen.lowering.lowerer import Lowerer
+
+
+def get_topi() -> Any:
+    """``tvm.topi``, imported on first use."""
+    from tvm import topi
+
+    return topi
+
+
+# =========================================================================== scalar expressions
+
+
+def exp_expr(v: Any) -> Any:
+    """``exp(v)`` for float32 from vector-friendly arithmetic (Cephes' expf: a degree-6
+    polynomial on the reduced argument, scaled by 2^n through the exponent bits).
+
+    LLVM turns ``exp`` into one libm call per lane, which made SiLU epilogues 4x slower than
+    the conv they follow; this vectorises. Measured against numpy over [-100, 100]: at most
+    1 ulp apart where the result is a normal float; 0 below -87.3, +inf above 88.7.
+    """
+    from tvm import tirx
+
+    dt = "float32"
+
+    def c(x: float) -> Any:
+        return tirx.const(x, dt)
+
+    x = tirx.min(tirx.max(v, c(-87.33654)), c(88.72283))
+    n = tirx.floor(x * c(1.44269504088896341) + c(0.5))
+    r = x - n * c(0.693359375) + n * c(2.12194440e-4)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + c(k)
+    y = p * r * r + r + c(1)
+
+    def pow2(k: Any) -> Any:  # 2^k for |k| <= 64, through the exponent bits
+        return tirx.reinterpret(dt, tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32")))
+
+    ni = n.astype("int32")
+    half = tirx.shift_right(ni, tirx.const(1, "int32"))  # 2^n as two factors: each stays a normal float
+    big = tirx.Select(v > c(88.72283), c(float("inf")), y * pow2(half) * pow2(ni - half))
+    return tirx.Select(v < c(-87.33654), c(0), big)
+
+
+def _sigmoid_expr(v: Any) -> Any:
+    from tvm import tirx
+
+    if _expr_dtype(v) != "float32":
+        return tirx.sigmoid(v)
+    one = tirx.const(1, "float32")
+    return one / (one + exp_expr(-v))
+
+
+def _expr_dtype(v: Any) -> str:
+    return str(v.ty) if hasattr(v, "ty") else v.dtype  # TIR exprs have .ty; TE tensor reads have .dtype
+
+
+def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
+    """A kiln epilogue activation (see kiln.ir.kiln_ops) on one TIR scalar ``v``."""
+    from tvm import tirx
+
+    dt = _expr_dtype(v)
+
+    def c(x: float) -> Any:
+        return tirx.const(x, dt)
+
+    if name == "":
+        return v
+    if name == "Relu":
+        return tirx.max(v, c(0))
+    if name == "Clip":
+        return tirx.min(tirx.max(v, c(params[0])), c(params[1]))
+    if name == "LeakyRelu":
+        return tirx.Select(v >= c(0), v, v * c(params[0]))
+    if name == "Sigmoid":
+        return _sigmoid_expr(v)
+    if name == "Tanh":
+        return tirx.tanh(v)
+    if name == "HardSigmoid":
+        return tirx.max(tirx.min(v * c(params[0]) + c(params[1]), c(1)), c(0))
+    if name == "HardSwish":
+        return v * tirx.max(tirx.min(v / c(6) + c(0.5), c(1)), c(0))
+    if name == "SiLU":
+        return v * _sigmoid_expr(v)
+    if name == "Gelu":
+        if params and params[0]:
+            k = float(np.sqrt(2 / np.pi))
+            return c(0.5) * v * (c(1) + tirx.tanh(c(k) * (v + c(0.044715) * v * v * v)))
+        return c(0.5) * v * (c(1) + tirx.erf(v * c(float(1 / np.sqrt(2)))))
+    raise CodegenError(f"activation '{name}' has no lowering")
+
+
+def apply_activation(x: Any, name: str, params: tuple[float, ...]) -> Any:
+    """A kiln epilogue activation on a TE tensor (the tensor itself for no activation)."""
+    from tvm import te
+
+    if name == "":
+        return x
+    return te.compute(x.shape, lambda *i: activation_expr(x(*i), name, params), name=(name or "id").lower())
+
+
+def scalar(t: Any, *i: Any) -> Any:
+    """Element ``i`` of a 1-D tensor, or the value of a 0-d (or one-element) tensor."""
+    if i:
+        return t[i]
+    return t[tuple(0 for _ in t.shape)]
+
+
+def wrap_index(i: Any, n: Any) -> Any:
+    """A possibly negative run-time index (or axis) into a dim of size ``n``, made non-negative, as int64."""
+    from tvm import tirx
+
+    i = i.astype("int64") if str(_expr_dtype(i)) != "int64" else i
+    return tirx.Select(i < 0, i + n, i)
+
+
+# =========================================================================== dims
+
+
+def is_one(d: Any) -> bool:
+    """Whether a dim (an int or a TIR expression) is the constant 1."""
+    v = getattr(d, "value", d)  # a TIR IntImm holds its int in .value
+    return isinstance(v, int) and v == 1
+
+
+def prod(dims: Any) -> Any:
+    """The product of ``dims`` (ints or TIR expressions); 1 for none."""
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def simplify(e: Any) -> Any:
+    """A symbolic dim expression in its simplest form (ints pass through)."""
+    from tvm.sym import Analyzer  # tvm.arith in older TVM
+
+    return e if isinstance(e, int) else Analyzer().simplify(e)
+
+
+def broadcast_dims(a: list[Any], b: list[Any]) -> list[Any]:
+    """numpy broadcasting of two dim lists (a size-1 dim gives way to the other)."""
+    n = max(len(a), len(b))
+    a, b = [1] * (n - len(a)) + a, [1] * (n - len(b)) + b
+    return [y if is_one(x) else x for x, y in zip(a, b)]
+
+
+# =========================================================================== small computes
+
+
+def full(dims: list[Any], value: Any, dt: str, name: str) -> Any:
+    """A tensor of ``dims`` filled with ``value``."""
+    from tvm import te, tirx
+
+    return te.compute(dims, lambda *i: tirx.const(value, dt), name=name)
+
+
+def per_channel(v: Any, rank: int = 4) -> Any:
+    """A per-channel vector as [1, C, 1, ...] for broadcasting over NC... of ``rank`` dims."""
+    return get_topi().reshape(v, (1, v.shape[0], *([1] * (rank - 2))))
+
+
+def batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
+    """N-D MatMul (numpy broadcasting over the batch dims) as reshapes around batch_matmul."""
+    topi = get_topi()
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return topi.nn.matmul(a, b, transpose_b=trans_b)
+    if len(b.shape) == 2:
+        m = topi.nn.matmul(topi.reshape(a, (prod(a.shape[:-1]), a.shape[-1])), b, transpose_b=trans_b)
+        return topi.reshape(m, (*a.shape[:-1], m.shape[-1]))
+    return _broadcast_batch_matmul(a, b, trans_b)
+
+
+def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool) -> Any:
+    """``a @ b`` (or ``a @ b^T``) for rank >= 3, broadcasting the batch dims in place.
+
+    A direct compute rather than topi's batch_matmul, which asserts that the contracted dims
+    are identical after simplifying each separately, and so refuses equal symbolic dims that
+    reached it along different paths (rapidocr rec with a symbolic width).
+    """
+    from tvm import te
+
+    rank = max(len(a.shape), len(b.shape))
+    a_batch = [1] * (rank - len(a.shape)) + list(a.shape[:-2])
+    b_batch = [1] * (rank - len(b.shape)) + list(b.shape[:-2])
+    batch = broadcast_dims(a_batch, b_batch)
+    n_out = b.shape[-2] if trans_b else b.shape[-1]
+    k = te.reduce_axis((0, a.shape[-1]), name="k")
+    a_off, b_off = rank - len(a.shape), rank - len(b.shape)
+
+    def pick(idx: tuple, dims: list, off: int) -> list:
+        return [0 if is_one(d) else idx[off + i] for i, d in enumerate(dims[off:])]
+
+    def body(*idx: Any) -> Any:
+        i, j = idx[-2], idx[-1]
+        ai = pick(idx, a_batch, a_off) + [i, k]
+        bi = pick(idx, b_batch, b_off) + ([j, k] if trans_b else [k, j])
+        return te.sum(a[tuple(ai)] * b[tuple(bi)], axis=k)
+
+    return te.compute((*batch, a.shape[-2], n_out), body, name="batch_matmul")
+
+
+# =========================================================================== conv and pool geometry
+
+
+def spatial_pads(node: Node, kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
+    """ONNX pads ``[begins..., ends...]`` of a conv or pool, resolving ``auto_pad`` from the input shape."""
+    n = len(kernel)
+    auto = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto == "VALID":
+        return [0] * (2 * n)
+    if auto == "NOTSET":
+        return list(node.attr("pads", ()) or [0] * (2 * n))
+    spatial = list((node.input(0).shape or [])[2:])
+    if len(spatial) != n or not all(isinstance(d, int) for d in spatial):
+        raise CodegenError(f"node {node.label()}: auto_pad {auto} needs static spatial input dims to compile")
+    begins, ends = [], []
+    for d, k, st, dl in zip(spatial, kernel, strides, dil):
+        out = -(-d // st)
+        total = max((out - 1) * st + (k - 1) * dl + 1 - d, 0)
+        small = total // 2
+        begins.append(small if auto == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins + ends
+
+
+# =========================================================================== what the declared shapes say
+
+
+def static_shape(v: Value | None) -> list[int] | None:
+    """The value's shape when every dim is a known int."""
+    return list(v.shape) if v is not None and is_static(v.shape) else None  # type: ignore[arg-type]
+
+
+def known_shape(v: Value, derived: dict[str, Any] | None = None) -> bool:
+    """Every dim of ``v`` is an int, a named symbol, or a derived dim the lowerer can express."""
+    return v.shape is not None and not any(
+        d is None or (is_unknown_dim(d) and d not in (derived or {})) for d in v.shape)
+
+
+def output_dims(lw: Lowerer, node: Node) -> list[Any]:
+    """The declared shape of the node's first output as TIR dims: named symbols as int64 variables,
+    derived ones as the expressions the lowerer learnt; raises when a dim is unknown."""
+    v = node.outputs[0]
+    if not known_shape(v, lw.derived):
+        raise CodegenError(f"node {node.label()}: the output shape is not known well enough to compile")
+    return [lw.dim(d) for d in v.shape]
