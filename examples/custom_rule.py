@@ -12,23 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.ir import DType, Graph, Node, Value, evaluate
-from kiln.passes import MatchResult, RewriteRule, apply_rules, example_graph, explain, register_rule_set, verify_rule
+from kiln.passes import (
+    MatchFailure, PassManager, RewriteRule, apply_rules, example_graph, get_pass, register_rule_set, verify_rule,
+)
 
 
-# 1. The pattern: what to find. Parameters are variables; op.X(...) matches an X node.
-#    Mul is commutative, so x * h and h * x both match.
+# 1. The pattern: what to find. Its parameters are the variables it binds (x=Const() would match only
+#    a constant); op.X(...) matches an X node. Mul is commutative, so x * h and h * x both match.
 def pattern(op, x):
     return op.Mul(x, op.HardSigmoid(x, _name="hsig"))
 
 
-# 2. The check: when the match must not be used. Every failure says why.
-def check(ctx, x: Value, hsig: Node) -> MatchResult:
+# 2. The check: when the match must not be used. It raises MatchFailure with the reason.
+def check(ctx, x: Value, hsig: Node) -> None:
     alpha, beta = hsig.attr("alpha", 0.2), hsig.attr("beta", 0.5)
     if not (np.isclose(alpha, 1 / 6, rtol=1e-5) and np.isclose(beta, 0.5)):
-        return MatchResult.fail(f"HardSigmoid has alpha={alpha:.6g}, beta={beta:.6g}; HardSwish needs 1/6 and 0.5")
+        raise MatchFailure(f"HardSigmoid has alpha={alpha:.6g}, beta={beta:.6g}; HardSwish needs 1/6 and 0.5")
     if ctx.graph.model_opset.get("", 0) < 14:
-        return MatchResult.fail("HardSwish needs opset 14 or newer")
-    return MatchResult.ok()
+        raise MatchFailure("HardSwish needs opset 14 or newer")
 
 
 # 3. The rewrite: what to put in its place.
@@ -45,7 +46,7 @@ def example() -> Graph:
 HARDSWISH = RewriteRule("hardswish", pattern, rewrite, check=check, example=example,
                         description="x * HardSigmoid(x) with alpha 1/6, beta 0.5 becomes HardSwish(x)")
 
-# 5. Register it: the rule by name (for --explain), and a pass that applies it (--passes hardswish).
+# 5. Register it: the rule by name, and a pass that applies it (--passes hardswish, --explain hardswish).
 register_rule_set("hardswish", [HARDSWISH])
 
 
@@ -62,10 +63,11 @@ def main() -> None:
     print(g)
     assert np.allclose(evaluate(g, {"x": x})[g.outputs[0].name], list(before.values())[0], atol=1e-6)
 
-    # A near miss: HardSigmoid with Paddle's default slope 0.2 is not a HardSwish.
+    # A near miss, explained from a pipeline run: HardSigmoid with Paddle's default slope 0.2 is no HardSwish.
     miss = example_graph("miss", {"x": (DType.FLOAT32, (4,))},
                          lambda op, x: op.Mul(op.HardSigmoid(x, alpha=0.2, beta=0.5), x))
-    print(explain(miss, "hardswish"))
+    _, run = PassManager([get_pass("hardswish"), get_pass("dce")]).run(miss)
+    print(run.explain("hardswish"))
 
 
 if __name__ == "__main__":

@@ -170,19 +170,17 @@ def bench(
     real one), else seeded random inputs at ``batch``. ``tune_db`` compiles with that tuning
     database; ``profile`` adds kiln's per-kernel times, taken after the timed rounds.
     """
-    from kiln.ir import load, set_input_shapes
+    from kiln.driver import load_model
     from kiln.ir.oracle import seeded_inputs
 
     threads = threads or os.cpu_count() or 1
-    graph = load(model)
-    if input_shapes:
-        set_input_shapes(graph, input_shapes)
+    graph = load_model(model, input_shapes)
     sizes = {v.name: tuple(batch if not isinstance(d, int) and i == 0 else d for i, d in enumerate(v.shape or ()))
              for v in graph.inputs}
     feeds = dict(inputs) if inputs is not None else seeded_inputs(graph, sizes, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         baseline_model = str(model)
-        if input_shapes and any(_frees_a_static_dim(model, v) for v in graph.inputs):
+        if input_shapes and _frees_a_static_dim(model, graph):
             # a dim fixed at export (batch 1) was freed: the baselines get the same model with that
             # dim free too (kiln's export of the graph, its hard-coded Reshape targets freed)
             from kiln.ir import save_onnx
@@ -190,20 +188,11 @@ def bench(
             baseline_model = str(Path(tmp) / "baseline.onnx")
             save_onnx(graph, baseline_model)
         if artifact is None:
-            from kiln.codegen.build import build
             from kiln.codegen.target import cpu_target
-            from kiln.passes import PassManager
-            from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
+            from kiln.driver import compile as compile_model
 
             artifact = Path(tmp) / "bench.kiln"
-            target = cpu_target(threads)
-            optimized, _ = PassManager(passes_for(DEFAULT_COMPILE_LEVEL, block=target.layout_block)).run(graph)
-            db = None
-            if tune_db is not None:
-                from kiln.codegen.tune import TuningDatabase
-
-                db = TuningDatabase(tune_db)
-            build(optimized, artifact, target=target, tuning_db=db)
+            compile_model(graph, artifact, target=cpu_target(threads), tune_db=tune_db)
         spec = {"model": baseline_model, "artifact": str(artifact), "threads": threads, "feeds": feeds}
         engines = ["kiln", *[e for e in against if e != "kiln"]]
         ctx = mp.get_context("spawn")
@@ -240,13 +229,13 @@ def bench(
     return BenchReport(str(model), threads, rounds, iterations, batch, results, kernels if profile else [])
 
 
-def _frees_a_static_dim(model: str | os.PathLike, v: Any) -> bool:
-    """Whether graph input ``v`` has a named dim where ``model`` declares a number."""
+def _frees_a_static_dim(model: str | os.PathLike, graph: Any) -> bool:
+    """Whether an input of ``graph`` has a named dim where ``model`` declares a number."""
     from kiln.ir import load
 
-    declared = {i.name: i.shape for i in load(model).inputs}.get(v.name)
-    return declared is not None and v.shape is not None and any(
-        isinstance(d, int) and isinstance(s, str) for d, s in zip(declared, v.shape))
+    declared = {i.name: i.shape for i in load(model).inputs}
+    return any(declared.get(v.name) is not None and v.shape is not None and any(
+        isinstance(d, int) and isinstance(s, str) for d, s in zip(declared[v.name], v.shape)) for v in graph.inputs)
 
 
 def _recv(conn: Any, proc: Any, engine: str) -> tuple:

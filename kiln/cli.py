@@ -31,14 +31,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from kiln.ir.onnx_io import format_unsupported, load_with_report
     from kiln.ir.summary import summarize
 
-    graph, unsupported = load_with_report(args.model)
-    summary = summarize(graph, unsupported)
+    graph, unevaluable = load_with_report(args.model)
+    summary = summarize(graph, unevaluable)
+    if not unevaluable:
+        from kiln.codegen.lowering import uncompilable
+
+        summary.cannot_compile = uncompilable(graph)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         print(summary.format())
-    if unsupported:
-        raise UnsupportedOpError(format_unsupported(unsupported, str(args.model)), unsupported)
+    if unevaluable:
+        raise UnsupportedOpError(format_unsupported(unevaluable, str(args.model)), unevaluable)
     return 0
 
 
@@ -83,28 +87,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from kiln.ir import load, save_onnx
-    from kiln.passes import PassManager, explain
-    from kiln.passes.pipeline import passes_for
+    from kiln.check import parse_shape_overrides
+    from kiln.driver import DEFAULT_OPTIMIZE_LEVEL, load_model, optimize
+    from kiln.ir import save_onnx
 
     for plugin in args.load or ():
         _load_plugin(plugin)
+    _check_rule_name(args.explain)
     src, dst = Path(args.model), Path(args.output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
-    graph = load(src)
-    if args.input_shape:
-        from kiln.check import parse_shape_overrides
-        from kiln.ir import set_input_shapes
-
-        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
-    names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
-    manager = PassManager(passes_for(args.level, names), verify_each=args.verify_each,
-                          print_after=args.print_after or ())
-    graph, report = manager.run(graph)
+    graph = load_model(src, parse_shape_overrides(args.input_shape))
+    graph, report = optimize(graph, args.level, passes=args.passes, verify_each=args.verify_each,
+                             print_after=args.print_after or ())
     save_onnx(graph, dst)
     summary = {
-        "input": str(src), "output": str(dst), "level": None if names else args.level,
+        "input": str(src), "output": str(dst), "level": None if args.passes else (args.level or DEFAULT_OPTIMIZE_LEVEL),
         "nodes": {"before": report.nodes_before, "after": report.nodes_after},
         "iterations": report.iterations,
         "passes": {n: {"runs": s.runs, "changes": s.changes, "seconds": round(s.seconds, 6)}
@@ -113,20 +111,20 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     }
     print(_format_optimize(summary))
     if args.explain:
-        try:
-            remaining = explain(graph, args.explain)
-        except KeyError as e:
-            raise KilnError(str(e.args[0])) from None
-        fired = report.rule_counts().get(args.explain, 0)
-        if not fired:
-            print(remaining)
-        elif "nearest miss" in remaining:
-            print(f"rule '{args.explain}' fired {fired} time(s); on the result, {remaining}")
-        else:
-            print(f"rule '{args.explain}' fired {fired} time(s); nothing is left for it to match")
+        print(report.explain(args.explain))
     if args.report:
         Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _check_rule_name(name: str | None) -> None:
+    """Refuse ``--explain`` of an unknown rule before any work is done."""
+    if name is None:
+        return
+    from kiln.passes import RULES
+
+    if name not in RULES:
+        raise KilnError(f"no rule named '{name}'; known rules: {', '.join(sorted(RULES))}")
 
 
 def _load_plugin(path: str) -> None:
@@ -165,114 +163,61 @@ def _stage(name: str) -> None:
     print(f"[kiln] {name}", file=sys.stderr, flush=True)
 
 
-def _optimized(args: argparse.Namespace, target) -> tuple:
-    """Import ``args.model``, pin ``--input-shape``, and run ``--level``'s passes for ``target``.
-
-    ``kiln compile`` and ``kiln tune`` share this, so that tuning sees the kernels that
-    compilation will build.
-    """
-    from kiln.check import parse_shape_overrides
-    from kiln.ir import load, set_input_shapes
-    from kiln.passes import PassManager
-    from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
-
-    level = args.level or DEFAULT_COMPILE_LEVEL
-    _stage("importing")
-    graph = load(Path(args.model))
-    if args.input_shape:
-        set_input_shapes(graph, parse_shape_overrides(args.input_shape))
-    _stage(f"optimizing ({level})")
-    passes = passes_for(level, block=target.layout_block)
-    graph, _ = PassManager(passes).run(graph)
-    return graph, passes
-
-
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from kiln.codegen.build import build, file_sha256
-    from kiln.codegen.target import parse_target
+    from kiln.check import parse_shape_overrides
+    from kiln.driver import compile as compile_model
 
-    src, dst = Path(args.model), Path(args.output)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise KilnError(f"{dst}: refusing to overwrite the input model; choose another -o")
-    target = parse_target(args.target, arch=args.arch, threads=args.threads)
-    tuning_db = None
-    if args.tune_db:
-        from kiln.codegen.tune import TuningDatabase
-
-        tuning_db = TuningDatabase(args.tune_db)
-    if args.quantize:
-        return _compile_int8(args, target, tuning_db)
-    graph, passes = _optimized(args, target)
-    report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
-                   passes=[p.describe() for p in passes], progress=_stage, tuning_db=tuning_db)
-    times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
-    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
-          f"target {target.tvm.get('mcpu', target.kind)}; {times})")
-    if tuning_db is not None:
-        info = tuning_db.manifest()
+    _check_rule_name(args.explain)
+    result = compile_model(args.model, args.output, target=args.target, arch=args.arch, threads=args.threads,
+                           level=args.level, passes=args.passes, input_shapes=parse_shape_overrides(args.input_shape),
+                           tune_db=args.tune_db, quantize=_quantize_options(args), progress=_stage)
+    dst, report, target = result.path, result.build, result.target
+    code = 0
+    if result.quantization is None:
+        times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
+        print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
+              f"target {target.tvm.get('mcpu', target.kind)}; {times})")
+    else:
+        code = _print_int8(result, args)
+    if result.tuning is not None:
+        info = result.tuning
         print(f"tuning database {args.tune_db}: {info['kernels_from_database']} kernels scheduled from it "
               f"({info['kernels_tuned']} tuned, {info['kernels_default_kept']} kept kiln's default); "
               f"sha256 {info['sha256'][:12]}")
-    return 0
+    if args.explain:
+        print(result.pipeline.explain(args.explain))
+    return code
 
 
-def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
-    """``kiln compile --quantize int8``: calibrate, choose layers, compile, and report accuracy."""
-    from kiln.calibrate import Budget, QuantizeOptions, QuantizeSession, format_accuracy, format_sensitivity
-    from kiln.check import parse_shape_overrides
-    from kiln.codegen.build import build, file_sha256, set_manifest_entry
-    from kiln.passes import PassManager
-    from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
+def _quantize_options(args: argparse.Namespace):
+    """``--quantize int8`` and its flags as :class:`kiln.quantize.QuantizeOptions` (None without it)."""
+    if not args.quantize:
+        return None
+    from kiln.quantize import Budget, QuantizeOptions
 
-    if args.quantize != "int8":
-        raise KilnError(f"--quantize {args.quantize}: kiln quantizes to int8 only")
     if not args.calib:
         raise KilnError("--quantize int8 needs --calib SAMPLES.npz (arrays keyed by input name, leading sample axis)")
-    if target.kind != "cpu":
-        raise KilnError("--quantize int8 builds CPU kernels (VNNI); CUDA int8 is not built yet")
     budget = Budget.parse(args.accuracy_budget) if args.accuracy_budget else None
     exclude = tuple(n for part in (args.exclude or []) for n in part.split(",") if n)
-    options = QuantizeOptions(args.calib, method=args.calib_method, per_channel=args.per_channel,
-                              symmetric=args.symmetric, exclude=exclude, eval=args.eval,
-                              sensitivity=args.sensitivity or budget is not None)
-    src, dst = Path(args.model), Path(args.output)
-    session = QuantizeSession(args.model, options, target, parse_shape_overrides(args.input_shape), say=_stage)
-    level = args.level or DEFAULT_COMPILE_LEVEL
-    try:
-        _stage("importing and preparing the float model")
-        session.prepare()
-        session.calibrate()
-        if options.sensitivity:
-            session.measure_sensitivity()
-            print("sensitivity (one layer in int8 at a time, most sensitive first):")
-            print(format_sensitivity(session.sensitivity))
-        if budget is not None:
-            session.fit_budget(budget)
-        for attempt in range(4):
-            graph = session.quantized_graph()
-            _stage(f"optimizing ({level})")
-            passes = passes_for(level, block=target.layout_block)
-            graph, _ = PassManager(passes).run(graph)
-            kernels = sum(1 for n in graph.walk_nodes() if n.domain == "kiln" and n.op_type in ("QBlockedConv", "QDense"))
-            report = build(graph, dst, target=target, source_sha256=file_sha256(src), source_name=src.name,
-                           passes=["quantize", *(p.describe() for p in passes)], progress=_stage,
-                           tuning_db=tuning_db)
-            accuracy = session.evaluate(dst)
-            if budget is None or budget.holds(accuracy) or attempt == 3 or not session.keep_more():
-                break
-            _stage(f"the compiled model misses {budget} ({budget.metric} {budget.score(accuracy):.4f}); "
-                   f"keeping one more layer in float")
-        record = session.record(accuracy, budget)
-        record["int8_kernels"] = kernels
-        set_manifest_entry(dst, "quantization", record)
-    finally:
-        session.close()
-    layers = record["layers"]
+    return QuantizeOptions(args.calib, method=args.calib_method, per_channel=args.per_channel,
+                           symmetric=args.symmetric, exclude=exclude, eval=args.eval,
+                           sensitivity=args.sensitivity or budget is not None, budget=budget)
+
+
+def _print_int8(result, args: argparse.Namespace) -> int:
+    """The ``--quantize int8`` report: layers and kernels, what stayed float, accuracy; 1 if the budget missed."""
+    from kiln.quantize import format_accuracy, format_sensitivity
+
+    record, extra, dst = result.quantization, result.extra, result.path
+    if extra["sensitivity"]:
+        print("sensitivity (one layer in int8 at a time, most sensitive first):")
+        print(format_sensitivity(extra["sensitivity"]))
+    layers, kernels = record["layers"], record["int8_kernels"]
     int8 = sum(1 for v in layers.values() if v == "int8")
-    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, int8: {int8} of "
-          f"{len(layers)} layers in {kernels} int8 kernels; calibration {options.method} on {len(session.calib)} "
-          f"samples)")
-    planned = sum(1 for ly in session.layers if ly.kind != "add" and layers.get(ly.name) == "int8")
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {result.build.num_kernels} kernels, int8: {int8} of "
+          f"{len(layers)} layers in {kernels} int8 kernels; calibration {args.calib_method} on "
+          f"{extra['calib_samples']} samples)")
+    planned = extra["planned_kernels"]
     if kernels < planned:
         print(f"kiln: warning: {planned - kernels} of {planned} int8 convs and dense layers did not become int8 "
               f"kernels and run in float", file=sys.stderr)
@@ -280,11 +225,12 @@ def _compile_int8(args: argparse.Namespace, target, tuning_db) -> int:
     if kept:
         more = f", and {len(kept) - 12} more (kiln inspect {dst})" if len(kept) > 12 else ""
         print("kept in float: " + ", ".join(f"{n} ({why})" for n, why in kept[:12]) + more)
-    print(f"accuracy against the float model on {len(session.held_out)} held-out samples:")
-    print(format_accuracy(accuracy))
-    if budget is not None and not budget.holds(accuracy):
+    print(f"accuracy against the float model on {extra['held_out_samples']} held-out samples:")
+    print(format_accuracy(extra["accuracy"]))
+    budget = extra["budget"]
+    if budget is not None and not budget.holds(extra["accuracy"]):
         print(f"kiln: warning: the compiled model misses the budget {budget} ({budget.metric} "
-              f"{budget.score(accuracy):.4f})", file=sys.stderr)
+              f"{budget.score(extra['accuracy']):.4f})", file=sys.stderr)
         return EXIT_MISMATCH
     return 0
 
@@ -303,15 +249,20 @@ def parse_duration(text: str) -> float:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from kiln.check import parse_shape_overrides
     from kiln.codegen.target import parse_target
     from kiln.codegen.tune import tune
+    from kiln.driver import load_model, optimize_for
+
     budget = parse_duration(args.budget) if args.budget else None
     if args.trials is not None and args.trials < 1:
         raise KilnError("--trials must be at least 1")
     if budget is None and args.trials is None:
         raise KilnError("give a tuning budget: --budget (e.g. 30m) and/or --trials N")
     target = parse_target(args.target, threads=args.threads)
-    graph, _ = _optimized(args, target)
+    _stage("importing")
+    graph = load_model(args.model, parse_shape_overrides(args.input_shape))
+    graph, _, _ = optimize_for(graph, target, args.level, progress=_stage)
     try:
         with _TuneProgress() as show:
             report = tune(graph, target, args.db, budget_seconds=budget, max_trials=args.trials,
@@ -429,10 +380,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parent(*add: Callable[[argparse.ArgumentParser], object]) -> argparse.ArgumentParser:
+    """A parent parser holding one shared option (each verb that takes it lists the parent)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for fn in add:
+        fn(parent)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common = _parent(lambda p: p.add_argument("--debug", action="store_true", help="show tracebacks for errors"))
+    shapes = _parent(lambda p: p.add_argument(
+        "--input-shape", action="append", metavar="NAME=DxDxD",
+        help="an input's dims, ints or names for symbolic dims (repeatable); pinning them lets shape "
+             "computations fold away, and a name frees a dim the model fixed at export"))
+    threads = _parent(lambda p: p.add_argument("--threads", type=int, help="threads at run time (default: all cores)"))
+    level = _parent(lambda p: p.add_argument(
+        "--level", help="optimisation level O0..O3 (default O3, which adds the blocked layout; kiln optimize: O2)"))
+    passes = _parent(lambda p: p.add_argument(
+        "--passes", metavar="SPECS", help='run these passes instead of a level, e.g. "fold-constants,layout{block=8},dce"'))
+    explain = _parent(lambda p: p.add_argument(
+        "--explain", metavar="RULE", help="say how often RULE fired in each pass of the run, or its nearest miss"))
 
     parser = argparse.ArgumentParser(
         prog="kiln", parents=[common],
@@ -448,40 +417,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
-        "check", parents=[common],
+        "check", parents=[common, shapes],
         help="check that kiln imports a model faithfully (round trip and evaluator vs onnxruntime)",
     )
     p.add_argument("model", help="an .onnx file")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
-                   help="concrete sizes for an input with symbolic dims (repeatable)")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs keyed by graph input name (default: seeded random)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--no-evaluator", action="store_true", help="skip the reference-evaluator comparison")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("optimize", parents=[common], help="rewrite a model with kiln's passes and write ONNX")
+    p = sub.add_parser("optimize", parents=[common, level, shapes, passes, explain],
+                       help="rewrite a model with kiln's passes and write ONNX")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the optimized model")
-    p.add_argument("--level", default="O2", help="optimisation level: O0 to O3 (default O2)")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
-                   help="pin an input's symbolic dims (repeatable); shape computations then fold away")
-    p.add_argument("--passes", metavar="A,B", help="run these passes instead of a level")
     p.add_argument("--report", metavar="REPORT.json", help="write node counts, pass times and rule counts as JSON")
-    p.add_argument("--explain", metavar="RULE", help="say why RULE did or did not fire")
     p.add_argument("--verify-each", action="store_true", help="run Graph.verify() after every pass")
     p.add_argument("--print-after", action="append", metavar="PASS", help="print the graph after PASS")
     p.add_argument("--load", action="append", metavar="RULES.py",
                    help="a Python file that registers extra rules or passes (repeatable)")
     p.set_defaults(func=_cmd_optimize)
 
-    p = sub.add_parser("compile", parents=[common], help="compile a model ahead of time into a .kiln artifact")
+    p = sub.add_parser("compile", parents=[common, level, shapes, threads, passes, explain],
+                       help="compile a model ahead of time into a .kiln artifact")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.kiln")
     p.add_argument("--target", default="cpu", help="cpu (default; the host's CPU), cuda, or a JSON target dict")
     p.add_argument("--arch", help="CUDA architecture, e.g. sm_90")
-    p.add_argument("--level", help="optimisation level: O0 to O3 (default O3, which adds the blocked layout)")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
-    p.add_argument("--threads", type=int, help="threads at run time (default: all cores)")
     p.add_argument("--tune-db", metavar="DIR", help="schedule kernels from this tuning database (see kiln tune)")
     q = p.add_argument_group("int8 quantization (see docs/int8.md)")
     q.add_argument("--quantize", choices=["int8"], help="quantize a float model to int8 from calibration samples")
@@ -500,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the most sensitive layers in float until it holds: argmax>=0.99 or cosine>=0.999")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser("tune", parents=[common],
+    p = sub.add_parser("tune", parents=[common, level, shapes, threads],
                        help="search faster schedules for a model's kernels into a tuning database")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--db", required=True, metavar="DIR",
@@ -509,29 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="measured candidates for this model in this database (counts earlier runs)")
     p.add_argument("--kernels", type=int, help="tune only the N heaviest kernels")
     p.add_argument("--target", default="cpu", help="cpu (default: the host's CPU) or a JSON llvm target dict")
-    p.add_argument("--level", help="optimisation level, as for kiln compile (default O3)")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD",
-                   help="pin an input's dims (tuning needs static shapes; use the same pins for compile)")
-    p.add_argument("--threads", type=int, help="threads the kernels run with (default: all cores)")
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("run", parents=[common], help="run a .kiln artifact on inputs from an .npz file")
+    p = sub.add_parser("run", parents=[common, threads], help="run a .kiln artifact on inputs from an .npz file")
     p.add_argument("artifact", help="a .kiln file (it contains native code: only run trusted artifacts)")
     p.add_argument("--inputs", required=True, metavar="IN.npz", help="arrays keyed by input name")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
-    p.add_argument("--threads", type=int, help="threads (default: all cores)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("bench", parents=[common],
+    p = sub.add_parser("bench", parents=[common, shapes, threads],
                        help="time kiln against onnxruntime (and TVM's own pipeline), alternating, one process each")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--artifact", metavar="A.kiln", help="a compiled artifact (default: compile the model first)")
     p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime, tvm (comma-separated)")
     p.add_argument("--batch", default="1", help="batch sizes for a symbolic batch dim, e.g. 1,8")
-    p.add_argument("--threads", type=int, help="threads for every engine (default: all cores)")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DxDxD", help="pin an input's dims (repeatable)")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
     p.add_argument("--tune-db", metavar="DIR", help="compile with this tuning database (see kiln tune)")
     p.add_argument("--profile", action="store_true", help="also print kiln's time per kernel (VM instrument hook)")

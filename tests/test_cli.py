@@ -59,16 +59,31 @@ def test_inspect_json_report(capsys):
     assert report["parameters"]["count"] == 24250  # 432+64 + 4608+128 + 2*(9216+128) + 330
     assert report["macs"]["Gemm"] == [{"coeff": 320, "dims": ["N"]}]
     assert report["opsets"] == {"ai.onnx": 17}
-    assert report["unsupported"] == []
+    assert report["cannot_evaluate"] == [] and report["cannot_compile"] == []
 
 
 def test_inspect_lists_unsupported_ops_and_exits_2(microsoft_model, capsys):
     assert main(["inspect", str(microsoft_model)]) == 2
     captured = capsys.readouterr()
-    assert "com.microsoft::FusedGemm" in captured.out  # in the report
+    assert "ops kiln cannot evaluate" in captured.out and "com.microsoft::FusedGemm" in captured.out
     err = captured.err.strip()
     assert err.count("\n") == 0
     assert err.startswith("kiln: error: ") and "com.microsoft::FusedGemm (nodes: fused)" in err
+
+
+def test_inspect_says_what_cannot_compile_apart_from_what_cannot_evaluate(tmp_path, capsys):
+    # DFT: onnx's reference evaluates it, kiln has no lowering for it yet
+    model = make_model([helper.make_node("DFT", ["x"], ["y"], name="dft")], [f32("x", [1, 8, 1])], [f32("y", None)],
+                       opset=17)
+    src = _write(model, tmp_path / "dft.onnx")
+    assert main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "ops kiln cannot compile yet" in out and "ai.onnx::DFT  (1 nodes: dft)" in out
+    assert "cannot evaluate" not in out
+    assert main(["inspect", str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cannot_compile"] == [{"domain": "ai.onnx", "op": "DFT", "nodes": ["dft"]}]
+    assert report["cannot_evaluate"] == []
 
 
 @pytest.mark.parametrize("make_file, expected", [
@@ -206,7 +221,9 @@ def test_optimize_explains_a_near_miss(tmp_path, capsys):
     src = _write(model, tmp_path / "m.onnx")
     assert main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--explain", "conv-bn"]) == 0
     out = capsys.readouterr().out
-    assert "nearest miss at 'bn' (BatchNormalization): check failed: the BN scale %scale is not a constant" in out
+    # from the run itself: the pass that saw the miss is named
+    assert ("rule 'conv-bn' did not fire in pass 'fuse-conv'; nearest miss in pass 'fuse-conv' at 'bn' "
+            "(BatchNormalization): check failed: the BN scale %scale is not a constant") in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,8 @@ import kiln
 from kiln.check import compare
 from kiln.ir import DType, Graph, evaluate, load
 from kiln.passes import (
-    Const, MatchResult, Optional, Pass, PassError, PassManager, PassResult, RewriteRule, Var, apply_rules, explain,
+    Const, MatchFailure, NearMiss, Optional, Pass, PassError, PassManager, PassResult, RewriteRule, RuleRun, Var,
+    apply_rules, get_pass, parse_passes,
 )
 from kiln.passes.cleanup import CommonSubexpressionElimination, DeadCodeElimination
 from kiln.passes.fold_constants import FoldConstants
@@ -32,8 +33,8 @@ def _numbers_unchanged(before: Graph, after: Graph, feeds, rtol=1e-6, atol=1e-7)
 def _mul_add_rule(**kw) -> RewriteRule:
     """x * c + d  ->  kiln-free form: Add(Mul(x, c), d) matched in either order, rewritten as Mul then Add."""
 
-    def pattern(op, x, c, d):
-        return op.Add(op.Mul(x, Const("c"), _name="mul"), d, _name="add")
+    def pattern(op, x, d, c=Const()):
+        return op.Add(op.Mul(x, c, _name="mul"), d, _name="add")
 
     def rewrite(op, x, c, d):
         return op.Add(op.Mul(x, c), d)
@@ -65,10 +66,87 @@ def test_constant_predicate_reports_a_reason():
 
 
 def test_check_failure_is_reported_with_its_reason():
-    rule = _mul_add_rule(check=lambda ctx, c: MatchResult.fail("c is two") if float(c.numpy()) == 2 else MatchResult.ok())
+    def check(ctx, c):
+        if float(c.numpy()) == 2:
+            raise MatchFailure("c is two")
+
+    rule = _mul_add_rule(check=check)
     g = _mul_add_graph(False)
     stats = apply_rules(g, [rule])
     assert stats.fired == {} and stats.near_miss[rule.name].reason == "check failed: c is two"
+
+
+def test_a_helper_inside_check_may_raise_the_failure():
+    def positive(v, label):  # a helper: it raises, the check does not thread a verdict back
+        if not np.all(v.numpy() > 0):
+            raise MatchFailure(f"the {label} %{v.name} is not positive")
+
+    def check(ctx, c):
+        positive(c, "factor")
+
+    g = example_graph("ma", {"x": (DType.FLOAT32, (3,)), "d": (DType.FLOAT32, (3,))},
+                      lambda op, x, d: op.Add(op.Mul(x, op.constant(np.float32(-2.0))), d))
+    stats = apply_rules(g, [_mul_add_rule(check=check)])
+    assert stats.fired == {}
+    assert stats.near_miss["test-mul-add"].reason == "check failed: the factor %const is not positive"
+    assert apply_rules(_mul_add_graph(False), [_mul_add_rule(check=check)], max_rounds=1).fired == {"test-mul-add": 1}
+
+
+def test_a_check_that_returns_a_verdict_is_an_error():
+    rule = _mul_add_rule(check=lambda ctx, c: "c is two")
+    with pytest.raises(TypeError, match="the check of rule 'test-mul-add' returned 'c is two'"):
+        apply_rules(_mul_add_graph(False), [rule])
+
+
+def test_any_other_exception_from_a_check_propagates():
+    def check(ctx, c):
+        raise ZeroDivisionError("a bug in the check")
+
+    with pytest.raises(ZeroDivisionError, match="a bug in the check"):
+        apply_rules(_mul_add_graph(False), [_mul_add_rule(check=check)])
+
+
+def _shadowing(op, x, w):  # the parameter w is shadowed by an inline Const: what the engine refuses
+    return op.Conv(x, Const("w"))
+
+
+def _stray(op, x):
+    return op.Add(x, Const())
+
+
+def _unused(op, x, b):
+    return op.Relu(x)
+
+
+def _bad_default(op, x, alpha=0.5):
+    return op.LeakyRelu(x)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (_shadowing, r"pattern _shadowing binds Const\('w'\), which is not one of its parameters"),
+    (_stray, "pattern _stray binds an unnamed Const, which is not one of its parameters"),
+    (_unused, r"pattern _unused does not use its parameter\(s\) b"),
+    (_bad_default, r"pattern _bad_default: the default of parameter 'alpha' must be Var\(...\) or Const"),
+])
+def test_a_pattern_whose_parameters_are_not_what_it_binds_is_refused(pattern, message):
+    rule = RewriteRule("test-bad-pattern", pattern, lambda op, x: x)
+    with pytest.raises(TypeError, match=message):
+        rule.root
+
+
+def test_parameter_defaults_give_the_kind_and_condition_of_a_variable():
+    def pattern(op, x=Var(where=lambda v: v.rank == 1), c=Const()):
+        return op.Mul(x, c)
+
+    rule = RewriteRule("test-kinds", pattern, lambda op, x: x)
+    root = rule.root
+    x, c = root.node.inputs
+    assert (type(x), x.name, type(c), c.name) == (Var, "x", Const, "c")
+    assert pattern.__defaults__[1].name is None  # the engine names a copy; the default stays as written
+    g = example_graph("k", {"x": (DType.FLOAT32, (3,)), "y": (DType.FLOAT32, (3,))},
+                      lambda op, x, y: (op.Mul(x, op.constant(np.float32(1.0))), op.Mul(x, y)))
+    stats = apply_rules(g, [rule])
+    assert stats.fired == {"test-kinds": 1} and "'c' must be a constant" in stats.near_miss["test-kinds"].reason
 
 
 def test_intermediate_with_other_uses_is_not_fused():
@@ -83,8 +161,8 @@ def test_intermediate_with_other_uses_is_not_fused():
 
 
 def test_a_shared_pattern_node_may_feed_nodes_outside_the_match():
-    def pattern(op, x, d):  # the Mul may have other users: the rewrite leaves it for them
-        return op.Add(op.Mul(x, Const("c"), _name="mul", _shared=True), d, _name="add")
+    def pattern(op, x, d, c=Const()):  # the Mul may have other users: the rewrite leaves it for them
+        return op.Add(op.Mul(x, c, _name="mul", _shared=True), d, _name="add")
 
     def rewrite(op, x, c, d):
         return op.Sub(d, op.Mul(op.Neg(x), c))
@@ -105,8 +183,8 @@ def test_a_shared_pattern_node_may_feed_nodes_outside_the_match():
 
 
 def test_attribute_predicates_and_optional_inputs():
-    def pattern(op, x, lo):
-        return op.Clip(x, lo, Optional(Var("hi")), _name="clip")
+    def pattern(op, x, lo, hi):
+        return op.Clip(x, lo, Optional(hi), _name="clip")
 
     seen = {}
 
@@ -179,15 +257,76 @@ def test_explain_reports_the_nearest_miss():
     def build(op, x, scale):
         y = op.Conv(x, op.constant(RNG.standard_normal((c, 3, 1, 1)).astype(np.float32)))
         stats = [op.constant(RNG.uniform(0.5, 1.5, c).astype(np.float32)) for _ in range(3)]
-        return op.BatchNormalization(y, scale, *stats)
+        return op.BatchNormalization(y, scale, *stats, _name="bn")
 
     g = example_graph("miss", {"x": (DType.FLOAT32, (1, 3, 4, 4)), "scale": (DType.FLOAT32, (c,))}, build)
-    text = explain(g, "conv-bn")
-    assert "nearest miss at" in text and "the BN scale %scale is not a constant" in text
+    _, report = PassManager(passes_for("O2")).run(g)
+    text = report.explain("conv-bn")
+    assert text == ("rule 'conv-bn' did not fire in pass 'fuse-conv'; nearest miss in pass 'fuse-conv' at 'bn' "
+                    "(BatchNormalization): check failed: the BN scale %scale is not a constant")
     no_bn = example_graph("e", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Neg(x))
-    assert "the graph has no BatchNormalization node" in explain(no_bn, "conv-bn")
-    with pytest.raises(KeyError, match="no rule named 'nope'"):
-        explain(g, "nope")
+    _, report = PassManager(passes_for("O2")).run(no_bn)
+    assert report.explain("conv-bn") == ("rule 'conv-bn' did not fire in pass 'fuse-conv'; never came close: no "
+                                         "BatchNormalization node was there when pass 'fuse-conv' ran")
+    with pytest.raises(PassError, match="no rule named 'nope'; known rules: .*conv-bn"):
+        report.explain("nope")
+
+
+def _residual_graph() -> Graph:
+    """Two Conv + Add residuals: the first fuses, the second's other operand is a broadcast row."""
+    w = RNG.standard_normal((4, 4, 1, 1)).astype(np.float32)
+
+    def build(op, x, row):
+        y = op.Add(op.Conv(x, op.constant(w)), x, _name="add_fused")
+        return op.Add(op.Conv(y, op.constant(w)), row, _name="add_broadcast")
+
+    return example_graph("res", {"x": (DType.FLOAT32, (1, 4, 3, 3)), "row": (DType.FLOAT32, (1, 4, 1, 3))}, build)
+
+
+def test_the_report_keeps_each_passs_fire_counts_and_nearest_misses():
+    _, report = PassManager(passes_for("O2")).run(_residual_graph())
+    run = report.stats["fuse-conv"].rules["conv-residual"]
+    assert run.root_op == "Add" and run.fired == 1
+    assert run.miss is not None and run.miss.node == "'add_broadcast' (Add)"
+    assert run.miss.iteration == 2  # the deepest miss, from the latest iteration that met it
+    assert run.miss.reason.startswith("check failed: the residual f32[1,4,1,3] does not have the conv output's type")
+    assert "conv-residual" not in report.stats["simplify"].rules  # simplify does not run it
+    assert report.stats["simplify"].rules["add-zero"].fired == 0  # but every rule it tried is there
+    assert report.explain("conv-residual") == (
+        "rule 'conv-residual' fired 1 time(s) in pass 'fuse-conv'; nearest miss in pass 'fuse-conv' at "
+        "'add_broadcast' (Add): check failed: the residual f32[1,4,1,3] does not have the conv output's type "
+        "f32[1,4,3,3]")
+    assert report.iterations == 2 and report.stats["fuse-conv"].runs == 2  # fire counts summed over both
+
+
+def test_explain_a_rule_no_pass_of_the_pipeline_runs():
+    _, report = PassManager(passes_for("O1")).run(_residual_graph())
+    assert report.explain("conv-bn") == (
+        "rule 'conv-bn' did not run: no pass of this pipeline ('qdq', 'fold-constants', 'inline-if', 'simplify', "
+        "'cse', 'dce') applies it; it runs in passes 'fuse-conv', 'fold-into-conv'")
+    _, report = PassManager(passes_for("O3", block=8)).run(_residual_graph())
+    assert "rule 'conv-blocked' " in report.explain("conv-blocked")  # layout's rules are known too
+    assert "in pass 'layout'" in report.explain("conv-blocked")
+
+
+def test_a_fire_after_a_miss_at_the_same_node_forgets_the_miss():
+    calls = []
+
+    def check(ctx, c):  # fails the first time only, as a rule waiting for shapes does
+        calls.append(1)
+        if len(calls) == 1:
+            raise MatchFailure("not yet")
+
+    rule = _mul_add_rule(check=check)
+    g = _mul_add_graph(False)
+    from kiln.passes.rules import RewriteStats
+
+    stats = RewriteStats()
+    apply_rules(g, [rule], max_rounds=1, stats=stats)
+    assert stats.near_miss["test-mul-add"].reason == "check failed: not yet"
+    apply_rules(g, [rule], max_rounds=1, stats=stats)
+    assert stats.fired == {"test-mul-add": 1} and stats.near_miss == {}
+    assert stats.runs()["test-mul-add"].miss is None
 
 
 # --------------------------------------------------------------------------- pass manager
@@ -223,6 +362,29 @@ def _tiny() -> Graph:
     return example_graph("t", {"x": (DType.FLOAT32, (2,))}, lambda op, x: op.Relu(x))
 
 
+class _Scripted(Pass):
+    """Reports a scripted fire count and near miss for rule 'r' on each run."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def run(self, graph):
+        fired, miss = self.script.pop(0)
+        return PassResult.of(graph, fired, {"r": fired} if fired else {}, {"r": RuleRun("Add", fired, miss)})
+
+
+def test_near_misses_are_merged_over_the_iterations():
+    deep, shallow = NearMiss("'a' (Add)", "deep", 3), NearMiss("'b' (Add)", "shallow", 1)
+    _, report = PassManager([_Scripted([(2, deep), (1, shallow), (0, None)])]).run(_tiny())
+    run = report.stats["scripted"].rules["r"]
+    assert report.iterations == 3 and run.fired == 3 and report.rule_counts() == {"r": 3}
+    assert run.miss == NearMiss("'a' (Add)", "deep", 3, iteration=1)
+    assert report.explain("r") == "rule 'r' fired 3 time(s) in pass 'scripted'; nearest miss in pass 'scripted' " \
+                                  "at 'a' (Add): deep"
+
+
 def test_pipeline_iterates_to_a_fixed_point():
     counter = _Counter(3)
     _, report = PassManager([counter]).run(_tiny())
@@ -251,6 +413,56 @@ def test_unknown_pass_and_level():
         passes_for(names=["nope"])
     with pytest.raises(PassError, match="no optimisation level 'O9'"):
         passes_for("O9")
+
+
+# --------------------------------------------------------------------------- pass specs
+
+
+def test_pass_specs_name_passes_and_set_their_fields():
+    passes = parse_passes("layout{block=8}, fold-constants{max_elements=100},dce,cse{},quantize{symmetric=true}")
+    assert [p.name for p in passes] == ["layout", "fold-constants", "dce", "cse", "quantize"]
+    assert passes[0].block == 8 and passes[1].max_elements == 100 and passes[4].symmetric is True
+    assert passes[3].max_constant_elements == 64  # {} keeps the defaults
+    assert parse_passes("quantize{per_channel=0,symmetric=FALSE}")[0].per_channel is False
+    assert [p.describe() for p in passes_for(names="layout{block=4},dce")] == ["layout{block=4}", "dce"]
+    assert [p.describe() for p in passes_for(names=["fuse-conv,dce", "layout{block=4}"], block=8)] == [
+        "fuse-conv", "dce", "layout{block=8}"]  # block still sets the layout pass's block
+    assert get_pass("layout{block=4}").block == 4
+
+
+@pytest.mark.parametrize("spec", ["layout{block=8},dce", "quantize{per_channel=false,symmetric=true}",
+                                  "fold-constants{max_elements=12},cse{max_constant_elements=3},inline-if"])
+def test_describe_round_trips_a_spec(spec):
+    passes = parse_passes(spec)
+    again = parse_passes(",".join(p.describe() for p in passes))
+    assert [p.describe() for p in again] == [p.describe() for p in passes]
+    assert parse_passes(passes[0].describe())[0] == passes[0]
+
+
+def test_describe_writes_every_settable_field():
+    assert get_pass("layout").describe() == "layout{block=16}"
+    assert get_pass("quantize").describe() == "quantize{per_channel=true,symmetric=false}"
+    assert get_pass("dce").describe() == "dce" and get_pass("fuse-conv").describe() == "fuse-conv"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fold-constants,nope", "pass spec 'fold-constants,nope': no pass named 'nope'; known passes: cse, dce, "),
+    ("layout{blok=8}", "pass spec 'layout{blok=8}': pass 'layout' has no field 'blok'; it takes block (int)"),
+    ("dce{depth=2}", "pass spec 'dce{depth=2}': pass 'dce' has no field 'depth'; it takes no fields"),
+    ("layout{block=eight}", "pass spec 'layout{block=eight}': block='eight' is not a valid int for pass 'layout'; "
+                            "it takes block (int)"),
+    ("quantize{symmetric=yes}", "symmetric='yes' is not a valid bool for pass 'quantize'; it takes per_channel "
+                                "(bool), symmetric (bool)"),
+    ("layout{block}", "pass spec 'layout{block}': expected field=value in 'block' for pass 'layout'"),
+    ("layout{block=8", "pass spec 'layout{block=8': '{' without '}'"),
+    ("layout{block={8}}", "braces do not nest"),
+    ("quantize{ranges=1}", "pass 'quantize' has no field 'ranges'; it takes per_channel (bool), symmetric (bool)"),
+])
+def test_a_bad_spec_is_one_clear_error(spec, message):
+    with pytest.raises(PassError) as info:
+        parse_passes(spec)
+    text = str(info.value)
+    assert message in text and "\n" not in text
 
 
 # --------------------------------------------------------------------------- cleanup and folding

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.calibrate import Budget, Observer, QuantizeError, QuantizeOptions, QuantizeSession, compare
+from kiln.quantize import Budget, Observer, QuantizeError, QuantizeOptions, QuantizeSession, compare
 from kiln.cli import main
 from kiln.codegen.target import cpu_target
 from kiln.ir import DType, evaluate, load, to_onnx
@@ -480,13 +480,13 @@ def test_int8_dense_kernel_matches_its_semantics(m, k, n, bias, tmp_path):
 def test_a_residual_add_after_a_fused_activation_is_not_folded():
     """The write-back adds the residual before its activation; an add that follows the activation
     must stay outside, or the order of the two would change."""
-    from kiln.passes.layout import INT8_BLOCK, QRESIDUAL_RULES, _example_qconv
+    from kiln.passes.layout import INT8_BLOCK, QRESIDUAL_RULES, example_qconv
     from kiln.passes.rules import example_graph
 
     def build(op, x, z):  # an int8 conv ending in SiLU -> DQ -> Add(DQ(z)) -> Q
         xq = op.kiln.ToBlocked(op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120))),
                                block=INT8_BLOCK)
-        c = _example_qconv(op, xq, np.random.default_rng(0), y_zero_point=40)  # the zero point the DQ reads
+        c = example_qconv(op, xq, np.random.default_rng(0), y_zero_point=40)  # the zero point the DQ reads
         c.producer.set_attr("activation", "SiLU")
         s, zp = op.constant(np.float32(0.03)), op.constant(np.uint8(40))
         total = op.Add(op.DequantizeLinear(c, s, zp), op.DequantizeLinear(z, s, zp))

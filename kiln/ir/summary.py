@@ -89,7 +89,10 @@ class Summary:
     param_bytes: int
     fill_params: int  # weights held as ConstantOfShape fills (counted in params)
     macs: dict[str, Poly]
-    unsupported: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    #: ops kiln cannot evaluate: import refuses a model that has them
+    cannot_evaluate: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    #: ops kiln can evaluate but not compile yet (filled by the caller, which knows the code generator)
+    cannot_compile: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     @property
     def total_macs(self) -> Poly:
@@ -115,9 +118,8 @@ class Summary:
             "ops": dict(self.op_counts.most_common()),
             "parameters": {"count": self.params, "bytes": self.param_bytes, "constant_of_shape_fills": self.fill_params},
             "macs": {"total": self.total_macs.to_json(), **{k: v.to_json() for k, v in sorted(self.macs.items())}},
-            "unsupported": [
-                {"domain": d or "ai.onnx", "op": op, "nodes": nodes} for (d, op), nodes in sorted(self.unsupported.items())
-            ],
+            "cannot_evaluate": _op_list(self.cannot_evaluate),
+            "cannot_compile": _op_list(self.cannot_compile),
         }
 
     def format(self) -> str:
@@ -143,11 +145,17 @@ class Summary:
         lines.append(f"  MACs: {self.total_macs}")
         for op, p in sorted(self.macs.items()):
             lines.append(f"    {op}: {p}")
-        if self.unsupported:
-            lines.append("  unsupported ops:")
-            for (d, op), nodes in sorted(self.unsupported.items()):
-                lines.append(f"    {d or 'ai.onnx'}::{op}  ({len(nodes)} nodes: {', '.join(nodes[:5])})")
+        for title, ops in (("ops kiln cannot evaluate (import refuses the model)", self.cannot_evaluate),
+                           ("ops kiln cannot compile yet (kiln compile refuses the model)", self.cannot_compile)):
+            if ops:
+                lines.append(f"  {title}:")
+                for (d, op), nodes in sorted(ops.items()):
+                    lines.append(f"    {d or 'ai.onnx'}::{op}  ({len(nodes)} nodes: {', '.join(nodes[:5])})")
         return "\n".join(lines)
+
+
+def _op_list(ops: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
+    return [{"domain": d or "ai.onnx", "op": op, "nodes": nodes} for (d, op), nodes in sorted(ops.items())]
 
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -177,7 +185,7 @@ def _static_product(dims: Shape) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64))
 
 
-def summarize(graph: Graph, unsupported: dict[tuple[str, str], list[str]] | None = None) -> Summary:
+def summarize(graph: Graph, cannot_evaluate: dict[tuple[str, str], list[str]] | None = None) -> Summary:
     """Build the inspect report for ``graph`` (and its subgraphs)."""
     op_counts: Counter = Counter()
     macs: dict[str, Poly] = {}
@@ -206,5 +214,5 @@ def summarize(graph: Graph, unsupported: dict[tuple[str, str], list[str]] | None
         name=graph.name, producer=graph.producer, ir_version=graph.ir_version, opset=dict(graph.opset),
         inputs=list(graph.inputs), outputs=list(graph.outputs), op_counts=op_counts, num_nodes=nodes,
         num_subgraphs=subgraphs, params=params, param_bytes=param_bytes, fill_params=fills, macs=macs,
-        unsupported=dict(unsupported or {}),
+        cannot_evaluate=dict(cannot_evaluate or {}),
     )

@@ -31,8 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kiln.ir import DType, Node, Value
-from kiln.passes.pattern import Const, Optional, Var, copy_attrs
-from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional, copy_attrs
+from kiln.passes.rules import RewriteRule, example_graph, register_rule_set
 
 RNG_SEED = 0
 
@@ -45,11 +45,10 @@ def _f32(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _all_constant(**values: Value | None) -> MatchResult:
+def _check_constant(**values: Value | None) -> None:
     for label, v in values.items():
         if v is not None and not v.is_constant:
-            return MatchResult.fail(f"the {label.replace('_', ' ')} %{v.name} is not a constant")
-    return MatchResult.ok()
+            raise MatchFailure(f"the {label.replace('_', ' ')} %{v.name} is not a constant")
 
 
 def _bn_factors(bn: Node, scale: Value, bias: Value, mean: Value, var: Value) -> tuple[np.ndarray, np.ndarray]:
@@ -60,10 +59,9 @@ def _bn_factors(bn: Node, scale: Value, bias: Value, mean: Value, var: Value) ->
     return k, shift
 
 
-def _bn_inference(bn: Node) -> MatchResult:
+def _check_bn_inference(bn: Node) -> None:
     if bn.attr("training_mode", 0) or len([o for o in bn.outputs if o.name]) > 1:
-        return MatchResult.fail("BatchNormalization runs in training mode")
-    return MatchResult.ok()
+        raise MatchFailure("BatchNormalization runs in training mode")
 
 
 def _bn_stats_example(c: int) -> list[np.ndarray]:
@@ -75,13 +73,13 @@ def _bn_stats_example(c: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- BatchNormalization folds
 
 
-def _conv_bn_pattern(op, x, w, scale, bias, mean, var):
-    return op.BatchNormalization(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), scale, bias, mean, var,
-                                 _name="bn")
+def _conv_bn_pattern(op, x, scale, bias, mean, var, w=Const(), b=Const()):
+    return op.BatchNormalization(op.Conv(x, w, Optional(b), _name="conv"), scale, bias, mean, var, _name="bn")
 
 
-def _bn_check(ctx: MatchContext, scale: Value, bias: Value, mean: Value, var: Value, bn: Node) -> MatchResult:
-    return _all_constant(BN_scale=scale, BN_bias=bias, BN_mean=mean, BN_variance=var) and _bn_inference(bn)
+def _bn_check(ctx: MatchContext, scale: Value, bias: Value, mean: Value, var: Value, bn: Node) -> None:
+    _check_constant(BN_scale=scale, BN_bias=bias, BN_mean=mean, BN_variance=var)
+    _check_bn_inference(bn)
 
 
 def _conv_bn_rewrite(op, x, w, b, scale, bias, mean, var, conv, bn):
@@ -110,8 +108,8 @@ CONV_BN = RewriteRule(
 )
 
 
-def _convt_bn_pattern(op, x, w, scale, bias, mean, var):
-    core = op.ConvTranspose(x, Const("w"), Optional(Const("b")), _name="convt")
+def _convt_bn_pattern(op, x, scale, bias, mean, var, w=Const(), b=Const()):
+    core = op.ConvTranspose(x, w, Optional(b), _name="convt")
     return op.BatchNormalization(core, scale, bias, mean, var, _name="bn")
 
 
@@ -144,18 +142,14 @@ CONVT_BN = RewriteRule(
 )
 
 
-def _gemm_bn_pattern(op, a, b, scale, bias, mean, var):
-    return op.BatchNormalization(op.Gemm(a, Const("b"), Optional(Const("c")), _name="gemm"), scale, bias, mean, var,
-                                 _name="bn")
+def _gemm_bn_pattern(op, a, scale, bias, mean, var, b=Const(), c=Const()):
+    return op.BatchNormalization(op.Gemm(a, b, Optional(c), _name="gemm"), scale, bias, mean, var, _name="bn")
 
 
-def _gemm_bn_check(ctx, c, gemm, scale, bias, mean, var, bn) -> MatchResult:
-    verdict = _bn_check(ctx, scale, bias, mean, var, bn)
-    if not verdict:
-        return verdict
+def _gemm_bn_check(ctx, c, gemm, scale, bias, mean, var, bn) -> None:
+    _bn_check(ctx, scale, bias, mean, var, bn)
     if c is not None and c.rank not in (0, 1):
-        return MatchResult.fail("the Gemm bias is not a scalar or a row vector")
-    return MatchResult.ok()
+        raise MatchFailure("the Gemm bias is not a scalar or a row vector")
 
 
 def _gemm_bn_rewrite(op, a, b, c, scale, bias, mean, var, gemm, bn):
@@ -190,11 +184,10 @@ def _bn_affine_pattern(op, x, scale, bias, mean, var):
     return op.BatchNormalization(x, scale, bias, mean, var, _name="bn")
 
 
-def _bn_affine_check(ctx, x, scale, bias, mean, var, bn) -> MatchResult:
-    verdict = _bn_check(ctx, scale, bias, mean, var, bn)
-    if verdict and (x.rank is None or x.rank < 2):
-        return MatchResult.fail("the input's rank is unknown or below 2")
-    return verdict
+def _bn_affine_check(ctx, x, scale, bias, mean, var, bn) -> None:
+    _bn_check(ctx, scale, bias, mean, var, bn)
+    if x.rank is None or x.rank < 2:
+        raise MatchFailure("the input's rank is unknown or below 2")
 
 
 def _bn_affine_rewrite(op, x, scale, bias, mean, var, bn):
@@ -232,22 +225,25 @@ def per_channel(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | Non
     return np.broadcast_to(c.reshape(-1) if c.size else c, (channels,)).astype(np.float64)
 
 
-def _channel_check(w: Value, c: Value, y: Value) -> MatchResult:
+def _check_per_channel(c: Value, channels: int, y: Value) -> np.ndarray:
+    """``c`` as a per-channel vector for ``y`` (NCHW, ``channels`` channels); raises MatchFailure if it is not one."""
+    per = per_channel(c.numpy(), channels, y.rank) if y.rank is not None else None
+    if per is None:
+        raise MatchFailure(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
+    return per
+
+
+def _conv_add_pattern(op, x, w=Const(), b=Const(), c=Const()):
+    return op.Add(op.Conv(x, w, Optional(b), _name="conv"), c, _name="add")
+
+
+def _conv_add_check(ctx, w, c, conv) -> None:
+    y = conv.outputs[0]
     if w.shape is None or y.rank is None:
-        return MatchResult.fail("the conv's output rank is unknown")
+        raise MatchFailure("the conv's output rank is unknown")
     if c.dtype is not w.dtype:
-        return MatchResult.fail(f"the constant is {c.dtype}, the weight {w.dtype}")
-    if per_channel(c.numpy(), int(w.shape[0]), y.rank) is None:
-        return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
-    return MatchResult.ok()
-
-
-def _conv_add_pattern(op, x, w, c):
-    return op.Add(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), Const("c"), _name="add")
-
-
-def _conv_add_check(ctx, w, c, conv) -> MatchResult:
-    return _channel_check(w, c, conv.outputs[0])
+        raise MatchFailure(f"the constant is {c.dtype}, the weight {w.dtype}")
+    _check_per_channel(c, int(w.shape[0]), y)
 
 
 def _conv_add_rewrite(op, x, w, b, c, conv):
@@ -272,8 +268,8 @@ CONV_ADD_BIAS = RewriteRule(
 )
 
 
-def _conv_mul_pattern(op, x, w, c):
-    return op.Mul(op.Conv(x, Const("w"), Optional(Const("b")), _name="conv"), Const("c"))
+def _conv_mul_pattern(op, x, w=Const(), b=Const(), c=Const()):
+    return op.Mul(op.Conv(x, w, Optional(b), _name="conv"), c)
 
 
 def _conv_mul_rewrite(op, x, w, b, c, conv):
@@ -301,24 +297,27 @@ CONV_MUL_SCALE = RewriteRule(
 )
 
 
-def _pad_conv_pattern(op, x, pads, w):
-    return op.Conv(op.Pad(x, Const("pads"), Optional(Var("value")), _name="pad", _allow_extra_inputs=True), w,
-                   Optional(Var("b")), _name="conv")
+def _padded(op, x, pads, value):
+    """``Pad(x, pads, value?)``, the node that folds into the op reading it."""
+    return op.Pad(x, pads, Optional(value), _name="pad", _allow_extra_inputs=True)
 
 
-def _pad_problem(pads: Value, pad: Node, consumer: Node) -> str:
-    """Why a Pad cannot fold into ``consumer``'s own pads (empty if it can), value aside."""
+def _pad_conv_pattern(op, x, w, value, b, pads=Const()):
+    return op.Conv(_padded(op, x, pads, value), w, Optional(b), _name="conv")
+
+
+def _check_pad_folds(pads: Value, pad: Node, consumer: Node) -> None:
+    """A Pad folds into ``consumer``'s own pads, its fill value aside; else MatchFailure."""
     if pad.attr("mode", "constant") != "constant":
-        return f"Pad mode is {pad.attr('mode')!r}, not constant"
+        raise MatchFailure(f"Pad mode is {pad.attr('mode')!r}, not constant")
     if len(pad.inputs) > 3 and pad.input(3) is not None:
-        return "Pad has an axes input"
+        raise MatchFailure("Pad has an axes input")
     if consumer.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return f"the {consumer.op_type} uses auto_pad"
+        raise MatchFailure(f"the {consumer.op_type} uses auto_pad")
     p = pads.numpy()
     rank = p.size // 2
     if np.any(p < 0) or np.any(p[:2] != 0) or np.any(p[rank:rank + 2] != 0):
-        return f"Pad pads the batch or channel dims, or crops: {p.tolist()}"
-    return ""
+        raise MatchFailure(f"Pad pads the batch or channel dims, or crops: {p.tolist()}")
 
 
 def _merged_pads(pads: Value, consumer: Node) -> list[int]:
@@ -330,11 +329,10 @@ def _merged_pads(pads: Value, consumer: Node) -> list[int]:
     return [int(old[i] + p[2 + i]) for i in range(n)] + [int(old[n + i] + p[rank + 2 + i]) for i in range(n)]
 
 
-def _pad_conv_check(ctx, pads, value, pad, conv) -> MatchResult:
+def _pad_conv_check(ctx, pads, value, pad, conv) -> None:
     if value is not None and (not value.is_constant or np.any(value.numpy() != 0)):
-        return MatchResult.fail("Pad fills with a value other than zero")
-    problem = _pad_problem(pads, pad, conv)
-    return MatchResult.fail(problem) if problem else MatchResult.ok()
+        raise MatchFailure("Pad fills with a value other than zero")
+    _check_pad_folds(pads, pad, conv)
 
 
 def _pad_conv_rewrite(op, x, pads, w, b, conv):
@@ -361,26 +359,24 @@ PAD_CONV = RewriteRule(
 def _pad_pool_rule(pool: str) -> RewriteRule:
     """Pad folded into AveragePool (zero padding, counted) or MaxPool (padding with -inf)."""
 
-    def pattern(op, x, pads):
-        padded = op.Pad(x, Const("pads"), Optional(Var("value")), _name="pad", _allow_extra_inputs=True)
-        return getattr(op, pool)(padded, _name="pool")
+    def pattern(op, x, value, pads=Const()):
+        return getattr(op, pool)(_padded(op, x, pads, value), _name="pool")
 
-    def check(ctx, pads, value, pad, pool) -> MatchResult:
+    def check(ctx, pads, value, pad, pool) -> None:
         fill = 0.0 if value is None else _scalar_or_none(value)
         if fill is None:
-            return MatchResult.fail("the Pad value is not a scalar constant")
+            raise MatchFailure("the Pad value is not a scalar constant")
         if pool.op_type == "MaxPool":
             if fill != -np.inf:
-                return MatchResult.fail(f"MaxPool pads with -inf; this Pad fills {fill}")
+                raise MatchFailure(f"MaxPool pads with -inf; this Pad fills {fill}")
             if len([o for o in pool.outputs if o.name]) > 1:
-                return MatchResult.fail("MaxPool also returns indices")
+                raise MatchFailure("MaxPool also returns indices")
         else:
             if fill != 0:
-                return MatchResult.fail(f"the Pad fills {fill}, not 0")
+                raise MatchFailure(f"the Pad fills {fill}, not 0")
             if any(pool.attr("pads", ()) or ()) and not pool.attr("count_include_pad", 0):
-                return MatchResult.fail("AveragePool has pads of its own that it does not count")
-        problem = _pad_problem(pads, pad, pool)
-        return MatchResult.fail(problem) if problem else MatchResult.ok()
+                raise MatchFailure("AveragePool has pads of its own that it does not count")
+        _check_pad_folds(pads, pad, pool)
 
     def rewrite(op, x, pads, pool):
         extra = {"count_include_pad": 1} if pool.op_type == "AveragePool" else {}
@@ -410,21 +406,20 @@ PAD_AVGPOOL = _pad_pool_rule("AveragePool")
 PAD_MAXPOOL = _pad_pool_rule("MaxPool")
 
 
-def _matmul_add_pattern(op, a, b, c):
-    return op.Add(op.MatMul(a, Const("b"), _name="mm"), Const("c"))
+def _matmul_add_pattern(op, a, b=Const(), c=Const()):
+    return op.Add(op.MatMul(a, b, _name="mm"), c)
 
 
-def _matmul_add_check(ctx, a, b, c) -> MatchResult:
+def _matmul_add_check(ctx, a, b, c) -> None:
     if a.rank != 2 or b.rank != 2:
-        return MatchResult.fail(f"Gemm needs 2-D operands; A is {a.type_str()}, B is {b.type_str()}")
+        raise MatchFailure(f"Gemm needs 2-D operands; A is {a.type_str()}, B is {b.type_str()}")
     if c.rank is None or c.rank > 2:
-        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to a 2-D Gemm output")
+        raise MatchFailure(f"the bias {c.type_str()} does not broadcast to a 2-D Gemm output")
     if c.rank == 2 and c.shape[0] != 1 and c.shape[0] != a.shape[0]:
-        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to the output rows")
+        raise MatchFailure(f"the bias {c.type_str()} does not broadcast to the output rows")
     n = b.shape[1]
     if c.rank >= 1 and c.shape[-1] not in (1, n):
-        return MatchResult.fail(f"the bias {c.type_str()} does not broadcast to {n} columns")
-    return MatchResult.ok()
+        raise MatchFailure(f"the bias {c.type_str()} does not broadcast to {n} columns")
 
 
 def _matmul_add_rewrite(op, a, b, c):
@@ -453,13 +448,16 @@ def _same_shape(a: Value, b: Value) -> bool:
     return a.shape is not None and b.shape is not None and tuple(a.shape) == tuple(b.shape) and a.dtype is b.dtype
 
 
-def _residual_check(ctx, z, conv, add) -> MatchResult:
+def _check_no_auto_pad(conv: Node) -> None:
     if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return MatchResult.fail("the Conv uses auto_pad")
+        raise MatchFailure("the Conv uses auto_pad")
+
+
+def _residual_check(ctx, z, conv, add) -> None:
+    _check_no_auto_pad(conv)
     y = conv.outputs[0]
     if not _same_shape(y, z) or not _same_shape(y, add.outputs[0]):
-        return MatchResult.fail(f"the residual {z.type_str()} does not have the conv output's type {y.type_str()}")
-    return MatchResult.ok()
+        raise MatchFailure(f"the residual {z.type_str()} does not have the conv output's type {y.type_str()}")
 
 
 def _residual_rewrite(op, x, w, b, z, conv):
@@ -469,8 +467,8 @@ def _residual_rewrite(op, x, w, b, z, conv):
 def _residual_rule(root: str) -> RewriteRule:
     """``root(Conv(...), z)`` for root Add, or a two-input Sum (as ResNet exports from Caffe2 use)."""
 
-    def pattern(op, x, w, z):
-        return getattr(op, root)(op.Conv(x, w, Optional(Var("b")), _name="conv"), z, _name="add")
+    def pattern(op, x, w, b, z):
+        return getattr(op, root)(op.Conv(x, w, Optional(b), _name="conv"), z, _name="add")
 
     def example():
         rng = _rng()
@@ -492,19 +490,22 @@ CONV_RESIDUAL = _residual_rule("Add")
 CONV_RESIDUAL_SUM = _residual_rule("Sum")
 
 
-# activation name -> (pattern over the core's output y, extractor of params from the bound nodes)
-def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[float, ...] | str]]]:
+# activation name -> (pattern over the core's output y, extractor of params from the bound nodes, which raises
+# MatchFailure when the activation cannot be an epilogue). The activation's own parameters are read from its node
+# (attributes, or Clip's constant bound inputs), so the pieces bind no variables.
+def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[float, ...]]]]:
     def simple(name: str):
         return lambda op, y: getattr(op, name)(y, _name="act"), lambda act, **_: ()
 
-    def clip_params(act, lo=None, hi=None, **_):
+    def clip_params(act, **_) -> tuple[float, ...]:
+        lo, hi = act.input(1), act.input(2)
         if lo is not None and hi is not None:
             if not (lo.is_constant and hi.is_constant and lo.numpy().size == 1 and hi.numpy().size == 1):
-                return "Clip bounds are not scalar constants"
+                raise MatchFailure("Clip bounds are not scalar constants")
             return (float(lo.numpy()), float(hi.numpy()))
         mn, mx = act.attr("min"), act.attr("max")
         if mn is None or mx is None:
-            return "Clip needs both bounds to become an epilogue"
+            raise MatchFailure("Clip needs both bounds to become an epilogue")
         return (float(mn), float(mx))
 
     return {
@@ -515,7 +516,7 @@ def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[floa
         "LeakyRelu": (lambda op, y: op.LeakyRelu(y, _name="act"), lambda act, **_: (float(act.attr("alpha", 0.01)),)),
         "HardSigmoid": (lambda op, y: op.HardSigmoid(y, _name="act"),
                         lambda act, **_: (float(act.attr("alpha", 0.2)), float(act.attr("beta", 0.5)))),
-        "Clip": (lambda op, y: op.Clip(y, Optional(Var("lo")), Optional(Var("hi")), _name="act"), clip_params),
+        "Clip": (lambda op, y: op.Clip(y, _name="act", _allow_extra_inputs=True), clip_params),
         "SiLU": (lambda op, y: op.Mul(y, op.Sigmoid(y), _name="act"), lambda act, **_: ()),
         # HardSwish written as y * HardSigmoid(y) with alpha 1/6, beta 1/2 (what hardswish-clip makes before opset 14)
         "HardSwish-HardSigmoid": (lambda op, y: op.Mul(y, op.HardSigmoid(y, _name="hsig"), _name="act"),
@@ -525,10 +526,10 @@ def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[floa
     }
 
 
-def _hardswish_sigmoid_params(hsig: Node | None) -> tuple[float, ...] | str:
+def _hardswish_sigmoid_params(hsig: Node | None) -> tuple[float, ...]:
     alpha, beta = (hsig.attr("alpha", 0.2), hsig.attr("beta", 0.5)) if hsig is not None else (None, None)
     if alpha is None or not np.isclose(alpha, 1 / 6, rtol=1e-5) or not np.isclose(beta, 0.5):
-        return f"HardSigmoid has alpha={alpha}, beta={beta}; a HardSwish needs 1/6 and 0.5"
+        raise MatchFailure(f"HardSigmoid has alpha={alpha}, beta={beta}; a HardSwish needs 1/6 and 0.5")
     return ()
 
 
@@ -540,27 +541,17 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
     make_act, params_of = ACTIVATION_PATTERNS[form]
     act_name = form.split("-")[0]
 
-    if core == "conv":
-        def core_pattern(op, x, w):
-            return op.Conv(x, w, Optional(Var("b")), _name="core")
-    elif core == "fused-conv":
-        def core_pattern(op, x, w):
-            return op.kiln.FusedConv(x, w, Optional(Var("b")), Optional(Var("z")), activation=lambda a: not a,
-                                     _name="core")
+    if core == "fused-conv":
+        def pattern(op, x, w, b, z):
+            return make_act(op, op.kiln.FusedConv(x, w, Optional(b), Optional(z), activation=lambda a: not a,
+                                                  _name="core"))
     else:
-        def core_pattern(op, x, w):
-            return op.Gemm(x, w, Optional(Var("b")), _name="core")
+        def pattern(op, x, w, b):
+            return make_act(op, getattr(op, "Conv" if core == "conv" else "Gemm")(x, w, Optional(b), _name="core"))
 
-    def pattern(op, x, w):
-        return make_act(op, core_pattern(op, x, w))
-
-    def check(ctx, act, core, **bound) -> MatchResult:
-        if core.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            return MatchResult.fail("the Conv uses auto_pad")
-        params = params_of(act, **bound)
-        if isinstance(params, str):
-            return MatchResult.fail(params)
-        return MatchResult.ok()
+    def check(ctx, act, core, **bound) -> None:
+        _check_no_auto_pad(core)
+        params_of(act, **bound)
 
     def rewrite(op, x, w, act, core, **bound):
         params = params_of(act, **bound)
@@ -585,7 +576,7 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
                     y = op.Conv(x, w, b, pads=[1, 1, 1, 1])
                 else:
                     y = op.kiln.FusedConv(x, w, b, rest[0], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-            return _example_activation(op, y, form)
+            return example_activation(op, y, form)
 
         if core == "gemm":
             inputs = {"x": (DType.FLOAT32, (3, 5))}
@@ -601,36 +592,36 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
     )
 
 
-def _example_activation(op, y: Value, name: str) -> Value:
-    if name == "Clip":
+def example_activation(op, y: Value, form: str) -> Value:
+    """For rule examples: the activation ``form`` (a key of ACTIVATION_PATTERNS) applied to ``y``."""
+    if form == "Clip":
         return op.Clip(y, op.constant(np.float32(0.0)), op.constant(np.float32(6.0)))
-    if name == "LeakyRelu":
+    if form == "LeakyRelu":
         return op.LeakyRelu(y, alpha=0.1)
-    if name == "HardSigmoid":
+    if form == "HardSigmoid":
         return op.HardSigmoid(y, alpha=0.2, beta=0.5)
-    if name == "SiLU":
+    if form == "SiLU":
         return op.Mul(op.Sigmoid(y), y)
-    if name == "HardSwish-HardSigmoid":
+    if form == "HardSwish-HardSigmoid":
         return op.Mul(op.HardSigmoid(y, alpha=1 / 6, beta=0.5), y)
-    return getattr(op, name)(y)
+    return getattr(op, form)(y)
 
 
-def _hardswish_clip_pattern(op, x):
-    clipped = op.Clip(op.Add(x, Const("three")), Const("lo"), Const("hi"))
-    return op.Mul(op.Mul(x, clipped), Const("sixth"))
+def _hardswish_clip_pattern(op, x, three=Const(), lo=Const(), hi=Const(), sixth=Const()):
+    clipped = op.Clip(op.Add(x, three), lo, hi)
+    return op.Mul(op.Mul(x, clipped), sixth)
 
 
-def _hardswish_clip_check(ctx, x, three, lo, hi, sixth) -> MatchResult:
+def _hardswish_clip_check(ctx, x, three, lo, hi, sixth) -> None:
     want = {"three": (three, 3.0), "lo": (lo, 0.0), "hi": (hi, 6.0)}
     for label, (v, target) in want.items():
         got = _scalar_or_none(v)
         if got is None or not np.isclose(got, target, rtol=1e-5, atol=1e-7):
-            return MatchResult.fail(f"the constant '{label}' is {got}, not {target:.6g}")
+            raise MatchFailure(f"the constant '{label}' is {got}, not {target:.6g}")
     if _scalar_or_none(sixth) is None:
-        return MatchResult.fail(f"the final factor %{sixth.name} is not a scalar constant")
+        raise MatchFailure(f"the final factor %{sixth.name} is not a scalar constant")
     if x.dtype is None or not x.dtype.is_float:
-        return MatchResult.fail(f"%{x.name} is not a float tensor")
-    return MatchResult.ok()
+        raise MatchFailure(f"%{x.name} is not a float tensor")
 
 
 def _hardswish_clip_rewrite(op, x, sixth):
@@ -670,25 +661,24 @@ EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "
 # --------------------------------------------------------------------------- ConvTranspose as Conv + DepthToSpace
 
 
-def _convt_d2s_pattern(op, x, w):
-    return op.ConvTranspose(x, Const("w"), Optional(Const("b")), _name="convt")
+def _convt_d2s_pattern(op, x, w=Const(), b=Const()):
+    return op.ConvTranspose(x, w, Optional(b), _name="convt")
 
 
-def _convt_d2s_check(ctx, x: Value, w: Value, convt: Node) -> MatchResult:
+def _convt_d2s_check(ctx, x: Value, w: Value, convt: Node) -> None:
     if w.shape is None or len(w.shape) != 4 or x.rank != 4:
-        return MatchResult.fail("only 2-D ConvTranspose becomes a Conv")
+        raise MatchFailure("only 2-D ConvTranspose becomes a Conv")
     k = list(convt.attr("kernel_shape", ()) or w.shape[2:])
     strides = list(convt.attr("strides", ()) or [1, 1])
     if k[0] != k[1] or strides != k or k[0] < 2:
-        return MatchResult.fail(f"kernel {k} and strides {strides} are not one equal square (non-overlapping windows)")
+        raise MatchFailure(f"kernel {k} and strides {strides} are not one equal square (non-overlapping windows)")
     if convt.attr("group", 1) != 1:
-        return MatchResult.fail("the ConvTranspose is grouped")
+        raise MatchFailure("the ConvTranspose is grouped")
     if any(convt.attr("pads", ()) or ()) or any(convt.attr("output_padding", ()) or ()) \
             or convt.attr("output_shape") is not None or convt.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return MatchResult.fail("the ConvTranspose pads, crops or sets its output shape")
+        raise MatchFailure("the ConvTranspose pads, crops or sets its output shape")
     if any(d != 1 for d in convt.attr("dilations", ()) or ()):
-        return MatchResult.fail("the ConvTranspose is dilated")
-    return MatchResult.ok()
+        raise MatchFailure("the ConvTranspose is dilated")
 
 
 def _convt_d2s_rewrite(op, x, w, convt, b=None):
@@ -722,18 +712,16 @@ CONVT_DEPTH_TO_SPACE = RewriteRule(
 def _d2s_channel_rule(op_type: str) -> RewriteRule:
     """Per-channel Add/Mul after DepthToSpace moves before it (tiled to the s*s channel groups)."""
 
-    def pattern(op, x, c):
-        return getattr(op, op_type)(op.DepthToSpace(x, _name="d2s"), Const("c"))
+    def pattern(op, x, c=Const()):
+        return getattr(op, op_type)(op.DepthToSpace(x, _name="d2s"), c)
 
-    def check(ctx, x: Value, c: Value, d2s: Node) -> MatchResult:
+    def check(ctx, x: Value, c: Value, d2s: Node) -> None:
         if d2s.attr("mode", "DCR") != "DCR":
-            return MatchResult.fail("DepthToSpace in CRD mode")
+            raise MatchFailure("DepthToSpace in CRD mode")
         y = d2s.outputs[0]
         if y.shape is None or not isinstance(y.shape[1], int) or c.dtype is not x.dtype:
-            return MatchResult.fail("the channel count or dtype is unknown or differs")
-        if per_channel(c.numpy(), y.shape[1], 4) is None:
-            return MatchResult.fail(f"the constant's shape {list(c.shape or ())} is not per-channel for {y.type_str()}")
-        return MatchResult.ok()
+            raise MatchFailure("the channel count or dtype is unknown or differs")
+        _check_per_channel(c, y.shape[1], y)
 
     def rewrite(op, x, c, d2s):
         s = d2s.attr("blocksize")
@@ -780,3 +768,6 @@ FOLD_RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCA
               HARDSWISH_CLIP, HARDSWISH_CLIP_14, MATMUL_ADD_GEMM]
 
 RULES = [*FOLD_RULES, CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES, *D2S_RULES]
+
+register_rule_set("fuse-conv", RULES)
+register_rule_set("fold-into-conv", FOLD_RULES)

@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
-from kiln.ir import DType, Node, Value
-from kiln.passes.pattern import Const, Optional, Var
-from kiln.passes.rules import MatchContext, MatchResult, RewriteRule, example_graph
+from kiln.ir import DType, Node, Value, const_ints, normalize_axes, normalize_axis
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional
+from kiln.passes.rules import RewriteRule, example_graph, register_rule_set
 
 
 def _scalar(v: Value | None) -> float | None:
@@ -29,69 +29,73 @@ def _scalar(v: Value | None) -> float | None:
     return float(v.numpy().reshape(()))
 
 
-def _is(v: Value, want: float, label: str, rtol: float = 1e-5) -> str:
+def _check_is(v: Value, want: float, label: str, rtol: float = 1e-5) -> None:
+    """``v`` is a scalar constant close to ``want``; else MatchFailure naming it by ``label``."""
     got = _scalar(v)
     if got is None:
-        return f"the {label} %{v.name} is not a scalar constant"
+        raise MatchFailure(f"the {label} %{v.name} is not a scalar constant")
     if not math.isclose(got, want, rel_tol=rtol, abs_tol=1e-7):
-        return f"the {label} is {got:.7g}, not {want:.7g}"
-    return ""
+        raise MatchFailure(f"the {label} is {got:.7g}, not {want:.7g}")
 
 
-def _first_problem(*problems: str) -> MatchResult:
-    for p in problems:
-        if p:
-            return MatchResult.fail(p)
-    return MatchResult.ok()
+def _check_scalar(v: Value, what: str) -> float:
+    """``v``'s value when it is a scalar constant; else MatchFailure saying ``what`` is not one."""
+    got = _scalar(v)
+    if got is None:
+        raise MatchFailure(f"{what} is not a scalar constant")
+    return got
 
 
 # --------------------------------------------------------------------------- LayerNorm
 
 
-def _ln_pattern_for(square: str):
-    """The decomposed LayerNorm, with the deviation squared by ``Pow(d, 2)`` or by ``Mul(d, d)``."""
+def _layernorm(op, x, square, gamma, beta, eps, axes1, axes2):
+    """The decomposed LayerNorm, with the deviation squared by ``square(d)``."""
+    mean = op.ReduceMean(x, Optional(axes1), _name="mean1")
+    d = op.Sub(x, mean)
+    var = op.ReduceMean(square(d), Optional(axes2), _name="mean2")
+    std = op.Sqrt(op.Add(var, eps))
+    return op.Add(op.Mul(op.Div(d, std), gamma), beta)
 
-    def pattern(op, x, gamma, beta):
-        mean = op.ReduceMean(x, Optional(Const("axes1")), _name="mean1")
-        d = op.Sub(x, mean)
-        sq = op.Pow(d, Const("two")) if square == "pow" else op.Mul(d, d)
-        var = op.ReduceMean(sq, Optional(Const("axes2")), _name="mean2")
-        std = op.Sqrt(op.Add(var, Const("eps")))
-        return op.Add(op.Mul(op.Div(d, std), Const("gamma")), Const("beta"))
 
-    return pattern
+def _ln_pow_pattern(op, x, gamma=Const(), beta=Const(), eps=Const(), axes1=Const(), axes2=Const(), two=Const()):
+    return _layernorm(op, x, lambda d: op.Pow(d, two), gamma, beta, eps, axes1, axes2)
+
+
+def _ln_square_pattern(op, x, gamma=Const(), beta=Const(), eps=Const(), axes1=Const(), axes2=Const()):
+    return _layernorm(op, x, lambda d: op.Mul(d, d), gamma, beta, eps, axes1, axes2)
 
 
 def _reduced_axes(node: Node, axes_input: Value | None, rank: int) -> list[int] | None:
-    axes = axes_input.numpy().tolist() if axes_input is not None else node.attr("axes")
-    if axes is None:
-        return None
-    return sorted(a + rank if a < 0 else a for a in axes)
+    axes = const_ints(axes_input) if axes_input is not None else node.attr("axes")
+    return None if axes is None else normalize_axes(axes, rank)
 
 
-def _ln_check(ctx: MatchContext, x, eps, gamma, beta, axes1, axes2, mean1, mean2, two=None) -> MatchResult:
+def _ln_check(ctx: MatchContext, x, eps, gamma, beta, axes1, axes2, mean1, mean2, two=None) -> None:
     if x.shape is None:
-        return MatchResult.fail("the input's rank is unknown")
+        raise MatchFailure("the input's rank is unknown")
     rank = len(x.shape)
     a1, a2 = _reduced_axes(mean1, axes1, rank), _reduced_axes(mean2, axes2, rank)
     if a1 is None or a1 != a2:
-        return MatchResult.fail(f"the two ReduceMeans reduce different axes ({a1} vs {a2})")
+        raise MatchFailure(f"the two ReduceMeans reduce different axes ({a1} vs {a2})")
     if a1 != list(range(a1[0], rank)):
-        return MatchResult.fail(f"the reduced axes {a1} are not the trailing axes")
+        raise MatchFailure(f"the reduced axes {a1} are not the trailing axes")
     if mean1.attr("keepdims", 1) != 1 or mean2.attr("keepdims", 1) != 1:
-        return MatchResult.fail("a ReduceMean drops the reduced axes (keepdims=0)")
+        raise MatchFailure("a ReduceMean drops the reduced axes (keepdims=0)")
     norm = x.shape[a1[0]:]
     if not all(isinstance(d, int) for d in norm):
-        return MatchResult.fail(f"the normalised dims {list(norm)} are not static")
+        raise MatchFailure(f"the normalised dims {list(norm)} are not static")
     for label, v in (("scale", gamma), ("bias", beta)):
         try:
             np.broadcast_to(v.numpy(), tuple(norm))  # type: ignore[arg-type]
         except ValueError:
-            return MatchResult.fail(f"the {label} {v.type_str()} does not broadcast to the normalised dims {list(norm)}")
+            raise MatchFailure(f"the {label} {v.type_str()} does not broadcast to the normalised dims "
+                               f"{list(norm)}") from None
         if v.numpy().ndim > len(norm):
-            return MatchResult.fail(f"the {label} {v.type_str()} has more dims than the normalised ones")
-    return _first_problem(_is(two, 2.0, "exponent") if two is not None else "",
-                          "" if _scalar(eps) is not None else "epsilon is not a scalar constant")
+            raise MatchFailure(f"the {label} {v.type_str()} has more dims than the normalised ones")
+    if two is not None:
+        _check_is(two, 2.0, "exponent")
+    _check_scalar(eps, "epsilon")
 
 
 def _ln_rewrite(op, x, eps, gamma, beta, axes1, mean1):
@@ -126,11 +130,11 @@ def _ln_example(opset: int, square: str = "pow"):
 
 
 LAYERNORM = RewriteRule(
-    "layernorm", _ln_pattern_for("pow"), _ln_rewrite, check=_ln_check, example=_ln_example(12),
+    "layernorm", _ln_pow_pattern, _ln_rewrite, check=_ln_check, example=_ln_example(12),
     description="Decomposed layer normalisation becomes LayerNormalization (opset 17+) or kiln::LayerNorm.",
 )
 LAYERNORM_SQUARE = RewriteRule(
-    "layernorm-square", _ln_pattern_for("mul"), _ln_rewrite, check=_ln_check, example=_ln_example(18, "mul"),
+    "layernorm-square", _ln_square_pattern, _ln_rewrite, check=_ln_check, example=_ln_example(18, "mul"),
     description="The same, with the deviation squared as d * d (and ReduceMean axes as an input, opset 18+).",
 )
 
@@ -145,22 +149,32 @@ def _gelu_rewrite(op, x, tanh_form: bool = False):
     return op.kiln.Gelu(x, approximate=approximate)
 
 
+def _gelu_erf(op, x, arg, one, half, half_first: bool):
+    """x·½·(1 + erf(arg)), with the ½ applied last or first."""
+    phi2 = op.Add(op.Erf(arg), one)  # 1 + erf(x / sqrt 2)
+    if half_first:
+        return op.Mul(op.Mul(x, half), phi2)
+    return op.Mul(op.Mul(x, phi2), half)
+
+
 def _gelu_erf_pattern_for(half_first: bool, scaled: bool):
     """x·½·(1 + erf(x/√2)), with the ½ applied last or first, and x/√2 written as x·(1/√2) or not."""
-
-    def pattern(op, x):
-        arg = op.Mul(x, Const("inv_root2")) if scaled else op.Div(x, Const("root2"))
-        phi2 = op.Add(op.Erf(arg), Const("one"))  # 1 + erf(x / sqrt 2)
-        if half_first:
-            return op.Mul(op.Mul(x, Const("half")), phi2)
-        return op.Mul(op.Mul(x, phi2), Const("half"))
-
+    if scaled:
+        def pattern(op, x, inv_root2=Const(), one=Const(), half=Const()):
+            return _gelu_erf(op, x, op.Mul(x, inv_root2), one, half, half_first)
+    else:
+        def pattern(op, x, root2=Const(), one=Const(), half=Const()):
+            return _gelu_erf(op, x, op.Div(x, root2), one, half, half_first)
     return pattern
 
 
-def _gelu_erf_check(ctx, one, half, root2=None, inv_root2=None) -> MatchResult:
-    scale = _is(root2, math.sqrt(2), "divisor") if root2 is not None else _is(inv_root2, 1 / math.sqrt(2), "factor 1/sqrt 2")
-    return _first_problem(scale, _is(one, 1.0, "added constant"), _is(half, 0.5, "factor"))
+def _gelu_erf_check(ctx, one, half, root2=None, inv_root2=None) -> None:
+    if root2 is not None:
+        _check_is(root2, math.sqrt(2), "divisor")
+    else:
+        _check_is(inv_root2, 1 / math.sqrt(2), "factor 1/sqrt 2")
+    _check_is(one, 1.0, "added constant")
+    _check_is(half, 0.5, "factor")
 
 
 def _gelu_example(form: str, opset: int = 17, scaled: bool = False):
@@ -193,16 +207,18 @@ GELU_ERF_RULES = [
 ]
 
 
-def _gelu_tanh_pattern(op, x):
-    cube = op.Pow(x, Const("three"))
-    inner = op.Mul(Const("k"), op.Add(x, op.Mul(Const("c"), cube)))
-    return op.Mul(op.Mul(Const("half"), x), op.Add(Const("one"), op.Tanh(inner)))
+def _gelu_tanh_pattern(op, x, three=Const(), k=Const(), c=Const(), half=Const(), one=Const()):
+    cube = op.Pow(x, three)
+    inner = op.Mul(k, op.Add(x, op.Mul(c, cube)))
+    return op.Mul(op.Mul(half, x), op.Add(one, op.Tanh(inner)))
 
 
-def _gelu_tanh_check(ctx, three, k, c, half, one) -> MatchResult:
-    return _first_problem(_is(three, 3.0, "exponent"), _is(k, math.sqrt(2 / math.pi), "factor sqrt(2/pi)", 1e-4),
-                          _is(c, 0.044715, "cubic coefficient", 1e-4), _is(half, 0.5, "factor"),
-                          _is(one, 1.0, "added constant"))
+def _gelu_tanh_check(ctx, three, k, c, half, one) -> None:
+    _check_is(three, 3.0, "exponent")
+    _check_is(k, math.sqrt(2 / math.pi), "factor sqrt(2/pi)", 1e-4)
+    _check_is(c, 0.044715, "cubic coefficient", 1e-4)
+    _check_is(half, 0.5, "factor")
+    _check_is(one, 1.0, "added constant")
 
 
 GELU_TANH = RewriteRule(
@@ -214,38 +230,42 @@ GELU_TANH = RewriteRule(
 # --------------------------------------------------------------------------- attention
 
 
-def _softmax_is_last_axis(sm: Node) -> str:
+def _check_softmax_last_axis(sm: Node) -> None:
     x = sm.input(0)
     rank = x.rank if x is not None else None
     opset = sm.graph.model_opset.get("", 13) if sm.graph else 13
     axis = sm.attr("axis", -1 if opset >= 13 else 1)
     if rank is None:
-        return "the scores' rank is unknown"
-    if axis not in (-1, rank - 1):
-        return f"Softmax normalises axis {axis}, not the last axis of rank {rank}"
-    return ""
+        raise MatchFailure("the scores' rank is unknown")
+    if normalize_axis(axis, rank) != rank - 1:
+        raise MatchFailure(f"Softmax normalises axis {axis}, not the last axis of rank {rank}")
+
+
+def _attention(op, scores, v, mask):
+    """Softmax(scores [+ mask]) @ v: the tail every attention pattern shares."""
+    return op.MatMul(op.Softmax(scores if mask is None else op.Add(scores, mask), _name="softmax"), v)
 
 
 def _attention_rule(name: str, variant: str) -> RewriteRule:
-    def scores(op, q, kt):
+    def scores(op, q, kt, s):
         if variant == "scaled-q":
-            return op.MatMul(op.Mul(q, Const("s")), kt)
+            return op.MatMul(op.Mul(q, s), kt)
         if variant == "scaled-scores-div":
-            return op.Div(op.MatMul(q, kt), Const("s"))
-        return op.Mul(op.MatMul(q, kt), Const("s"))
+            return op.Div(op.MatMul(q, kt), s)
+        return op.Mul(op.MatMul(q, kt), s)
 
-    def pattern(op, q, kt, v):
-        s = scores(op, q, kt)
-        if variant.endswith("masked"):
-            s = op.Add(s, Var("mask"))
-        return op.MatMul(op.Softmax(s, _name="softmax"), v)
+    if variant.endswith("masked"):
+        def pattern(op, q, kt, v, mask, s=Const()):
+            return _attention(op, scores(op, q, kt, s), v, mask)
+    else:
+        def pattern(op, q, kt, v, s=Const()):
+            return _attention(op, scores(op, q, kt, s), v, None)
 
-    def check(ctx, s, softmax, q, kt, v, mask=None) -> MatchResult:
-        if _scalar(s) is None:
-            return MatchResult.fail(f"the scale %{s.name} is not a scalar constant")
-        if variant == "scaled-scores-div" and _scalar(s) == 0:
-            return MatchResult.fail("the scores are divided by zero")
-        return _first_problem(_softmax_is_last_axis(softmax))
+    def check(ctx, s, softmax, q, kt, v, mask=None) -> None:
+        scale = _check_scalar(s, f"the scale %{s.name}")
+        if variant == "scaled-scores-div" and scale == 0:
+            raise MatchFailure("the scores are divided by zero")
+        _check_softmax_last_axis(softmax)
 
     def rewrite(op, q, kt, v, s, mask=None):
         scale = _scalar(s)
@@ -282,18 +302,23 @@ def _attention_rule(name: str, variant: str) -> RewriteRule:
 def _sdpa_rule(masked: bool) -> RewriteRule:
     """PyTorch's exported SDPA: (Q·c)@(Kt·c) [+ mask], Softmax, NaN rows zeroed, @V."""
 
-    def pattern(op, q, kt, v):
-        scores = op.MatMul(op.Mul(q, Const("cq")), op.Mul(kt, Const("ck")))
-        if masked:
-            scores = op.Add(scores, Var("mask"))
-        p = op.Softmax(scores, _name="softmax")
-        return op.MatMul(op.Where(op.IsNaN(p), Const("zero"), p), v)
+    def sdpa(op, q, kt, v, mask, cq, ck, zero):
+        scores = op.MatMul(op.Mul(q, cq), op.Mul(kt, ck))
+        p = op.Softmax(scores if mask is None else op.Add(scores, mask), _name="softmax")
+        return op.MatMul(op.Where(op.IsNaN(p), zero, p), v)
 
-    def check(ctx, cq, ck, zero, softmax) -> MatchResult:
+    if masked:
+        def pattern(op, q, kt, v, mask, cq=Const(), ck=Const(), zero=Const()):
+            return sdpa(op, q, kt, v, mask, cq, ck, zero)
+    else:
+        def pattern(op, q, kt, v, cq=Const(), ck=Const(), zero=Const()):
+            return sdpa(op, q, kt, v, None, cq, ck, zero)
+
+    def check(ctx, cq, ck, zero, softmax) -> None:
         for label, c in (("scale on Q", cq), ("scale on K", ck)):
-            if _scalar(c) is None:
-                return MatchResult.fail(f"the {label} %{c.name} is not a scalar constant")
-        return _first_problem(_is(zero, 0.0, "NaN replacement"), _softmax_is_last_axis(softmax))
+            _check_scalar(c, f"the {label} %{c.name}")
+        _check_is(zero, 0.0, "NaN replacement")
+        _check_softmax_last_axis(softmax)
 
     def rewrite(op, q, kt, v, cq, ck, mask=None):
         return op.kiln.Attention(q, kt, v, mask, scale=_scalar(cq) * _scalar(ck), nan_to_zero=1)
@@ -326,3 +351,5 @@ ATTENTION_RULES = [
 ]
 
 RULES = [LAYERNORM, LAYERNORM_SQUARE, *GELU_ERF_RULES, GELU_TANH, *ATTENTION_RULES]
+
+register_rule_set("fuse-transformer", RULES)

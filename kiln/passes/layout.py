@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiln.ir import DType, Graph, Node, Value
-from kiln.passes.fuse_conv import ACTIVATION_PATTERNS, _example_activation, per_channel
+from kiln.ir import DType, Graph, Node, Value, normalize_axis
+from kiln.passes.fuse_conv import ACTIVATION_PATTERNS, example_activation, per_channel
 from kiln.passes.manager import Pass, PassResult, register_pass
-from kiln.passes.quantize import int8_conv_attr_problem
-from kiln.passes.pattern import Const, MatchResult, Optional, Var, copy_attrs
-from kiln.passes.rules import MatchContext, RewriteRule, apply_rules, example_graph, register_rule
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional, Var, copy_attrs
+from kiln.passes.quantize import check_int8_conv_attrs
+from kiln.passes.rules import RewriteRule, RewriteStats, apply_rules, example_graph, register_rule
 
 DEFAULT_BLOCK = 16
 MAX_SWEEPS = 200  # rounds of apply_rules in one run of the pass (each does up to 20 sweeps)
@@ -65,22 +65,22 @@ def _rng() -> np.random.Generator:
 # --------------------------------------------------------------------------- convs
 
 
-def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int] | str:
-    """(input block, output block) for a conv the pass can block, else the reason it cannot."""
+def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int]:
+    """(input block, output block) for a conv the pass can block; raises MatchFailure when it cannot."""
     if x.dtype != DType.FLOAT32:
-        return f"the input is {x.dtype}, not float32"
+        raise MatchFailure(f"the input is {x.dtype}, not float32")
     if x.shape is None or len(x.shape) != 4 or w.shape is None or len(w.shape) != 4:
-        return "only 2-D convs are blocked"
+        raise MatchFailure("only 2-D convs are blocked")
     if node.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return "the conv uses auto_pad"
+        raise MatchFailure("the conv uses auto_pad")
     c_in, c_out, group = x.shape[1], w.shape[0], node.attr("group", 1)
     if not isinstance(c_in, int):
-        return "the input channel count is not static"
+        raise MatchFailure("the input channel count is not static")
     if group == 1:
         return (c_in if c_in < block else block), block
     if group == c_in == c_out:
         return block, block
-    return f"grouped conv (group {group}) that is not depthwise"
+    raise MatchFailure(f"grouped conv (group {group}) that is not depthwise")
 
 
 def _padded(n: int, block: int) -> int:
@@ -98,17 +98,18 @@ def pack_weight(w: np.ndarray, bi: int, bo: int, depthwise: bool) -> np.ndarray:
 
 
 def _conv_rule(core: str, block: int) -> RewriteRule:
-    def pattern(op, x, w):
-        if core == "conv":
-            return op.Conv(x, Const("w"), Optional(Const("b")), _name="conv")
-        return op.kiln.FusedConv(x, Const("w"), Optional(Const("b")), Optional(Var("z")), _name="conv")
+    if core == "conv":
+        def pattern(op, x, w=Const(), b=Const()):
+            return op.Conv(x, w, Optional(b), _name="conv")
+    else:
+        def pattern(op, x, w=Const(), b=Const(), z=Var()):
+            return op.kiln.FusedConv(x, w, Optional(b), Optional(z), _name="conv")
 
-    def check(ctx: MatchContext, x: Value, w: Value, conv: Node) -> MatchResult:
-        blocks = conv_blocks(conv, x, w, block)
-        return MatchResult.fail(blocks) if isinstance(blocks, str) else MatchResult.ok()
+    def check(ctx: MatchContext, x: Value, w: Value, conv: Node) -> None:
+        conv_blocks(conv, x, w, block)
 
     def rewrite(op, x, w, conv, b=None, z=None):
-        bi, bo = conv_blocks(conv, x, w, block)  # type: ignore[misc]
+        bi, bo = conv_blocks(conv, x, w, block)
         depthwise = conv.attr("group", 1) != 1
         c_out = w.shape[0]
         attrs = copy_attrs(conv, "auto_pad")
@@ -151,32 +152,29 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
 INT8_BLOCK = 16  # int32 lanes of the VNNI instruction's accumulator
 
 
-def _qconv_pattern(op, x):
-    return op.QLinearConv(x, Const("xs"), Const("xzp"), Const("w"), Const("ws"), Const("wzp"), Const("ys"),
-                          Const("yzp"), Optional(Const("b")), _name="conv")
+def _qconv_pattern(op, x, xs=Const(), xzp=Const(), w=Const(), ws=Const(), wzp=Const(), ys=Const(), yzp=Const(),
+                   b=Const()):
+    return op.QLinearConv(x, xs, xzp, w, ws, wzp, ys, yzp, Optional(b), _name="conv")
 
 
 def _qconv_check(ctx: MatchContext, x: Value, xs: Value, xzp: Value, w: Value, ws: Value, wzp: Value, ys: Value,
-                 yzp: Value, conv: Node, b: Value | None = None) -> MatchResult:
+                 yzp: Value, conv: Node, b: Value | None = None) -> None:
     if x.dtype != DType.UINT8 or w.dtype != DType.INT8:
-        return MatchResult.fail(f"activations {x.dtype} and weights {w.dtype}; the int8 kernel takes uint8 x int8")
+        raise MatchFailure(f"activations {x.dtype} and weights {w.dtype}; the int8 kernel takes uint8 x int8")
     if yzp.dtype != DType.UINT8:
-        return MatchResult.fail(f"the output is {yzp.dtype}, not uint8")
+        raise MatchFailure(f"the output is {yzp.dtype}, not uint8")
     if x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[1], int) or w.shape is None:
-        return MatchResult.fail("only 2-D convs with a static channel count are blocked")
-    problem = int8_conv_attr_problem(conv)
-    if problem:
-        return MatchResult.fail(problem)
+        raise MatchFailure("only 2-D convs with a static channel count are blocked")
+    check_int8_conv_attrs(conv)
     if np.any(wzp.numpy() != 0):
-        return MatchResult.fail("the weights' zero point is not 0 (kiln's int8 kernel takes symmetric weights)")
+        raise MatchFailure("the weights' zero point is not 0 (kiln's int8 kernel takes symmetric weights)")
     if xs.numpy().size != 1 or ys.numpy().size != 1 or xzp.numpy().size != 1 or yzp.numpy().size != 1:
-        return MatchResult.fail("activation scales and zero points must be per tensor")
+        raise MatchFailure("activation scales and zero points must be per tensor")
     if ws.numpy().size not in (1, w.shape[0]):
-        return MatchResult.fail("the weight scale is neither per tensor nor per output channel")
+        raise MatchFailure("the weight scale is neither per tensor nor per output channel")
     folded = _qconv_bias(w.numpy(), b.numpy() if b is not None else None, int(xzp.numpy().reshape(())))
     if np.abs(folded).max(initial=0) >= 2**31:
-        return MatchResult.fail("the bias with the zero point folded in does not fit int32")
-    return MatchResult.ok()
+        raise MatchFailure("the bias with the zero point folded in does not fit int32")
 
 
 def _qconv_bias(w: np.ndarray, b: np.ndarray | None, x_zero_point: int) -> np.ndarray:
@@ -236,7 +234,7 @@ QLINEARCONV_BLOCKED = RewriteRule(
                              "point folded into the bias.")
 
 
-def _example_qconv(op, xq: Value, rng: np.random.Generator, *, y_zero_point: int) -> Value:
+def example_qconv(op, xq: Value, rng: np.random.Generator, *, y_zero_point: int) -> Value:
     """For rule examples: a 3x3 int8 conv from 24 to 20 channels (both padded to 32) on blocked ``xq``
     (input zero point 120), with per-channel requantize scales."""
     from kiln.ir.kiln_ops import pack_qconv_weight
@@ -249,29 +247,37 @@ def _example_qconv(op, xq: Value, rng: np.random.Generator, *, y_zero_point: int
                                 y_zero_point=y_zero_point)
 
 
+def _dequantized_qconv(op, x, w, b, s, sc, zc):
+    """``DequantizeLinear(QBlockedConv(x, w, b, s), sc, zc)``: the int8 conv a write-back rule extends."""
+    return op.DequantizeLinear(op.kiln.QBlockedConv(x, w, b, s, _name="conv"), sc, zc, _name="dq_c")
+
+
+def _check_qconv_output(zc: Value, conv: Node) -> None:
+    if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
+        raise MatchFailure("the conv's output is dequantized with another zero point than its own")
+
+
 def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
     """``Q(Relu?(DQ(QBlockedConv(...)) + DQ(z)))`` folds into the conv: the residual add of a QDQ model."""
 
-    def pattern(op, x, w, b, s, z):
-        c = op.DequantizeLinear(op.kiln.QBlockedConv(x, w, b, s, _name="conv"), Const("sc"), Const("zc"), _name="dq_c")
-        r = op.DequantizeLinear(z, Const("sr"), Const("zr"), _name="dq_z", _shared=True)  # z also feeds the next conv
+    def pattern(op, x, w, b, s, z, sc=Const(), zc=Const(), sr=Const(), zr=Const(), sy=Const(), zy=Const()):
+        c = _dequantized_qconv(op, x, w, b, s, sc, zc)
+        r = op.DequantizeLinear(z, sr, zr, _name="dq_z", _shared=True)  # z also feeds the next conv
         total = getattr(op, add)(*((c, r) if conv_first else (r, c)))
-        return op.QuantizeLinear(op.Relu(total) if relu else total, Const("sy"), Const("zy"), _name="q")
+        return op.QuantizeLinear(op.Relu(total) if relu else total, sy, zy, _name="q")
 
     def check(ctx: MatchContext, z: Value, sc: Value, zc: Value, sr: Value, zr: Value, sy: Value, zy: Value,
-              conv: Node) -> MatchResult:
+              conv: Node) -> None:
         if any(v.numpy().size != 1 for v in (sc, zc, sr, zr, sy, zy)):
-            return MatchResult.fail("scales and zero points must be per tensor")
+            raise MatchFailure("scales and zero points must be per tensor")
         if any(v.dtype != DType.UINT8 for v in (zc, zr, zy)) or z.dtype != DType.UINT8:
-            return MatchResult.fail("the residual is not uint8")
-        if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
-            return MatchResult.fail("the conv's output is dequantized with another zero point than its own")
+            raise MatchFailure("the residual is not uint8")
+        _check_qconv_output(zc, conv)
         if conv.attr("activation"):  # its write-back would apply the activation after the add, not before
-            return MatchResult.fail("the conv already ends in an activation")
+            raise MatchFailure("the conv already ends in an activation")
         out = conv.outputs[0]
         if z.shape is None or out.shape is None or tuple(z.shape) != tuple(out.shape):
-            return MatchResult.fail(f"the residual {z.type_str()} does not have the conv's blocked shape")
-        return MatchResult.ok()
+            raise MatchFailure(f"the residual {z.type_str()} does not have the conv's blocked shape")
 
     def rewrite(op, x, w, b, s, z, sc, zc, sr, zr, sy, zy, conv):
         def f(v: Value) -> float:
@@ -290,7 +296,7 @@ def _qresidual_rule(add: str, relu: bool, conv_first: bool) -> RewriteRule:
                                    block=INT8_BLOCK)
             rq = op.kiln.ToBlocked(op.QuantizeLinear(r, op.constant(np.float32(0.04)), op.constant(np.uint8(30))),
                                    block=INT8_BLOCK)
-            c = _example_qconv(op, xq, rng, y_zero_point=90)
+            c = example_qconv(op, xq, rng, y_zero_point=90)
             dc = op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(90)))
             dr = op.DequantizeLinear(rq, op.constant(np.float32(0.04)), op.constant(np.uint8(30)))
             total = getattr(op, add)(*((dc, dr) if conv_first else (dr, dc)))
@@ -319,22 +325,19 @@ def _qactivation_rule(form: str) -> RewriteRule:
     make_act, params_of = ACTIVATION_PATTERNS[form]
     act_name = form.split("-")[0]
 
-    def pattern(op, x, w, b, s):
-        c = op.DequantizeLinear(op.kiln.QBlockedConv(x, w, b, s, _name="conv"), Const("sc"), Const("zc"), _name="dq_c")
-        return op.QuantizeLinear(make_act(op, c), Const("sy"), Const("zy"), _name="q")
+    def pattern(op, x, w, b, s, sc=Const(), zc=Const(), sy=Const(), zy=Const()):
+        return op.QuantizeLinear(make_act(op, _dequantized_qconv(op, x, w, b, s, sc, zc)), sy, zy, _name="q")
 
     def check(ctx: MatchContext, sc: Value, zc: Value, sy: Value, zy: Value, conv: Node, act: Node,
-              **bound: Any) -> MatchResult:
+              **bound: Any) -> None:
         if any(v.numpy().size != 1 for v in (sc, zc, sy, zy)):
-            return MatchResult.fail("scales and zero points must be per tensor")
+            raise MatchFailure("scales and zero points must be per tensor")
         if zc.dtype != DType.UINT8 or zy.dtype != DType.UINT8:
-            return MatchResult.fail("the activation's input or output is not uint8")
-        if int(zc.numpy().reshape(())) != conv.attr("y_zero_point", 0):
-            return MatchResult.fail("the conv's output is dequantized with another zero point than its own")
+            raise MatchFailure("the activation's input or output is not uint8")
+        _check_qconv_output(zc, conv)
         if conv.input(4) is not None or conv.attr("activation") or conv.attr("out_relu", 0):
-            return MatchResult.fail("the conv already has a write-back step")
-        params = params_of(act, **bound)
-        return MatchResult.fail(params) if isinstance(params, str) else MatchResult.ok()
+            raise MatchFailure("the conv already has a write-back step")
+        params_of(act, **bound)
 
     def rewrite(op, x, w, b, s, sc, sy, zy, conv, act, **bound):
         attrs = copy_attrs(conv)
@@ -349,9 +352,9 @@ def _qactivation_rule(form: str) -> RewriteRule:
         def build(op, x):  # a 3x3 int8 conv (24 -> 20 channels, padded), then the activation and a requantize
             xq = op.kiln.ToBlocked(op.QuantizeLinear(x, op.constant(np.float32(0.02)), op.constant(np.uint8(120))),
                                    block=INT8_BLOCK)
-            c = _example_qconv(op, xq, rng, y_zero_point=128)
-            y = _example_activation(op, op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(128))),
-                                    form)
+            c = example_qconv(op, xq, rng, y_zero_point=128)
+            y = example_activation(op, op.DequantizeLinear(c, op.constant(np.float32(0.05)), op.constant(np.uint8(128))),
+                                   form)
             q = op.QuantizeLinear(y, op.constant(np.float32(0.03)), op.constant(np.uint8(40)))
             return op.DequantizeLinear(op.kiln.FromBlocked(q, channels=20), op.constant(np.float32(0.03)),
                                        op.constant(np.uint8(40)))
@@ -367,30 +370,34 @@ def _qactivation_rule(form: str) -> RewriteRule:
 def _qdense_rule(bias: bool) -> RewriteRule:
     """``MatMulInteger(x, w) * s (+ b)`` (what ``qdq-gemm`` makes) becomes the VNNI ``kiln::QDense``."""
 
-    def pattern(op, x):
-        acc = op.MatMulInteger(x, Const("w"), Const("xzp"), _name="mm")
-        y = op.Mul(op.Cast(acc, _name="cast"), Const("s"), _name="mul")
-        return op.Add(y, Const("b")) if bias else y
+    def scaled(op, x, w, xzp, s):
+        return op.Mul(op.Cast(op.MatMulInteger(x, w, xzp, _name="mm"), _name="cast"), s, _name="mul")
+
+    if bias:
+        def pattern(op, x, w=Const(), xzp=Const(), s=Const(), b=Const()):
+            return op.Add(scaled(op, x, w, xzp, s), b)
+    else:
+        def pattern(op, x, w=Const(), xzp=Const(), s=Const()):
+            return scaled(op, x, w, xzp, s)
 
     def check(ctx: MatchContext, x: Value, w: Value, xzp: Value, s: Value, mm: Node, cast: Node, mul: Node,
-              b: Value | None = None) -> MatchResult:
+              b: Value | None = None) -> None:
         users = mul.outputs[0].users
         if not bias and len(users) == 1 and users[0].op_type == "Add" and any(v.is_constant for v in users[0].inputs):
-            return MatchResult.fail("a constant bias add follows: qdense-vnni-bias takes it")
+            raise MatchFailure("a constant bias add follows: qdense-vnni-bias takes it")
         if x.dtype != DType.UINT8 or w.dtype != DType.INT8:
-            return MatchResult.fail(f"activations {x.dtype}, weights {w.dtype}: the kernel takes uint8 x int8")
+            raise MatchFailure(f"activations {x.dtype}, weights {w.dtype}: the kernel takes uint8 x int8")
         if x.shape is None or len(x.shape) != 2 or not isinstance(x.shape[1], int) or w.shape is None:
-            return MatchResult.fail("the input is not 2-D with a static width")
+            raise MatchFailure("the input is not 2-D with a static width")
         k, n = w.shape
         if k % 4:
-            return MatchResult.fail(f"the reduction ({k}) is not a multiple of 4")
+            raise MatchFailure(f"the reduction ({k}) is not a multiple of 4")
         if cast.attr("to") != 1 or len([v for v in mm.inputs if v is not None]) != 3 or xzp.numpy().size != 1:
-            return MatchResult.fail("not a float32 cast of MatMulInteger with one input zero point")
+            raise MatchFailure("not a float32 cast of MatMulInteger with one input zero point")
         if any(v is not None and v.numpy().size not in (1, n) for v in (s, b)):
-            return MatchResult.fail("the scale or bias is not per output column")
+            raise MatchFailure("the scale or bias is not per output column")
         if b is not None and b.numpy().ndim > 1:
-            return MatchResult.fail("the bias is not a vector")
-        return MatchResult.ok()
+            raise MatchFailure("the bias is not a vector")
 
     def rewrite(op, x, w, xzp, s, b=None):
         from kiln.ir.kiln_ops import pack_qdense_weight
@@ -459,25 +466,24 @@ def _per_channel(c: Value, x: Value) -> np.ndarray | None:
     return None if per is None else per.astype(x.dtype.numpy)
 
 
-def _movable(x: Value, op_type: str) -> MatchResult:
+def _check_movable(x: Value, op_type: str) -> None:
     fb = _unblocking(x)
     if fb is None:
-        return MatchResult.fail(f"%{x.name} is not unblocked by kiln::FromBlocked")
+        raise MatchFailure(f"%{x.name} is not unblocked by kiln::FromBlocked")
     if op_type in UNSAFE_ON_PADDING and _is_padded(fb):
-        return MatchResult.fail(f"{op_type} could make the padded lanes of %{x.name} non-finite")
-    return MatchResult.ok()
+        raise MatchFailure(f"{op_type} could make the padded lanes of %{x.name} non-finite")
 
 
 # The FromBlocked stays where it is for its other readers, so it is checked, not matched: a
 # pattern would claim it as part of the match.
 def _blocked_unary_rule(op_type: str) -> RewriteRule:
-    def pattern(op, x):
-        return getattr(op, op_type)(x, Optional(Const("lo")), Optional(Const("hi")), _name="act")
+    def pattern(op, x, lo=Const(), hi=Const()):
+        return getattr(op, op_type)(x, Optional(lo), Optional(hi), _name="act")
 
-    def check(ctx: MatchContext, x: Value, lo: Value | None = None, hi: Value | None = None) -> MatchResult:
+    def check(ctx: MatchContext, x: Value, lo: Value | None = None, hi: Value | None = None) -> None:
         if op_type in QUANT_OPS and any(v is not None and v.numpy().size != 1 for v in (lo, hi)):
-            return MatchResult.fail("the scale or zero point is per axis, not per tensor")
-        return _movable(x, op_type)
+            raise MatchFailure("the scale or zero point is per axis, not per tensor")
+        _check_movable(x, op_type)
 
     def rewrite(op, x, act, lo=None, hi=None):
         fb = _unblocking(x)
@@ -506,20 +512,19 @@ def _blocked_binary_rule(op_type: str) -> RewriteRule:
     def pattern(op, x, other):
         return getattr(op, op_type)(x, other, _name="binary")
 
-    def check(ctx: MatchContext, x: Value, other: Value) -> MatchResult:
-        movable = _movable(x, op_type)
-        if not movable:
-            return movable
+    def check(ctx: MatchContext, x: Value, other: Value) -> None:
+        _check_movable(x, op_type)
         t, partner = _unblocking(x).input(0), _unblocking(other)
         if t.shape is None:  # made earlier in this sweep; the next sweep sees it typed
-            return MatchResult.fail(f"the blocked shape behind %{x.name} is not inferred yet")
+            raise MatchFailure(f"the blocked shape behind %{x.name} is not inferred yet")
         if partner is not None and partner.input(0).shape == t.shape and t.shape is not None \
                 and partner.attrs == _unblocking(x).attrs:
-            return _movable(other, op_type)
+            _check_movable(other, op_type)
+            return
         if other.is_constant and (other.numpy().size == 1 or _per_channel(other, x) is not None):
-            return MatchResult.ok()
-        return MatchResult.fail(f"the other operand %{other.name} is neither a scalar or per-channel constant nor "
-                                "unblocked from the same blocked shape")
+            return
+        raise MatchFailure(f"the other operand %{other.name} is neither a scalar or per-channel constant nor "
+                           "unblocked from the same blocked shape")
 
     def rewrite(op, x, other, binary):
         fb, partner = _unblocking(x), _unblocking(other)
@@ -557,22 +562,21 @@ def _concat_pattern(op, first):
     return op.Concat(first, _name="concat", _allow_extra_inputs=True)
 
 
-def _concat_check(ctx: MatchContext, concat: Node) -> MatchResult:
+def _concat_check(ctx: MatchContext, concat: Node) -> None:
     axis = concat.attr("axis", 0)
     rank = concat.outputs[0].rank
-    if rank is None or axis % rank != 1:
-        return MatchResult.fail(f"Concat on axis {axis}, not the channels")
+    if rank is None or normalize_axis(axis, rank) != 1:
+        raise MatchFailure(f"Concat on axis {axis}, not the channels")
     blocks = set()
     for v in concat.inputs:
         fb = _unblocking(v) if v is not None else None
         if fb is None:
-            return MatchResult.fail(f"input %{v.name if v else '?'} is not unblocked by kiln::FromBlocked")
+            raise MatchFailure(f"input %{v.name if v else '?'} is not unblocked by kiln::FromBlocked")
         if _is_padded(fb):
-            return MatchResult.fail(f"input %{v.name} has padded lanes")
+            raise MatchFailure(f"input %{v.name} has padded lanes")
         blocks.add(fb.input(0).shape[-1] if fb.input(0).shape else None)
     if len(blocks) != 1 or None in blocks:
-        return MatchResult.fail(f"inputs are blocked differently: {sorted(map(str, blocks))}")
-    return MatchResult.ok()
+        raise MatchFailure(f"inputs are blocked differently: {sorted(map(str, blocks))}")
 
 
 def _concat_rewrite(op, first, concat):
@@ -594,18 +598,22 @@ BLOCKED_CONCAT = RewriteRule(
 )
 
 
+def _check_2d_pooling(x: Value) -> None:
+    if x.rank != 4:
+        raise MatchFailure("only 2-D pooling runs blocked")
+
+
 def _blocked_pool_rule(op_type: str) -> RewriteRule:
     """2-D pooling of blocked data is 3-D pooling with a window of 1 over the lanes."""
 
     def pattern(op, x):
         return getattr(op, op_type)(x, _name="pool")
 
-    def check(ctx: MatchContext, x: Value, pool: Node) -> MatchResult:
-        if x.rank != 4:
-            return MatchResult.fail("only 2-D pooling runs blocked")
+    def check(ctx: MatchContext, x: Value, pool: Node) -> None:
+        _check_2d_pooling(x)
         if pool.attr("auto_pad", "NOTSET") not in ("NOTSET", "") or len([o for o in pool.outputs if o.name]) > 1:
-            return MatchResult.fail("the pooling uses auto_pad or returns indices")
-        return _movable(x, op_type)
+            raise MatchFailure("the pooling uses auto_pad or returns indices")
+        _check_movable(x, op_type)
 
     def rewrite(op, x, pool):
         fb = _unblocking(x)
@@ -634,8 +642,9 @@ def _blocked_global_pool_rule(op_type: str, reduce: str) -> RewriteRule:
     def pattern(op, x):
         return getattr(op, op_type)(x)
 
-    def check(ctx: MatchContext, x: Value) -> MatchResult:
-        return _movable(x, op_type) if x.rank == 4 else MatchResult.fail("only 2-D pooling runs blocked")
+    def check(ctx: MatchContext, x: Value) -> None:
+        _check_2d_pooling(x)
+        _check_movable(x, op_type)
 
     def rewrite(op, x):
         fb = _unblocking(x)
@@ -657,10 +666,10 @@ def _gemm_kn_rule(core: str) -> RewriteRule:
     """A Gemm by a constant, transposed B reads B as ``[K, N]`` instead: rows of N are what a
     vector holds, so the dense kernel loads them whole."""
 
-    def pattern(op, a):
+    def pattern(op, a, c, b=Const()):
         if core == "gemm":
-            return op.Gemm(a, Const("b"), Optional(Var("c")), _name="gemm", transB=1)
-        return op.kiln.FusedGemm(a, Const("b"), Optional(Var("c")), _name="gemm", transB=1)
+            return op.Gemm(a, b, Optional(c), _name="gemm", transB=1)
+        return op.kiln.FusedGemm(a, b, Optional(c), _name="gemm", transB=1)
 
     def rewrite(op, a, b, gemm, c=None):
         kn = op.constant(np.ascontiguousarray(b.numpy().T), f"{b.name}_kn")
@@ -688,22 +697,23 @@ def _dense_pad_rule(core: str, block: int) -> RewriteRule:
     rounded up (zero columns) and slices the result: the kernel's lanes then need no guard,
     which would stop their vectorisation."""
 
-    def pattern(op, a):
-        if core == "matmul":
-            return op.MatMul(a, Const("b"), _name="mm")
-        if core == "gemm":
-            return op.Gemm(a, Const("b"), Optional(Const("c")), _name="mm", transB=lambda t: not t)
-        return op.kiln.FusedGemm(a, Const("b"), Optional(Const("c")), _name="mm", transB=lambda t: not t)
+    if core == "matmul":
+        def pattern(op, a, b=Const()):
+            return op.MatMul(a, b, _name="mm")
+    else:
+        def pattern(op, a, b=Const(), c=Const()):
+            if core == "gemm":
+                return op.Gemm(a, b, Optional(c), _name="mm", transB=lambda t: not t)
+            return op.kiln.FusedGemm(a, b, Optional(c), _name="mm", transB=lambda t: not t)
 
-    def check(ctx: MatchContext, a: Value, b: Value, mm: Node, c: Value | None = None) -> MatchResult:
+    def check(ctx: MatchContext, a: Value, b: Value, mm: Node, c: Value | None = None) -> None:
         if b.rank != 2 or b.dtype != DType.FLOAT32 or mm.attr("transA", 0):
-            return MatchResult.fail("B is not a 2-D float32 [K, N] constant (or A is transposed)")
+            raise MatchFailure("B is not a 2-D float32 [K, N] constant (or A is transposed)")
         n = b.shape[1]
         if n % block == 0 or n < block:
-            return MatchResult.fail(f"N = {n} needs no padding")
+            raise MatchFailure(f"N = {n} needs no padding")
         if c is not None and c.shape and c.shape[-1] != 1 and c.shape[-1] != n:
-            return MatchResult.fail("C does not broadcast along N")
-        return MatchResult.ok()
+            raise MatchFailure("C does not broadcast along N")
 
     def rewrite(op, a, b, mm, c=None):
         w = b.numpy()
@@ -752,11 +762,10 @@ def _unblock_reblock_pattern(op, t):
     return op.kiln.ToBlocked(op.kiln.FromBlocked(t), _name="reblock")
 
 
-def _unblock_reblock_check(ctx: MatchContext, t: Value, reblock: Node) -> MatchResult:
+def _unblock_reblock_check(ctx: MatchContext, t: Value, reblock: Node) -> None:
     if t.shape is None or t.shape[-1] != reblock.attr("block", DEFAULT_BLOCK):
-        return MatchResult.fail(f"blocked as {t.shape[-1] if t.shape else '?'} lanes, reblocked as "
-                                f"{reblock.attr('block', DEFAULT_BLOCK)}")
-    return MatchResult.ok()
+        raise MatchFailure(f"blocked as {t.shape[-1] if t.shape else '?'} lanes, reblocked as "
+                           f"{reblock.attr('block', DEFAULT_BLOCK)}")
 
 
 def _unblock_reblock_example() -> Graph:
@@ -810,12 +819,18 @@ class Layout(Pass):
         # Transforms move one op per sweep, and a rule may wait for the shapes of what the sweep
         # before made (inferred when apply_rules ends): run until nothing moves, not a fixed count
         # (DenseNet's concat chains take dozens of steps).
-        rules = RULES if self.block == DEFAULT_BLOCK else _rules_for(self.block)
-        fired: dict[str, int] = {}
+        rules = self._rules()
+        stats = RewriteStats()
         for _ in range(MAX_SWEEPS):
-            stats = apply_rules(graph, rules)
-            if not stats.fired:
+            before = sum(stats.fired.values())
+            apply_rules(graph, rules, stats=stats)
+            if sum(stats.fired.values()) == before:
                 break
-            for name, count in stats.fired.items():
-                fired[name] = fired.get(name, 0) + count
-        return PassResult.of(graph, sum(fired.values()), fired)
+        return PassResult.of(graph, sum(stats.fired.values()), stats.fired, stats.runs())
+
+    def rule_names(self) -> list[str]:
+        """The layout rules for this pass's block."""
+        return [r.name for r in self._rules()]
+
+    def _rules(self) -> list[RewriteRule]:
+        return RULES if self.block == DEFAULT_BLOCK else _rules_for(self.block)

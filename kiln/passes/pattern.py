@@ -2,31 +2,37 @@
 
 A rule is three small functions::
 
-    def pattern(op, x, w, scale, bias, mean, var):
-        return op.BatchNormalization(op.Conv(x, w, _name="conv"), scale, bias, mean, var)
+    def pattern(op, x, scale, bias, mean, var, w=Const(), b=Const()):
+        return op.BatchNormalization(op.Conv(x, w, Optional(b), _name="conv"), scale, bias, mean, var)
 
-    def check(ctx, w, scale, bias, mean, var) -> MatchResult:
-        if not all(v.is_constant for v in (w, scale, bias, mean, var)):
-            return MatchResult.fail("the BN statistics or the conv weight are not constants")
-        return MatchResult.ok()
+    def check(ctx, scale, bias, mean, var) -> None:
+        if not all(v.is_constant for v in (scale, bias, mean, var)):
+            raise MatchFailure("the BN statistics are not constants")
 
-    def rewrite(op, x, conv, ...):
+    def rewrite(op, x, w, b, conv, ...):
         return op.Conv(x, op.constant(new_w), op.constant(new_b), **conv.attrs)
 
-The pattern's parameters are variables that match any value (``Const(name)``
-matches only constants); ``op.Conv(...)`` matches a node, with attribute
-predicates as keyword arguments (a value, or a callable), ``Optional(pat)`` for
-optional inputs, ``_outputs=n`` for multi-output nodes and ``_name=`` to bind
-the matched node itself. Add and Mul match in either input order. Nodes inside a
-match may not be read from outside it, unless their pattern says ``_shared=True``
-(the rewrite then leaves them for their other users).
+The pattern's parameters (after ``op``) are exactly the variables it binds: a
+parameter without a default matches any value (``Var``), one whose default is
+``Const()`` only a constant, and ``Var(where=pred)`` / ``Const(where=pred)`` add a
+condition. The engine makes one variable per parameter, named after it, and
+refuses a pattern that uses a variable it was not given or leaves a parameter
+unused. ``op.Conv(...)`` matches a node, with attribute predicates as keyword
+arguments (a value, or a callable), ``Optional(pat)`` for optional inputs,
+``_outputs=n`` for multi-output nodes and ``_name=`` to bind the matched node
+itself. Add and Mul match in either input order. Nodes inside a match may not be
+read from outside it, unless their pattern says ``_shared=True`` (the rewrite then
+leaves them for their other users).
 
-``check`` and ``rewrite`` receive only the bindings they name. The engine never
-changes a constant in place: ``op.constant(array)`` always makes a new one.
+``check`` and ``rewrite`` receive only the bindings they name. ``check`` returns
+None when the match may be used and raises :class:`MatchFailure` (from itself or
+any helper it calls) when not. The engine never changes a constant in place:
+``op.constant(array)`` always makes a new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -39,26 +45,15 @@ from kiln.ir.schemas import coerce_attrs
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"})
 
 
-# =========================================================================== results
+# =========================================================================== check failures
 
 
-@dataclass(frozen=True)
-class MatchResult:
-    """The outcome of a match or a check: ``ok``, or a failure with its reason."""
+class MatchFailure(Exception):
+    """Raised by a rule's ``check`` (or a helper it calls): the match must not be used, and why."""
 
-    success: bool
-    reason: str = ""
-
-    @staticmethod
-    def ok() -> MatchResult:
-        return MatchResult(True)
-
-    @staticmethod
-    def fail(reason: str) -> MatchResult:
-        return MatchResult(False, reason)
-
-    def __bool__(self) -> bool:
-        return self.success
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 # =========================================================================== patterns
@@ -70,9 +65,13 @@ class Pat:
 
 @dataclass(eq=False)
 class Var(Pat):
-    """Matches any value (the same value wherever the name recurs); ``where`` filters it."""
+    """Matches any value (the same value wherever it recurs); ``where`` filters it.
 
-    name: str
+    As a pattern parameter's default it gives the parameter's kind and condition
+    (``x=Var(where=lambda v: v.rank == 4)``); the engine names it after the parameter.
+    """
+
+    name: str | None = None
     where: Callable[[Value], bool] | None = None
 
 
@@ -139,15 +138,60 @@ class PatternBuilder:
         return PatternBuilder("kiln")
 
 
-def build_pattern(fn: Callable[..., Any]) -> tuple[Out, list[str]]:
-    """Call a pattern function with a Var per parameter; return its root and the variable names."""
-    params = list(inspect.signature(fn).parameters)[1:]
-    root = fn(PatternBuilder(), *[Var(p) for p in params])
+def build_pattern(fn: Callable[..., Any]) -> Out:
+    """Call a pattern function with one variable per parameter; return its root.
+
+    A parameter without a default becomes ``Var(name)``; one whose default is a ``Var``
+    (or ``Const``) becomes a copy of it with the parameter's name. The variables the built
+    pattern uses must be exactly these (by identity), else ``TypeError``.
+    """
+    label = getattr(fn, "__qualname__", repr(fn))
+    args: list[Var] = []
+    kwargs: dict[str, Var] = {}
+    for p in list(inspect.signature(fn).parameters.values())[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(f"pattern {label}: *{p.name} is not allowed; name each variable as a parameter")
+        if p.default is inspect.Parameter.empty:
+            var = Var(p.name)
+        elif isinstance(p.default, Var):
+            if p.default.name not in (None, p.name):
+                raise TypeError(f"pattern {label}: parameter '{p.name}' has a default named '{p.default.name}'")
+            var = dataclasses.replace(p.default, name=p.name)
+        else:
+            raise TypeError(f"pattern {label}: the default of parameter '{p.name}' must be Var(...) or Const(...), "
+                            f"got {p.default!r}")
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            kwargs[p.name] = var
+        else:
+            args.append(var)
+    root = fn(PatternBuilder(), *args, **kwargs)
     if isinstance(root, tuple):
-        raise TypeError("a pattern must return a single node output (the root)")
+        raise TypeError(f"pattern {label} must return a single node output (the root)")
     if not isinstance(root, Out):
-        raise TypeError(f"a pattern must return op.Something(...), got {root!r}")
-    return root, params
+        raise TypeError(f"pattern {label} must return op.Something(...), got {root!r}")
+    given = {id(v): v for v in [*args, *kwargs.values()]}
+    used = {id(v): v for v in _variables(root)}
+    stray = [v for k, v in used.items() if k not in given]
+    unused = [v.name for k, v in given.items() if k not in used]
+    if stray:
+        names = ", ".join(f"{type(v).__name__}({v.name!r})" if v.name else f"an unnamed {type(v).__name__}"
+                          for v in stray)
+        raise TypeError(f"pattern {label} binds {names}, which is not one of its parameters; make every variable "
+                        "a parameter (w=Const() for a constant)")
+    if unused:
+        raise TypeError(f"pattern {label} does not use its parameter(s) {', '.join(unused)}")
+    return root
+
+
+def _variables(pat: Pat) -> Iterator[Var]:
+    """Every variable object under ``pat`` (with repeats)."""
+    if isinstance(pat, Var):
+        yield pat
+    elif isinstance(pat, Optional):
+        yield from _variables(pat.pat)
+    elif isinstance(pat, Out):
+        for i in pat.node.inputs:
+            yield from _variables(i)
 
 
 # =========================================================================== matching
@@ -260,8 +304,8 @@ def _match_value(pat: Pat, v: Value | None, state: _State, where: str) -> None:
     depth = len(state.order)
     if isinstance(pat, Optional):
         if v is None:
-            for name in _var_names(pat.pat):  # variables of an absent optional input are None
-                state.values.setdefault(name, None)
+            for var in _variables(pat.pat):  # variables of an absent optional input are None
+                state.values.setdefault(var.name, None)
             return
         _match_value(pat.pat, v, state, where)
         return
@@ -287,16 +331,6 @@ def _match_value(pat: Pat, v: Value | None, state: _State, where: str) -> None:
         _match_node(pat.node, producer, state)
         return
     raise TypeError(f"unknown pattern {pat!r}")
-
-
-def _var_names(pat: Pat) -> list[str]:
-    if isinstance(pat, Var):
-        return [pat.name]
-    if isinstance(pat, Optional):
-        return _var_names(pat.pat)
-    if isinstance(pat, Out):
-        return [n for i in pat.node.inputs for n in _var_names(i)]
-    return []
 
 
 def _match_node(pat: NodePat, node: Node, state: _State) -> None:
@@ -451,6 +485,6 @@ def iter_outputs(result: Value | Sequence[Value]) -> Iterator[Value]:
 
 
 __all__ = [
-    "Attempt", "Const", "Match", "MatchContext", "MatchResult", "Optional", "PatternBuilder",
+    "Attempt", "Const", "Match", "MatchContext", "MatchFailure", "Optional", "PatternBuilder",
     "RewriteBuilder", "Var", "build_pattern", "call_with_bindings", "copy_attrs", "match",
 ]

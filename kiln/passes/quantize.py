@@ -18,21 +18,34 @@ float weight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from kiln.ir import DType, Graph, Node, Value, infer_shapes
 from kiln.passes.manager import Pass, PassResult, register_pass
-from kiln.passes.pattern import Const, MatchResult, Optional, RewriteBuilder, copy_attrs
-from kiln.passes.rules import MatchContext, RewriteRule, example_graph
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional, RewriteBuilder, copy_attrs
+from kiln.passes.rules import RewriteRule, example_graph, register_rule_set
 
 
-def _qdq_conv_pattern(op, xq):
-    x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq_x", _shared=True)  # may feed two convs
-    w = op.DequantizeLinear(Const("wq"), Const("ws"), Optional(Const("wzp")), _name="dq_w")
-    b = op.DequantizeLinear(Const("bq"), Const("bs"), Optional(Const("bzp")), _name="dq_b")
-    return op.QuantizeLinear(op.Conv(x, w, Optional(b), _name="conv"), Const("ys"), Const("yzp"), _name="q")
+def _dequantized_input(op, xq, xs, xzp):
+    """``DequantizeLinear(xq, xs, xzp)``, which may also feed other layers (two convs, say)."""
+    return op.DequantizeLinear(xq, xs, xzp, _name="dq_x", _shared=True)
+
+
+def _dequantized_weight(op, wq, ws, wzp):
+    return op.DequantizeLinear(wq, ws, Optional(wzp), _name="dq_w")
+
+
+def _dequantized_bias(op, bq, bs, bzp):
+    return op.DequantizeLinear(bq, bs, Optional(bzp), _name="dq_b")
+
+
+def _qdq_conv_pattern(op, xq, xs=Const(), xzp=Const(), wq=Const(), ws=Const(), wzp=Const(), bq=Const(), bs=Const(),
+                      bzp=Const(), ys=Const(), yzp=Const()):
+    x, w = _dequantized_input(op, xq, xs, xzp), _dequantized_weight(op, wq, ws, wzp)
+    b = _dequantized_bias(op, bq, bs, bzp)
+    return op.QuantizeLinear(op.Conv(x, w, Optional(b), _name="conv"), ys, yzp, _name="q")
 
 
 def _scalar(v: Value) -> bool:
@@ -41,25 +54,24 @@ def _scalar(v: Value) -> bool:
 
 def _qdq_conv_check(ctx: MatchContext, xq: Value, xs: Value, xzp: Value, wq: Value, ws: Value, ys: Value, yzp: Value,
                     dq_x: Node, dq_w: Node, conv: Node, q: Node, wzp: Value | None = None, bq: Value | None = None,
-                    bs: Value | None = None, bzp: Value | None = None, dq_b: Node | None = None) -> MatchResult:
+                    bs: Value | None = None, bzp: Value | None = None, dq_b: Node | None = None) -> None:
     if xq.dtype not in (DType.UINT8, DType.INT8) or wq.dtype not in (DType.UINT8, DType.INT8):
-        return MatchResult.fail(f"activations {xq.dtype}, weights {wq.dtype}: not 8-bit integers")
+        raise MatchFailure(f"activations {xq.dtype}, weights {wq.dtype}: not 8-bit integers")
     if yzp.dtype != xq.dtype:
-        return MatchResult.fail(f"the conv's input is {xq.dtype} and its output {yzp.dtype}")
+        raise MatchFailure(f"the conv's input is {xq.dtype} and its output {yzp.dtype}")
     if not (_scalar(xs) and _scalar(xzp) and _scalar(ys) and _scalar(yzp)):
-        return MatchResult.fail("activation scales and zero points must be per tensor")
+        raise MatchFailure("activation scales and zero points must be per tensor")
     k = wq.shape[0] if wq.shape else 0
     if not _scalar(ws) and (ws.numpy().size != k or dq_w.attr("axis", 1) != 0):
-        return MatchResult.fail("the weight scale is neither per tensor nor per output channel (axis 0)")
+        raise MatchFailure("the weight scale is neither per tensor nor per output channel (axis 0)")
     if any(n.attr(a) not in (None, 1) for n in (dq_x, dq_w, q) for a in ("saturate",)):
-        return MatchResult.fail("float8 saturation attributes are not int8 quantization")
+        raise MatchFailure("float8 saturation attributes are not int8 quantization")
     if bq is not None:
         if bq.dtype != DType.INT32 or (bzp is not None and np.any(bzp.numpy() != 0)):
-            return MatchResult.fail("the bias is not int32 with zero point 0")
+            raise MatchFailure("the bias is not int32 with zero point 0")
         want = (xs.numpy().astype(np.float32).reshape(()) * ws.numpy().astype(np.float32).reshape(-1))
         if not np.allclose(bs.numpy().astype(np.float32).reshape(-1) * np.ones_like(want), want, rtol=1e-6, atol=0):
-            return MatchResult.fail("the bias scale is not x_scale * w_scale")
-    return MatchResult.ok()
+            raise MatchFailure("the bias scale is not x_scale * w_scale")
 
 
 def _qdq_conv_rewrite(op, xq, xs, xzp, wq, ws, ys, yzp, dq_x, dq_w, conv, q, wzp=None, bq=None, bs=None, bzp=None,
@@ -96,23 +108,22 @@ QDQ_CONV = RewriteRule(
     atol=0.0501, description="Q(Conv(DQ(x), DQ(w), DQ(b))) from a QDQ model is the QLinearConv it stands for: "
                              "the conv runs on integers.")
 
-def _qdq_maxpool_pattern(op, xq):
-    x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq")
-    return op.QuantizeLinear(op.MaxPool(x, _name="pool"), Const("ys"), Const("yzp"), _name="q")
+def _qdq_maxpool_pattern(op, xq, xs=Const(), xzp=Const(), ys=Const(), yzp=Const()):
+    x = op.DequantizeLinear(xq, xs, xzp, _name="dq")
+    return op.QuantizeLinear(op.MaxPool(x, _name="pool"), ys, yzp, _name="q")
 
 
 def _qdq_maxpool_check(ctx: MatchContext, xq: Value, xs: Value, xzp: Value, ys: Value, yzp: Value,
-                       pool: Node) -> MatchResult:
+                       pool: Node) -> None:
     if xq.dtype not in (DType.UINT8, DType.INT8) or yzp.dtype != xq.dtype:
-        return MatchResult.fail(f"input {xq.dtype} and output {yzp.dtype} are not the same 8-bit type")
+        raise MatchFailure(f"input {xq.dtype} and output {yzp.dtype} are not the same 8-bit type")
     if not all(_scalar(v) for v in (xs, xzp, ys, yzp)):
-        return MatchResult.fail("scales and zero points must be per tensor")
+        raise MatchFailure("scales and zero points must be per tensor")
     if (xs.numpy().astype(np.float32).reshape(()) != ys.numpy().astype(np.float32).reshape(())
             or xzp.numpy().reshape(()) != yzp.numpy().reshape(()) or float(xs.numpy().reshape(())) <= 0):
-        return MatchResult.fail("the pool's input and output are quantized differently: it would requantize")
+        raise MatchFailure("the pool's input and output are quantized differently: it would requantize")
     if len([o for o in pool.outputs if o.name]) > 1:
-        return MatchResult.fail("the pool's indices output is used")
-    return MatchResult.ok()
+        raise MatchFailure("the pool's indices output is used")
 
 
 def _qdq_maxpool_rewrite(op, xq, pool):
@@ -137,32 +148,32 @@ QDQ_MAXPOOL = RewriteRule(
 def _qdq_dense_rule(op_type: str) -> RewriteRule:
     """``Gemm/MatMul(DQ(x), DQ(w_q), DQ(b_q)?)`` as ``MatMulInteger`` scaled to float32: integer products."""
 
-    def pattern(op, xq):
-        x = op.DequantizeLinear(xq, Const("xs"), Const("xzp"), _name="dq_x", _shared=True)
-        w = op.DequantizeLinear(Const("wq"), Const("ws"), Optional(Const("wzp")), _name="dq_w")
-        if op_type == "MatMul":
-            return op.MatMul(x, w, _name="core")
-        b = op.DequantizeLinear(Const("bq"), Const("bs"), Optional(Const("bzp")), _name="dq_b")
-        return op.Gemm(x, w, Optional(b), _name="core")
+    if op_type == "MatMul":
+        def pattern(op, xq, xs=Const(), xzp=Const(), wq=Const(), ws=Const(), wzp=Const()):
+            return op.MatMul(_dequantized_input(op, xq, xs, xzp), _dequantized_weight(op, wq, ws, wzp), _name="core")
+    else:
+        def pattern(op, xq, xs=Const(), xzp=Const(), wq=Const(), ws=Const(), wzp=Const(), bq=Const(), bs=Const(),
+                    bzp=Const()):
+            x, w = _dequantized_input(op, xq, xs, xzp), _dequantized_weight(op, wq, ws, wzp)
+            return op.Gemm(x, w, Optional(_dequantized_bias(op, bq, bs, bzp)), _name="core")
 
     def check(ctx: MatchContext, xq: Value, xs: Value, xzp: Value, wq: Value, ws: Value, dq_w: Node, core: Node,
-              wzp: Value | None = None) -> MatchResult:
+              wzp: Value | None = None) -> None:
         if xq.dtype not in (DType.UINT8, DType.INT8) or wq.dtype != DType.INT8:
-            return MatchResult.fail(f"activations {xq.dtype}, weights {wq.dtype}: not 8-bit x int8")
+            raise MatchFailure(f"activations {xq.dtype}, weights {wq.dtype}: not 8-bit x int8")
         if xq.shape is None or len(xq.shape) != 2 or wq.shape is None or len(wq.shape) != 2:
-            return MatchResult.fail("only 2-D inputs and weights are taken")
+            raise MatchFailure("only 2-D inputs and weights are taken")
         if not (_scalar(xs) and _scalar(xzp)):
-            return MatchResult.fail("the activation scale and zero point must be per tensor")
+            raise MatchFailure("the activation scale and zero point must be per tensor")
         if wzp is not None and np.any(wzp.numpy() != 0):
-            return MatchResult.fail("the weights' zero point is not 0")
+            raise MatchFailure("the weights' zero point is not 0")
         trans_b = op_type == "Gemm" and core.attr("transB", 0)
         if op_type == "Gemm" and (core.attr("transA", 0) or core.attr("alpha", 1.0) != 1.0
                                   or core.attr("beta", 1.0) != 1.0):
-            return MatchResult.fail("transA, alpha or beta is not the default")
+            raise MatchFailure("transA, alpha or beta is not the default")
         n = wq.shape[0] if trans_b else wq.shape[1]
         if not _scalar(ws) and (ws.numpy().size != n or dq_w.attr("axis", 1) != (0 if trans_b else 1)):
-            return MatchResult.fail("the weight scale is neither per tensor nor per output column")
-        return MatchResult.ok()
+            raise MatchFailure("the weight scale is neither per tensor nor per output column")
 
     def rewrite(op, xq, xs, xzp, wq, ws, core, bq=None, bs=None, bzp=None):
         trans_b = op_type == "Gemm" and core.attr("transB", 0)
@@ -201,6 +212,8 @@ def _qdq_dense_rule(op_type: str) -> RewriteRule:
 
 
 RULES = [QDQ_CONV, QDQ_MAXPOOL, _qdq_dense_rule("Gemm"), _qdq_dense_rule("MatMul")]
+
+register_rule_set("qdq", RULES)
 
 
 # =========================================================================== float models: kiln's own quantizer
@@ -264,52 +277,56 @@ class QuantLayer:
     output: Value | None = None
 
 
-def int8_conv_attr_problem(conv: Node) -> str | None:
-    """Why a Conv's or QLinearConv's attributes keep it off kiln's VNNI kernel, or None."""
+def check_int8_conv_attrs(conv: Node) -> None:
+    """A Conv's or QLinearConv's attributes suit kiln's VNNI kernel; else MatchFailure says why not."""
     if conv.attr("group", 1) != 1:
-        return "grouped convs have no int8 kernel yet"
+        raise MatchFailure("grouped convs have no int8 kernel yet")
     if any(d != 1 for d in conv.attr("dilations", ()) or ()):
-        return "dilated convs have no int8 kernel yet"
+        raise MatchFailure("dilated convs have no int8 kernel yet")
     if conv.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return "the conv uses auto_pad"
-    return None
+        raise MatchFailure("the conv uses auto_pad")
 
 
-def int8_conv_problem(conv: Node) -> str | None:
-    """Why kiln's VNNI kernel cannot run this Conv, or None when it can."""
+def check_int8_conv(conv: Node) -> None:
+    """kiln's VNNI kernel can run this Conv; else MatchFailure says why not."""
     w = conv.input(1)
     x = conv.input(0)
     if w is None or not w.is_constant:
-        return "its weight is not a constant"
+        raise MatchFailure("its weight is not a constant")
     if w.shape is None or len(w.shape) != 4 or x is None or x.shape is None or len(x.shape) != 4:
-        return "only 2-D convs have an int8 kernel"
-    problem = int8_conv_attr_problem(conv)
-    if problem:
-        return problem
+        raise MatchFailure("only 2-D convs have an int8 kernel")
+    check_int8_conv_attrs(conv)
     b = conv.input(2)
     if b is not None and not b.is_constant:
-        return "its bias is not a constant"
-    return None
+        raise MatchFailure("its bias is not a constant")
 
 
-def int8_dense_problem(node: Node) -> str | None:
-    """Why a Gemm or MatMul cannot run as kiln's int8 dense kernel, or None when it can."""
+def check_int8_dense(node: Node) -> None:
+    """A Gemm or MatMul can run as kiln's int8 dense kernel; else MatchFailure says why not."""
     x, w = node.input(0), node.input(1)
     if w is None or not w.is_constant or w.shape is None or len(w.shape) != 2:
-        return "its weight is not a constant matrix"
+        raise MatchFailure("its weight is not a constant matrix")
     if x is None or x.shape is None or len(x.shape) != 2:
-        return "only 2-D inputs have an int8 dense kernel"
+        raise MatchFailure("only 2-D inputs have an int8 dense kernel")
     if node.op_type == "Gemm":
         if node.attr("transA", 0) or node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0:
-            return "transA, alpha or beta is not the default"
+            raise MatchFailure("transA, alpha or beta is not the default")
         b = node.input(2)
         n = w.shape[0] if node.attr("transB", 0) else w.shape[1]
         if b is not None and (not b.is_constant or b.numpy().size not in (1, n) or b.numpy().ndim > 1):
-            return "its bias is not a constant vector"
+            raise MatchFailure("its bias is not a constant vector")
     k = w.shape[1] if node.op_type == "Gemm" and node.attr("transB", 0) else w.shape[0]
     if k % 4:
-        return f"its reduction ({k}) is not a multiple of 4"
-    return None
+        raise MatchFailure(f"its reduction ({k}) is not a multiple of 4")
+
+
+def _passes(check: Callable[[Node], None], node: Node) -> bool:
+    """Whether ``check(node)`` holds (raises no MatchFailure)."""
+    try:
+        check(node)
+    except MatchFailure:
+        return False
+    return True
 
 
 def _dense_axis(node: Node) -> int:
@@ -330,11 +347,11 @@ def quantizable_layers(graph: Graph) -> list[QuantLayer]:
         if n.domain or n.op_type not in ("Conv", "Add", "Sum", "Gemm", "MatMul"):
             continue
         if n.op_type in ("Gemm", "MatMul"):
-            if int8_dense_problem(n) is None and n.inputs[0].dtype == DType.FLOAT32:
+            if _passes(check_int8_dense, n) and n.inputs[0].dtype == DType.FLOAT32:
                 layers.append(QuantLayer(n.name, "dense", n, (n.inputs[0],)))
             continue
         if n.op_type == "Conv":
-            if int8_conv_problem(n) is None and n.inputs[0].dtype == DType.FLOAT32:
+            if _passes(check_int8_conv, n) and n.inputs[0].dtype == DType.FLOAT32:
                 layers.append(QuantLayer(n.name, "conv", n, (n.inputs[0],)))
                 conv_outputs.add(id(_through_relu(n.outputs[0])))
             continue
@@ -473,7 +490,6 @@ class Quantize(Pass):
     """
 
     name: ClassVar[str] = "quantize"
-    description: ClassVar[str] = "insert Q/DQ around int8-capable layers from calibrated ranges"
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     per_channel: bool = True
     symmetric: bool = False

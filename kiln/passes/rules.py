@@ -1,9 +1,10 @@
 """Rewrite rules, rule sets, and the pass that applies a rule set.
 
-Register a rule with :func:`register_rule`. Every rule carries an ``example``:
-a function that builds a small graph the rule fires on. The verified-rewrite
-test runs each example before and after the rule, through kiln's evaluator and
-through onnxruntime, and a rule without an example fails that test.
+:func:`register_rule_set` registers rules by name and a pass that applies them.
+Every rule carries an ``example``: a function that builds a small graph the rule
+fires on. The verified-rewrite test runs each example before and after the rule,
+through kiln's evaluator and through onnxruntime, and a rule without an example
+fails that test.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from kiln.ir import DType, Graph, Node, Value, infer_shapes
-from kiln.passes.manager import Pass, PassResult
+from kiln.passes.manager import NearMiss, Pass, PassResult, RuleRun, register_pass_factory
 from kiln.passes.pattern import (
-    Attempt, Match, MatchContext, MatchResult, Out, RewriteBuilder, build_pattern, call_with_bindings,
+    Attempt, Match, MatchContext, MatchFailure, Out, RewriteBuilder, build_pattern, call_with_bindings,
     iter_outputs, match,
 )
 
@@ -23,15 +24,16 @@ from kiln.passes.pattern import (
 class RewriteRule:
     """One rule: ``pattern(op, *vars)``, optional ``check(ctx, **b)``, ``rewrite(op, **b)``.
 
-    ``priority`` orders overlapping rules (higher first). ``example()`` returns a
-    small graph the rule fires on; ``rtol``/``atol`` are the float32 tolerances
-    its verification uses.
+    ``check`` returns None, or raises :class:`MatchFailure` with the reason the match
+    must not be used. ``priority`` orders overlapping rules (higher first).
+    ``example()`` returns a small graph the rule fires on; ``rtol``/``atol`` are the
+    float32 tolerances its verification uses.
     """
 
     name: str
     pattern: Callable[..., Any]
     rewrite: Callable[..., Any]
-    check: Callable[..., MatchResult] | None = None
+    check: Callable[..., None] | None = None
     priority: int = 0
     example: Callable[[], Graph] | None = None
     description: str = ""
@@ -43,19 +45,29 @@ class RewriteRule:
     def root(self) -> Out:
         """The built pattern (built once)."""
         if self._root is None:
-            self._root, _ = build_pattern(self.pattern)
+            self._root = build_pattern(self.pattern)
         return self._root
 
+    @property
+    def root_op(self) -> str:
+        """The op the pattern is rooted at: ``Add``, or ``kiln::FusedConv``."""
+        node = self.root.node
+        return f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+
     def try_match(self, node: Node) -> Match | Attempt:
-        """Structural match at ``node``, then the rule's check."""
+        """Structural match at ``node``, then the rule's check (a MatchFailure is the failed attempt)."""
         result = match(self.root, node)
         if isinstance(result, Attempt) or self.check is None:
             return result
         assert node.graph is not None
         ctx = MatchContext(node.graph, node, result.matched)
-        verdict = call_with_bindings(self.check, ctx, result.bindings())
-        if not verdict:
-            return Attempt(node, len(result.matched) + 1, f"check failed: {verdict.reason}")
+        try:
+            verdict = call_with_bindings(self.check, ctx, result.bindings())
+        except MatchFailure as f:
+            return Attempt(node, len(result.matched) + 1, f"check failed: {f.reason}")
+        if verdict is not None:
+            raise TypeError(f"the check of rule '{self.name}' returned {verdict!r}; a check returns None "
+                            "and raises MatchFailure(reason) when the match must not be used")
         return result
 
     def apply(self, m: Match) -> bool:
@@ -130,19 +142,53 @@ class RuleSet:
 
 @dataclass
 class RewriteStats:
-    """Fire counts, and the nearest miss for each rule that never fired (for --explain)."""
+    """What :func:`apply_rules` did: fire counts, and every rule's nearest miss (for ``--explain``)."""
 
     fired: dict[str, int] = field(default_factory=dict)
-    near_miss: dict[str, Attempt] = field(default_factory=dict)
+    roots: dict[str, str] = field(default_factory=dict)  # every rule tried -> the op its pattern is rooted at
+    misses: dict[str, dict[int, Attempt]] = field(default_factory=dict)  # rule -> id(root node) -> latest miss
+
+    @property
+    def near_miss(self) -> dict[str, Attempt]:
+        """Each rule's deepest failed attempt (the latest one at each node), at a node where it did not fire afterwards."""
+        out: dict[str, Attempt] = {}
+        for name, by_node in self.misses.items():
+            for a in by_node.values():
+                if name not in out or a.depth > out[name].depth:
+                    out[name] = a
+        return out
+
+    def runs(self) -> dict[str, RuleRun]:
+        """Every rule tried, as the pass manager reports it."""
+        misses = self.near_miss
+        return {name: RuleRun(root, self.fired.get(name, 0),
+                              NearMiss(misses[name].root.label(), misses[name].reason, misses[name].depth)
+                              if name in misses else None)
+                for name, root in self.roots.items()}
+
+    def _missed(self, rule: str, attempt: Attempt) -> None:
+        # the latest attempt at a node says why it fails there now; the attempt holds the node, so its id stays unique
+        self.misses.setdefault(rule, {})[id(attempt.root)] = attempt
+
+    def _fired(self, rule: str, node: Node) -> None:
+        self.fired[rule] = self.fired.get(rule, 0) + 1
+        self.misses.get(rule, {}).pop(id(node), None)
 
 
-def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20) -> RewriteStats:
-    """Apply ``rules`` everywhere in ``graph`` (and subgraphs) until none matches."""
-    stats = RewriteStats()
+def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20,
+                stats: RewriteStats | None = None) -> RewriteStats:
+    """Apply ``rules`` everywhere in ``graph`` (and subgraphs) until none matches.
+
+    Pass ``stats`` to accumulate over several calls (a miss at a node where the rule fires
+    in a later call is then forgotten).
+    """
+    stats = stats if stats is not None else RewriteStats()
     ordered = sorted(rules, key=lambda r: -r.priority)
     by_op: dict[tuple[str, str], list[RewriteRule]] = {}
     for r in ordered:
+        stats.roots.setdefault(r.name, r.root_op)
         by_op.setdefault((r.root.node.domain, r.root.node.op_type), []).append(r)
+    fired = False
     for _ in range(max_rounds):
         changed = False
         for g in list(graph.walk_graphs()):
@@ -152,20 +198,18 @@ def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20)
                 for rule in by_op.get((node.domain, node.op_type), ()):
                     result = rule.try_match(node)
                     if isinstance(result, Attempt):
-                        best = stats.near_miss.get(rule.name)
-                        if best is None or result.depth > best.depth:
-                            stats.near_miss[rule.name] = result
+                        stats._missed(rule.name, result)
                         continue
                     if not rule.apply(result):
-                        stats.near_miss.setdefault(rule.name, Attempt(
-                            node, len(result.matched), "the value must stay a graph output under its own name"))
+                        stats._missed(rule.name, Attempt(node, len(result.matched),
+                                                         "the value must stay a graph output under its own name"))
                         continue
-                    stats.fired[rule.name] = stats.fired.get(rule.name, 0) + 1
-                    changed = True
+                    stats._fired(rule.name, node)
+                    changed = fired = True
                     break
         if not changed:
             break
-    if stats.fired and _has_untyped(graph):
+    if fired and _has_untyped(graph):
         infer_shapes(graph)
     return stats
 
@@ -176,7 +220,7 @@ def _has_untyped(graph: Graph) -> bool:
 
 @dataclass(repr=False)
 class RewritePass(Pass):
-    """Applies a rule set; its details are the rules' fire counts."""
+    """Applies a rule set; its details are the rules' fire counts, its rules their runs."""
 
     rule_set: RuleSet | None = None
 
@@ -184,45 +228,23 @@ class RewritePass(Pass):
     def name(self) -> str:  # type: ignore[override]
         return self.rule_set.name if self.rule_set else "rewrite"
 
+    def rule_names(self) -> list[str]:
+        """The names of the rules in the rule set."""
+        return [r.name for r in self.rule_set.rules] if self.rule_set else []
+
     def run(self, graph: Graph) -> PassResult:
         assert self.rule_set is not None
         stats = apply_rules(graph, self.rule_set.ordered())
-        return PassResult.of(graph, sum(stats.fired.values()), stats.fired)
+        return PassResult.of(graph, sum(stats.fired.values()), stats.fired, stats.runs())
 
 
 def register_rule_set(name: str, rules: Sequence[RewriteRule]) -> RuleSet:
     """Register ``rules`` and a pass named ``name`` that applies them (``--passes name``)."""
-    from kiln.passes.manager import register_pass_factory
-
     for r in rules:
         register_rule(r)
     rule_set = RuleSet(name, list(rules))
     register_pass_factory(name, lambda: RewritePass(rule_set=rule_set))
     return rule_set
-
-
-def explain(graph: Graph, rule_name: str) -> str:
-    """Why ``rule_name`` does or does not fire on ``graph``: its fire count or nearest miss."""
-    rule = RULES.get(rule_name)
-    if rule is None:
-        known = ", ".join(sorted(RULES))
-        raise KeyError(f"no rule named '{rule_name}'; known rules: {known}")
-    best: Attempt | None = None
-    fires = 0
-    for node in graph.walk_nodes():
-        if node.op_type != rule.root.node.op_type or node.domain != rule.root.node.domain:
-            continue
-        result = rule.try_match(node)
-        if isinstance(result, Attempt):
-            if best is None or result.depth > best.depth:
-                best = result
-        else:
-            fires += 1
-    if fires:
-        return f"rule '{rule_name}' matches {fires} place(s) in this graph"
-    if best is None:
-        return f"rule '{rule_name}' never came close: the graph has no {rule.root.node.op_type} node"
-    return f"rule '{rule_name}' nearest miss at {best.root.label()}: {best.reason}"
 
 
 def example_graph(

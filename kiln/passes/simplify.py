@@ -1,13 +1,14 @@
 """Cleanup and simplification rules: no-op removal and algebraic identities.
 
-Two rule lists, for the pipeline owner to register:
+This module registers one rule set, the pass ``simplify``, from two lists:
 
 - ``NOOP_RULES``: nodes that compute their input unchanged (Identity, inference
   Dropout, a Cast to the input's own type, a Reshape/Expand to the input's own
   shape, Transposes that cancel, Squeeze/Unsqueeze pairs that cancel). Each
   rewrite returns the input value, so the node disappears.
 - ``ALGEBRA_RULES``: generated from ``ALGEBRA_TABLE``, one row per identity
-  (``x * 1 -> x``, ``(x * c1) * c2 -> x * (c1*c2)``, ``Neg(Neg(x)) -> x``, ...).
+  (``x * 1 -> x``, ``(x * c1) * c2 -> x * (c1*c2)``, ``Neg(Neg(x)) -> x``, ...),
+  each row a whole rule: name, pattern, conditions, replacement, description, example.
 
 Rewrites that forward an existing value need no special care for graph outputs:
 the engine keeps every output's name, with an Identity where the forwarded value
@@ -21,9 +22,9 @@ from typing import Any, Callable, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from kiln.ir import DType, Graph, Node, Value
-from kiln.passes.pattern import Const, MatchContext, MatchResult, Optional, Var
-from kiln.passes.rules import RewriteRule, example_graph
+from kiln.ir import DType, Graph, Node, Value, const_ints, normalize_axes
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional
+from kiln.passes.rules import RewriteRule, example_graph, register_rule_set
 
 F32 = DType.FLOAT32
 
@@ -36,25 +37,20 @@ def _shape_str(v: Value) -> str:
     return "(" + ", ".join(str(d) for d in v.shape) + ("," if len(v.shape) == 1 else "") + ")"
 
 
-def _const_ints(v: Value) -> list[int]:
-    return [int(a) for a in np.asarray(v.numpy()).reshape(-1)]
-
-
-def _enlarges(x: Value, c: Value, dtype: bool = True) -> str | None:
-    """Why broadcasting ``c`` against ``x`` could change x's shape (or, with ``dtype``, its dtype)."""
+def _check_keeps(x: Value, c: Value, dtype: bool = True) -> None:
+    """Broadcasting ``c`` against ``x`` leaves x's shape (and, with ``dtype``, its dtype) unchanged."""
     if dtype and x.dtype is not None and c.dtype is not None and x.dtype is not c.dtype:
-        return f"constant %{c.name} is {c.dtype} but %{x.name} is {x.dtype}"
+        raise MatchFailure(f"constant %{c.name} is {c.dtype} but %{x.name} is {x.dtype}")
     if x.shape is None:
-        return f"the rank of %{x.name} is unknown, so broadcasting %{c.name} might enlarge it"
+        raise MatchFailure(f"the rank of %{x.name} is unknown, so broadcasting %{c.name} might enlarge it")
     cs = tuple(c.numpy().shape)
     if len(cs) > len(x.shape):
-        return (f"constant %{c.name} of shape {cs} has a higher rank than %{x.name} {_shape_str(x)}, "
-                "so broadcasting enlarges it")
+        raise MatchFailure(f"constant %{c.name} of shape {cs} has a higher rank than %{x.name} {_shape_str(x)}, "
+                           "so broadcasting enlarges it")
     for e, d in zip(reversed(cs), reversed(x.shape)):
         if e != 1 and not (isinstance(d, int) and d == e):
-            return (f"constant %{c.name} of shape {cs} would broadcast %{x.name} {_shape_str(x)} to a larger "
-                    "(or unprovable) shape")
-    return None
+            raise MatchFailure(f"constant %{c.name} of shape {cs} would broadcast %{x.name} {_shape_str(x)} to a "
+                               "larger (or unprovable) shape")
 
 
 # =========================================================================== no-op rules
@@ -73,23 +69,22 @@ IDENTITY = RewriteRule(
 )
 
 
-def _dropout_pattern(op, x):
-    return op.Dropout(x, Optional(Var("ratio")), Optional(Var("training_mode")), _name="drop")
+def _dropout_pattern(op, x, ratio, training_mode):
+    return op.Dropout(x, Optional(ratio), Optional(training_mode), _name="drop")
 
 
-def _dropout_check(ctx: MatchContext, x: Value, training_mode: Value | None, drop: Node) -> MatchResult:
+def _dropout_check(ctx: MatchContext, x: Value, training_mode: Value | None, drop: Node) -> None:
     for mask in drop.outputs[1:]:
         if mask.name and (mask.uses or mask.is_graph_output):
             where = "a graph output" if mask.is_graph_output else f"read by {mask.users[0].label()}"
-            return MatchResult.fail(f"the Dropout mask output %{mask.name} is used ({where})")
+            raise MatchFailure(f"the Dropout mask output %{mask.name} is used ({where})")
     if 0 < ctx.graph.model_opset.get("", 0) < 7 and not drop.attr("is_test", 0):
-        return MatchResult.fail("Dropout before opset 7 trains unless is_test=1")
+        raise MatchFailure("Dropout before opset 7 trains unless is_test=1")
     if training_mode is not None:
         if not training_mode.is_constant:
-            return MatchResult.fail(f"training_mode %{training_mode.name} is not a constant, so Dropout may train")
+            raise MatchFailure(f"training_mode %{training_mode.name} is not a constant, so Dropout may train")
         if np.any(training_mode.numpy()):
-            return MatchResult.fail(f"training_mode %{training_mode.name} is true: Dropout runs in training mode")
-    return MatchResult.ok()
+            raise MatchFailure(f"training_mode %{training_mode.name} is true: Dropout runs in training mode")
 
 
 def _dropout_rewrite(op, x: Value, drop: Node) -> Any:
@@ -109,13 +104,12 @@ DROPOUT = RewriteRule(
 )
 
 
-def _cast_check(ctx: MatchContext, x: Value, cast: Node) -> MatchResult:
+def _cast_check(ctx: MatchContext, x: Value, cast: Node) -> None:
     if x.dtype is None:
-        return MatchResult.fail(f"the dtype of %{x.name} is unknown")
+        raise MatchFailure(f"the dtype of %{x.name} is unknown")
     to = cast.attr("to")
     if to != x.dtype.onnx_code:
-        return MatchResult.fail(f"Cast to type {to} changes %{x.name} ({x.dtype}, type {x.dtype.onnx_code})")
-    return MatchResult.ok()
+        raise MatchFailure(f"Cast to type {to} changes %{x.name} ({x.dtype}, type {x.dtype.onnx_code})")
 
 
 CAST_SAME = RewriteRule(
@@ -129,12 +123,11 @@ CAST_SAME = RewriteRule(
 )
 
 
-def _castlike_check(ctx: MatchContext, x: Value, like: Value) -> MatchResult:
+def _castlike_check(ctx: MatchContext, x: Value, like: Value) -> None:
     if x.dtype is None or like.dtype is None:
-        return MatchResult.fail(f"the dtype of %{x.name} or %{like.name} is unknown")
+        raise MatchFailure(f"the dtype of %{x.name} or %{like.name} is unknown")
     if x.dtype is not like.dtype:
-        return MatchResult.fail(f"CastLike changes %{x.name} from {x.dtype} to {like.dtype}")
-    return MatchResult.ok()
+        raise MatchFailure(f"CastLike changes %{x.name} from {x.dtype} to {like.dtype}")
 
 
 CASTLIKE_SAME = RewriteRule(
@@ -148,30 +141,29 @@ CASTLIKE_SAME = RewriteRule(
 )
 
 
-def _reshape_check(ctx: MatchContext, x: Value, shape: Value, reshape: Node) -> MatchResult:
+def _reshape_check(ctx: MatchContext, x: Value, shape: Value, reshape: Node) -> None:
     if x.shape is None:
-        return MatchResult.fail(f"the rank of %{x.name} is unknown")
-    target = _const_ints(shape)
+        raise MatchFailure(f"the rank of %{x.name} is unknown")
+    target = const_ints(shape) or []
     dims = x.shape
     if len(target) != len(dims):
-        return MatchResult.fail(f"Reshape to rank {len(target)} changes the rank of %{x.name} {_shape_str(x)}")
+        raise MatchFailure(f"Reshape to rank {len(target)} changes the rank of %{x.name} {_shape_str(x)}")
     allowzero = reshape.attr("allowzero", 0)
     infer = [i for i, t in enumerate(target) if t == -1]
     if len(infer) > 1:
-        return MatchResult.fail(f"target shape {target} has more than one -1")
+        raise MatchFailure(f"target shape {target} has more than one -1")
     for i, (t, d) in enumerate(zip(target, dims)):
         if t == -1:
             continue
         if t == 0 and not allowzero:
             continue  # copies dim i of the input
         if not (isinstance(d, int) and d == t):
-            return MatchResult.fail(f"target shape {target} differs from %{x.name} {_shape_str(x)} at dim {i}")
+            raise MatchFailure(f"target shape {target} differs from %{x.name} {_shape_str(x)} at dim {i}")
     if infer:
         others = [d for i, d in enumerate(dims) if i != infer[0]]
         if not all(isinstance(d, int) and d > 0 for d in others):
-            return MatchResult.fail(f"the -1 in target shape {target} is inferred from dims of %{x.name} "
-                                    f"{_shape_str(x)} that are not static and non-zero")
-    return MatchResult.ok()
+            raise MatchFailure(f"the -1 in target shape {target} is inferred from dims of %{x.name} "
+                               f"{_shape_str(x)} that are not static and non-zero")
 
 
 def _reshape_example() -> Graph:
@@ -182,30 +174,28 @@ def _reshape_example() -> Graph:
 RESHAPE_NOOP = RewriteRule(
     name="reshape-noop",
     description="Reshape(x, shape) whose constant shape (0 copies a dim unless allowzero, -1 infers) is x's own -> x.",
-    pattern=lambda op, x: op.Reshape(x, Const("shape"), _name="reshape"),
+    pattern=lambda op, x, shape=Const(): op.Reshape(x, shape, _name="reshape"),
     check=_reshape_check,
     rewrite=lambda op, x: x,
     example=_reshape_example,
 )
 
 
-def _expand_check(ctx: MatchContext, x: Value, shape: Value) -> MatchResult:
+def _expand_check(ctx: MatchContext, x: Value, shape: Value) -> None:
     if x.shape is None:
-        return MatchResult.fail(f"the rank of %{x.name} is unknown")
-    target = _const_ints(shape)
+        raise MatchFailure(f"the rank of %{x.name} is unknown")
+    target = const_ints(shape) or []
     if len(target) > len(x.shape):
-        return MatchResult.fail(f"Expand to {target} raises the rank of %{x.name} {_shape_str(x)}")
+        raise MatchFailure(f"Expand to {target} raises the rank of %{x.name} {_shape_str(x)}")
     for i, (e, d) in enumerate(zip(reversed(target), reversed(x.shape))):
         if e != 1 and not (isinstance(d, int) and d == e):
-            return MatchResult.fail(f"Expand to {target} changes %{x.name} {_shape_str(x)} "
-                                    f"at dim {len(x.shape) - 1 - i}")
-    return MatchResult.ok()
+            raise MatchFailure(f"Expand to {target} changes %{x.name} {_shape_str(x)} at dim {len(x.shape) - 1 - i}")
 
 
 EXPAND_NOOP = RewriteRule(
     name="expand-noop",
     description="Expand(x, shape) whose constant shape broadcasts to exactly x's shape -> x.",
-    pattern=lambda op, x: op.Expand(x, Const("shape")),
+    pattern=lambda op, x, shape=Const(): op.Expand(x, shape),
     check=_expand_check,
     rewrite=lambda op, x: x,
     example=lambda: example_graph("expand_noop", {"x": (F32, (2, 3, 4))},
@@ -220,13 +210,12 @@ def _perm(node: Node, rank: int | None) -> list[int] | None:
     return None if rank is None else list(range(rank))[::-1]
 
 
-def _transpose_check(ctx: MatchContext, x: Value, t: Node) -> MatchResult:
+def _transpose_check(ctx: MatchContext, x: Value, t: Node) -> None:
     perm = _perm(t, x.rank)
     if perm is None:
-        return MatchResult.fail(f"Transpose has no perm and the rank of %{x.name} is unknown")
+        raise MatchFailure(f"Transpose has no perm and the rank of %{x.name} is unknown")
     if perm != list(range(len(perm))):
-        return MatchResult.fail(f"perm {perm} is not the identity")
-    return MatchResult.ok()
+        raise MatchFailure(f"perm {perm} is not the identity")
 
 
 TRANSPOSE_IDENTITY = RewriteRule(
@@ -240,14 +229,13 @@ TRANSPOSE_IDENTITY = RewriteRule(
 )
 
 
-def _transpose_pair_check(ctx: MatchContext, x: Value, t1: Node, t2: Node) -> MatchResult:
+def _transpose_pair_check(ctx: MatchContext, x: Value, t1: Node, t2: Node) -> None:
     p1 = _perm(t1, x.rank)
     p2 = _perm(t2, x.rank)
     if p1 is None or p2 is None:
-        return MatchResult.fail(f"a Transpose has no perm and the rank of %{x.name} is unknown")
+        raise MatchFailure(f"a Transpose has no perm and the rank of %{x.name} is unknown")
     if len(p1) != len(p2) or [p1[j] for j in p2] != list(range(len(p1))):
-        return MatchResult.fail(f"perms {p1} then {p2} do not cancel")
-    return MatchResult.ok()
+        raise MatchFailure(f"perms {p1} then {p2} do not cancel")
 
 
 TRANSPOSE_PAIR = RewriteRule(
@@ -263,28 +251,28 @@ TRANSPOSE_PAIR = RewriteRule(
 
 
 def _axes(node: Node, axes_input: Value | None, in_rank: int | None, out_rank: int | None,
-          squeeze_shape: tuple | None) -> list[int] | str:
-    """Sorted, normalised axes of a Squeeze/Unsqueeze node, or the reason they cannot be known.
+          squeeze_shape: tuple | None) -> list[int]:
+    """Sorted, normalised axes of a Squeeze/Unsqueeze node; raises MatchFailure when they cannot be known.
 
     Axes come from the constant input (opset 13+) or the attribute (older opsets).
     Unsqueeze axes index its output (rank ``out_rank``), Squeeze axes its input.
     """
     if axes_input is not None:
-        if not axes_input.is_constant:
-            return f"the axes %{axes_input.name} of {node.label()} are not a constant"
-        raw = _const_ints(axes_input)
+        raw = const_ints(axes_input)
+        if raw is None:
+            raise MatchFailure(f"the axes %{axes_input.name} of {node.label()} are not a constant")
     elif node.attr("axes") is not None:
         raw = [int(a) for a in node.attr("axes")]
     elif node.op_type == "Squeeze":
         if squeeze_shape is None or not all(isinstance(d, int) for d in squeeze_shape):
-            return f"{node.label()} squeezes every size-1 dim, and its input shape is not static"
+            raise MatchFailure(f"{node.label()} squeezes every size-1 dim, and its input shape is not static")
         return [i for i, d in enumerate(squeeze_shape) if d == 1]
     else:
-        return f"{node.label()} has no axes"
+        raise MatchFailure(f"{node.label()} has no axes")
     rank = out_rank if node.op_type == "Unsqueeze" else in_rank
     if rank is None:
-        return f"the rank around {node.label()} is unknown"
-    return sorted(a + rank if a < 0 else a for a in raw)
+        raise MatchFailure(f"the rank around {node.label()} is unknown")
+    return normalize_axes(raw, rank)
 
 
 def _n_axes(node: Node, axes_input: Value | None) -> int:
@@ -294,45 +282,41 @@ def _n_axes(node: Node, axes_input: Value | None) -> int:
     return len(node.attr("axes") or ())
 
 
+def _rank_of(x: Value) -> int:
+    if x.rank is None:
+        raise MatchFailure(f"the rank of %{x.name} is unknown")
+    return x.rank
+
+
 def _squeeze_unsqueeze_check(ctx: MatchContext, x: Value, sq_axes: Value | None, unsq_axes: Value | None,
-                             sq: Node, unsq: Node) -> MatchResult:
-    r = x.rank
-    if r is None:
-        return MatchResult.fail(f"the rank of %{x.name} is unknown")
+                             sq: Node, unsq: Node) -> None:
+    r = _rank_of(x)
     a = _axes(sq, sq_axes, r, None, x.shape)
-    if isinstance(a, str):
-        return MatchResult.fail(a)
     b = _axes(unsq, unsq_axes, None, r - len(a) + _n_axes(unsq, unsq_axes), None)
-    if isinstance(b, str):
-        return MatchResult.fail(b)
     if a != b:
-        return MatchResult.fail(f"Squeeze axes {a} and Unsqueeze axes {b} differ")
+        raise MatchFailure(f"Squeeze axes {a} and Unsqueeze axes {b} differ")
     for i in a:
         d = x.shape[i]  # type: ignore[index]
         if isinstance(d, int) and d != 1:
-            return MatchResult.fail(f"Squeeze axis {i} of %{x.name} has size {d}, not 1")
-    return MatchResult.ok()
+            raise MatchFailure(f"Squeeze axis {i} of %{x.name} has size {d}, not 1")
 
 
 def _unsqueeze_squeeze_check(ctx: MatchContext, x: Value, unsq_axes: Value | None, sq_axes: Value | None,
-                             unsq: Node, sq: Node) -> MatchResult:
-    r = x.rank
-    if r is None:
-        return MatchResult.fail(f"the rank of %{x.name} is unknown")
+                             unsq: Node, sq: Node) -> None:
+    r = _rank_of(x)
     a = _axes(unsq, unsq_axes, None, r + _n_axes(unsq, unsq_axes), None)
-    if isinstance(a, str):
-        return MatchResult.fail(a)
     b = _axes(sq, sq_axes, r + len(a), None, unsq.outputs[0].shape)
-    if isinstance(b, str):
-        return MatchResult.fail(b)
     if a != b:
-        return MatchResult.fail(f"Unsqueeze axes {a} and Squeeze axes {b} differ")
-    return MatchResult.ok()
+        raise MatchFailure(f"Unsqueeze axes {a} and Squeeze axes {b} differ")
 
 
-def _unsqueeze_squeeze_pattern(op, x):
-    y = op.Unsqueeze(x, Optional(Var("unsq_axes")), _name="unsq")
-    return op.Squeeze(y, Optional(Var("sq_axes")), _name="sq")
+def _squeeze_unsqueeze_pattern(op, x, sq_axes, unsq_axes):
+    return op.Unsqueeze(op.Squeeze(x, Optional(sq_axes), _name="sq"), Optional(unsq_axes), _name="unsq")
+
+
+def _unsqueeze_squeeze_pattern(op, x, unsq_axes, sq_axes):
+    y = op.Unsqueeze(x, Optional(unsq_axes), _name="unsq")
+    return op.Squeeze(y, Optional(sq_axes), _name="sq")
 
 
 def _axes_const(op, axes: list[int]) -> Value:
@@ -342,8 +326,7 @@ def _axes_const(op, axes: list[int]) -> Value:
 SQUEEZE_UNSQUEEZE = RewriteRule(
     name="squeeze-unsqueeze",
     description="Unsqueeze(Squeeze(x, axes), axes) with the same normalised axes -> x.",
-    pattern=lambda op, x: op.Unsqueeze(op.Squeeze(x, Optional(Var("sq_axes")), _name="sq"),
-                                       Optional(Var("unsq_axes")), _name="unsq"),
+    pattern=_squeeze_unsqueeze_pattern,
     check=_squeeze_unsqueeze_check,
     rewrite=lambda op, x: x,
     example=lambda: example_graph(
@@ -369,20 +352,19 @@ NOOP_RULES: list[RewriteRule] = [
 
 # =========================================================================== algebraic rules
 #
-# A condition is ``cond(ctx, **bindings) -> str | None``: None when it holds, else the
-# reason it does not. A row's conditions run in order; the first reason is the check's.
+# A condition is ``cond(**bindings) -> None`` that raises MatchFailure with its reason when it
+# does not hold; a row's conditions run in order. The factories below name the bindings they read.
 
-Cond = Callable[..., str | None]
+Cond = Callable[..., None]
 
 
 def all_equal(name: str, value: float) -> Cond:
     """Constant ``name`` is ``value`` everywhere."""
 
-    def cond(ctx: MatchContext, **b: Value) -> str | None:
+    def cond(**b: Value) -> None:
         arr = b[name].numpy()
         if arr.size == 0 or not np.all(arr == value):
-            return f"constant %{b[name].name} is not all {value:g}"
-        return None
+            raise MatchFailure(f"constant %{b[name].name} is not all {value:g}")
 
     return cond
 
@@ -391,26 +373,26 @@ def keeps(x: str, c: str, dtype: bool = True) -> Cond:
     """Broadcasting constant ``c`` against ``x`` leaves x's shape (and dtype) unchanged.
 
     ``dtype=False`` for Pow, whose exponent may have another type than its base."""
-    return lambda ctx, **b: _enlarges(b[x], b[c], dtype)
+    return lambda **b: _check_keeps(b[x], b[c], dtype)
 
 
 def same_dtype(x: str, c: str) -> Cond:
     """``c`` has x's dtype (the merged constant keeps it)."""
 
-    def cond(ctx: MatchContext, **b: Value) -> str | None:
+    def cond(**b: Value) -> None:
         if b[x].dtype is not b[c].dtype:
-            return f"constant %{b[c].name} is {b[c].dtype} but %{b[x].name} is {b[x].dtype}"
-        return None
+            raise MatchFailure(f"constant %{b[c].name} is {b[c].dtype} but %{b[x].name} is {b[x].dtype}")
 
     return cond
 
 
 def is_float(name: str) -> Cond:
-    def cond(ctx: MatchContext, **b: Value) -> str | None:
+    """``name`` has a float dtype."""
+
+    def cond(**b: Value) -> None:
         dt = b[name].dtype
         if dt is None or not dt.is_float:
-            return f"%{b[name].name} is {dt}, not a float type"
-        return None
+            raise MatchFailure(f"%{b[name].name} is {dt}, not a float type")
 
     return cond
 
@@ -433,23 +415,22 @@ def _combine(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], a: Value, b: Va
 def mergeable(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], c1: str, c2: str) -> Cond:
     """``fn(c1, c2)`` is a finite constant of c1's dtype no bigger than the larger of the two."""
 
-    def cond(ctx: MatchContext, **b: Value) -> str | None:
+    def cond(**b: Value) -> None:
         a, c = b[c1], b[c2]
         if a.dtype is not c.dtype:
-            return f"constants %{a.name} ({a.dtype}) and %{c.name} ({c.dtype}) differ in dtype"
+            raise MatchFailure(f"constants %{a.name} ({a.dtype}) and %{c.name} ({c.dtype}) differ in dtype")
         shape = np.broadcast_shapes(a.numpy().shape, c.numpy().shape)
         if int(np.prod(shape)) > _MAX_MERGED_GROWTH * max(a.numpy().size, c.numpy().size):
-            return (f"merging %{a.name} {a.numpy().shape} and %{c.name} {c.numpy().shape} "
-                    f"would grow the constant to {shape}")
+            raise MatchFailure(f"merging %{a.name} {a.numpy().shape} and %{c.name} {c.numpy().shape} "
+                               f"would grow the constant to {shape}")
         if a.dtype is not None and a.dtype.is_float:
             if np.any(c.numpy() == 0) and fn is np.divide:
-                return f"constant %{c.name} has a zero: dividing by it"
+                raise MatchFailure(f"constant %{c.name} has a zero: dividing by it")
             both_finite = np.all(np.isfinite(a.numpy().astype(np.float64))) and np.all(
                 np.isfinite(c.numpy().astype(np.float64)))
             merged = _combine(fn, a, c).astype(np.float64)
             if both_finite and not np.all(np.isfinite(merged)):
-                return f"merging %{a.name} and %{c.name} overflows {a.dtype}"
-        return None
+                raise MatchFailure(f"merging %{a.name} and %{c.name} overflows {a.dtype}")
 
     return cond
 
@@ -457,18 +438,17 @@ def mergeable(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], c1: str, c2: s
 def reciprocal_ok(name: str) -> Cond:
     """1/c is exact enough: c is finite and non-zero, and 1/c is finite and a normal number."""
 
-    def cond(ctx: MatchContext, **b: Value) -> str | None:
+    def cond(**b: Value) -> None:
         v = b[name]
         arr = v.numpy().astype(np.float64)
         if np.any(arr == 0):
-            return f"constant %{v.name} has a zero: x / 0 is not x * (1/0) for x = 0"
+            raise MatchFailure(f"constant %{v.name} has a zero: x / 0 is not x * (1/0) for x = 0")
         if not np.all(np.isfinite(arr)):
-            return f"constant %{v.name} is not finite"
+            raise MatchFailure(f"constant %{v.name} is not finite")
         r = _reciprocal(v).astype(np.float64)
         tiny = float(ml_dtypes.finfo(v.dtype.numpy).tiny)  # type: ignore[union-attr]
         if not np.all(np.isfinite(r)) or np.any(np.abs(r) < tiny):
-            return f"the reciprocal of %{v.name} is not a finite normal {v.dtype} number"
-        return None
+            raise MatchFailure(f"the reciprocal of %{v.name} is not a finite normal {v.dtype} number")
 
     return cond
 
@@ -479,12 +459,17 @@ def _reciprocal(c: Value) -> np.ndarray:
 
 
 class Alg(NamedTuple):
-    """One algebraic identity: ``pattern`` -> ``replacement`` when every condition holds."""
+    """One algebraic identity, a whole rule: ``pattern`` -> ``replacement`` when every condition holds.
+
+    ``example(op, x)`` builds, for x: f32[2,3,4], a graph the rule must fire on.
+    """
 
     name: str
     pattern: Callable[..., Any]
     conditions: tuple[Cond, ...]
     replacement: Callable[..., Any]
+    description: str
+    example: Callable[..., Any]
     priority: int = 0
 
 
@@ -493,7 +478,10 @@ def _merged(op, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], c1: Value, c
     return op.constant(_combine(fn, c1, c2), f"{c1.name}_{fn.__name__}")
 
 
-C, C1, C2 = Const("c"), Const("c1"), Const("c2")
+def _f32(v: float | list) -> np.ndarray:
+    return np.asarray(v, np.float32)
+
+
 ONE, ZERO, TWO = all_equal("c", 1), all_equal("c", 0), all_equal("c", 2)
 KEEP, KEEP_POW, FLOAT = keeps("x", "c"), keeps("x", "c", dtype=False), is_float("x")
 SAME, SAME1, RECIP = same_dtype("x", "c"), same_dtype("x", "c1"), reciprocal_ok("c")
@@ -501,78 +489,67 @@ MERGE_MUL, MERGE_ADD, MERGE_DIV = (mergeable(fn, "c1", "c2") for fn in (np.multi
 
 # fmt: off
 ALGEBRA_TABLE: list[Alg] = [
-    # name                  pattern                                   conditions              replacement
-    Alg("mul-by-one",       lambda op, x: op.Mul(x, C),               (ONE, KEEP),            lambda op, x: x),
-    Alg("add-zero",         lambda op, x: op.Add(x, C),               (ZERO, KEEP),           lambda op, x: x),
-    Alg("sub-zero",         lambda op, x: op.Sub(x, C),               (ZERO, KEEP),           lambda op, x: x),
-    Alg("div-by-one",       lambda op, x: op.Div(x, C),               (ONE, KEEP),            lambda op, x: x, 1),
-    Alg("pow-one",          lambda op, x: op.Pow(x, C),               (ONE, KEEP_POW),        lambda op, x: x),
-    Alg("pow-two",          lambda op, x: op.Pow(x, C),               (TWO, KEEP_POW, FLOAT), lambda op, x: op.Mul(x, x)),
-    Alg("neg-neg",          lambda op, x: op.Neg(op.Neg(x)),          (),                     lambda op, x: x),
-    Alg("mul-mul-const",    lambda op, x: op.Mul(op.Mul(x, C1), C2),  (SAME1, MERGE_MUL),
-        lambda op, x, c1, c2: op.Mul(x, _merged(op, np.multiply, c1, c2))),
-    Alg("add-add-const",    lambda op, x: op.Add(op.Add(x, C1), C2),  (SAME1, MERGE_ADD),
-        lambda op, x, c1, c2: op.Add(x, _merged(op, np.add, c1, c2))),
-    Alg("mul-div-const",    lambda op, x: op.Div(op.Mul(x, C1), C2),  (FLOAT, SAME1, MERGE_DIV),
-        lambda op, x, c1, c2: op.Mul(x, _merged(op, np.divide, c1, c2)), 1),
-    Alg("div-const-to-mul", lambda op, x: op.Div(x, C),               (FLOAT, SAME, RECIP),
-        lambda op, x, c: op.Mul(x, op.constant(_reciprocal(c), f"{c.name}_recip"))),
+    # name, pattern, conditions, replacement,
+    #     description,
+    #     example (x: f32[2,3,4]), priority
+    Alg("mul-by-one",       lambda op, x, c=Const(): op.Mul(x, c),             (ONE, KEEP),            lambda op, x: x,
+        "x * 1 -> x, when the 1 does not enlarge x (also 1 * x)",
+        lambda op, x: op.Relu(op.Mul(op.constant(_f32([1, 1, 1, 1])), x))),
+    Alg("add-zero",         lambda op, x, c=Const(): op.Add(x, c),             (ZERO, KEEP),           lambda op, x: x,
+        "x + 0 -> x, when the 0 does not enlarge x (-0.0 + 0 is +0.0, equal under comparison)",
+        lambda op, x: op.Relu(op.Add(x, op.constant(_f32(0))))),
+    Alg("sub-zero",         lambda op, x, c=Const(): op.Sub(x, c),             (ZERO, KEEP),           lambda op, x: x,
+        "x - 0 -> x, when the 0 does not enlarge x",
+        lambda op, x: op.Relu(op.Sub(x, op.constant(_f32([[0], [0], [0]]))))),
+    Alg("div-by-one",       lambda op, x, c=Const(): op.Div(x, c),             (ONE, KEEP),            lambda op, x: x,
+        "x / 1 -> x, when the 1 does not enlarge x",
+        lambda op, x: op.Relu(op.Div(x, op.constant(_f32([1])))), 1),
+    Alg("pow-one",          lambda op, x, c=Const(): op.Pow(x, c),             (ONE, KEEP_POW),        lambda op, x: x,
+        "Pow(x, 1) -> x, when the exponent does not enlarge x",
+        lambda op, x: op.Relu(op.Pow(x, op.constant(_f32(1))))),
+    Alg("pow-two",          lambda op, x, c=Const(): op.Pow(x, c),             (TWO, KEEP_POW, FLOAT), lambda op, x: op.Mul(x, x),
+        "Pow(x, 2) -> x * x for float x",
+        lambda op, x: op.Pow(x, op.constant(np.array(2, np.int64)))),
+    Alg("neg-neg",          lambda op, x: op.Neg(op.Neg(x)),                   (),                     lambda op, x: x,
+        "Neg(Neg(x)) -> x",
+        lambda op, x: op.Relu(op.Neg(op.Neg(x)))),
+    Alg("mul-mul-const",    lambda op, x, c1=Const(), c2=Const(): op.Mul(op.Mul(x, c1), c2), (SAME1, MERGE_MUL),
+        lambda op, x, c1, c2: op.Mul(x, _merged(op, np.multiply, c1, c2)),
+        "(x * c1) * c2 -> x * (c1*c2); reassociation rounds differently, verified at rtol 1e-5",
+        lambda op, x: op.Mul(op.constant(_f32([0.5, 2, 3, -1])), op.Mul(x, op.constant(_f32(1.5))))),
+    Alg("add-add-const",    lambda op, x, c1=Const(), c2=Const(): op.Add(op.Add(x, c1), c2), (SAME1, MERGE_ADD),
+        lambda op, x, c1, c2: op.Add(x, _merged(op, np.add, c1, c2)),
+        "(x + c1) + c2 -> x + (c1+c2); reassociation rounds differently, verified at rtol 1e-5",
+        lambda op, x: op.Add(op.Add(x, op.constant(_f32([0.25, 1, -2, 0]))), op.constant(_f32(0.5)))),
+    Alg("mul-div-const",    lambda op, x, c1=Const(), c2=Const(): op.Div(op.Mul(x, c1), c2), (FLOAT, SAME1, MERGE_DIV),
+        lambda op, x, c1, c2: op.Mul(x, _merged(op, np.divide, c1, c2)),
+        "(x * c1) / c2 -> x * (c1/c2) for float x; rounds differently, verified at rtol 1e-5",
+        lambda op, x: op.Div(op.Mul(x, op.constant(_f32([3, 1, 7, 0.1]))), op.constant(_f32(3))), 1),
+    Alg("div-const-to-mul", lambda op, x, c=Const(): op.Div(x, c),             (FLOAT, SAME, RECIP),
+        lambda op, x, c: op.Mul(x, op.constant(_reciprocal(c), f"{c.name}_recip")),
+        "x / c -> x * (1/c) for float c (finite, non-zero, with a normal reciprocal); about 1 ulp from the "
+        "division, verified at rtol 1e-5",
+        lambda op, x: op.Div(x, op.constant(_f32([3, -7, 0.1, 1e3])))),
 ]
-
-# What each row does, and the example it must fire on: build(op, x) for x: f32[2,3,4].
-_ALGEBRA_DOCS: dict[str, tuple[str, Callable[..., Any]]] = {
-    "mul-by-one": ("x * 1 -> x, when the 1 does not enlarge x (also 1 * x)",
-                   lambda op, x: op.Relu(op.Mul(op.constant(_f32([1, 1, 1, 1])), x))),
-    "add-zero": ("x + 0 -> x, when the 0 does not enlarge x (-0.0 + 0 is +0.0, equal under comparison)",
-                 lambda op, x: op.Relu(op.Add(x, op.constant(_f32(0))))),
-    "sub-zero": ("x - 0 -> x, when the 0 does not enlarge x",
-                 lambda op, x: op.Relu(op.Sub(x, op.constant(_f32([[0], [0], [0]]))))),
-    "div-by-one": ("x / 1 -> x, when the 1 does not enlarge x",
-                   lambda op, x: op.Relu(op.Div(x, op.constant(_f32([1]))))),
-    "pow-one": ("Pow(x, 1) -> x, when the exponent does not enlarge x",
-                lambda op, x: op.Relu(op.Pow(x, op.constant(_f32(1))))),
-    "pow-two": ("Pow(x, 2) -> x * x for float x",
-                lambda op, x: op.Pow(x, op.constant(np.array(2, np.int64)))),
-    "neg-neg": ("Neg(Neg(x)) -> x",
-                lambda op, x: op.Relu(op.Neg(op.Neg(x)))),
-    "mul-mul-const": ("(x * c1) * c2 -> x * (c1*c2); reassociation rounds differently, verified at rtol 1e-5",
-                      lambda op, x: op.Mul(op.constant(_f32([0.5, 2, 3, -1])), op.Mul(x, op.constant(_f32(1.5))))),
-    "add-add-const": ("(x + c1) + c2 -> x + (c1+c2); reassociation rounds differently, verified at rtol 1e-5",
-                      lambda op, x: op.Add(op.Add(x, op.constant(_f32([0.25, 1, -2, 0]))), op.constant(_f32(0.5)))),
-    "mul-div-const": ("(x * c1) / c2 -> x * (c1/c2) for float x; rounds differently, verified at rtol 1e-5",
-                      lambda op, x: op.Div(op.Mul(x, op.constant(_f32([3, 1, 7, 0.1]))), op.constant(_f32(3)))),
-    "div-const-to-mul": ("x / c -> x * (1/c) for float c (finite, non-zero, with a normal reciprocal); "
-                         "about 1 ulp from the division, verified at rtol 1e-5",
-                         lambda op, x: op.Div(x, op.constant(_f32([3, -7, 0.1, 1e3])))),
-}
 # fmt: on
 
 
-def _f32(v: float | list) -> np.ndarray:
-    return np.asarray(v, np.float32)
-
-
 def _rule_from_row(row: Alg) -> RewriteRule:
-    description, build = _ALGEBRA_DOCS[row.name]
-
-    def check(ctx: MatchContext, **b: Any) -> MatchResult:
+    def check(ctx: MatchContext, **b: Any) -> None:
         for cond in row.conditions:
-            reason = cond(ctx, **b)
-            if reason:
-                return MatchResult.fail(reason)
-        return MatchResult.ok()
+            cond(**b)
 
     check.__name__ = f"check_{row.name.replace('-', '_')}"
 
     def example() -> Graph:
-        return example_graph(row.name, {"x": (F32, (2, 3, 4))}, build)
+        return example_graph(row.name, {"x": (F32, (2, 3, 4))}, row.example)
 
     return RewriteRule(name=row.name, pattern=row.pattern, rewrite=row.replacement, check=check, example=example,
-                       description=description, priority=row.priority)
+                       description=row.description, priority=row.priority)
 
 
 ALGEBRA_RULES: list[RewriteRule] = [_rule_from_row(row) for row in ALGEBRA_TABLE]
 
-RULES: list[RewriteRule] = NOOP_RULES + ALGEBRA_RULES
+register_rule_set("simplify", [*NOOP_RULES, *ALGEBRA_RULES])
 
-__all__ = ["ALGEBRA_RULES", "ALGEBRA_TABLE", "NOOP_RULES", "RULES", "Alg"]
+__all__ = ["ALGEBRA_RULES", "ALGEBRA_TABLE", "NOOP_RULES", "Alg"]

@@ -59,16 +59,24 @@ def write_artifact(path: str | os.PathLike, manifest: Mapping[str, Any], members
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        # stored, not deflated: float weights barely compress, and deflating them is slow
+        # stored, not deflated: float weights barely compress, and deflating them is slow. Every
+        # entry gets the same fixed timestamp and mode, so the same members give the same bytes.
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-            zf.writestr(MANIFEST, json.dumps(full, indent=2, sort_keys=True))
+            zf.writestr(_entry(MANIFEST), json.dumps(full, indent=2, sort_keys=True))
             for name, data in sorted(members.items()):
-                zf.writestr(name, data)
+                zf.writestr(_entry(name), data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Post-training int8 quantization of float models: calibration, accuracy, sensitivity, budget.
+"""Static int8: calibrate a float model, choose its int8 layers, compile it, and report accuracy.
 
-``kiln compile MODEL --quantize int8 --calib SAMPLES.npz`` runs here:
+``kiln compile MODEL --quantize int8 --calib SAMPLES.npz`` runs :func:`compile_int8`:
 
 1. **Prepare.** The model is imported (upgraded to opset 13 if older) and simplified with
    the float passes, so that BatchNorms are folded into their convs before anything is
@@ -9,261 +9,50 @@
    layers would read as an extra output: compiled by kiln (the observer artifact), or
    through the evaluator when the model is tiny. Observers keep each tensor's min and max,
    and for ``percentile`` and ``entropy`` a 2048-bin histogram from a second pass.
-3. **Measure.** With ``--sensitivity`` (or a budget), a second float model fake-quantizes
+3. **Measure.** With ``sensitivity`` (or a budget), a second float model fake-quantizes
    each layer behind a mask input, so that one compile serves every "one layer in int8"
    run: a layer's error is measured on held-out samples with only it quantized.
-4. **Choose.** ``--exclude`` names layers kept in float; ``--accuracy-budget`` keeps the most
-   sensitive layers in float until the budget holds on the mask model.
-5. **Quantize and report.** The ``quantize`` pass inserts Q/DQ, the normal pipeline turns it
-   into VNNI kernels, and the artifact is run on the held-out samples against the float
-   outputs: cosine, max abs error and argmax agreement per output, recorded in the manifest.
+4. **Choose.** ``exclude`` names layers kept in float; a budget keeps the most sensitive
+   layers in float until it holds on the mask model.
+5. **Quantize, build and report.** The ``quantize`` pass inserts Q/DQ, the driver's pipeline
+   turns it into VNNI kernels, and the artifact is run on the held-out samples against the
+   float outputs (cosine, max abs error and argmax agreement per output). If a budget misses on
+   the compiled artifact, one more layer stays float and it is built again, up to 3 times.
+   The result goes into the manifest's ``quantization`` entry.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from kiln.errors import KilnError
+from kiln.quantize.accuracy import Budget, OutputAccuracy, compare
+from kiln.quantize.calibration import METHODS, Observer, read_samples
+from kiln.quantize.options import QuantizeError, QuantizeOptions
 
-METHODS = ("minmax", "percentile", "entropy")
-PERCENTILE = 99.99  # percent of each tensor's values inside the percentile method's range
-BINS = 2048
+if TYPE_CHECKING:
+    from kiln.driver import CompileResult
+
 #: Below this many multiply-accumulates (model MACs x samples) observers use the evaluator.
 EVALUATOR_MACS = 2e8
 #: Samples the sensitivity and budget searches use (the final report uses every held-out one).
 SEARCH_SAMPLES = 16
-
-
-class QuantizeError(KilnError):
-    """A quantization request kiln cannot carry out (bad samples, names, budget)."""
-
-
-@dataclass
-class QuantizeOptions:
-    """What ``kiln compile --quantize int8`` was asked for."""
-
-    calib: str
-    method: str = "minmax"
-    per_channel: bool = True
-    symmetric: bool = False
-    exclude: tuple[str, ...] = ()
-    eval: str | None = None
-    sensitivity: bool = False
-    observer: str = "auto"  # auto | compiled | evaluator
-
-
-# ----------------------------------------------------------------------------- samples
-
-
-def read_samples(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-    """Samples from an .npz keyed by input name with a leading sample axis, one feed dict each.
-
-    An input of shape ``[1, 3, H, W]`` takes arrays ``[N, 3, H, W]`` or ``[N, 1, 3, H, W]``.
-    """
-    from kiln.check import read_npz
-
-    arrays = read_npz(str(path))
-    names = [v.name for v in inputs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise QuantizeError(f"{path}: no array for input(s) {', '.join(missing)}; it has {', '.join(arrays) or 'none'}")
-    feeds: list[dict[str, np.ndarray]] = []
-    count = None
-    per_input: dict[str, list[np.ndarray]] = {}
-    for v in inputs:
-        a = arrays[v.name]
-        want = np.dtype(v.dtype.numpy)
-        if a.dtype != want:
-            raise QuantizeError(f"{path}: '{v.name}' is {a.dtype}; the model takes {want}")
-        rank = len(v.shape or ())
-        if a.ndim == rank + 1:
-            items = [a[i] for i in range(a.shape[0])]
-        elif a.ndim == rank and rank and (v.shape[0] == 1 or isinstance(v.shape[0], str)):
-            items = [a[i:i + 1] for i in range(a.shape[0])]
-        else:
-            raise QuantizeError(f"{path}: '{v.name}' has shape {list(a.shape)}; want a leading sample axis before "
-                                f"the input's shape {list(v.shape or ())}")
-        for it in items:
-            if len(it.shape) != rank or any(isinstance(d, int) and d != s for d, s in zip(v.shape, it.shape)):
-                raise QuantizeError(f"{path}: a '{v.name}' sample has shape {list(it.shape)}; the model takes "
-                                    f"{list(v.shape)}")
-        if count is not None and len(items) != count:
-            raise QuantizeError(f"{path}: inputs hold different sample counts ({count} and {len(items)})")
-        count = len(items)
-        per_input[v.name] = items
-    for i in range(count or 0):
-        feeds.append({n: np.ascontiguousarray(per_input[n][i]) for n in names})
-    if not feeds:
-        raise QuantizeError(f"{path}: no samples")
-    return feeds
-
-
-# ----------------------------------------------------------------------------- observers and ranges
-
-
-@dataclass
-class Observer:
-    """One tensor's statistics over the calibration samples."""
-
-    lo: float = math.inf
-    hi: float = -math.inf
-    hist: np.ndarray | None = None
-
-    def see_range(self, a: np.ndarray) -> None:
-        if a.size:
-            self.lo = min(self.lo, float(a.min()))
-            self.hi = max(self.hi, float(a.max()))
-
-    def see_histogram(self, a: np.ndarray) -> None:
-        lo, hi = self.edges()
-        h, _ = np.histogram(a, bins=BINS, range=(lo, hi))
-        self.hist = h if self.hist is None else self.hist + h
-
-    def edges(self) -> tuple[float, float]:
-        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
-        return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-    def range(self, method: str) -> tuple[float, float]:
-        """The range to quantize: the observed one, or clipped by ``method``."""
-        if method == "minmax" or self.hist is None or self.hist.sum() == 0:
-            return (self.lo, self.hi)
-        lo, hi = self.edges()
-        width = (hi - lo) / BINS
-        if method == "percentile":
-            cdf = np.cumsum(self.hist) / self.hist.sum()
-            tail = (100 - PERCENTILE) / 100
-            a = int(np.searchsorted(cdf, tail, side="left"))
-            b = int(np.searchsorted(cdf, 1 - tail, side="left"))
-            return (max(self.lo, lo + a * width) if self.lo < 0 else self.lo, min(self.hi, lo + (b + 1) * width))
-        return self._entropy_range(lo, width)
-
-    def _entropy_range(self, lo: float, width: float) -> tuple[float, float]:
-        """The clipping threshold that minimises KL(observed || quantized) on the larger side of 0."""
-        assert self.hist is not None
-        zero = int(round(-lo / width))
-        pos, neg = self.hist[zero:], self.hist[:zero][::-1]
-        side = pos if pos.sum() >= neg.sum() else neg
-        levels = 255 if self.lo >= 0 else 128
-        t = _kl_threshold(side.astype(np.float64), levels) * width
-        if side is pos:
-            return (max(self.lo, -t) if self.lo < 0 else self.lo, min(self.hi, t))
-        return (max(self.lo, -t), min(self.hi, t))
-
-
-def _kl_threshold(hist: np.ndarray, levels: int) -> int:
-    """Bins to keep (from 0 outwards) so that quantizing to ``levels`` loses the least (KL)."""
-    n = len(hist)
-    if n <= levels:
-        return n
-    best, best_i = math.inf, n
-    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        chunks = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for c in chunks:
-            part = hist[c]
-            nz = part > 0
-            if nz.any():
-                q[c[nz]] = part.sum() / nz.sum()
-        if p.sum() == 0 or q.sum() == 0:
-            continue
-        p, q = p / p.sum(), q / q.sum()
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
-        if kl < best:
-            best, best_i = kl, i
-    return best_i
-
-
-# ----------------------------------------------------------------------------- accuracy
-
-
-@dataclass
-class OutputAccuracy:
-    """How one output of the quantized model compares with the float model's."""
-
-    name: str
-    cosine: float  # mean over samples of each sample's cosine similarity
-    cosine_min: float
-    max_abs_error: float
-    argmax_agreement: float | None  # fraction of rows (argmax over the last axis) that agree
-
-    def to_json(self) -> dict[str, Any]:
-        return {"cosine": round(self.cosine, 6), "cosine_min": round(self.cosine_min, 6),
-                "max_abs_error": float(f"{self.max_abs_error:.6g}"),
-                "argmax_agreement": None if self.argmax_agreement is None else round(self.argmax_agreement, 4)}
-
-
-def compare(reference: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]],
-            names: Iterable[str]) -> list[OutputAccuracy]:
-    """Per-output accuracy of ``got`` against ``reference`` over the same samples."""
-    report = []
-    for name in names:
-        cos, err, agree, rows = [], 0.0, 0, 0
-        for r, g in zip(reference, got):
-            a, b = np.asarray(r[name], np.float64).ravel(), np.asarray(g[name], np.float64).ravel()
-            na, nb = np.linalg.norm(a), np.linalg.norm(b)
-            cos.append(1.0 if na == 0 and nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
-            err = max(err, float(np.abs(a - b).max(initial=0)))
-            ra = np.asarray(r[name])
-            if ra.ndim >= 1 and ra.shape[-1] > 1 and np.issubdtype(ra.dtype, np.floating):
-                x, y = ra.reshape(-1, ra.shape[-1]), np.asarray(g[name]).reshape(-1, ra.shape[-1])
-                agree += int((x.argmax(-1) == y.argmax(-1)).sum())
-                rows += x.shape[0]
-        report.append(OutputAccuracy(name, float(np.mean(cos)), float(np.min(cos)), err,
-                                     agree / rows if rows else None))
-    return report
-
-
-@dataclass(frozen=True)
-class Budget:
-    """``argmax>=0.99`` or ``cosine>=0.999``: the worst output must reach ``value``."""
-
-    metric: str
-    value: float
-
-    @staticmethod
-    def parse(text: str) -> Budget:
-        m = re.fullmatch(r"\s*(argmax|cosine)\s*(?:>=|≥)\s*([0-9.]+)\s*(%?)\s*", text)
-        if not m:
-            raise QuantizeError(f"accuracy budget '{text}': write argmax>=0.99 (or 99%) or cosine>=0.999")
-        value = float(m.group(2)) / (100 if m.group(3) else 1)
-        if not 0 < value <= 1:
-            raise QuantizeError(f"accuracy budget '{text}': the value must be in (0, 1] (or a percentage)")
-        return Budget(m.group(1), value)
-
-    def score(self, report: list[OutputAccuracy]) -> float:
-        if self.metric == "cosine":
-            return min(r.cosine for r in report)
-        values = [r.argmax_agreement for r in report if r.argmax_agreement is not None]
-        if not values:
-            raise QuantizeError("an argmax budget needs an output with a last axis longer than 1; use cosine>=X")
-        return min(values)
-
-    def holds(self, report: list[OutputAccuracy]) -> bool:
-        return self.score(report) >= self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric}>={self.value:g}"
-
-
-# ----------------------------------------------------------------------------- running float graphs
+#: Extra builds when the compiled artifact misses the budget the mask model met.
+BUDGET_RETRIES = 3
+#: The kiln ops that are int8 kernels.
+INT8_KERNELS = ("QBlockedConv", "QDense")
 
 
 class GraphRunner:
     """Runs a float graph on feeds and returns the named values: compiled by kiln, or evaluated."""
 
     def __init__(self, graph: Any, outputs: Sequence[str], *, compiled: bool, target: Any, workdir: str,
-                 label: str, extra_inputs: Sequence[Any] = ()):
+                 label: str):
         g = graph.clone()
         values = {v.name: v for v in g.values()}
         present = {v.name for v in g.outputs}
@@ -274,14 +63,11 @@ class GraphRunner:
         self.outputs = list(outputs)
         self.compiled = compiled
         if compiled:
-            from kiln.codegen.build import build
-            from kiln.passes import PassManager
-            from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL, passes_for
+            from kiln.driver import compile_graph
             from kiln.runtime import load
 
-            g, _ = PassManager(passes_for(DEFAULT_COMPILE_LEVEL, block=target.layout_block)).run(g)
             path = os.path.join(workdir, f"{label}.kiln")
-            build(g, path, target=target)
+            compile_graph(g, path, target=target)
             self._model = load(path, threads=target.threads)
         else:
             from kiln.ir import Evaluator
@@ -313,9 +99,6 @@ def _progress(items: Sequence[Any], label: str, say: Callable[[str], None]) -> I
         yield it
         if (i + 1) % step == 0 or i + 1 == len(items):
             say(f"{label}: {i + 1}/{len(items)}")
-
-
-# ----------------------------------------------------------------------------- the whole job
 
 
 @dataclass
@@ -354,23 +137,23 @@ class QuantizeSession:
 
     # -- 1. prepare
     def prepare(self) -> None:
-        from kiln.ir import load, set_input_shapes
-        from kiln.passes import PassManager
-        from kiln.passes.pipeline import FLOAT_PREP, passes_for
+        from kiln.codegen.build import check_compilable_signature
+        from kiln.driver import load_model, optimize
+        from kiln.passes.pipeline import FLOAT_PREP
         from kiln.passes.quantize import quantizable_layers
 
         if self.options.method not in METHODS:
             raise QuantizeError(f"calibration method '{self.options.method}'; methods: {', '.join(METHODS)}")
-        graph = load(Path(self.model), min_opset=13)
+        graph = load_model(self.model, min_opset=13)
         if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in graph.walk_nodes()):
             raise QuantizeError(f"{self.model} is already quantized (it has QuantizeLinear/DequantizeLinear); "
                                 f"compile it without --quantize")
         if self.input_shapes:
-            set_input_shapes(graph, self.input_shapes)
-        from kiln.codegen.build import check_compilable_signature
+            from kiln.ir import set_input_shapes
 
+            set_input_shapes(graph, self.input_shapes)
         check_compilable_signature(graph)  # calibration runs the model: its input shapes must be known
-        self.graph, _ = PassManager(passes_for(names=FLOAT_PREP)).run(graph)
+        self.graph, _ = optimize(graph, passes=FLOAT_PREP)
         self.layers = quantizable_layers(self.graph)
         if not self.layers:
             raise QuantizeError(f"{self.model}: no layer kiln can run in int8 (it quantizes 2-D convs and their "
@@ -535,15 +318,6 @@ class QuantizeSession:
             self._tmp.cleanup()
 
 
-def format_accuracy(report: list[OutputAccuracy]) -> str:
-    lines = []
-    for r in report:
-        agree = "" if r.argmax_agreement is None else f", argmax agreement {100 * r.argmax_agreement:.1f}%"
-        lines.append(f"  {r.name}: cosine {r.cosine:.5f} (min {r.cosine_min:.5f}), max abs error "
-                     f"{r.max_abs_error:.4g}{agree}")
-    return "\n".join(lines)
-
-
 def format_sensitivity(items: list[LayerSensitivity], top: int = 10) -> str:
     lines = [f"  {'layer':40s} {'kind':5s} {'1 - cosine':>11s} {'argmax':>7s}"]
     for s in items[:top]:
@@ -552,3 +326,55 @@ def format_sensitivity(items: list[LayerSensitivity], top: int = 10) -> str:
     if len(items) > top:
         lines.append(f"  ... {len(items) - top} more (all in the manifest)")
     return "\n".join(lines)
+
+
+def compile_int8(model: str | os.PathLike, output: str | os.PathLike, options: QuantizeOptions, *, target: Any,
+                 level: str | None = None, input_shapes: dict[str, tuple] | None = None, tuning_db: Any = None,
+                 progress: Callable[[str], None] | None = None) -> CompileResult:
+    """Calibrate, quantize and compile ``model`` into ``output``; see the module docstring.
+
+    The result's ``quantization`` is the manifest entry; ``extra`` holds what the report needs
+    beyond it (``sensitivity``, ``layers`` planned, ``calib_samples``, ``held_out_samples``,
+    ``accuracy``, ``budget``).
+    """
+    from kiln.codegen.build import file_sha256, set_manifest_entry
+    from kiln.driver import compile_graph
+
+    if target.kind != "cpu":
+        raise QuantizeError("--quantize int8 builds CPU kernels (VNNI); CUDA int8 is not built yet")
+    say = progress or (lambda _: None)
+    budget = options.budget
+    session = QuantizeSession(str(model), options, target, dict(input_shapes or {}), say=say)
+    source = (file_sha256(model), Path(model).name)
+    try:
+        say("importing and preparing the float model")
+        session.prepare()
+        session.calibrate()
+        if options.sensitivity or budget is not None:
+            session.measure_sensitivity()
+        if budget is not None:
+            session.fit_budget(budget)
+        for attempt in range(BUDGET_RETRIES + 1):
+            result = compile_graph(session.quantized_graph(), output, target=target, level=level,
+                                   tuning_db=tuning_db, source=source, applied=["quantize"], progress=say)
+            accuracy = session.evaluate(output)
+            if budget is None or budget.holds(accuracy) or attempt == BUDGET_RETRIES or not session.keep_more():
+                break
+            say(f"the compiled model misses {budget} ({budget.metric} {budget.score(accuracy):.4f}); "
+                f"keeping one more layer in float")
+        record = session.record(accuracy, budget)
+        record["int8_kernels"] = sum(1 for n in result.graph.walk_nodes()
+                                     if n.domain == "kiln" and n.op_type in INT8_KERNELS)
+        set_manifest_entry(output, "quantization", record)
+    finally:
+        session.close()
+    result.quantization = record
+    result.extra = {
+        "sensitivity": session.sensitivity,
+        "planned_kernels": sum(1 for ly in session.layers if ly.kind != "add" and record["layers"].get(ly.name) == "int8"),
+        "calib_samples": len(session.calib),
+        "held_out_samples": len(session.held_out),
+        "accuracy": accuracy,
+        "budget": budget,
+    }
+    return result

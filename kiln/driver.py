@@ -1,0 +1,212 @@
+"""The compile driver: the one place kiln's pipeline is assembled.
+
+    model.onnx -> load -> pin shapes -> passes -> lower -> build -> model.kiln
+
+:func:`compile` runs all of it (``kiln compile``, ``kiln bench``, the int8 observers and
+the Python API call it); :func:`optimize` runs the passes alone (``kiln optimize`` and
+``kiln tune``, so that tuning sees the kernels compilation will build). With ``quantize``,
+:func:`compile` hands over to :mod:`kiln.quantize`, which calibrates the float model and
+then builds through :func:`compile_graph` here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.codegen.build import BuildReport
+    from kiln.codegen.target import Target
+    from kiln.ir import Graph
+    from kiln.passes.manager import Pass, PipelineReport
+    from kiln.quantize import QuantizeOptions
+
+ShapeSpecs = Mapping[str, Sequence[int | str]]
+
+#: The level ``kiln optimize`` (which writes ONNX) runs unless told otherwise; compilation's is
+#: ``kiln.passes.pipeline.DEFAULT_COMPILE_LEVEL`` (O3), see :func:`compile_level`.
+DEFAULT_OPTIMIZE_LEVEL = "O2"
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` did: the artifact, the optimized graph, and every stage's report."""
+
+    path: Path
+    target: Target
+    level: str | None
+    graph: Graph  # after the passes: what was lowered
+    pipeline: PipelineReport
+    build: BuildReport
+    passes: list[str] = field(default_factory=list)  # the passes that ran, as specs
+    tuning: dict[str, Any] | None = None  # the tuning database's manifest entry
+    quantization: dict[str, Any] | None = None  # the manifest's quantization entry (with --quantize)
+    extra: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports beyond the manifest
+
+
+def load_model(model: str | os.PathLike | Graph, input_shapes: ShapeSpecs | None = None, *,
+               min_opset: int | None = None) -> Graph:
+    """Import ``model`` (a path, or a ``Graph``, copied) and pin ``input_shapes``.
+
+    ``input_shapes`` maps input names to dims: ints, or names for symbolic dims (a name may
+    free a dim the model fixed at export).
+    """
+    from kiln.ir import Graph, load, set_input_shapes
+
+    graph = model.clone() if isinstance(model, Graph) else load(Path(model), min_opset=min_opset)
+    if input_shapes:
+        set_input_shapes(graph, {k: tuple(v) for k, v in input_shapes.items()})
+    return graph
+
+
+def pipeline_passes(level: str | None = None, passes: str | Sequence[str] | None = None, *,
+                    target: Target | None = None) -> list[Pass]:
+    """The passes of ``level`` (or the explicit pass specs), fitted to ``target``'s layout."""
+    from kiln.passes.pipeline import passes_for
+
+    names = list(passes) if isinstance(passes, list | tuple) else passes
+    return passes_for(level, names or None, block=None if target is None else target.layout_block)
+
+
+def optimize(graph: Graph, level: str | None = None, *, passes: str | Sequence[str] | None = None,
+             target: Target | None = None, verify_each: bool = False, print_after: Sequence[str] = (),
+             printer: Callable[[str], None] = print) -> tuple[Graph, PipelineReport]:
+    """Run ``level``'s passes (``DEFAULT_OPTIMIZE_LEVEL`` when neither is given) to a fixed point.
+
+    ``passes`` replaces the level with pass specs (``"fold-constants,layout{block=8},dce"``).
+    With a ``target``, the layout pass uses its vector width (and is left out for CUDA).
+    Returns the optimized graph and the pipeline report (per-pass changes, times, rule fire
+    counts and near misses).
+    """
+    from kiln.passes import PassManager
+
+    if not passes:
+        level = level or DEFAULT_OPTIMIZE_LEVEL
+    manager = PassManager(pipeline_passes(level, passes, target=target), verify_each=verify_each,
+                          print_after=print_after, printer=printer)
+    return manager.run(graph)
+
+
+def compile(
+    model: str | os.PathLike | Graph,
+    output: str | os.PathLike,
+    *,
+    target: str | Target | None = None,
+    arch: str | None = None,
+    threads: int | None = None,
+    level: str | None = None,
+    passes: str | Sequence[str] | None = None,
+    input_shapes: ShapeSpecs | None = None,
+    tune_db: str | os.PathLike | None = None,
+    quantize: QuantizeOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompileResult:
+    """Compile ``model`` into the artifact ``output``; the Python form of ``kiln compile``.
+
+    ``target`` is ``"cpu"`` (the default: this machine's CPU), ``"cuda"`` (with ``arch``, e.g.
+    ``"sm_90"``), a JSON target dict, or a :class:`~kiln.codegen.target.Target`. ``level`` is
+    O0..O3 (default O3); ``passes`` replaces it with pass specs. ``tune_db`` schedules kernels
+    from a tuning database; ``quantize`` (:class:`kiln.quantize.QuantizeOptions`) calibrates and
+    quantizes the model to int8 first. ``progress`` is told each stage as it starts.
+    """
+    from kiln.codegen.build import file_sha256
+    from kiln.codegen.target import Target, parse_target
+
+    dst = Path(output)
+    is_path = not _is_graph(model)
+    if is_path:
+        src = Path(model)  # type: ignore[arg-type]
+        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+            raise KilnError(f"{dst}: refusing to overwrite the input model; choose another output path")
+    tgt = target if isinstance(target, Target) else parse_target(target, arch=arch, threads=threads)
+    db = _tuning_database(tune_db)
+    if quantize is not None:
+        from kiln.quantize import compile_int8
+
+        if not is_path or passes:
+            raise KilnError("quantization takes a model file and an optimisation level (not a Graph, not --passes)")
+        return compile_int8(model, dst, quantize, target=tgt, level=level, input_shapes=input_shapes,
+                            tuning_db=db, progress=progress)
+    say = progress or (lambda _: None)
+    say("importing")
+    graph = load_model(model, input_shapes)
+    source = (file_sha256(model), Path(model).name) if is_path else (None, None)  # type: ignore[arg-type]
+    return compile_graph(graph, dst, target=tgt, level=level, passes=passes, tuning_db=db, source=source,
+                         progress=progress)
+
+
+def optimize_for(graph: Graph, target: Target, level: str | None = None, passes: str | Sequence[str] | None = None,
+                 *, progress: Callable[[str], None] | None = None) -> tuple[Graph, PipelineReport, list[Pass]]:
+    """The passes compilation runs for ``target``: ``level`` (default O3) or explicit pass specs.
+
+    ``kiln tune`` optimizes through here too, so that it tunes the kernels compilation will build.
+    Returns the optimized graph, the pipeline report and the passes that ran.
+    """
+    from kiln.passes import PassManager
+
+    level = compile_level(level, passes)
+    if progress is not None:
+        progress(f"optimizing ({level or 'passes: ' + _spec_text(passes)})")
+    pass_list = pipeline_passes(level, passes, target=target)
+    optimized, report = PassManager(pass_list).run(graph)
+    return optimized, report, pass_list
+
+
+def compile_graph(graph: Graph, output: str | os.PathLike, *, target: Target, level: str | None = None,
+                  passes: str | Sequence[str] | None = None, tuning_db: Any = None,
+                  source: tuple[str | None, str | None] = (None, None), applied: Sequence[str] = (),
+                  progress: Callable[[str], None] | None = None) -> CompileResult:
+    """Optimize an imported ``graph`` and build it into ``output`` (the steps after import).
+
+    ``source`` is the source model's (sha256, file name) for the manifest; ``applied`` names
+    passes that already ran before this pipeline (the quantizer's), recorded first.
+    """
+    from kiln.codegen.build import build
+
+    say = progress or (lambda _: None)
+    optimized, report, pass_list = optimize_for(graph, target, level, passes, progress=say)
+    names = [*applied, *(p.describe() for p in pass_list)]
+    built = build(optimized, output, target=target, source_sha256=source[0], source_name=source[1], passes=names,
+                  progress=say, tuning_db=tuning_db)
+    return CompileResult(Path(output), target, compile_level(level, passes), optimized, report, built, names,
+                         tuning_db.manifest() if tuning_db is not None else None)
+
+
+def compile_level(level: str | None, passes: str | Sequence[str] | None) -> str | None:
+    """The level compilation runs: the one asked for, else O3; None when explicit passes replace it."""
+    from kiln.passes.pipeline import DEFAULT_COMPILE_LEVEL
+
+    return None if passes else (level or DEFAULT_COMPILE_LEVEL)
+
+
+def _tuning_database(path: str | os.PathLike | None) -> Any:
+    if path is None:
+        return None
+    from kiln.codegen.tune import TuningDatabase
+
+    return TuningDatabase(path)
+
+
+def _is_graph(model: Any) -> bool:
+    from kiln.ir import Graph
+
+    return isinstance(model, Graph)
+
+
+def _spec_text(passes: str | Sequence[str] | None) -> str:
+    return passes if isinstance(passes, str) else ",".join(passes or ())
+
+
+def stage_printer(stream: Any = None) -> Callable[[str], None]:
+    """A progress callback that prints ``[kiln] <stage>`` lines (on stderr by default)."""
+    out = stream or sys.stderr
+
+    def say(text: str) -> None:
+        print(f"[kiln] {text}", file=out, flush=True)
+
+    return say

@@ -1,0 +1,19 @@
+"""Quantization: calibration, observers, accuracy reports, sensitivity and budgets.
+
+``kiln compile MODEL --quantize int8 --calib SAMPLES.npz`` and ``kiln.compile(...,
+quantize=QuantizeOptions(...))`` run :func:`compile_int8`, which calibrates the float model
+and builds through the compile driver (:mod:`kiln.driver`). The graph rewrite itself (Q/DQ
+insertion) is the ``quantize`` pass in :mod:`kiln.passes.quantize`.
+"""
+
+from __future__ import annotations
+
+from kiln.quantize.accuracy import Budget, OutputAccuracy, compare, format_accuracy
+from kiln.quantize.calibration import METHODS, Observer, read_samples
+from kiln.quantize.options import QuantizeError, QuantizeOptions
+from kiln.quantize.static import LayerSensitivity, QuantizeSession, compile_int8, format_sensitivity
+
+__all__ = [
+    "METHODS", "Budget", "LayerSensitivity", "Observer", "OutputAccuracy", "QuantizeError", "QuantizeOptions",
+    "QuantizeSession", "compare", "compile_int8", "format_accuracy", "format_sensitivity", "read_samples",
+]

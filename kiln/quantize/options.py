@@ -1,0 +1,30 @@
+"""What a quantization job was asked for, and the error it raises for requests it cannot carry out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.quantize.accuracy import Budget
+
+
+class QuantizeError(KilnError):
+    """A quantization request kiln cannot carry out (bad samples, names, budget)."""
+
+
+@dataclass
+class QuantizeOptions:
+    """What ``kiln compile --quantize int8`` was asked for."""
+
+    calib: str
+    method: str = "minmax"
+    per_channel: bool = True
+    symmetric: bool = False
+    exclude: tuple[str, ...] = ()
+    eval: str | None = None
+    sensitivity: bool = False
+    observer: str = "auto"  # auto | compiled | evaluator
+    budget: Budget | None = None  # keep the most sensitive layers in float until it holds (implies sensitivity)
