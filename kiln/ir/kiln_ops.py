@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from onnx.reference.ops.op_conv import Conv as _RefConv
 
-from kiln.ir.core import AttrType, DType, Graph, Node, Value
+from kiln.ir.core import AttrType, DType, Graph, Node, Value, normalize_axis
 from kiln.ir.schemas import KILN_OPS, coerce_attrs, register_kiln_op
 
 # --------------------------------------------------------------------------- activations
@@ -320,7 +320,7 @@ def _decompose_layer_norm(op: Any, node: Node, inputs: Sequence[Value | None], o
         return [op.LayerNormalization(x, scale, bias, axis=axis, epsilon=eps) if bias is not None
                 else op.LayerNormalization(x, scale, axis=axis, epsilon=eps)]
     rank = x.rank
-    axes = list(range(axis + rank if axis < 0 else axis, rank))
+    axes = list(range(normalize_axis(axis, rank), rank))
     dt = x.dtype.numpy
 
     def mean(v: Value) -> Value:

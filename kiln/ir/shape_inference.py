@@ -24,7 +24,7 @@ from onnx import ModelProto
 
 from kiln.errors import InputError
 from kiln.ir import schemas, shape_rules
-from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim
+from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim, normalize_axis
 from kiln.ir.dtypes import DType
 from kiln.ir.interpreter import evaluate_node
 from kiln.ir.serde import dim_from_proto, to_onnx
@@ -333,7 +333,7 @@ def _type_scan_body(node: Node) -> None:
             if i < n:
                 v.shape = outer.shape
             else:
-                axis = axes[i - n] + len(outer.shape) if axes[i - n] < 0 else axes[i - n]
+                axis = normalize_axis(axes[i - n], len(outer.shape))
                 v.shape = tuple(d for k, d in enumerate(outer.shape) if k != axis)
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from kiln.ir.core import Dim, Node, Value
+from kiln.ir.core import Dim, Node, Value, const_ints, normalize_axes, normalize_axis
 
 MaybeShape = tuple[Dim | None, ...] | None
 Rule = Callable[[Node], list[MaybeShape]]
@@ -45,12 +45,6 @@ def rule(*ops: str, domain: str = "") -> Callable[[Rule], Rule]:
 def _shape(v: Value | None) -> MaybeShape:
     # unknown dims (``?N``) are kept: the same name is the same (unknown) dim
     return None if v is None or v.shape is None else tuple(v.shape)
-
-
-def _const_ints(v: Value | None) -> list[int] | None:
-    if v is None or not v.is_constant:
-        return None
-    return [int(x) for x in np.asarray(v.numpy()).reshape(-1).tolist()]
 
 
 def broadcast(shapes: list[MaybeShape]) -> MaybeShape:
@@ -148,14 +142,14 @@ def shape_value(v: Value | None, depth: int = 0) -> tuple[list[Dim | None], bool
     if op == "Squeeze":
         return (dims, True) if len(dims) == 1 and not scalar else None
     if op == "Gather":
-        idx = _const_ints(node.input(1))
+        idx = const_ints(node.input(1))
         if idx is None or scalar:
             return None
         picked = [dims[i] if -len(dims) <= i < len(dims) else None for i in idx]
         return picked, np.asarray(node.input(1).numpy()).ndim == 0  # type: ignore[union-attr]
     if op == "Slice":
-        starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
-        steps = _const_ints(node.input(4)) if node.input(4) is not None else [1]
+        starts, ends = const_ints(node.input(1)), const_ints(node.input(2))
+        steps = const_ints(node.input(4)) if node.input(4) is not None else [1]
         if starts is None or ends is None or steps is None or len(starts) != 1 or scalar:
             return None
         return dims[slice(starts[0], ends[0], steps[0])], False
@@ -196,7 +190,7 @@ def _flatten(node: Node) -> list[MaybeShape]:
     if s is None:
         return [None]
     axis = node.attr("axis", 1)
-    axis = axis + len(s) if axis < 0 else axis
+    axis = normalize_axis(axis, len(s))
 
     def prod(dims: tuple) -> Dim | None:
         if all(isinstance(d, int) for d in dims):
@@ -234,12 +228,12 @@ def _gemm(node: Node) -> list[MaybeShape]:
 def _reduce_axes(node: Node, rank: int) -> list[int] | None:
     axes = node.attr("axes")
     if axes is None and len(node.inputs) > 1 and node.input(1) is not None:
-        axes = _const_ints(node.input(1))
+        axes = const_ints(node.input(1))
         if axes is None:
             return None
     if not axes:
         return [] if node.attr("noop_with_empty_axes", 0) else list(range(rank))
-    return sorted(a + rank if a < 0 else a for a in axes)
+    return normalize_axes(axes, rank)
 
 
 @rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
@@ -264,7 +258,7 @@ def _concat(node: Node) -> list[MaybeShape]:
         return [None if known is None else tuple(None for _ in known)]
     rank = len(shapes[0])  # type: ignore[arg-type]
     axis = node.attr("axis", 0)
-    axis = axis + rank if axis < 0 else axis
+    axis = normalize_axis(axis, rank)
     out: list[Dim | None] = []
     for i in range(rank):
         dims = [s[i] for s in shapes]  # type: ignore[index]
@@ -278,10 +272,10 @@ def _concat(node: Node) -> list[MaybeShape]:
 def _axes(node: Node, rank: int) -> list[int] | None:
     axes = node.attr("axes")
     if axes is None and len(node.inputs) > 1:
-        axes = _const_ints(node.input(1))
+        axes = const_ints(node.input(1))
     if axes is None:
         return None
-    return sorted(a + rank if a < 0 else a for a in axes)
+    return normalize_axes(axes, rank)
 
 
 @rule("Unsqueeze")
@@ -289,7 +283,7 @@ def _unsqueeze(node: Node) -> list[MaybeShape]:
     s = _shape(node.input(0))
     if s is None:
         return [None]
-    axes = _axes(node, len(s) + len(node.attr("axes") or _const_ints(node.input(1)) or []))
+    axes = _axes(node, len(s) + len(node.attr("axes") or const_ints(node.input(1)) or []))
     if axes is None:
         return [None]
     out = list(s)
@@ -318,9 +312,9 @@ def _slice(node: Node) -> list[MaybeShape]:
     s = _shape(node.input(0))
     if s is None:
         return [None]
-    starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
-    axes = _const_ints(node.input(3)) if node.input(3) is not None else None
-    steps = _const_ints(node.input(4)) if node.input(4) is not None else None
+    starts, ends = const_ints(node.input(1)), const_ints(node.input(2))
+    axes = const_ints(node.input(3)) if node.input(3) is not None else None
+    steps = const_ints(node.input(4)) if node.input(4) is not None else None
     if node.attr("starts") is not None:  # opset < 10: attributes
         starts, ends, axes = list(node.attr("starts")), list(node.attr("ends")), node.attr("axes")
         axes = list(axes) if axes is not None else None
@@ -331,7 +325,7 @@ def _slice(node: Node) -> list[MaybeShape]:
     steps = steps if steps is not None else [1] * len(starts)
     out = list(s)
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis = axis + len(s) if axis < 0 else axis
+        axis = normalize_axis(axis, len(s))
         d = s[axis]
         if isinstance(d, int):
             out[axis] = len(range(d)[slice(start, end, step)])
@@ -348,7 +342,7 @@ def _gather(node: Node) -> list[MaybeShape]:
     if data is None or idx is None:
         return [None]
     axis = node.attr("axis", 0)
-    axis = axis + len(data) if axis < 0 else axis
+    axis = normalize_axis(axis, len(data))
     return [(*data[:axis], *idx, *data[axis + 1:])]
 
 
