@@ -5,9 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean system-deps
 
 venv: $(STAMP)
+
+# Debian packages the tests use (graphviz, chromium); a no-op when they are there
+system-deps:
+	@tools/system-deps.sh
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +28,7 @@ demo: $(STAMP)
 	@echo
 	$(PY) examples/demo.py examples/tiny_cnn.onnx
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 clean:
