@@ -50,8 +50,12 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
     """``kiln inspect OUT.kiln``: the verified manifest (hashes checked; not the host)."""
     from kiln.runtime.artifact import describe, read_artifact
 
-    art = read_artifact(args.model, check_host=False)
-    print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art.manifest))
+    art = read_artifact(args.model, check_host=False, trusted=[])  # inspecting runs nothing: no trust policy
+    if args.json:
+        signer = None if art.signer is None else {"key_id": art.signer.key_id, "signer": art.signer.name}
+        print(json.dumps({**art.manifest, "signature": signer}, indent=2, sort_keys=True))
+    else:
+        print(describe(art.manifest, art.signer))
     return 0
 
 
@@ -170,7 +174,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     _check_rule_name(args.explain)
     result = compile_model(args.model, args.output, target=args.target, arch=args.arch, threads=args.threads,
                            level=args.level, passes=args.passes, input_shapes=parse_shape_overrides(args.input_shape),
-                           tune_db=args.tune_db, quantize=_quantize_options(args), progress=_stage)
+                           tune_db=args.tune_db, quantize=_quantize_options(args), sign_key=args.sign,
+                           signer=args.signer, progress=_stage)
     dst, report, target = result.path, result.build, result.target
     code = 0
     if result.quantization is None:
@@ -184,9 +189,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"tuning database {args.tune_db}: {info['kernels_from_database']} kernels scheduled from it "
               f"({info['kernels_tuned']} tuned, {info['kernels_default_kept']} kept kiln's default); "
               f"sha256 {info['sha256'][:12]}")
+    if result.signer is not None:
+        print(f"signed by {result.signer}")
     if args.explain:
         print(result.pipeline.explain(args.explain))
     return code
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from kiln.runtime.artifact import sign_artifact
+
+    art = sign_artifact(args.artifact, args.key, args.signer, output=args.output)
+    print(f"signed {art.path} by {art.signer}")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from kiln.runtime.signing import generate_key, key_id, load_public_key
+
+    private, public = generate_key(args.key)
+    print(f"wrote {private} (private: keep it secret) and {public} (public: give it to kiln run --trust); "
+          f"key {key_id(load_public_key(public))}")
+    return 0
 
 
 def _quantize_options(args: argparse.Namespace):
@@ -340,7 +364,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import kiln.runtime
 
-    model = kiln.runtime.load(args.artifact, threads=args.threads)
+    model = kiln.runtime.load(args.artifact, threads=args.threads, trusted_keys=args.trust)
     from kiln.check import read_npz
 
     outputs = model.run(read_npz(args.inputs))
@@ -444,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="cpu (default; the host's CPU), cuda, or a JSON target dict")
     p.add_argument("--arch", help="CUDA architecture, e.g. sm_90")
     p.add_argument("--tune-db", metavar="DIR", help="schedule kernels from this tuning database (see kiln tune)")
+    p.add_argument("--sign", metavar="KEY.pem", help="sign the artifact with this ed25519 private key (see kiln keygen)")
+    p.add_argument("--signer", default="", help="a name recorded with the signature (with --sign)")
     q = p.add_argument_group("int8 quantization (see docs/int8.md)")
     q.add_argument("--quantize", choices=["int8"], help="quantize a float model to int8 from calibration samples")
     q.add_argument("--calib", metavar="SAMPLES.npz",
@@ -476,7 +502,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="a .kiln file (it contains native code: only run trusted artifacts)")
     p.add_argument("--inputs", required=True, metavar="IN.npz", help="arrays keyed by input name")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the outputs")
+    p.add_argument("--trust", action="append", metavar="PUBKEY",
+                   help="load only an artifact signed by this public key (file or folder; repeatable; "
+                        "default: $KILN_TRUSTED_KEYS)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sign", parents=[common], help="sign a .kiln artifact with an ed25519 private key")
+    p.add_argument("artifact", help="a .kiln file (signed in place unless -o is given)")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="the ed25519 private key (see kiln keygen)")
+    p.add_argument("--signer", default="", help="a name recorded with the signature")
+    p.add_argument("-o", "--output", metavar="OUT.kiln", help="write the signed artifact here instead")
+    p.set_defaults(func=_cmd_sign)
+
+    p = sub.add_parser("keygen", parents=[common], help="make an ed25519 key pair for signing artifacts")
+    p.add_argument("key", help="where to write the private key (PEM); the public key goes beside it as .pub")
+    p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser("bench", parents=[common, shapes, threads],
                        help="time kiln against onnxruntime (and TVM's own pipeline), alternating, one process each")
@@ -502,7 +542,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`kiln inspect MODEL | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KilnError as e:
         if args.debug:
             traceback.print_exc()

@@ -47,6 +47,7 @@ class CompileResult:
     tuning: dict[str, Any] | None = None  # the tuning database's manifest entry
     quantization: dict[str, Any] | None = None  # the manifest's quantization entry (with --quantize)
     extra: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports beyond the manifest
+    signer: Any = None  # who signed the artifact (kiln.runtime.signing.Signer), with sign_key
 
 
 def load_model(model: str | os.PathLike | Graph, input_shapes: ShapeSpecs | None = None, *,
@@ -104,6 +105,8 @@ def compile(
     input_shapes: ShapeSpecs | None = None,
     tune_db: str | os.PathLike | None = None,
     quantize: QuantizeOptions | None = None,
+    sign_key: str | os.PathLike | None = None,
+    signer: str = "",
     progress: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile ``model`` into the artifact ``output``; the Python form of ``kiln compile``.
@@ -112,7 +115,8 @@ def compile(
     ``"sm_90"``), a JSON target dict, or a :class:`~kiln.codegen.target.Target`. ``level`` is
     O0..O3 (default O3); ``passes`` replaces it with pass specs. ``tune_db`` schedules kernels
     from a tuning database; ``quantize`` (:class:`kiln.quantize.QuantizeOptions`) calibrates and
-    quantizes the model to int8 first. ``progress`` is told each stage as it starts.
+    quantizes the model to int8 first. ``sign_key`` (an ed25519 private key file) signs the
+    artifact's manifest, by ``signer``. ``progress`` is told each stage as it starts.
     """
     from kiln.codegen.build import file_sha256
     from kiln.codegen.target import Target, parse_target
@@ -130,14 +134,20 @@ def compile(
 
         if not is_path or passes:
             raise KilnError("quantization takes a model file and an optimisation level (not a Graph, not --passes)")
-        return compile_int8(model, dst, quantize, target=tgt, level=level, input_shapes=input_shapes,
-                            tuning_db=db, progress=progress)
-    say = progress or (lambda _: None)
-    say("importing")
-    graph = load_model(model, input_shapes)
-    source = (file_sha256(model), Path(model).name) if is_path else (None, None)  # type: ignore[arg-type]
-    return compile_graph(graph, dst, target=tgt, level=level, passes=passes, tuning_db=db, source=source,
-                         progress=progress)
+        result = compile_int8(model, dst, quantize, target=tgt, level=level, input_shapes=input_shapes,
+                              tuning_db=db, progress=progress)
+    else:
+        say = progress or (lambda _: None)
+        say("importing")
+        graph = load_model(model, input_shapes)
+        source = (file_sha256(model), Path(model).name) if is_path else (None, None)  # type: ignore[arg-type]
+        result = compile_graph(graph, dst, target=tgt, level=level, passes=passes, tuning_db=db, source=source,
+                               progress=progress)
+    if sign_key is not None:
+        from kiln.runtime.artifact import sign_artifact
+
+        result.signer = sign_artifact(dst, sign_key, signer).signer
+    return result
 
 
 def optimize_for(graph: Graph, target: Target, level: str | None = None, passes: str | Sequence[str] | None = None,

@@ -254,3 +254,13 @@ def test_optimize_with_pinned_input_shape(tmp_path, capsys):
     assert "does not fit it" in capsys.readouterr().err
     assert main(["optimize", str(EXAMPLE), "-o", str(out), "--input-shape", "nope=1x3x64x64"]) == 2
     assert "no graph input named 'nope'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """``kiln inspect MODEL | head``: the reader goes away before kiln writes."""
+    kiln_bin = Path(sys.executable).with_name("kiln")
+    proc = subprocess.Popen([str(kiln_bin), "inspect", str(EXAMPLE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert err == ""

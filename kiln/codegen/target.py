@@ -2,7 +2,7 @@
 
 ``mcpu: native`` is refused by this TVM build, and an unknown mcpu silently
 falls back to generic code, so kiln names the CPU itself: the most capable
-entry of :data:`CPU_MODELS` whose required features the host has, checked
+entry of :data:`kiln.runtime.cpu.CPU_MODELS` whose required features the host has, checked
 against LLVM's list of valid CPUs.
 """
 
@@ -14,18 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.runtime.artifact import host_cpu_features
-
-#: LLVM CPU names, most capable first, with the /proc/cpuinfo flags each one assumes.
-CPU_MODELS: list[tuple[str, tuple[str, ...]]] = [
-    ("sapphirerapids", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8")),
-    ("znver4", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")),
-    ("icelake-server", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
-    ("skylake-avx512", ("avx512f", "avx512bw", "avx512vl")),
-    ("haswell", ("avx2", "fma")),
-    ("x86-64", ()),
-]
-
+from kiln.runtime.cpu import CPU_MODELS, host_cpu_features
 
 class TargetError(KilnError):
     """The requested target is unknown, invalid, or not buildable here."""

@@ -25,12 +25,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from kiln.errors import InputError, KilnError
-from kiln.runtime.artifact import ArtifactError, read_artifact
+from kiln.runtime.artifact import LIBRARY, ArtifactError, read_artifact
 
 __all__ = ["CompiledModel", "Signature", "load"]
 
@@ -59,10 +59,16 @@ def _ensure_tvm_runtime() -> Any:
     with _runtime_lock:
         if not _runtime_ready:
             if "tvm" not in sys.modules:  # the compiler's libtvm already carries the runtime
+                # apache-tvm's copy where the compiler is installed; else the one the deploy-only
+                # kiln-runtime wheel vendors beside this file (packaging/runtime/)
                 spec = importlib.util.find_spec("tvm")  # finds the package without importing it
-                if spec is None or spec.origin is None:
-                    raise KilnError("the TVM runtime is not installed (pip install apache-tvm)")
-                lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+                vendored = Path(__file__).parent / "lib" / "libtvm_runtime.so"
+                if spec is not None and spec.origin is not None:
+                    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+                elif vendored.exists():
+                    lib = vendored
+                else:
+                    raise KilnError("the TVM runtime is not installed (pip install kiln-runtime, or apache-tvm)")
                 if not lib.exists():
                     raise KilnError(f"the TVM runtime library is missing: {lib}")
                 ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
@@ -98,28 +104,24 @@ class KernelTime:
 class CompiledModel:
     """A loaded artifact. ``run({name: array}) -> {name: array}``; thread-safe."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
-        artifact = read_artifact(path)  # refuses before anything native loads
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 trusted_keys: Iterable[str | os.PathLike | bytes] | str | os.PathLike | None = None):
+        artifact = read_artifact(path, trusted=trusted_keys)  # refuses before anything native loads
         m = artifact.manifest
         target = m.get("target") or {}
         if target.get("kind") == "cuda":
             raise ArtifactError(f"{path}: a CUDA artifact ({target.get('arch')}); this runtime runs CPU artifacts only so far")
         self.path = Path(path)
         self.manifest = m
+        self.signer = artifact.signer
         self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["inputs"]]
         self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["outputs"]]
-        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-")
-        lib_path = os.path.join(self._tmp.name, "model.so")
-        Path(lib_path).write_bytes(artifact.member("model.so"))
-        from safetensors.numpy import load as load_safetensors
-
-        weights = load_safetensors(artifact.member("weights.safetensors"))
-        missing = [n for n in m.get("params", []) if n not in weights]
-        if missing:
-            raise ArtifactError(f"{path}: weights {', '.join(missing[:3])} are missing from the artifact")
         self._ffi = _ensure_tvm_runtime()
-        self._weights_np = [_aligned(np.ascontiguousarray(weights[n])) for n in m.get("params", [])]
+        self._weights_np = [_aligned(np.ascontiguousarray(artifact.weights[n])) for n in m.get("params", [])]
         self._weights = [self._ffi.from_dlpack(w, require_alignment=_ALIGN) for w in self._weights_np]
+        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-")
+        lib_path = os.path.join(self._tmp.name, LIBRARY)
+        Path(lib_path).write_bytes(artifact.member(LIBRARY))
         self._module = self._ffi.load_module(lib_path)
         self._local = threading.local()
         self._set_threads(threads or (m.get("target") or {}).get("threads") or os.cpu_count() or 1)
@@ -212,6 +214,12 @@ class CompiledModel:
         return f"<CompiledModel {self.path.name}: ({ins}) -> ({outs})>"
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> CompiledModel:
-    """Verify and load a ``.kiln`` artifact."""
-    return CompiledModel(path, threads=threads)
+def load(path: str | os.PathLike, *, threads: int | None = None,
+         trusted_keys: Iterable[str | os.PathLike | bytes] | str | os.PathLike | None = None) -> CompiledModel:
+    """Verify and load a ``.kiln`` artifact.
+
+    ``trusted_keys`` (public key files, folders of them, or raw ed25519 keys; default: the
+    ``KILN_TRUSTED_KEYS`` environment variable) is a trust policy: with one, only an artifact
+    signed by one of those keys loads.
+    """
+    return CompiledModel(path, threads=threads, trusted_keys=trusted_keys)

@@ -1,0 +1,42 @@
+"""The host CPU as the runtime sees it: its feature flags, and what each LLVM CPU name assumes.
+
+The compiler names an LLVM ``mcpu`` for the host (``kiln.codegen.target``) from the table
+below; an artifact's manifest records that mcpu and the features it needs, and the runtime
+refuses an artifact whose features this host lacks. The table lives here, with the reader
+of the format, so that the runtime can also tell when a manifest's features were edited to
+say less than its mcpu needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: LLVM CPU names, most capable first, with the /proc/cpuinfo flags each one assumes.
+CPU_MODELS: list[tuple[str, tuple[str, ...]]] = [
+    ("sapphirerapids", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8")),
+    ("znver4", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")),
+    ("icelake-server", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+    ("skylake-avx512", ("avx512f", "avx512bw", "avx512vl")),
+    ("haswell", ("avx2", "fma")),
+    ("x86-64", ()),
+]
+
+
+def mcpu_features(mcpu: str | None) -> tuple[str, ...] | None:
+    """The flags an artifact built for ``mcpu`` needs, or None for a CPU name not in the table."""
+    for name, needed in CPU_MODELS:
+        if name == mcpu:
+            return needed
+    return None
+
+
+def host_cpu_features() -> set[str]:
+    """The CPU feature flags of this machine (``/proc/cpuinfo`` flags; empty if unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
