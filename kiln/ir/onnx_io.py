@@ -4,8 +4,9 @@
 work, upgrades old opsets on request, inlines foreign local functions, converts the
 proto (:mod:`kiln.ir.serde`: external data loaded lazily, after checking that it is
 there; initializers and ``Constant`` nodes become constants; topological order
-restored, raising on a cycle or an undefined value) and infers dtypes and shapes
-(:mod:`kiln.ir.shape_inference`). ``ConstantOfShape`` nodes stay nodes: folding them
+restored, raising on a cycle or an undefined value), infers dtypes and shapes
+(:mod:`kiln.ir.shape_inference`) and validates every node (:mod:`kiln.ir.validate`: onnx's
+checker, then kiln's per-op constraints), all before any pass runs. ``ConstantOfShape`` nodes stay nodes: folding them
 is for the constant-folding pass to decide.
 
 :func:`save_onnx` writes a graph atomically, with external data when it is large.
@@ -29,6 +30,7 @@ from kiln.ir.core import KILN_DOMAIN, Graph, normalize_domain
 from kiln.ir.dtypes import DType
 from kiln.ir.serde import KILN_OPSET_VERSION, from_onnx, opset_of, to_onnx
 from kiln.ir.shape_inference import infer_shapes as _infer_shapes
+from kiln.ir.validate import check_proto, validate_graph
 
 # =========================================================================== reading
 
@@ -183,9 +185,12 @@ def load_with_report(
         model = _upgrade(model, min_opset, where)
     if model.functions:
         model = _inline_foreign_functions(model)
+    check_proto(model, where)
     graph = from_onnx(model, base_dir=base_dir, where=where)
+    validate_graph(graph, where)  # attributes first: shape inference divides by strides
     if infer_shapes:
         _infer_shapes(graph, model=model)
+        validate_graph(graph, where)  # again, with the shapes inference found
     return graph, unsupported
 
 
