@@ -16,6 +16,8 @@ Loading a ``.so`` runs its code: only load artifacts from sources you trust.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -25,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -92,6 +94,71 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _CoreBudget:
+    """The cores of this process, shared by every loaded model's runs.
+
+    Each run holds as many cores as it has threads; a run waits (asleep, not spinning) while
+    the others hold them, so 8 callers on 2 cores run one 2-thread kernel sequence at a time
+    instead of 8 thread pools fighting over 2 cores. A run that wants more cores than the
+    host has runs alone.
+    """
+
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.used = 0
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = max(1, min(n, self.cores))
+        with self._cv:
+            while self.used and self.used + n > self.cores:
+                self._cv.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
+
+
+_CORES = _CoreBudget(_host_cores())
+_RUNNERS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def _runners(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's runner threads for models that run with ``threads`` threads.
+
+    TVM's thread pool belongs to the thread that calls a kernel, and it is neither sized for,
+    nor freed with, short-lived caller threads (each left its workers behind). So every model
+    runs on a few long-lived runner threads, each with its TVM pool sized once: as many runners
+    as the host's cores hold runs of that width (at least one). Callers wait asleep.
+    """
+    with _RUNNERS_LOCK:
+        pool = _RUNNERS.get(threads)
+        if pool is None:
+            def size_tvm_pool() -> None:
+                ffi = _ensure_tvm_runtime()
+                config = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+                if config is not None:
+                    config(-2, threads, [str(i) for i in range(threads)])
+
+            pool = concurrent.futures.ThreadPoolExecutor(max(1, _host_cores() // threads),
+                                                         thread_name_prefix=f"kiln-run{threads}",
+                                                         initializer=size_tvm_pool)
+            _RUNNERS[threads] = pool
+        return pool
+
+
 @dataclass(frozen=True)
 class KernelTime:
     """One kernel's share of a model run, from :meth:`CompiledModel.profile`."""
@@ -124,20 +191,20 @@ class CompiledModel:
         Path(lib_path).write_bytes(artifact.member(LIBRARY))
         self._module = self._ffi.load_module(lib_path)
         self._local = threading.local()
-        self._set_threads(threads or (m.get("target") or {}).get("threads") or os.cpu_count() or 1)
-
-    def _set_threads(self, n: int) -> None:
-        config = self._ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if config is not None:
-            config(-2, int(n), [str(i) for i in range(int(n))])
+        self.threads = int(threads or (m.get("target") or {}).get("threads") or _host_cores())
 
     def _vm(self) -> Any:
+        """This runner thread's VM over the one loaded library."""
         vm = getattr(self._local, "vm", None)
         if vm is None:
             vm = self._module["vm_load_executable"]()
             vm["vm_initialization"](1, 0, 2)  # CPU device 0, pooled allocator
             self._local.vm = vm
         return vm
+
+    def _invoke(self, args: list[Any]) -> Any:
+        with _CORES.hold(self.threads):
+            return self._vm()["main"](*args, *self._weights)
 
     def _check(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         sig = ", ".join(str(s) for s in self.inputs)
@@ -170,7 +237,7 @@ class CompiledModel:
         arrays = self._check(inputs)
         keep = [_aligned(a) for a in arrays]  # (np.ascontiguousarray would make a 0-d array 1-d)
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
-        result = self._vm()["main"](*args, *self._weights)
+        result = _runners(self.threads).submit(self._invoke, args).result()
         outs = [result] if len(self.outputs) == 1 else list(result)
         return {s.name: np.array(np.from_dlpack(o), copy=True) for s, o in zip(self.outputs, outs)}
 
