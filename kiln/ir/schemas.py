@@ -80,7 +80,7 @@ def onnx_schema(domain: str, op_type: str, version: int) -> onnx.defs.OpSchema |
     """onnx's schema for a standard op at an opset version, or None."""
     try:
         return onnx.defs.get_schema(op_type, version, domain)
-    except onnx.defs.SchemaError:
+    except (onnx.defs.SchemaError, TypeError, OverflowError):  # no schema; or a version no int64 holds
         return None
 
 

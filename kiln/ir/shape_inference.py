@@ -28,6 +28,7 @@ from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim,
 from kiln.ir.dtypes import DType
 from kiln.ir.interpreter import evaluate_node
 from kiln.ir.serde import dim_from_proto, to_onnx
+from kiln.ir.validate import ModelValidationError, type_problem
 
 _EVAL_LIMIT = 1 << 16  # elements: evaluate all-constant nodes only when inputs are small
 
@@ -149,12 +150,22 @@ def free_reshape_batch(graph: Graph, freed: dict[str, int]) -> bool:
 
 
 def _onnx_infer(proto: ModelProto) -> ModelProto | None:
-    for strict in (True, False):
-        try:
-            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
-        except Exception:  # noqa: BLE001 - InferenceError, ValidationError, RuntimeError...
-            continue
-    return None
+    """onnx's inference: strict, with types checked, else lenient; None if both fail.
+
+    A type error from the strict run (an op's inputs bound to different types, a type its schema
+    does not allow) is the model's fault, and onnxruntime refuses such models too: it raises
+    ``ModelValidationError``. Other strict failures fall back to the lenient run.
+    """
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - InferenceError, ValidationError, RuntimeError...
+        type_error = type_problem(str(e))
+        if type_error:
+            raise ModelValidationError(type_error) from None
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _collect_types(gp: onnx.GraphProto) -> dict[str, tuple[DType | None, Shape | None]]:

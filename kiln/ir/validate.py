@@ -57,19 +57,39 @@ def check_proto(model: ModelProto, where: str) -> None:
     (declared output shapes, nodes already in topological order, external data beside an
     in-memory proto), and kiln reports those itself, more precisely.
     """
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not 1 <= o.version <= newest:
+            raise ModelValidationError(f"{where}: the model imports ai.onnx opset {o.version}; this kiln knows opsets "
+                                       f"1 to {newest}")
+        if o.version < 1:
+            raise ModelValidationError(f"{where}: the model imports opset {o.version} of domain '{o.domain}'; "
+                                       f"versions start at 1")
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version = model.ir_version
     ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     for node in _walk(model.graph):
         if node.domain not in ("", "ai.onnx", "ai.onnx.ml"):
             continue  # kiln's own ops are checked by their kiln schemas; others are refused earlier
+        label = f"'{node.name}' ({node.op_type})" if node.name else f"<unnamed> ({node.op_type})"
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue  # If/Loop/Scan: the checker would need the outer scope; their bodies' nodes are checked
+            # If/Loop/Scan: the checker would need the outer scope (their bodies' nodes are checked
+            # one by one); the attribute names are checked here
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            schema = schemas.onnx_schema(domain, node.op_type, opsets.get(domain, 0))
+            unknown = [a.name for a in node.attribute if schema is not None and a.name not in schema.attributes]
+            if unknown:
+                raise ModelValidationError(f"{where}: node {label}: unrecognized attribute '{unknown[0]}' for "
+                                           f"{node.op_type}")
+            continue
         try:
             onnx.checker.check_node(node, ctx)
+        except UnicodeDecodeError:
+            raise ModelValidationError(f"{where}: node {label}: holds text that is not valid UTF-8 (a name or a "
+                                       f"string attribute); the file is corrupt") from None
         except onnx.checker.ValidationError as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            label = f"'{node.name}' ({node.op_type})" if node.name else f"<unnamed> ({node.op_type})"
             raise ModelValidationError(f"{where}: node {label}: {lines[0] if lines else 'invalid'}") from None
 
 
@@ -83,14 +103,49 @@ def _walk(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _walk(g)
 
 
+def type_problem(inference_error: str) -> str | None:
+    """The type error in one of onnx's inference errors, as one line; None for other errors."""
+    lines = [ln.strip() for ln in inference_error.splitlines() if ln.strip()]
+    for ln in lines:
+        if "instead is null" in ln:
+            continue  # a type not known yet (nodes out of order, a value nothing declares): not a conflict
+        if any(k in ln for k in ("TypeInferenceError", "Type Error", "inconsistent type", "unsupported type",
+                                  "bound to different types")) or "type mismatch" in ln.lower():
+            detail = ln.split("] ", 1)[-1] if "] " in ln else ln
+            return f"the model's types do not fit its ops: {' '.join(detail.split())[:300]}"
+    return None
+
+
 def validate_graph(graph: Graph, where: str) -> None:
     """kiln's per-op constraints on every node (subgraphs too); the first problem as one line."""
     for node in graph.walk_nodes():
-        if node.domain != "":
-            continue
-        for check in (_required_inputs, *CONSTRAINTS.get(node.op_type, ())):
+        # a node inside an If branch may never run (shape inference types the branch not taken too),
+        # so only top-level nodes have their output shapes checked
+        shapes = [_output_shapes] if node.graph is graph else []
+        checks = shapes if node.domain != "" else [_required_inputs, *CONSTRAINTS.get(node.op_type, ()), *shapes]
+        for check in checks:
             for problem in check(node):
                 raise ModelValidationError(f"{where}: node {node.label()}: {problem}")
+
+
+#: No tensor a model computes can hold more elements than this (2^36: 256 GB of float32).
+MAX_ELEMENTS = 1 << 36
+
+
+def _output_shapes(node: Node) -> Iterator[str]:
+    """What shape inference found must be a tensor at all: no negative dim, not beyond any memory."""
+    for o in node.outputs:
+        if not o.name or o.shape is None:
+            continue
+        static = [d for d in o.shape if isinstance(d, int)]
+        if any(d < 0 for d in static):
+            yield f"its output '{o.name}' would have the shape {list(o.shape)}: a dim is negative"
+            return
+        count = math.prod(static)
+        if count > MAX_ELEMENTS:
+            yield f"its output '{o.name}' would have the shape {list(o.shape)} ({count} elements), more than any " \
+                  f"machine holds"
+            return
 
 
 # =========================================================================== constraints
@@ -136,6 +191,16 @@ def _window(node: Node) -> Iterator[str]:
         if values is not None and n is not None and len(values) != n:
             yield f"attribute '{name}' has {len(values)} entries; a {n}-D window needs {n}"
     kernel = node.attr("kernel_shape")
+    x = node.input(0)
+    if n is not None and kernel is not None and len(kernel) == n and x is not None and x.shape is not None \
+            and node.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and node.op_type != "ConvTranspose":
+        dil = list(node.attr("dilations", ()) or [1] * n)
+        pp = list(pads or [0] * (2 * n)) if node.attr("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * n)
+        for i, d in enumerate(x.shape[2:]):
+            if isinstance(d, int) and len(dil) == n and len(pp) == 2 * n \
+                    and d + pp[i] + pp[i + n] - dil[i] * (kernel[i] - 1) - 1 < 0:
+                yield f"the window {list(kernel)} (dilations {dil}) does not fit the padded input {list(x.shape)}"
+                break
     if node.op_type in ("MaxPool", "AveragePool", "LpPool") and kernel is not None and pads is not None \
             and len(pads) == 2 * len(kernel):
         for i, k in enumerate(kernel):
@@ -295,3 +360,118 @@ def _blocksize(node: Node) -> Iterator[str]:
                 if isinstance(d, int) and d % b:
                     yield f"the input's spatial dims {list(x.shape[2:])} are not multiples of blocksize {b}"
                     break
+
+
+#: String attributes that take one of a fixed set of values (what onnxruntime accepts).
+ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Pad", "mode"): ("constant", "reflect", "edge", "wrap"),
+    ("Resize", "mode"): ("nearest", "linear", "cubic"),
+    ("Upsample", "mode"): ("nearest", "linear", "bilinear"),
+    ("Resize", "coordinate_transformation_mode"): ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel",
+                                                   "align_corners", "asymmetric", "tf_crop_and_resize",
+                                                   "tf_half_pixel_for_nn"),
+    ("Resize", "nearest_mode"): ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"),
+    ("Resize", "keep_aspect_ratio_policy"): ("stretch", "not_larger", "not_smaller"),
+    ("GridSample", "mode"): ("bilinear", "nearest", "bicubic", "linear", "cubic"),
+    ("GridSample", "padding_mode"): ("zeros", "border", "reflection"),
+    ("DepthToSpace", "mode"): ("DCR", "CRD"),
+    ("ScatterElements", "reduction"): ("none", "add", "mul", "max", "min"),
+    ("ScatterND", "reduction"): ("none", "add", "mul", "max", "min"),
+    ("GatherElements", "reduction"): ("none",),
+    ("RoiAlign", "mode"): ("avg", "max"),
+    ("RoiAlign", "coordinate_transformation_mode"): ("half_pixel", "output_half_pixel"),
+    ("Gelu", "approximate"): ("none", "tanh"),
+    ("LSTM", "direction"): ("forward", "reverse", "bidirectional"),
+    ("GRU", "direction"): ("forward", "reverse", "bidirectional"),
+    ("RNN", "direction"): ("forward", "reverse", "bidirectional"),
+    **{(op, "auto_pad"): ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+       for op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool")},
+}
+
+
+@constraint(*sorted({op for op, _ in ENUMS}))
+def _enums(node: Node) -> Iterator[str]:
+    for (op, name), allowed in ENUMS.items():
+        value = node.attr(name) if op == node.op_type else None
+        if value is not None and value not in allowed:
+            yield f"attribute '{name}' is {value!r}; it must be one of {', '.join(allowed)}"
+
+
+@constraint("LSTM", "GRU", "RNN")
+def _recurrence(node: Node) -> Iterator[str]:
+    hidden = node.attr("hidden_size")
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type]
+    if hidden is None:
+        yield "attribute 'hidden_size' is required"
+        return
+    if hidden < 1:
+        yield f"attribute 'hidden_size' is {hidden}; it must be >= 1"
+        return
+    dirs = 2 if node.attr("direction", "forward") == "bidirectional" else 1
+    x, w, r = node.input(0), node.input(1), node.input(2)
+    want_w = (dirs, gates * hidden, x.shape[-1] if x is not None and x.shape else None)
+    for name, v, want in (("W", w, want_w), ("R", r, (dirs, gates * hidden, hidden))):
+        if v is None or v.shape is None:
+            continue
+        if len(v.shape) != 3 or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(v.shape, want)):
+            yield f"input {name} is {list(v.shape)}; hidden_size {hidden} and the input need {list(want)}"
+            return
+
+
+@constraint("Gemm")
+def _gemm_dims(node: Node) -> Iterator[str]:
+    a, b = node.input(0), node.input(1)
+    if a is None or b is None or a.shape is None or b.shape is None or len(a.shape) != 2 or len(b.shape) != 2:
+        return
+    k_a = a.shape[0] if node.attr("transA", 0) else a.shape[1]
+    k_b = b.shape[1] if node.attr("transB", 0) else b.shape[0]
+    if isinstance(k_a, int) and isinstance(k_b, int) and k_a != k_b:
+        yield f"A is {list(a.shape)} and B {list(b.shape)} (transA={node.attr('transA', 0)}, " \
+              f"transB={node.attr('transB', 0)}): their inner dims {k_a} and {k_b} differ"
+
+
+@constraint("MatMul", "MatMulInteger")
+def _matmul_dims(node: Node) -> Iterator[str]:
+    a, b = node.input(0), node.input(1)
+    if a is None or b is None or not a.shape or not b.shape:
+        return
+    k_a, k_b = a.shape[-1], (b.shape[0] if len(b.shape) == 1 else b.shape[-2])
+    if isinstance(k_a, int) and isinstance(k_b, int) and k_a != k_b:
+        yield f"the inputs are {list(a.shape)} and {list(b.shape)}: their inner dims {k_a} and {k_b} differ"
+
+
+@constraint("Gather", "GatherElements")
+def _constant_indices(node: Node) -> Iterator[str]:
+    data, idx = node.input(0), node.input(1)
+    if data is None or idx is None or not idx.is_constant or data.shape is None:
+        return
+    axis = normalize_axis(node.attr("axis", 0), len(data.shape)) if data.shape else 0
+    n = data.shape[axis] if axis < len(data.shape) else None
+    values = idx.const_ints() or []
+    if isinstance(n, int) and any(not -n <= i < n for i in values):
+        yield f"constant indices {values[:6]} fall outside [{-n}, {n - 1}] of axis {axis}"
+
+
+@constraint("Slice")
+def _slice_axes(node: Node) -> Iterator[str]:
+    rank = _rank(node.input(0))
+    axes = node.input(3).const_ints() if node.input(3) is not None else node.attr("axes")
+    if axes is not None and rank is not None and any(not -rank <= a < rank for a in axes):
+        yield f"axes {list(axes)} are out of range for rank {rank}"
+    steps = node.input(4).const_ints() if node.input(4) is not None else None
+    if steps is not None and 0 in steps:
+        yield f"steps {steps} hold a 0; every step must be non-zero"
+
+
+
+@constraint("Resize", "Upsample")
+def _resize_scales(node: Node) -> Iterator[str]:
+    index = 1 if node.op_type == "Upsample" else 2
+    scales = node.input(index)
+    if scales is not None and scales.is_constant:
+        values = [float(v) for v in scales.numpy().reshape(-1)]
+        if any(not (math.isfinite(v) and v > 0) for v in values):
+            yield f"the scales {values} must be finite and > 0"
+    sizes = node.input(3) if node.op_type == "Resize" else None
+    if sizes is not None and sizes.is_constant and any(v < 0 for v in sizes.const_ints() or []):
+        yield f"the sizes {sizes.const_ints()} must be >= 0"
