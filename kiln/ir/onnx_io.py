@@ -30,7 +30,8 @@ from kiln.ir.core import KILN_DOMAIN, Graph, normalize_domain
 from kiln.ir.dtypes import DType
 from kiln.ir.serde import KILN_OPSET_VERSION, from_onnx, opset_of, to_onnx
 from kiln.ir.shape_inference import infer_shapes as _infer_shapes
-from kiln.ir.validate import check_proto, validate_graph
+from kiln.ir.shape_inference import pin_contracted_dims
+from kiln.ir.validate import ModelValidationError, check_proto, validate_graph
 
 # =========================================================================== reading
 
@@ -71,6 +72,7 @@ def _parse(data: bytes, where: str) -> ModelProto:
     if not model.HasField("graph") or model.ir_version <= 0:
         what = "a text file" if _looks_like_text(data) else "an ONNX model"
         raise ModelLoadError(f"{where}: not {what} with a graph (no ir_version or graph field); is it ONNX?")
+    _check_text(model, where)
     _check_tensor_sizes(model, where)
     return model
 
@@ -83,6 +85,15 @@ def _looks_like_text(data: bytes) -> bool:
         return False
     printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
     return printable >= 0.95 * max(1, len(text))
+
+
+def _check_text(model: ModelProto, where: str) -> None:
+    """Names and domains must be text: protobuf hands back bytes for invalid UTF-8."""
+    for n in _walk_nodes(model.graph):
+        if not all(isinstance(t, str) for t in (n.op_type, n.domain, n.name, *n.input, *n.output)):
+            raise ModelLoadError(f"{where}: a node's name, op type or values are not valid UTF-8; the file is corrupt")
+    if not all(isinstance(o.domain, str) for o in model.opset_import):
+        raise ModelLoadError(f"{where}: an opset domain is not valid UTF-8; the file is corrupt")
 
 
 def _check_tensor_sizes(model: ModelProto, where: str) -> None:
@@ -189,7 +200,11 @@ def load_with_report(
     graph = from_onnx(model, base_dir=base_dir, where=where)
     validate_graph(graph, where)  # attributes first: shape inference divides by strides
     if infer_shapes:
-        _infer_shapes(graph, model=model)
+        try:
+            _infer_shapes(graph, model=model, check_types=True)
+        except ModelValidationError as e:
+            raise ModelValidationError(f"{where}: {e}") from None
+        pin_contracted_dims(graph)
         validate_graph(graph, where)  # again, with the shapes inference found
     return graph, unsupported
 

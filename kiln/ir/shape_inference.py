@@ -54,14 +54,15 @@ class _Unknowns:
         return name
 
 
-def infer_shapes(graph: Graph, *, model: ModelProto | None = None) -> None:
+def infer_shapes(graph: Graph, *, model: ModelProto | None = None, check_types: bool = False) -> None:
     """Fill in every value's dtype and shape that can be inferred, in place.
 
     ``model`` is the graph's ONNX form when the caller already has it (import
-    does); otherwise the graph is exported without its weights for onnx.
+    does); otherwise the graph is exported without its weights for onnx. With
+    ``check_types`` (import), a type error in the model raises ``ModelValidationError``.
     """
     proto = model if model is not None else to_onnx(graph, weights=False)
-    inferred = _onnx_infer(proto)
+    inferred = _onnx_infer(proto, check_types)
     unknowns = _Unknowns(graph)
     if inferred is not None:
         types = _collect_types(inferred.graph)
@@ -104,6 +105,36 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> 
     _reinfer(graph)
     while freed and free_reshape_batch(graph, freed):
         _reinfer(graph)
+
+
+def pin_contracted_dims(graph: Graph) -> dict[str, int]:
+    """Pin symbolic input dims that a MatMul or Gemm contracts against a static dim.
+
+    ``x: [B, S, K] @ w: [768, N]`` runs only with ``K = 768``: the input's ``K`` becomes 768, so
+    the runtime refuses any other size in one line instead of reading past the weight. Returns
+    the pins made (symbol -> size), after re-inferring the graph's shapes.
+    """
+    pins: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.domain != "" or n.op_type not in ("MatMul", "Gemm") or n.input(0) is None or n.input(1) is None:
+            continue
+        a, b = n.input(0).shape, n.input(1).shape
+        if not a or not b:
+            continue
+        if n.op_type == "Gemm":
+            if len(a) != 2 or len(b) != 2:
+                continue
+            k_a, k_b = a[0 if n.attr("transA", 0) else 1], b[1 if n.attr("transB", 0) else 0]
+        else:
+            k_a, k_b = a[-1], b[0] if len(b) == 1 else b[-2]
+        for sym, size in ((k_a, k_b), (k_b, k_a)):
+            if isinstance(sym, str) and isinstance(size, int):
+                pins.setdefault(sym, size)
+    inputs = {v.name: v.shape for v in graph.inputs if v.shape and any(d in pins for d in v.shape)}
+    if inputs:
+        set_input_shapes(graph, {name: tuple(pins.get(d, d) if isinstance(d, str) else d for d in shape)
+                                 for name, shape in inputs.items()})
+    return {k: v for k, v in pins.items() if any(k in (s or ()) for s in inputs.values())}
 
 
 def _reinfer(graph: Graph) -> None:
@@ -149,17 +180,18 @@ def free_reshape_batch(graph: Graph, freed: dict[str, int]) -> bool:
     return changed
 
 
-def _onnx_infer(proto: ModelProto) -> ModelProto | None:
-    """onnx's inference: strict, with types checked, else lenient; None if both fail.
+def _onnx_infer(proto: ModelProto, check_types: bool = False) -> ModelProto | None:
+    """onnx's inference: strict (with types checked when asked), else lenient; None if both fail.
 
-    A type error from the strict run (an op's inputs bound to different types, a type its schema
-    does not allow) is the model's fault, and onnxruntime refuses such models too: it raises
-    ``ModelValidationError``. Other strict failures fall back to the lenient run.
+    With ``check_types``, a type error from the strict run (an op's inputs bound to different
+    types, a type its schema does not allow) is the model's fault, and onnxruntime refuses such
+    models too: it raises ``ModelValidationError``. Other strict failures fall back to the
+    lenient run.
     """
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=check_types, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001 - InferenceError, ValidationError, RuntimeError...
-        type_error = type_problem(str(e))
+        type_error = type_problem(str(e)) if check_types else None
         if type_error:
             raise ModelValidationError(type_error) from None
     try:
@@ -266,10 +298,14 @@ def _refine_value(v: Value, derived: tuple, unknowns: _Unknowns) -> None:
         v.shape = tuple(unknowns.fresh() if d is None else d for d in derived)
         return
     if len(v.shape) != len(derived):
+        if all(d is not None for d in derived):  # what the op computes beats a declaration of another rank
+            v.shape = tuple(derived)
         return
     out: list[int | str] = []
     for old, new in zip(v.shape, derived):
-        if isinstance(old, int) or new is None or (not is_unknown_dim(old) and not isinstance(new, int)):
+        if isinstance(new, int) and isinstance(old, int) and new != old:
+            out.append(new)  # a declared size the op does not make: onnxruntime, too, runs the op's shape
+        elif isinstance(old, int) or new is None or (not is_unknown_dim(old) and not isinstance(new, int)):
             out.append(old)
         else:
             out.append(new)

@@ -107,7 +107,7 @@ def type_problem(inference_error: str) -> str | None:
     """The type error in one of onnx's inference errors, as one line; None for other errors."""
     lines = [ln.strip() for ln in inference_error.splitlines() if ln.strip()]
     for ln in lines:
-        if "instead is null" in ln:
+        if "instead is null" in ln or "should not be null" in ln:
             continue  # a type not known yet (nodes out of order, a value nothing declares): not a conflict
         if any(k in ln for k in ("TypeInferenceError", "Type Error", "inconsistent type", "unsupported type",
                                   "bound to different types")) or "type mismatch" in ln.lower():
@@ -157,10 +157,12 @@ def _required_inputs(node: Node) -> Iterator[str]:
     schema = schemas.onnx_schema("", node.op_type, opset)
     if schema is None:
         return
+    option = onnx.defs.OpSchema.FormalParameterOption
     for i, formal in enumerate(schema.inputs):
-        if formal.option == onnx.defs.OpSchema.FormalParameterOption.Single and i < len(schema.inputs) \
-                and (i >= len(node.inputs) or node.inputs[i] is None):
+        if formal.option == option.Single and (i >= len(node.inputs) or node.inputs[i] is None):
             yield f"input {i} ('{formal.name}') is required but absent"
+        if formal.option == option.Variadic and any(v is None for v in node.inputs[i:]):
+            yield f"input {node.inputs.index(None, i)} of the variadic '{formal.name}' is empty"
 
 
 def _spatial(node: Node) -> int | None:
@@ -475,3 +477,120 @@ def _resize_scales(node: Node) -> Iterator[str]:
     sizes = node.input(3) if node.op_type == "Resize" else None
     if sizes is not None and sizes.is_constant and any(v < 0 for v in sizes.const_ints() or []):
         yield f"the sizes {sizes.const_ints()} must be >= 0"
+
+
+@constraint("LayerNormalization")
+def _layer_norm_params(node: Node) -> Iterator[str]:
+    x = node.input(0)
+    if x is None or x.shape is None:
+        return
+    axis = normalize_axis(node.attr("axis", -1), len(x.shape))
+    normalized = tuple(x.shape[axis:])
+    for name, v in (("Scale", node.input(1)), ("B", node.input(2))):
+        if v is None or v.shape is None:
+            continue
+        if len(v.shape) > len(normalized) or any(
+                isinstance(a, int) and isinstance(b, int) and a not in (1, b)
+                for a, b in zip(reversed(v.shape), reversed(normalized))):
+            yield f"{name} is {list(v.shape)}; it must broadcast to the normalized dims {list(normalized)}"
+            return
+
+
+@constraint("BatchNormalization")
+def _batch_norm_params(node: Node) -> Iterator[str]:
+    x = node.input(0)
+    c = x.shape[1] if x is not None and x.shape and len(x.shape) > 1 else None
+    for i, name in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")):
+        v = node.input(i)
+        if v is None or v.shape is None:
+            continue
+        if len(v.shape) != 1 or (isinstance(c, int) and isinstance(v.shape[0], int) and v.shape[0] != c):
+            yield f"input {name} is {list(v.shape)}; it must be [{c if c is not None else 'C'}], one per channel"
+            return
+
+
+@constraint("Pad")
+def _reflect_pads(node: Node) -> Iterator[str]:
+    if node.attr("mode", "constant") != "reflect":
+        return
+    x = node.input(0)
+    pads = node.input(1).const_ints() if node.input(1) is not None else node.attr("pads")
+    if x is None or x.shape is None or pads is None or len(pads) != 2 * len(x.shape):
+        return
+    n = len(x.shape)
+    for i, d in enumerate(x.shape):
+        if isinstance(d, int) and (pads[i] or pads[i + n]) and (d < 2 or max(pads[i], pads[i + n]) >= d):
+            yield f"reflect padding {pads[i]},{pads[i + n]} on a dim of {d}: each pad must be smaller than the dim"
+            return
+
+
+@constraint("Gemm")
+def _gemm_ranks(node: Node) -> Iterator[str]:
+    for i, name in ((0, "A"), (1, "B")):
+        v = node.input(i)
+        if v is not None and v.rank is not None and v.rank != 2:
+            yield f"input {name} has rank {v.rank}; Gemm takes 2-D A and B"
+            return
+
+
+@constraint("Resize")
+def _resize_lengths(node: Node) -> Iterator[str]:
+    x = node.input(0)
+    if x is None or x.rank is None:
+        return
+    for i, name in ((2, "scales"), (3, "sizes")):
+        v = node.input(i)
+        if v is not None and v.is_constant and v.const is not None and v.const.size not in (0, x.rank) \
+                and not node.attr("axes"):
+            yield f"{name} has {v.const.size} entries; the input has rank {x.rank}"
+            return
+
+
+@constraint("LSTM", "GRU", "RNN")
+def _recurrence_opset(node: Node) -> Iterator[str]:
+    opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0
+    if opset < 7:
+        yield f"{node.op_type} before opset 7 (with output_sequence) is not supported; convert the model to opset 7+"
+
+
+@constraint("CumSum")
+def _cumsum_axis(node: Node) -> Iterator[str]:
+    axis = node.input(1)
+    if axis is None:
+        return
+    if axis.shape is not None and len(axis.shape) > 1 or axis.is_constant and axis.const is not None and axis.const.size != 1:
+        yield f"the axis input is {axis.type_str()}; it must be a scalar"
+        return
+    values, rank = axis.const_ints(), _rank(node.input(0))
+    if values and rank is not None and not -rank <= values[0] < rank:
+        yield f"axis {values[0]} is out of range for rank {rank}"
+
+
+@constraint("Resize", "Upsample")
+def _resize_param_ranks(node: Node) -> Iterator[str]:
+    for i in range(1, len(node.inputs)):
+        v = node.input(i)
+        if v is not None and v.rank is not None and v.rank != 1:
+            yield f"input {i} ({v.name}) has rank {v.rank}; roi, scales and sizes are 1-D"
+            return
+
+
+@constraint("Reshape")
+def _reshape_count(node: Node) -> Iterator[str]:
+    x, target = node.input(0), node.input(1)
+    if x is None or x.shape is None or target is None or not all(isinstance(d, int) for d in x.shape):
+        return
+    dims = target.const_ints()
+    if dims is None:
+        return
+    total = math.prod(x.shape)
+    if dims.count(-1) > 1:
+        yield f"the target shape {dims} has more than one -1"
+        return
+    allowzero = node.attr("allowzero", 0)
+    resolved = [x.shape[i] if d == 0 and not allowzero and i < len(x.shape) else d for i, d in enumerate(dims)]
+    known = math.prod(d for d in resolved if d != -1)
+    if any(d < -1 for d in resolved) or (-1 in resolved and (known == 0 or total % known)) \
+            or (-1 not in resolved and known != total):
+        yield f"cannot reshape {list(x.shape)} ({total} elements) to {dims}"
+

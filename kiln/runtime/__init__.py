@@ -48,9 +48,11 @@ class Signature:
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    sequence: bool = False  # a sequence of tensors (an output the run returns as a list of arrays)
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        text = f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        return f"{self.name}: " + (f"seq({text})" if self.sequence else text)
 
 
 def _ensure_tvm_runtime() -> Any:
@@ -182,7 +184,8 @@ class CompiledModel:
         self.manifest = m
         self.signer = artifact.signer
         self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["inputs"]]
-        self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["outputs"]]
+        self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"] or ()), bool(s.get("sequence")))
+                        for s in m["outputs"]]
         self._ffi = _ensure_tvm_runtime()
         self._weights_np = [_aligned(np.ascontiguousarray(artifact.weights[n])) for n in m.get("params", [])]
         self._weights = [self._ffi.from_dlpack(w, require_alignment=_ALIGN) for w in self._weights_np]
@@ -238,8 +241,12 @@ class CompiledModel:
         keep = [_aligned(a) for a in arrays]  # (np.ascontiguousarray would make a 0-d array 1-d)
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
         result = _runners(self.threads).submit(self._invoke, args).result()
-        outs = [result] if len(self.outputs) == 1 else list(result)
-        return {s.name: np.array(np.from_dlpack(o), copy=True) for s, o in zip(self.outputs, outs)}
+        outs = [result] if len(self.outputs) == 1 else list(result) if result is not None else []
+        if len(outs) != len(self.outputs) or any(o is None for o in outs):
+            raise ArtifactError(f"{self.path}: the library returned {len(outs)} outputs; the manifest lists "
+                                f"{len(self.outputs)}; the artifact is broken, recompile it")
+        return {s.name: [np.array(np.from_dlpack(e), copy=True) for e in o] if s.sequence else
+                np.array(np.from_dlpack(o), copy=True) for s, o in zip(self.outputs, outs)}
 
     def profile(self, inputs: Mapping[str, np.ndarray], runs: int = 10) -> list[KernelTime]:
         """Per-kernel times over ``runs`` runs, from the VM's instrument hook; slowest first.
