@@ -470,10 +470,8 @@ def run_kiln(data: bytes, feeds: dict[str, np.ndarray] | None, workdir: str) -> 
         if feeds is None:
             raise KilnError("kiln compiled a model whose inputs the harness cannot feed")
         got = kiln.runtime.load(art, threads=1, trusted_keys=[]).run(feeds)
-    except KilnError as e:
-        msg = str(e)
-        return {"kiln": " ".join(msg.split())[:300], "stage": stage,
-                "outcome": "refused" if "\n" not in msg.strip() else "internal"}
+    except KilnError as e:  # the CLI prints it as one line, with exit code 2
+        return {"kiln": " ".join(str(e).split())[:300] or type(e).__name__, "stage": stage, "outcome": "refused"}
     except Exception as e:  # noqa: BLE001 - what the campaign is looking for
         tb = traceback.extract_tb(e.__traceback__)
         where = f"{tb[-1].filename.split('/kiln/')[-1]}:{tb[-1].lineno}" if tb else "?"
@@ -500,6 +498,15 @@ def judge(res: dict[str, Any], ort_out: dict[str, np.ndarray] | None) -> dict[st
     return res
 
 
+def _die() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+_PROBES: dict[bytes, Callable[[], None]] = {b"__crash__": _die, b"__hang__": lambda: time.sleep(3600)}
+
+
 def _worker(conn: Any, workdir: str) -> None:
     """Runs cases: kiln first (its fields are sent at once), then onnxruntime, which has crashed on
     some valid models; a worker that dies after kiln's part is onnxruntime's crash, not kiln's."""
@@ -508,6 +515,8 @@ def _worker(conn: Any, workdir: str) -> None:
         data = conn.recv()
         if data is None:
             return
+        if data in _PROBES:  # the harness's own self-test (tests/test_fuzz.py): die, or stall
+            _PROBES[data]()
         start = time.perf_counter()
         try:
             feeds = _feeds(data) if data else None

@@ -122,7 +122,8 @@ def validate_graph(graph: Graph, where: str) -> None:
         # a node inside an If branch may never run (shape inference types the branch not taken too),
         # so only top-level nodes have their output shapes checked
         shapes = [_output_shapes] if node.graph is graph else []
-        checks = shapes if node.domain != "" else [_required_inputs, *CONSTRAINTS.get(node.op_type, ()), *shapes]
+        checks = shapes if node.domain != "" else [_required_inputs, _input_types, _flags,
+                                                    *CONSTRAINTS.get(node.op_type, ()), *shapes]
         for check in checks:
             for problem in check(node):
                 raise ModelValidationError(f"{where}: node {node.label()}: {problem}")
@@ -165,6 +166,41 @@ def _required_inputs(node: Node) -> Iterator[str]:
             yield f"input {node.inputs.index(None, i)} of the variadic '{formal.name}' is empty"
 
 
+def _tensor_type(v: Value) -> str | None:
+    if v.dtype is None:
+        return None
+    return "tensor(" + {"FLOAT32": "float", "FLOAT64": "double"}.get(v.dtype.name, v.dtype.name.lower()) + ")"
+
+
+def _input_types(node: Node) -> Iterator[str]:
+    """Each input's dtype is one its schema allows, and inputs sharing a type parameter share a dtype
+    (onnx's inference checks this in the main graph, but not always inside If/Loop bodies)."""
+    opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0
+    schema = schemas.onnx_schema("", node.op_type, opset)
+    if schema is None:
+        return
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    bound: dict[str, str] = {}
+    formals = list(schema.inputs)
+    for i, v in enumerate(node.inputs):
+        if v is None or not formals:
+            continue
+        formal = formals[min(i, len(formals) - 1)]
+        if i >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            continue
+        t = _tensor_type(v)
+        param = formal.type_str
+        if t is None:
+            continue
+        if param in allowed and t not in allowed[param]:
+            yield f"input {i} ('{formal.name}') is {t}, which {node.op_type} does not take"
+            return
+        if param in allowed and formal.is_homogeneous:
+            if bound.setdefault(param, t) != t:
+                yield f"inputs bound to type {param} are {bound[param]} and {t}; they must be the same"
+                return
+
+
 def _spatial(node: Node) -> int | None:
     x = node.input(0)
     return None if x is None or x.rank is None or x.rank < 3 else x.rank - 2
@@ -194,6 +230,10 @@ def _window(node: Node) -> Iterator[str]:
             yield f"attribute '{name}' has {len(values)} entries; a {n}-D window needs {n}"
     kernel = node.attr("kernel_shape")
     x = node.input(0)
+    w = node.input(1) if node.op_type in ("Conv", "ConvInteger") else None
+    if kernel is None and w is not None and w.shape is not None and len(w.shape) > 2 \
+            and all(isinstance(d, int) for d in w.shape[2:]):
+        kernel = list(w.shape[2:])
     if n is not None and kernel is not None and len(kernel) == n and x is not None and x.shape is not None \
             and node.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and node.op_type != "ConvTranspose":
         dil = list(node.attr("dilations", ()) or [1] * n)
@@ -229,6 +269,15 @@ def _conv_groups(node: Node) -> Iterator[str]:
         yield f"the input has {c} channels; the weight takes {per_group} per group x group {group} = {per_group * group}"
     if x is not None and x.rank is not None and len(w.shape) != x.rank:
         yield f"the weight is {len(w.shape)}-D and the input {x.rank}-D; they must match"
+    kernel = node.attr("kernel_shape")
+    if kernel is not None and any(isinstance(d, int) and d != k for d, k in zip(w.shape[2:], kernel)):
+        yield f"attribute 'kernel_shape' is {list(kernel)}, but the weight's window is {list(w.shape[2:])}"
+    for d, k in zip((x.shape or ())[2:] if x is not None else (), w.shape[2:]):
+        pads = node.attr("pads")
+        if isinstance(d, int) and isinstance(k, int) and not pads and node.attr("auto_pad", "NOTSET") == "NOTSET" \
+                and k > d:
+            yield f"the weight's window {list(w.shape[2:])} is larger than the input {list(x.shape)}"
+            break
 
 
 @constraint("ConvTranspose")
@@ -593,4 +642,54 @@ def _reshape_count(node: Node) -> Iterator[str]:
     if any(d < -1 for d in resolved) or (-1 in resolved and (known == 0 or total % known)) \
             or (-1 not in resolved and known != total):
         yield f"cannot reshape {list(x.shape)} ({total} elements) to {dims}"
+
+
+#: Attributes that are flags: 0 or 1 (onnxruntime fails a run with anything else).
+FLAGS = {"keepdims", "transA", "transB", "ceil_mode", "count_include_pad", "noop_with_empty_axes",
+         "select_last_index", "exclusive", "reverse", "allowzero", "sorted", "largest", "center_point_box",
+         "detect_negative", "detect_positive", "training_mode", "layout", "linear_before_reset", "input_forget",
+         "storage_order", "fmod", "is_case_sensitive", "align_corners", "exclude_outside", "upper"}
+
+
+def _flags(node: Node) -> Iterator[str]:
+    for name in FLAGS:
+        value = node.attr(name)
+        if isinstance(value, int) and value not in (0, 1):
+            yield f"attribute '{name}' is {value}; it is a flag, 0 or 1"
+            return
+
+
+@constraint("Cast", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+            "Multinomial", "Bernoulli")
+def _target_dtype(node: Node) -> Iterator[str]:
+    name = "to" if node.op_type == "Cast" else "dtype"
+    value = node.attr(name)
+    if value is None:
+        return
+    from kiln.ir.dtypes import DType
+
+    try:
+        DType.from_onnx(value)
+    except (KeyError, ValueError):
+        yield f"attribute '{name}' is {value}, not an element type kiln supports"
+
+
+@constraint("Split")
+def _split_count(node: Node) -> Iterator[str]:
+    opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0
+    if opset >= 18 and node.input(1) is None and node.attr("num_outputs") is None:
+        yield "at opset 18+ Split needs its 'split' input or the 'num_outputs' attribute"
+
+
+@constraint("Tile")
+def _tile_repeats(node: Node) -> Iterator[str]:
+    x, r = node.input(0), node.input(1)
+    if x is None or r is None or x.rank is None or r.shape is None:
+        return
+    if len(r.shape) != 1 or (isinstance(r.shape[0], int) and r.shape[0] != x.rank):
+        yield f"repeats is {r.type_str()}; it must be 1-D with one entry per input dim ({x.rank})"
+        return
+    values = r.const_ints()
+    if values is not None and any(v < 0 for v in values):
+        yield f"repeats {values} must be >= 0"
 
