@@ -49,7 +49,15 @@ def bn(eps):
                                         epsilon=eps)], [f32("x", [1, c, 2, 2])], [f32("y", None)], inits)
 
 
+def clip(lo_shape):
+    inits = [numpy_helper.from_array(np.zeros(lo_shape, np.float32), "lo"),
+             numpy_helper.from_array(np.ones((), np.float32), "hi")]
+    return make_model([helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="clip")], [f32("x", [3, 4])],
+                      [f32("y", None)], inits, opset=13)
+
+
 CASES = {
+    "clip bound not a scalar": (clip([3, 4]), "input min is [3, 4]; Clip's bounds must be scalars"),
     "zero stride": (conv(strides=[0, 1]), "attribute 'strides' is [0, 1]; every entry must be > 0"),
     "zero dilation": (conv(dilations=[1, 0]), "attribute 'dilations' is [1, 0]; every entry must be > 0"),
     "negative pad": (conv(pads=[-1, 0, 0, 0]), "pads must be >= 0"),
@@ -100,3 +108,5 @@ def test_valid_variants_still_load():
     kiln.load(unary("Softmax", axis=-3))
     kiln.load(add([2, 1, 3], [4, 3]))
     kiln.load(bn(0.0))
+    kiln.load(clip([]))
+    kiln.load(clip([1]))  # onnxruntime takes a one-element bound as a scalar

@@ -693,3 +693,16 @@ def _tile_repeats(node: Node) -> Iterator[str]:
     if values is not None and any(v < 0 for v in values):
         yield f"repeats {values} must be >= 0"
 
+
+
+@constraint("Clip")
+def _clip_bounds(node: Node) -> Iterator[str]:
+    """From opset 11 the bounds are inputs, and the spec makes them scalars (onnxruntime also takes a
+    one-element vector, so kiln does too)."""
+    for i, name in ((1, "min"), (2, "max")):
+        v = node.input(i)
+        if v is None or v.shape is None:
+            continue
+        if len(v.shape) > 1 or (len(v.shape) == 1 and isinstance(v.shape[0], int) and v.shape[0] != 1):
+            yield f"input {name} is {list(v.shape)}; Clip's bounds must be scalars"
+            return
