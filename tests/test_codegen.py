@@ -362,3 +362,15 @@ def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):
     cmp = compare("pools", kiln.runtime.load(tmp_path / "pool.kiln").run({"x": x}), ort_outputs(model, {"x": x}),
                   rtol=1e-4, atol=1e-5)
     assert cmp.passed, cmp.max_abs
+
+
+def test_an_llvm_cpu_name_is_chosen_for_its_own_vendor_only():
+    """A Xeon with AMX hidden has every flag znver4 lists, but znver4 code (SSE4A, CLZERO) is not for it."""
+    from kiln.codegen.target import choose_mcpu
+
+    zen4_flags = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"}
+    assert choose_mcpu(zen4_flags, vendor="AuthenticAMD")[0] == "znver4"
+    assert choose_mcpu(zen4_flags, vendor="GenuineIntel")[0] == "cooperlake"
+    assert choose_mcpu(zen4_flags | {"amx_int8"}, vendor="GenuineIntel")[0] == "sapphirerapids"
+    assert choose_mcpu({"avx2", "fma"}, vendor="AuthenticAMD")[0] == "haswell"  # Zen 3: no AVX-512
+    assert choose_mcpu({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}, vendor="AuthenticAMD")[0] == "haswell"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.runtime.cpu import CPU_MODELS, host_cpu_features
+from kiln.runtime.cpu import CPU_MODELS, CPU_VENDORS, host_cpu_features, host_cpu_vendor
 
 class TargetError(KilnError):
     """The requested target is unknown, invalid, or not buildable here."""
@@ -51,9 +51,13 @@ class Target:
         return out
 
 
-def choose_mcpu(features: set[str], valid: set[str] | None = None) -> tuple[str, list[str]]:
-    """The best LLVM CPU name for a host with ``features``, and the features it assumes."""
+def choose_mcpu(features: set[str], valid: set[str] | None = None,
+                vendor: str | None = None) -> tuple[str, list[str]]:
+    """The best LLVM CPU name for a host with ``features`` (from ``vendor``, when known), and the
+    features it assumes. A vendor's CPU names are never chosen for another vendor's CPU."""
     for name, needed in CPU_MODELS:
+        if vendor is not None and CPU_VENDORS.get(name, vendor) != vendor:
+            continue
         if set(needed) <= features and (valid is None or name in valid):
             return name, list(needed)
     return "x86-64", []
@@ -64,7 +68,8 @@ def cpu_target(threads: int | None = None, features: set[str] | None = None) -> 
     from kiln.codegen._tvm import valid_llvm_cpus
 
     feats = host_cpu_features() if features is None else features
-    mcpu, needed = choose_mcpu(feats, set(valid_llvm_cpus(tuple(name for name, _ in CPU_MODELS))))
+    vendor = host_cpu_vendor() if features is None else None
+    mcpu, needed = choose_mcpu(feats, set(valid_llvm_cpus(tuple(name for name, _ in CPU_MODELS))), vendor)
     cores = threads or os.cpu_count() or 1
     return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, needed, threads=threads)
 

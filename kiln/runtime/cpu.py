@@ -12,14 +12,25 @@ from __future__ import annotations
 from pathlib import Path
 
 #: LLVM CPU names, most capable first, with the /proc/cpuinfo flags each one assumes.
+#: An LLVM CPU name also implies features that no flag here names (``znver4`` implies AMD's SSE4A
+#: and CLZERO, for one), so an entry applies only to its vendor's CPUs (:data:`CPU_VENDORS`): an
+#: Intel Xeon whose hypervisor hides AMX has every flag ``znver4`` lists, and code built for
+#: ``znver4`` dies of an illegal instruction there.
 CPU_MODELS: list[tuple[str, tuple[str, ...]]] = [
     ("sapphirerapids", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8")),
     ("znver4", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")),
+    ("cooperlake", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")),
     ("icelake-server", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
     ("skylake-avx512", ("avx512f", "avx512bw", "avx512vl")),
     ("haswell", ("avx2", "fma")),
     ("x86-64", ()),
 ]
+
+#: The vendor (``vendor_id`` in /proc/cpuinfo) an LLVM CPU name is for; names not listed suit any x86 CPU.
+CPU_VENDORS: dict[str, str] = {
+    "sapphirerapids": "GenuineIntel", "cooperlake": "GenuineIntel", "icelake-server": "GenuineIntel",
+    "skylake-avx512": "GenuineIntel", "znver4": "AuthenticAMD",
+}
 
 
 def mcpu_features(mcpu: str | None) -> tuple[str, ...] | None:
@@ -27,6 +38,18 @@ def mcpu_features(mcpu: str | None) -> tuple[str, ...] | None:
     for name, needed in CPU_MODELS:
         if name == mcpu:
             return needed
+    return None
+
+
+def host_cpu_vendor() -> str | None:
+    """This machine's CPU vendor (``GenuineIntel``, ``AuthenticAMD``), or None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip() or None
     return None
 
 
