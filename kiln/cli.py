@@ -60,33 +60,24 @@ def _inspect_artifact(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    import numpy as np
+    from kiln.check import check_model, parse_shape_overrides, read_npz
 
-    from kiln.check import check_model, parse_shape_overrides
-
-    feeds = None
-    if args.inputs:
-        from kiln.check import read_npz
-
-        feeds = read_npz(args.inputs)
+    if args.artifact and (args.level or args.passes):
+        raise KilnError("--artifact is already compiled: --level and --passes apply when check compiles the model")
+    if args.no_compile and (args.artifact or args.bisect):
+        raise KilnError("--no-compile checks the import only; it takes neither --artifact nor --bisect")
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if value is not None and not value >= 0:
+            raise KilnError(f"{flag} must be a number >= 0, not {value}")
     report = check_model(
-        args.model,
-        input_shapes=parse_shape_overrides(args.input_shape),
-        inputs=feeds,
-        seed=args.seed,
-        use_evaluator=not args.no_evaluator,
+        args.model, artifact=args.artifact, compile=not args.no_compile, level=args.level, passes=args.passes,
+        input_shapes=parse_shape_overrides(args.input_shape), inputs=read_npz(args.inputs) if args.inputs else None,
+        inputs_from=args.inputs, seed=args.seed, use_evaluator=not args.no_evaluator, rtol=args.rtol, atol=args.atol,
+        bisect=args.bisect, progress=_stage,
     )
-    g = report.graph
-    print(f"imported '{g.name}': {sum(1 for _ in g.walk_nodes())} nodes, verify() ok")
-    shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in report.inputs.items())
-    print(f"inputs: {shapes}")
-    for cmp in report.comparisons:
-        status = "ok" if cmp.passed else "MISMATCH"
-        worst = max(cmp.max_abs.values(), default=0.0)
-        print(f"{cmp.name}: {status}  (max abs error {worst:.3g}; rtol {cmp.rtol:g}, atol {cmp.atol:g})")
-        for name, ok in cmp.ok.items():
-            if not ok:
-                print(f"  output '{name}' differs: max abs error {cmp.max_abs[name]:.3g}")
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return 0 if report.passed else EXIT_MISMATCH
 
 
@@ -172,6 +163,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from kiln.driver import compile as compile_model
 
     _check_rule_name(args.explain)
+    if args.report:
+        from kiln.report import check_output
+
+        check_output(args.report, args.model, args.output)
+        if args.target != "cpu":
+            raise KilnError("--report profiles the artifact on this machine's CPU; it takes --target cpu")
     result = compile_model(args.model, args.output, target=args.target, arch=args.arch, threads=args.threads,
                            level=args.level, passes=args.passes, input_shapes=parse_shape_overrides(args.input_shape),
                            tune_db=args.tune_db, quantize=_quantize_options(args), sign_key=args.sign,
@@ -193,7 +190,31 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"signed by {result.signer}")
     if args.explain:
         print(result.pipeline.explain(args.explain))
+    if args.report:
+        from kiln.report import write_report
+
+        page, _ = write_report(args.model, args.report, compiled=result, input_shapes=parse_shape_overrides(
+            args.input_shape), progress=_stage)
+        print(f"wrote {page}")
     return code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kiln.check import parse_shape_overrides, read_npz
+    from kiln.report import write_report
+
+    if args.artifact and (args.level or args.passes):
+        raise KilnError("--artifact is already compiled: --level and --passes apply when report compiles the model")
+    page, data = write_report(args.model, args.output, artifact=args.artifact, level=args.level, passes=args.passes,
+                              input_shapes=parse_shape_overrides(args.input_shape),
+                              inputs=read_npz(args.inputs) if args.inputs else None, check=args.check,
+                              progress=_stage)
+    kernels = data.kernels
+    slowest = f"; slowest kernel {kernels[0].name} ({100 * kernels[0].share:.0f}%)" if kernels else ""
+    verdict = "" if data.check is None else f"; check {'passed' if data.check['passed'] else 'MISMATCH'}"
+    print(f"wrote {page} ({page.stat().st_size / 1e3:.0f} KB: {len(data.runs)} pass runs, {len(kernels)} kernels"
+          f"{slowest}{verdict})")
+    return 0 if data.check is None or data.check["passed"] else EXIT_MISMATCH
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
@@ -275,9 +296,12 @@ def parse_duration(text: str) -> float:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from kiln.check import parse_shape_overrides
     from kiln.codegen.target import parse_target
-    from kiln.codegen.tune import tune
+    from kiln.codegen.tune import RPCTracker, tune
     from kiln.driver import load_model, optimize_for
 
+    if args.rpc_key and not args.rpc:
+        raise KilnError("--rpc-key goes with --rpc HOST:PORT (the RPC tracker)")
+    rpc = RPCTracker.parse(args.rpc, args.rpc_key) if args.rpc else None
     budget = parse_duration(args.budget) if args.budget else None
     if args.trials is not None and args.trials < 1:
         raise KilnError("--trials must be at least 1")
@@ -290,7 +314,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         with _TuneProgress() as show:
             report = tune(graph, target, args.db, budget_seconds=budget, max_trials=args.trials,
-                          max_kernels=args.kernels, on_status=show.update, say=show.say)
+                          max_kernels=args.kernels, on_status=show.update, say=show.say, rpc=rpc)
     except KeyboardInterrupt:
         print(f"kiln: interrupted; what was measured is kept in {args.db}: run the same command to resume",
               file=sys.stderr)
@@ -377,6 +401,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.serve import options_from_args, serve
+
+    serve(args.artifact, options_from_args(args))
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from kiln.batch import batch_from_args, format_report
+
+    print(format_report(batch_from_args(args)))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kiln.bench import ENGINES, bench
     from kiln.check import parse_shape_overrides
@@ -441,12 +479,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
-        "check", parents=[common, shapes],
-        help="check that kiln imports a model faithfully (round trip and evaluator vs onnxruntime)",
+        "check", parents=[common, shapes, level, passes],
+        help="compare the compiled model, kiln's evaluator and the ONNX round trip with onnxruntime, output by output",
     )
     p.add_argument("model", help="an .onnx file")
+    p.add_argument("--artifact", metavar="A.kiln", help="check this artifact, built from MODEL (default: compile MODEL)")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs keyed by graph input name (default: seeded random)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    p.add_argument("--rtol", type=float,
+                   help="relative tolerance of the evaluator and the artifact (default 1e-4 and 1e-3)")
+    p.add_argument("--atol", type=float,
+                   help="absolute tolerance of the evaluator and the artifact (default 1e-5 and 1e-4)")
+    p.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
+    p.add_argument("--bisect", action="store_true",
+                   help="when the artifact disagrees, name the pass, rule, node and kernel whose output departs")
+    p.add_argument("--no-compile", action="store_true", help="check the import only (round trip and evaluator)")
     p.add_argument("--no-evaluator", action="store_true", help="skip the reference-evaluator comparison")
     p.set_defaults(func=_cmd_check)
 
@@ -470,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-db", metavar="DIR", help="schedule kernels from this tuning database (see kiln tune)")
     p.add_argument("--sign", metavar="KEY.pem", help="sign the artifact with this ed25519 private key (see kiln keygen)")
     p.add_argument("--signer", default="", help="a name recorded with the signature (with --sign)")
+    p.add_argument("--report", metavar="REPORT.html",
+                   help="also write the HTML report: passes, rules, graphs, kernels (see docs/check-and-report.md)")
     q = p.add_argument_group("int8 quantization (see docs/int8.md)")
     q.add_argument("--quantize", choices=["int8"], help="quantize a float model to int8 from calibration samples")
     q.add_argument("--calib", metavar="SAMPLES.npz",
@@ -496,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="measured candidates for this model in this database (counts earlier runs)")
     p.add_argument("--kernels", type=int, help="tune only the N heaviest kernels")
     p.add_argument("--target", default="cpu", help="cpu (default: the host's CPU) or a JSON llvm target dict")
+    p.add_argument("--rpc", metavar="HOST:PORT",
+                   help="measure on the runners of this TVM RPC tracker (building stays here; docs/tuning.md)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key the RPC servers registered with (with --rpc)")
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("run", parents=[common, threads], help="run a .kiln artifact on inputs from an .npz file")
@@ -518,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="where to write the private key (PEM); the public key goes beside it as .pub")
     p.set_defaults(func=_cmd_keygen)
 
+    p = sub.add_parser("report", parents=[common, level, shapes, passes],
+                       help="write one HTML page on what kiln did to a model: passes, rules, graphs, kernel profile")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("-o", "--output", required=True, metavar="REPORT.html", help="where to write the page")
+    p.add_argument("--artifact", metavar="A.kiln", help="report on this artifact, built from MODEL (default: compile it)")
+    p.add_argument("--inputs", metavar="IN.npz", help="inputs for the profile and the check (default: seeded random)")
+    p.add_argument("--check", action="store_true", help="also run kiln check on the artifact and show the result")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("bench", parents=[common, shapes, threads],
                        help="time kiln against onnxruntime (and TVM's own pipeline), alternating, one process each")
     p.add_argument("model", help="an .onnx file")
@@ -530,6 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-db", metavar="DIR", help="compile with this tuning database (see kiln tune)")
     p.add_argument("--profile", action="store_true", help="also print kiln's time per kernel (VM instrument hook)")
     p.set_defaults(func=_cmd_bench)
+
+    from kiln.batch import add_batch_arguments
+    from kiln.serve.options import add_serve_arguments
+
+    p = sub.add_parser("serve", parents=[common, threads],
+                       help="serve a .kiln artifact over HTTP (FastAPI, uvicorn) with dynamic batching")
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("batch", parents=[common, threads],
+                       help="run a .kiln artifact over a file of samples (npz, Parquet), here or on Ray")
+    add_batch_arguments(p)
+    p.set_defaults(func=_cmd_batch)
     return parser
 
 

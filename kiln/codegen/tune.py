@@ -46,6 +46,51 @@ class TuningError(CodegenError):
     """A tuning database that cannot be used, or a tuning job that cannot start."""
 
 
+RPC_SESSION_SECONDS = 60  # one candidate's upload and measurement on a remote runner
+
+
+@dataclass(frozen=True)
+class RPCTracker:
+    """Where candidates are measured remotely: TVM's RPC tracker, and the key its runners registered with.
+
+    Building stays on this machine; each built candidate goes to a runner the tracker hands
+    out, which runs and times it and sends the times back.
+    """
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, address: str, key: str | None) -> "RPCTracker":
+        """``HOST:PORT`` and a key, as ``kiln tune --rpc HOST:PORT --rpc-key KEY`` gives them."""
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise TuningError(f"--rpc '{address}' must be the tracker's HOST:PORT, e.g. 127.0.0.1:9190")
+        if not key:
+            raise TuningError("--rpc needs --rpc-key KEY: the key the RPC servers registered with (rpc_server --key)")
+        return cls(host.strip("[]"), int(port), key)
+
+    def __str__(self) -> str:
+        return f"key '{self.key}' at the RPC tracker {self.host}:{self.port}"
+
+    def runner(self) -> tuple[Any, int]:
+        """MetaSchedule's RPCRunner over every server registered with the key, and how many there are."""
+        from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
+
+        config = RPCConfig(tracker_host=self.host, tracker_port=self.port, tracker_key=self.key,
+                           session_timeout_sec=RPC_SESSION_SECONDS)
+        try:
+            servers = config.count_num_servers(allow_missing=True)
+        except Exception:  # noqa: BLE001 - TVM reports an unreachable tracker as a ValueError with a how-to
+            raise TuningError(f"cannot reach the RPC tracker at {self.host}:{self.port}; start one with "
+                              f"python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {self.port}") from None
+        if servers == 0:
+            raise TuningError(f"no RPC server is registered with {self}; on each measuring machine run "
+                              f"python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} --key {self.key}")
+        return RPCRunner(config, max_workers=servers), servers
+
+
 def workload(func: Any) -> Any:
     """The IRModule that names ``func`` in the database (``main``, as MetaSchedule builds it)."""
     import tvm
@@ -327,19 +372,22 @@ def tune(
     seed: int = 0,
     on_status: Callable[[TuneStatus], None] | None = None,
     say: Callable[[str], None] | None = None,
+    rpc: RPCTracker | None = None,
 ) -> TuneReport:
     """Tune ``graph``'s heaviest kernels for ``target`` into the database at ``db_dir``.
 
     The run stops when the job has used ``budget_seconds`` or ``max_trials`` in total, counting
     earlier runs of the same job on the same database (a killed run resumes), or when the
-    search has nothing left to try.
+    search has nothing left to try. With ``rpc``, candidates (and kiln's default schedules) are
+    measured on the remote runners registered with that tracker and key; building stays here.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
     if target.kind != "cpu":
-        raise TuningError("kiln tune measures on this machine, so it tunes only the CPU target")
+        raise TuningError("kiln tune measures on CPUs (this machine's, or RPC runners'), so it tunes only the CPU "
+                          "target")
     if budget_seconds is None and max_trials is None:
         raise TuningError("give a tuning budget: --budget (e.g. 30m) and/or --trials")
     say = say or (lambda _: None)
@@ -362,7 +410,13 @@ def tune(
 
     _quiet_metaschedule()
     builder = ms.Builder.create("local", max_workers=threads, initializer=skip_foreign_tensor_intrinsics)
-    runner = ms.Runner.create("local", max_workers=1)
+    if rpc is None:
+        runner = ms.Runner.create("local", max_workers=1)
+        job["runner"] = "local"
+    else:
+        runner, servers = rpc.runner()
+        say(f"measuring on {servers} RPC server(s) with {rpc}")
+        job["runner"] = f"rpc {rpc.host}:{rpc.port} key {rpc.key}"
     start_seconds, start = status.seconds, time.monotonic()  # the budget counts from here
     say(f"measuring kiln's default schedules of {len(kernels)} kernels")
     defaults = progress.setdefault("default_seconds", {})

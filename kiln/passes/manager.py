@@ -310,12 +310,14 @@ class PassManager:
         verify_each: bool = False,
         print_after: Iterable[str] = (),
         printer: Callable[[str], None] = print,
+        on_pass: Callable[[Pass, int, Graph, PassResult], None] | None = None,
     ):
         self.passes = list(passes)
         self.max_iterations = max_iterations
         self.verify_each = verify_each
         self.print_after = set(print_after)
         self.printer = printer
+        self.on_pass = on_pass  # told (pass, iteration, graph after it, result) after every pass run: bisection
 
     def run(self, graph: Graph) -> tuple[Graph, PipelineReport]:
         """Run the passes until none changes the graph; return the graph and a report."""
@@ -351,6 +353,8 @@ class PassManager:
                         raise PassError(f"graph is invalid after pass '{p.name}'{_after(ran[:-1])}: {e}") from e
                 if p.name in self.print_after:
                     self.printer(f"# after {p.name} (iteration {iterations})\n{graph}")
+                if self.on_pass is not None:
+                    self.on_pass(p, iterations, graph, result)
                 changed |= result.changed
             if not changed:
                 break

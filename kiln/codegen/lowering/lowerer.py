@@ -11,7 +11,7 @@ refuses, in one error, every op it cannot lower.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,6 +32,7 @@ class Lowered:
     module: Any
     inputs: list[str]  # graph input names, in order
     weights: dict[str, np.ndarray]  # weight parameters, in order after the inputs
+    kernels: dict[str, list[str]] = field(default_factory=dict)  # prim func name -> the nodes it was emitted for
 
 
 class Lowerer:
@@ -45,6 +46,8 @@ class Lowerer:
         self.env: dict[int, Any] = {}
         self.syms: dict[str, Any] = {}  # named input dims: TIR variables
         self.derived: dict[str, Any] = {}  # kiln's other symbolic dims: their TIR expressions
+        self.kernels: dict[str, list[str]] = {}  # prim func name -> the nodes it was emitted for (one func may serve several)
+        self._node: Node | None = None  # the node being lowered
 
     def bind_dims(self, v: Value, r: Any) -> None:
         """Learn the TIR expression of each of ``v``'s symbolic dims from its lowered value ``r``.
@@ -104,7 +107,11 @@ class Lowerer:
         if attrs and "kiln.schedule" in attrs:
             attrs = {**attrs, "op_pattern": OPAQUE}
         kwargs = {"primfunc_attrs": attrs} if attrs else {}
-        return self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
+        out = self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
+        if self._node is not None:  # call_tir(gv, ...): record which node the func gv came from
+            func = self.bb.lookup_binding(out).args[0].name_hint
+            self.kernels.setdefault(func, []).append(self._node.name)
+        return out
 
     def unpack(self, result: Any, node: Node) -> list[Any]:
         """The values of ``node``'s named outputs from an emitted tuple ``result``, by output position."""
@@ -152,12 +159,16 @@ class Lowerer:
                     self.lower_nodes(nodes)
                     out = self.bb.emit_output(self.pack(self.graph.outputs))
             self.bb.emit_func_output(out)
-        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights)
+        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights, self.kernels)
 
     def lower_nodes(self, nodes: list[Node]) -> None:
         """Emit each node's lowering in the current block and record its outputs."""
         for node in nodes:
-            outs = LOWERINGS[(node.domain, node.op_type)](self, node)
+            outer, self._node = self._node, node
+            try:
+                outs = LOWERINGS[(node.domain, node.op_type)](self, node)
+            finally:
+                self._node = outer
             for o, r in zip([o for o in node.outputs if o.name], outs):
                 self.env[id(o)] = r
                 self.bind_dims(o, r)
