@@ -179,3 +179,57 @@ def test_tune_is_killed_resumes_and_the_compiled_result_matches(tmp_path):
     assert info["sha256"] == TuningDatabase(db).sha256()
     assert info["kernels_from_database"] == 1
     _matches_onnxruntime(out)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tune_measures_on_rpc_servers_through_a_tracker(tmp_path):
+    """TVM's own tracker and two RPC servers on 127.0.0.1: the candidates are measured there, the
+    records come back into the local database, and the compiled result matches."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (the rpc extra: pip install -e '.[rpc]')")
+    tracker_port, key = _free_port(), "kiln-test"
+    procs, logs = [], []
+    try:
+        def start(args: list[str], log: Path) -> None:
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("w"),
+                                          stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True))
+
+        start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
+               "--port-end", str(tracker_port + 1)], tmp_path / "tracker.log")
+        time.sleep(2)
+        for i in range(2):
+            port = _free_port()
+            start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", key,
+                   "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], tmp_path / f"server{i}.log")
+        db = tmp_path / "db"
+        cmd = [*_tune_cmd(db, 8), "--rpc", f"127.0.0.1:{tracker_port}", "--rpc-key", key]
+        deadline = time.monotonic() + 60
+        while True:  # until both servers have registered with the tracker
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+            if "measuring on 2 RPC server(s)" in done.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert done.returncode == 0, done.stderr
+        assert "measuring on 2 RPC server(s)" in done.stderr and "8 trials" in done.stdout, done.stderr
+        (job,) = _progress(db)["jobs"].values()
+        assert job["runner"] == f"rpc 127.0.0.1:{tracker_port} key {key}" and job["trials"] == 8
+        served = [log.read_text().count("load_module") for log in logs[1:]]
+        assert all(n >= 1 for n in served) and sum(served) >= 9, served  # the default and 8 candidates
+        assert len(_records(db)) == 9
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    out = tmp_path / "tuned.kiln"
+    assert main(["compile", str(EXAMPLE), "-o", str(out), "--tune-db", str(db),
+                 "--input-shape", "input=1x3x64x64"]) == 0
+    _matches_onnxruntime(out)
