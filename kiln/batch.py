@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -127,18 +126,9 @@ def _as_array(column: Any) -> np.ndarray:
 
 def read_samples(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file of samples (no pickles)."""
-    import numpy as np
+    from kiln.runtime.npz import read_npz
 
-    p = Path(path)
-    if not p.is_file():
-        raise BatchError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive of arrays keyed by input name")
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise BatchError(f"{p}: not a readable .npz file of samples ({e})") from None
+    return read_npz(path, BatchError, "of samples")
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

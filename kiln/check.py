@@ -30,6 +30,7 @@ from kiln.errors import InputError, KilnError
 from kiln.ir import Graph, evaluate, load, to_onnx
 from kiln.ir.interpreter import check_inputs
 from kiln.ir.oracle import Comparison, compare, run_onnxruntime, seeded_inputs
+from kiln.runtime.npz import read_npz  # noqa: F401 - kiln.check.read_npz, as the CLI and report use it
 
 if TYPE_CHECKING:
     from kiln.bisect import Bisection
@@ -48,18 +49,6 @@ ARTIFACT_RTOL, ARTIFACT_ATOL = 1e-3, 1e-4
 
 class CheckError(KilnError):
     """``kiln check`` cannot compare: an artifact from another model, inputs that do not fit, ..."""
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file by name; a clear error for a missing or unreadable file."""
-    p = Path(path)
-    if not p.is_file():
-        raise KilnError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise KilnError(f"{p}: not a readable .npz file ({e})") from None
 
 
 def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int | str, ...]]:
