@@ -150,3 +150,14 @@ def test_the_callable_class_in_ray_datas_own_map_batches(local_ray, artifact, sa
                          batch_format="numpy", num_cpus=1)
     rows = sorted(out.take_all(), key=lambda r: r["id"])
     np.testing.assert_allclose(np.stack([r["probs"] for r in rows]), single_process["probs"], rtol=1e-6, atol=0)
+
+
+def test_a_single_npy_array_is_refused_in_one_line_by_batch_and_check(artifact, tmp_path, capsys):
+    """np.load gives a plain array for .npy data (here under an .npz name): both refuse it, exit 2."""
+    npy = tmp_path / "samples.npz"
+    with npy.open("wb") as f:
+        np.save(f, np.zeros((2, 3, 64, 64), np.float32))
+    assert main(["batch", str(artifact), "--input", str(npy), "--output", str(tmp_path / "o.npz")]) == 2
+    assert main(["check", str(EXAMPLE), "--artifact", str(artifact), "--inputs", str(npy)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("kiln: error: ")]
+    assert len(lines) == 2 and all("a single .npy array, not an .npz archive" in ln for ln in lines)
