@@ -31,7 +31,8 @@ from kiln.ir.types import (  # noqa: F401 - re-exported: the IR's names, from on
 class Value:
     """An SSA value: a graph input, a constant, or a node output."""
 
-    __slots__ = ("name", "dtype", "shape", "producer", "index", "const", "graph", "_uses", "__weakref__")
+    __slots__ = ("name", "dtype", "shape", "producer", "index", "const", "graph", "_uses", "sequence", "seq_shapes",
+                 "__weakref__")
 
     def __init__(
         self,
@@ -49,6 +50,10 @@ class Value:
         self.const: Tensor | None = const
         self.graph: Graph | None = None
         self._uses: list[Use] = []
+        # a sequence of tensors (a graph input or output of sequence type): dtype and shape are its elements'
+        self.sequence = False
+        # a sequence input's elements' shapes (so its length), once pinned (see set_input_shapes)
+        self.seq_shapes: tuple[Shape, ...] | None = None
 
     # -- queries
     @property
@@ -93,9 +98,10 @@ class Value:
     def type_str(self) -> str:
         """``f32[1,3,224,224]``-style type text."""
         dt = self.dtype.short if self.dtype is not None else "?type"
-        if self.shape is None:
-            return f"{dt}[*]"
-        return f"{dt}[{','.join(str(d) for d in self.shape)}]"
+        text = f"{dt}[*]" if self.shape is None else f"{dt}[{','.join(str(d) for d in self.shape)}]"
+        if not self.sequence:
+            return text
+        return f"seq({text})" if self.seq_shapes is None else f"seq{len(self.seq_shapes)}({text})"
 
     # -- mutation
     def replace_all_uses_with(self, other: Value, *, graph_outputs: bool = True) -> None:
@@ -499,6 +505,7 @@ class Graph:
         takes each old value's id to its copy (outer values first, for subgraphs' reads)."""
         for v in self.inputs:
             mapping[id(v)] = new.add_input(v.name, v.dtype, v.shape)  # type: ignore[arg-type]
+            mapping[id(v)].sequence, mapping[id(v)].seq_shapes = v.sequence, v.seq_shapes
         for name, v in self.constants.items():
             assert v.const is not None
             mapping[id(v)] = new.add_constant(v.const.copy(), name)
@@ -519,6 +526,7 @@ class Graph:
             for o, c in zip(node.outputs, outputs):
                 if not o.name:
                     c.name = ""  # an optional output nobody asked for stays unnamed
+                c.sequence = o.sequence
                 mapping[id(o)] = c
         new.outputs = [mapping[id(v)] for v in self.outputs]
 

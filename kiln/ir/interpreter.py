@@ -246,9 +246,77 @@ class DequantizeLinear(OpRun):
         return self._impl._run(*args, **kwargs)
 
 
+class Clip(OpRun):
+    """Replaces onnx's reference Clip (every opset): NaN as onnxruntime treats it.
+
+    The spec is silent on NaN, and the reference (``np.clip``) gives NaN everywhere for a NaN
+    bound. onnxruntime, which users compare with, clips with ``x < lo ? lo : x`` and then
+    ``hi < x ? hi : x``: a NaN bound is no bound, and a NaN input stays NaN; an absent float bound
+    is the dtype's lowest or highest value. kiln's compiled Clip does the same, so folding a
+    constant Clip keeps the numbers the compiled op gives.
+    """
+
+    op_domain = ""
+
+    def _run(self, data, *bounds, min=None, max=None):  # noqa: A002 - ONNX's attribute names (opset < 11)
+        lo = bounds[0] if len(bounds) > 0 else min
+        hi = bounds[1] if len(bounds) > 1 else max
+        if data.dtype.kind == "f":  # an absent bound is the dtype's lowest or highest value (-inf clips to -FLT_MAX)
+            info = np.finfo(data.dtype)
+            lo, hi = info.min if lo is None else lo, info.max if hi is None else hi
+        out = data
+        if lo is not None:
+            out = np.where(out < lo, np.asarray(lo, data.dtype), out)
+        if hi is not None:
+            out = np.where(hi < out, np.asarray(hi, data.dtype), out)
+        return (np.asarray(out, dtype=data.dtype),)
+
+
+class GlobalLpPool(OpRun):
+    """GlobalLpPool, which onnx's reference lacks: (sum over the spatial dims of |x|^p)^(1/p), per (N, C)."""
+
+    op_domain = ""
+
+    def _run(self, x, p=2):
+        axes = tuple(range(2, x.ndim))
+        return ((np.sum(np.abs(x) ** p, axis=axes, keepdims=True)) ** (1.0 / p)).astype(x.dtype),
+
+
+class MaxRoiPool(OpRun):
+    """MaxRoiPool, which onnx's reference lacks, as onnxruntime computes it.
+
+    Each roi ``[batch, x1, y1, x2, y2]`` is scaled by ``spatial_scale`` and rounded (half away from
+    zero), at least one pixel high and wide, and split into ``pooled_shape`` bins of fractional size;
+    bin (ph, pw) takes the max over rows ``floor(ph * h) .. ceil((ph + 1) * h)`` (and likewise columns)
+    of the roi, clipped to the image; an empty bin is 0.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, rois, pooled_shape=None, spatial_scale=1.0):
+        ph_n, pw_n = pooled_shape
+        _, c, height, width = x.shape
+        out = np.zeros((rois.shape[0], c, ph_n, pw_n), x.dtype)
+        for n, roi in enumerate(rois):
+            b = int(roi[0])
+            x1, y1, x2, y2 = (int(np.sign(v) * np.floor(abs(v) + 0.5)) for v in np.float32(roi[1:]) * np.float32(spatial_scale))
+            bin_h = np.float32(max(y2 - y1 + 1, 1)) / np.float32(ph_n)
+            bin_w = np.float32(max(x2 - x1 + 1, 1)) / np.float32(pw_n)
+            for ph in range(ph_n):
+                h0 = min(max(int(np.floor(ph * bin_h)) + y1, 0), height)
+                h1 = min(max(int(np.ceil((ph + 1) * bin_h)) + y1, 0), height)
+                for pw in range(pw_n):
+                    w0 = min(max(int(np.floor(pw * bin_w)) + x1, 0), width)
+                    w1 = min(max(int(np.ceil((pw + 1) * bin_w)) + x1, 0), width)
+                    if h1 > h0 and w1 > w0:
+                        out[n, :, ph, pw] = x[b, :, h0:h1, w0:w1].max(axis=(1, 2))
+        return (out,)
+
+
 #: Standard ops whose onnx reference implementation kiln replaces or wraps, each with its reason.
 STANDARD_OVERRIDES: list[type[OpRun]] = [
-    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements, Squeeze, DequantizeLinear,
+    BatchNormalization, Softmax, LogSoftmax, Hardmax, Loop, GatherElements, Squeeze, DequantizeLinear, Clip,
+    GlobalLpPool, MaxRoiPool,
     *(type(op, (_WideAccumulation,), {"__doc__": _WideAccumulation.__doc__}) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
 ]
 

@@ -92,7 +92,7 @@ def _ort_error(e: Exception) -> KilnError:
 def concrete_shape(v: Value, overrides: Mapping[str, tuple[int | str, ...]]) -> tuple[int, ...]:
     """The shape to feed for input ``v``: its static shape, or the user's override."""
     if v.name in overrides:
-        shape = overrides[v.name]
+        shape = getattr(overrides[v.name], "dims", overrides[v.name])  # a sequence's pin: its elements' dims
         if not all(isinstance(d, int) for d in shape):
             raise InputError(f"--input-shape for '{v.name}' must give sizes here, not symbols")
         if v.shape is not None and (
@@ -109,19 +109,29 @@ def concrete_shape(v: Value, overrides: Mapping[str, tuple[int | str, ...]]) -> 
 
 
 def seeded_inputs(graph: Graph, overrides: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the graph's signature (normal floats, small ints, random bools)."""
+    """Random inputs matching the graph's signature (normal floats, small ints, random bools); a list of
+    arrays for a sequence input of pinned length."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, Any] = {}
+
+    def draw(shape: tuple[int, ...], dtype: DType) -> np.ndarray:
+        if dtype.is_float:
+            return rng.standard_normal(shape).astype(dtype.numpy)
+        if dtype is DType.BOOL:
+            return rng.random(shape) < 0.5
+        return rng.integers(0, 4, size=shape).astype(dtype.numpy)
+
     for v in graph.inputs:
         shape = concrete_shape(v, overrides)
         dtype = v.dtype or DType.FLOAT32
-        if dtype.is_float:
-            arr = rng.standard_normal(shape).astype(dtype.numpy)
-        elif dtype is DType.BOOL:
-            arr = rng.random(shape) < 0.5
+        if v.sequence:
+            pin = overrides.get(v.name)
+            elements = getattr(pin, "elements", None) or v.seq_shapes or ()
+            if not all(isinstance(d, int) for e in elements for d in e):
+                raise InputError(f"--input-shape for '{v.name}' must give sizes here, not symbols")
+            feeds[v.name] = [draw(tuple(e), dtype) for e in elements]  # type: ignore[arg-type]
         else:
-            arr = rng.integers(0, 4, size=shape).astype(dtype.numpy)
-        feeds[v.name] = arr
+            feeds[v.name] = draw(shape, dtype)
     return feeds
 
 

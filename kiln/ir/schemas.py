@@ -96,6 +96,11 @@ def reference_version(domain: str, op_type: str, version: int) -> int:
     return max(version, REFERENCE_FROM.get(op_type, 0)) if domain == DEFAULT_DOMAIN else version
 
 
+#: Standard ops onnx's reference has no kernel for, which kiln's evaluator implements itself
+#: (``kiln.ir.interpreter.STANDARD_OVERRIDES`` holds their classes).
+EVALUATED_BY_KILN = frozenset({"GlobalLpPool", "MaxRoiPool"})
+
+
 @functools.lru_cache(maxsize=None)
 def is_supported(domain: str, op_type: str, version: int) -> bool:
     """True if kiln can evaluate ``domain::op_type`` at opset ``version``."""
@@ -106,6 +111,8 @@ def is_supported(domain: str, op_type: str, version: int) -> bool:
     schema = onnx_schema(domain, op_type, version)
     if schema is None:
         return False
+    if domain == DEFAULT_DOMAIN and op_type in EVALUATED_BY_KILN:
+        return True
     try:
         (_load_ml_op if domain == ML_DOMAIN else _load_std_op)(domain, op_type,
                                                                reference_version(domain, op_type, version))

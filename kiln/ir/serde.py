@@ -22,6 +22,7 @@ from kiln.ir.core import (
     KILN_DOMAIN, Attr, AttrType, Graph, Node, Shape, Tensor, Value, is_unknown_dim, normalize_domain,
 )
 from kiln.ir.dtypes import DType, onnx_type_name
+from kiln.ir.types import TypeValue
 
 #: The newest IR version kiln writes; the pinned onnxruntime accepts it.
 MAX_IR_VERSION = 10
@@ -79,21 +80,32 @@ class _Importer:
         return name
 
     def value_type(self, vi: ValueInfoProto, what: str) -> tuple[DType | None, Shape | None]:
+        """The dtype and shape of a tensor (or, for a sequence of tensors, of its elements: see :meth:`is_sequence`)."""
         kind = vi.type.WhichOneof("value")
         if kind is None:
             return None, None  # untyped (allowed for subgraph outputs and value_info)
-        if kind != "tensor_type":
-            raise ModelLoadError(f"{self.where}: {what} '{vi.name}' has a {kind} type; kiln supports tensors only")
-        code = vi.type.tensor_type.elem_type
+        tp = vi.type
+        if self.is_sequence(vi):
+            tp = vi.type.sequence_type.elem_type
+        elif kind != "tensor_type":
+            raise ModelLoadError(f"{self.where}: {what} '{vi.name}' has a {kind} type; kiln supports tensors "
+                                 "and sequences of tensors only")
+        code = tp.tensor_type.elem_type
         if code == 0:
-            return None, self.dims(vi.type)
+            return None, self.dims(tp)
         try:
             dtype = DType.from_onnx(code)
         except KeyError:
             raise ModelLoadError(
                 f"{self.where}: {what} '{vi.name}' has element type {onnx_type_name(code)}, which kiln does not support"
             ) from None
-        return dtype, self.dims(vi.type)
+        return dtype, self.dims(tp)
+
+    @staticmethod
+    def is_sequence(vi: ValueInfoProto) -> bool:
+        """A sequence of tensors (a graph input or output kiln represents as a ``Value`` with ``sequence`` set)."""
+        return vi.type.WhichOneof("value") == "sequence_type" and \
+            vi.type.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
 
     # -- tensors
     def tensor(self, t: TensorProto, what: str) -> Tensor:
@@ -171,6 +183,7 @@ class _Importer:
                 continue
             dtype, shape = self.value_type(vi, "graph input")
             local[vi.name] = g.add_input(vi.name, dtype, shape)  # type: ignore[arg-type]
+            local[vi.name].sequence = self.is_sequence(vi)
         for t in gp.initializer:
             local[t.name] = g.add_constant(self.tensor(t, "initializer"), t.name)
 
@@ -233,6 +246,7 @@ class _Importer:
                 dtype, shape = self.value_type(vi, "graph output")
                 v.dtype = v.dtype or dtype
                 v.shape = v.shape if v.shape is not None else shape
+                v.sequence = v.sequence or self.is_sequence(vi)
         g.sort()
 
     def constant_node(self, n: NodeProto) -> Tensor:
@@ -278,6 +292,8 @@ class _Importer:
             return Attr(AttrType.TENSORS, tuple(self.tensor(x, f"attribute '{a.name}'") for x in a.tensors))
         if t == AttributeProto.GRAPHS:
             return Attr(AttrType.GRAPHS, tuple(self.subgraph(x, g, scope) for x in a.graphs))
+        if t == AttributeProto.TYPE_PROTO:
+            return Attr(AttrType.TYPE_PROTO, TypeValue(a.tp.SerializeToString(), helper.printable_type(a.tp)))
         kind = AttributeProto.AttributeType.Name(t)
         raise ModelLoadError(
             f"{self.where}: node '{n.name}' ({n.op_type}) attribute '{a.name}' has type {kind}, which kiln does not support"
@@ -347,6 +363,8 @@ def _dims_proto(shape: Shape | None) -> list[int | str | None] | None:
 def value_info(v: Value) -> ValueInfoProto:
     """An ONNX ``ValueInfoProto`` for a kiln value (unknown dims are left blank)."""
     code = v.dtype.onnx_code if v.dtype is not None else TensorProto.UNDEFINED
+    if v.sequence:
+        return helper.make_tensor_sequence_value_info(v.name, code, _dims_proto(v.shape))
     return helper.make_tensor_value_info(v.name, code, _dims_proto(v.shape))
 
 
@@ -458,4 +476,8 @@ def _attr_proto(name: str, a: Attr, weights: bool, overloads: dict[int, str] | N
         return helper.make_attribute(name, a.value, attr_type=AttributeProto.STRING)
     if t is AttrType.FLOAT:
         return helper.make_attribute(name, a.value, attr_type=AttributeProto.FLOAT)
+    if t is AttrType.TYPE_PROTO:
+        tp = onnx.TypeProto()
+        tp.ParseFromString(a.value.proto)
+        return helper.make_attribute(name, tp, attr_type=AttributeProto.TYPE_PROTO)
     return helper.make_attribute(name, a.value, attr_type=AttributeProto.INT)

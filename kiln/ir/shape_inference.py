@@ -17,6 +17,7 @@ onnx leaves with its own rules:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -79,8 +80,37 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None, check_types: 
         refine(g, unknowns)
 
 
-def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> None:
+@dataclass(frozen=True)
+class SequenceShape:
+    """The pin of a sequence input: each element's dims, so also its length, which kiln fixes when
+    compiling (``--input-shape NAME=3*2x4``, or ``NAME=2x4,2x1`` for elements of other shapes)."""
+
+    elements: tuple[tuple[int | str, ...], ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.elements)
+
+    @property
+    def dims(self) -> tuple[int | str, ...]:
+        """The dims the elements share (the first element's, with a symbol where they differ)."""
+        if not self.elements:
+            return ()
+        first = self.elements[0]
+        if any(len(e) != len(first) for e in self.elements):
+            raise InputError(f"the elements of a sequence must have one rank; {self} mixes ranks")
+        return tuple(d if all(e[i] == d for e in self.elements) else f"seq_dim{i}" for i, d in enumerate(first))
+
+    def __str__(self) -> str:
+        texts = ["x".join(map(str, e)) for e in self.elements]
+        return f"{len(texts)}*{texts[0]}" if texts and len(set(texts)) == 1 else ",".join(texts) or "0*"
+
+
+def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...] | SequenceShape]) -> None:
     """Pin graph inputs to shapes (ints, or names for symbolic dims) and re-infer every shape.
+
+    A sequence input is pinned with a :class:`SequenceShape`: its length, which kiln fixes when
+    compiling, and its elements' dims (every element has them).
 
     Each given shape must keep the input's rank, and its ints must agree with the
     input's static dims. A name turns a dim into that symbol: an unknown or
@@ -96,6 +126,16 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...]]) -> 
         v = by_name.get(name)
         if v is None:
             raise InputError(f"no graph input named '{name}'; inputs: {', '.join(by_name)}")
+        if v.sequence != isinstance(shape, SequenceShape):
+            example = "x".join(str(d) if isinstance(d, int) else "1" for d in v.shape or ())
+            raise InputError(f"input '{name}' is a sequence of tensors: pin it as {name}=N*{example} (N tensors of "
+                             f"that shape)" if v.sequence else f"input '{name}' is a tensor, not a sequence; "
+                             f"pin it as {name}={example}")
+        if isinstance(shape, SequenceShape):
+            if v.shape is not None and any(len(e) != len(v.shape) for e in shape.elements):
+                raise InputError(f"input '{name}' is {v.type_str()}; {shape} does not fit its elements' rank")
+            v.seq_shapes = tuple(tuple(d if isinstance(d, str) else int(d) for d in e) for e in shape.elements)
+            shape = shape.dims if shape.elements else v.shape or ()
         if v.shape is not None and (len(v.shape) != len(shape) or any(
                 isinstance(d, int) and isinstance(s, int) and d != s for d, s in zip(v.shape, shape))):
             raise InputError(f"input '{name}' is {v.type_str()}; {'x'.join(map(str, shape))} does not fit it")

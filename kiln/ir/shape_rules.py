@@ -269,6 +269,25 @@ def _concat(node: Node) -> list[MaybeShape]:
     return [tuple(out)]
 
 
+@rule("Split")
+def _split(node: Node) -> list[MaybeShape]:
+    """Each part has the input's rank; its size along the axis comes from constant sizes (the input, or
+    ``split`` before opset 13) or from an even split, and is unknown when the sizes come at run time."""
+    s = _shape(node.input(0))
+    n = len(node.outputs)
+    if s is None:
+        return [None] * n
+    axis = normalize_axis(node.attr("axis", 0), len(s))
+    sizes = const_ints(node.input(1)) if len(node.inputs) > 1 and node.input(1) is not None else node.attr("split")
+    given = len(node.inputs) > 1 and node.input(1) is not None
+    d = s[axis]
+    if sizes is None and not given and isinstance(d, int):
+        chunk = -(-d // n) if node.attr("num_outputs") is not None else (d // n if d % n == 0 else None)
+        sizes = None if chunk is None else [chunk] * (n - 1) + [d - chunk * (n - 1)]
+    sizes = list(sizes) if sizes is not None and len(sizes) == n else [None] * n
+    return [tuple(k if i == axis else dim for i, dim in enumerate(s)) for k in sizes]
+
+
 def _axes(node: Node, rank: int) -> list[int] | None:
     axes = node.attr("axes")
     if axes is None and len(node.inputs) > 1:

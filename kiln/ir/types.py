@@ -139,6 +139,18 @@ class AttrType(enum.Enum):
     STRINGS = 8
     TENSORS = 9
     GRAPHS = 10
+    TYPE_PROTO = 13
+
+
+@dataclass(frozen=True, slots=True)
+class TypeValue:
+    """A TYPE_PROTO attribute's value (Optional's ``type``): the serialized ``TypeProto`` and its text."""
+
+    proto: bytes
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)

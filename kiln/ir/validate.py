@@ -167,9 +167,11 @@ def _required_inputs(node: Node) -> Iterator[str]:
 
 
 def _tensor_type(v: Value) -> str | None:
+    """The ONNX type string of ``v`` (``tensor(float)``, or ``seq(tensor(float))`` for a sequence)."""
     if v.dtype is None:
         return None
-    return "tensor(" + {"FLOAT32": "float", "FLOAT64": "double"}.get(v.dtype.name, v.dtype.name.lower()) + ")"
+    text = "tensor(" + {"FLOAT32": "float", "FLOAT64": "double"}.get(v.dtype.name, v.dtype.name.lower()) + ")"
+    return f"seq({text})" if v.sequence else text
 
 
 def _input_types(node: Node) -> Iterator[str]:
@@ -235,7 +237,8 @@ def _window(node: Node) -> Iterator[str]:
             and all(isinstance(d, int) for d in w.shape[2:]):
         kernel = list(w.shape[2:])
     if n is not None and kernel is not None and len(kernel) == n and x is not None and x.shape is not None \
-            and node.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and node.op_type != "ConvTranspose":
+            and node.attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") and node.op_type not in ("ConvTranspose", "MaxUnpool"):
+        # (the transposed windows, ConvTranspose's and MaxUnpool's, widen their input: any size fits)
         dil = list(node.attr("dilations", ()) or [1] * n)
         pp = list(pads or [0] * (2 * n)) if node.attr("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * n)
         for i, d in enumerate(x.shape[2:]):
@@ -383,8 +386,10 @@ def _broadcastable(node: Node) -> Iterator[str]:
             "RMSNormalization", "MeanVarianceNormalization")
 def _epsilon(node: Node) -> Iterator[str]:
     eps = node.attr("epsilon")
-    if eps is not None and not (math.isfinite(eps) and eps >= 0):
-        yield f"attribute 'epsilon' is {eps}; it must be a finite number >= 0"
+    # NaN and +Inf compute (onnxruntime gives NaN, and the bias, for them); a negative epsilon can make
+    # var + epsilon negative or zero, where each engine's formula gives other NaNs and infinities
+    if eps is not None and eps < 0:
+        yield f"attribute 'epsilon' is {eps}; it must be >= 0"
 
 
 @constraint("GroupNormalization")
