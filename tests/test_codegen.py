@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 import kiln
 import kiln.runtime
@@ -95,10 +95,10 @@ def test_concurrent_runs_from_several_threads(artifact):
 
 def test_unsupported_ops_are_listed_before_compiling(tmp_path):
     model = make_model(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Unique", ["r"], ["u"], name="uniq", sorted=1)],
-        [f32("x", [2, 5])], [f32("u", None)],
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Det", ["r"], ["u"], name="det")],
+        [f32("x", [2, 5, 5])], [f32("u", None)],
     )
-    with pytest.raises(CodegenError, match=r"kiln cannot compile these ops yet: Unique \(nodes: uniq\)"):
+    with pytest.raises(CodegenError, match=r"kiln cannot compile these ops yet: Det \(nodes: det\)"):
         build(kiln.load(model), tmp_path / "x.kiln")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
@@ -293,6 +293,29 @@ def test_matmul_broadcasts_batch_dims_and_symbolic_sizes(tmp_path):
         feeds = {"a": rng.standard_normal((2, 1, m, 4)).astype(np.float32),
                  "b": rng.standard_normal((5, 4, 6)).astype(np.float32)}
         cmp = compare(f"M={m}", compiled.run(feeds), ort_outputs(model, feeds), rtol=1e-5, atol=1e-6)
+        assert cmp.passed, cmp.max_abs
+
+
+def test_shape_values_of_a_symbolic_dim_feed_kernels(tmp_path):
+    """Shape and Size of an input with a symbolic batch, read as values (transformers' mask builder:
+    ``arange(batch)``), in kernels fused with the ops that use them: the dim is the kernel's argument."""
+    i64 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.INT64, shape)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+        helper.make_node("Size", ["x"], ["size"]),
+        helper.make_node("Reshape", ["n", "one_dim"], ["n1"]),
+        helper.make_node("Mul", ["r", "n1"], ["rn"]),
+    ]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("one", TensorProto.INT64, [], [1]),
+             helper.make_tensor("one_dim", TensorProto.INT64, [1], [1])]
+    model = make_model(nodes, [f32("x", ["N", 4])], [i64("r", ["N"]), i64("size", []), i64("rn", ["N"])], inits)
+    build(kiln.load(model), tmp_path / "shape.kiln")
+    compiled = kiln.runtime.load(tmp_path / "shape.kiln")
+    for n in (1, 5):
+        feeds = {"x": np.zeros((n, 4), np.float32)}
+        cmp = compare(f"N={n}", compiled.run(feeds), ort_outputs(model, feeds), rtol=0, atol=0)
         assert cmp.passed, cmp.max_abs
 
 

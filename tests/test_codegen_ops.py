@@ -94,3 +94,44 @@ def test_slice_with_constant_negative_steps(tmp_path):
     model = make_model([helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])],
                        [f32("x", [6, 7])], [f32("y", [2, 4])], inits=inits, opset=13)
     _check(model, tmp_path, {"x": np.arange(42, dtype=np.float32).reshape(6, 7)})
+
+
+def _sequence_model():
+    """y = ConcatFromSequence(s, axis=1) + SequenceLength(s), over a sequence input s of f32[2, ?]."""
+    nodes = [helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=1),
+             helper.make_node("SequenceLength", ["s"], ["n"])]
+    seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2, None])
+    return make_model(nodes, [seq], [f32("y", None), helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+
+
+def test_a_sequence_input_runs_from_a_list_of_arrays_at_the_pinned_length(tmp_path):
+    from kiln.check import parse_shape_overrides
+
+    model = _sequence_model()
+    shapes = parse_shape_overrides(["s=2x3,2x1,2x2"])
+    path = tmp_path / "m.kiln"
+    kiln.compile(kiln.load(model.SerializeToString()), path, input_shapes=shapes)
+    rt = kiln.runtime.load(path, threads=1)
+    rng = np.random.default_rng(0)
+    feeds = {"s": [rng.standard_normal((2, k), np.float32) for k in (3, 1, 2)]}
+    got, want = rt.run(feeds), ort_outputs(model, feeds)
+    np.testing.assert_array_equal(got["y"], want["y"])
+    assert got["n"] == want["n"] == 3
+    assert str(rt.inputs[0]) == "s: [float32[2,3], float32[2,1], float32[2,2]]"
+    with pytest.raises(kiln.runtime.InputError, match=r"input 's' is a list of 2; expected s: \["):
+        rt.run({"s": feeds["s"][:2]})
+    with pytest.raises(kiln.runtime.InputError, match=r"input 's\[1\]' has shape \[2, 3\]"):
+        rt.run({"s": [feeds["s"][0]] * 3})
+
+
+def test_a_sequence_input_without_a_pin_is_refused_naming_the_flag(tmp_path):
+    from kiln.check import parse_shape_overrides
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match=r"input 's' is a sequence of tensors, whose length kiln fixes when compiling; "
+                                        r"give it with --input-shape 's=N\*2x1'"):
+        kiln.compile(kiln.load(_sequence_model().SerializeToString()), tmp_path / "m.kiln")
+    with pytest.raises(KilnError, match=r"input 's' is a sequence of tensors: pin it as s=N\*2x1"):
+        kiln.compile(kiln.load(_sequence_model().SerializeToString()), tmp_path / "m.kiln",
+                     input_shapes=parse_shape_overrides(["s=2x3"]))
+    assert str(parse_shape_overrides(["s=3*2x4"])["s"]) == "3*2x4"

@@ -38,8 +38,13 @@ def signature(graph: Graph) -> tuple[list[dict], list[dict]]:
     """The graph's input and output signature as manifest entries (symbolic dims by name)."""
 
     def entry(v: Value) -> dict:
-        return {"name": v.name, "dtype": v.dtype.numpy.name if v.dtype else None,
-                "shape": None if v.shape is None else list(v.shape)}
+        out = {"name": v.name, "dtype": v.dtype.numpy.name if v.dtype else None,
+               "shape": None if v.shape is None else list(v.shape)}
+        if v.sequence:  # a sequence of tensors: dtype and shape are its elements' (the runtime takes or returns a list)
+            out.update(sequence=True, shape=out["shape"] or [])
+            if v.seq_shapes is not None:  # an input's: its length and elements are fixed when compiling
+                out["elements"] = [list(e) for e in v.seq_shapes]
+        return out
 
     return [entry(v) for v in graph.inputs], [entry(v) for v in graph.outputs]
 
@@ -47,6 +52,12 @@ def signature(graph: Graph) -> tuple[list[dict], list[dict]]:
 def check_compilable_signature(graph: Graph) -> None:
     """Unknown input dims need a size or a name before code can be generated."""
     for v in graph.inputs:
+        if v.sequence and v.seq_shapes is None:
+            example = "x".join(str(d) if isinstance(d, int) else "1" for d in v.shape or ())
+            raise CodegenError(f"input '{v.name}' is a sequence of tensors, whose length kiln fixes when compiling; "
+                               f"give it with --input-shape '{v.name}=N*{example}' (N tensors of {example or 'rank 0'})")
+        if v.sequence:
+            continue  # its elements' pinned shapes hold ints and names only
         if v.shape is None:
             raise CodegenError(f"input '{v.name}' has an unknown rank; give its shape with --input-shape {v.name}=...")
         unknown = [i for i, d in enumerate(v.shape) if is_unknown_dim(d)]

@@ -8,7 +8,8 @@ with the reason, so taking it fails as it does in onnxruntime. Loop and Scan hav
 no lowering, so ``kiln compile`` refuses them by name.
 
 An optional holding a plain tensor is present or absent when compiling, so
-OptionalHasElement is a constant and OptionalGetElement the tensor itself.
+Optional is its tensor (or nothing), OptionalHasElement a constant and
+OptionalGetElement the tensor itself.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, branch_failure, lowers
 from kiln.codegen.lowering.te import get_topi
-from kiln.ir import Graph, Node, is_static
+from kiln.ir import Graph, Node, Value, is_static
 
 if TYPE_CHECKING:
     from kiln.codegen.lowering.lowerer import Lowerer
@@ -81,18 +82,32 @@ def _if(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
 
 
+def _empty_optional(v: Value | None) -> bool:
+    """An absent input, or an ``Optional`` made without a value."""
+    return v is None or (v.producer is not None and v.producer.op_type == "Optional" and v.producer.input(0) is None)
+
+
+@lowers("Optional")
+def _optional(lw: Lowerer, node: Node) -> list[Any]:
+    """An optional is lowered away: one made from a tensor is that tensor; an empty one has no value,
+    and the ops that read it know so when compiling (see :func:`_empty_optional`)."""
+    if node.input(0) is None:
+        return [None]
+    return [lw.get(node.input(0))]
+
+
 @lowers("OptionalHasElement", reads=())
 def _optional_has_element(lw: Lowerer, node: Node) -> list[Any]:
     """An optional holding a plain tensor: whether it is present is known when compiling."""
     from tvm import te, tirx
 
-    present = node.input(0) is not None
+    present = not _empty_optional(node.input(0))
     return [lw.emit(lambda: te.compute((), lambda: tirx.const(present, "bool"), name="has_element"),
                     name="optional_has_element")]
 
 
 @lowers("OptionalGetElement")
 def _optional_get_element(lw: Lowerer, node: Node) -> list[Any]:
-    if node.input(0) is None:
+    if _empty_optional(node.input(0)):
         raise CodegenError(f"node {node.label()}: OptionalGetElement of an empty optional")
     return [lw.get(node.input(0))]

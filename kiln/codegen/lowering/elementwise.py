@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import apply_activation, get_topi, is_one
+from kiln.codegen.lowering.te import apply_activation, get_topi, is_one, keep_nan_max, keep_nan_min
 from kiln.ir import Node, const_ints
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ def _emit_ew(lw: Lowerer, node: Node, fn: Callable[..., Any]) -> list[Any]:
 
 
 _UNARY: dict[str, Callable[[Any], Any]] = {
-    "Relu": lambda x: get_topi().nn.relu(x), "Sigmoid": lambda x: get_topi().sigmoid(x), "Tanh": lambda x: get_topi().tanh(x),
+    "Relu": lambda x: apply_activation(x, "Relu", ()), "Sigmoid": lambda x: get_topi().sigmoid(x), "Tanh": lambda x: get_topi().tanh(x),
     "Exp": lambda x: get_topi().exp(x), "Log": lambda x: get_topi().log(x), "Sqrt": lambda x: get_topi().sqrt(x),
     "Abs": lambda x: get_topi().abs(x), "Neg": lambda x: get_topi().negative(x), "Erf": lambda x: get_topi().erf(x),
     "Floor": lambda x: get_topi().floor(x), "Ceil": lambda x: get_topi().ceil(x), "Sin": lambda x: get_topi().sin(x),
@@ -92,6 +94,8 @@ def _sign(lw: Lowerer, node: Node) -> list[Any]:
 
     def f(x: Any) -> Any:
         dt = x.dtype
+        if str(dt).startswith("uint"):
+            return tirx.Select(x > _const(0, dt), _const(1, dt), _const(0, dt))
         return tirx.Select(x > _const(0, dt), _const(1, dt), tirx.Select(x < _const(0, dt), _const(-1, dt), x))
 
     return _emit_ew(lw, node, f)
@@ -139,7 +143,10 @@ def _dropout(lw: Lowerer, node: Node) -> list[Any]:
     x = lw.get(node.input(0))
     if len(node.outputs) < 2 or not node.outputs[1].name:
         return [x]
-    mask = lw.emit(lambda t: te.compute(t.shape, lambda *i: tirx.const(True), name="mask"), x, name="dropout_mask")
+    # every element is kept; before opset 12 onnxruntime writes the mask as all false (its identity kernel
+    # zeroes it), and users compare with it
+    keep = lw.graph.model_opset.get("", 21) >= 12
+    mask = lw.emit(lambda t: te.compute(t.shape, lambda *i: tirx.const(keep), name="mask"), x, name="dropout_mask")
     return [x, mask]
 
 
@@ -196,6 +203,11 @@ def _activation(lw: Lowerer, node: Node) -> list[Any]:
         if op == "Softsign":
             return x / (_const(1, dt) + tirx.abs(x))
         if op == "Shrink":
+            if _int(dt):  # as onnxruntime: compared and shifted in float (the attributes' type), then truncated
+                xf = tirx.Cast("float32", x)
+                bias, lambd = _const(node.attr("bias", 0.0), "float32"), _const(node.attr("lambd", 0.5), "float32")
+                y = tirx.Select(xf < -lambd, xf + bias, tirx.Select(xf > lambd, xf - bias, _const(0, "float32")))
+                return tirx.Cast(dt, y)
             bias, lambd = _const(node.attr("bias", 0.0), dt), _const(node.attr("lambd", 0.5), dt)
             return tirx.Select(x < -lambd, x + bias, tirx.Select(x > lambd, x - bias, zero))
         if op == "Mish":
@@ -232,8 +244,15 @@ def _prelu(lw: Lowerer, node: Node) -> list[Any]:
 
 @lowers("Clip")
 def _clip(lw: Lowerer, node: Node) -> list[Any]:
-    """Clip with bounds as attributes (opset < 11) or as optional inputs, for floats and ints."""
-    from tvm import tirx
+    """Clip with bounds as attributes (opset < 11) or as optional inputs, for floats and ints.
+
+    NaN follows onnxruntime, as users compare with it (the spec is silent, and onnx's reference
+    gives NaN): a NaN bound is no bound, and a NaN input stays NaN. onnxruntime clips with
+    ``max(x, lo)`` then ``min(., hi)`` as ``x < lo ? lo : x`` and ``hi < x ? hi : x``
+    (:func:`keep_nan_max`, :func:`keep_nan_min`); TIR's max/min would return the bound for a NaN
+    input and NaN for a NaN bound. An absent float bound is the dtype's lowest or highest value, as
+    in onnxruntime (and opset 6's attribute defaults): -inf clips to -FLT_MAX.
+    """
 
     x = lw.get(node.input(0))
     bounds = [(k, lw.get(node.input(i))) for k, i in (("lo", 1), ("hi", 2)) if node.input(i) is not None]
@@ -243,12 +262,16 @@ def _clip(lw: Lowerer, node: Node) -> list[Any]:
     def compute(t: Any, *bs: Any) -> Any:
         def f(v: Any, *b: Any) -> Any:
             got = dict(zip(kinds, b))
-            lo = got.get("lo", None if attrs["lo"] is None else _const(attrs["lo"], v.dtype))
-            hi = got.get("hi", None if attrs["hi"] is None else _const(attrs["hi"], v.dtype))
+            dt = np.dtype(str(v.dtype))
+            info = np.finfo(dt) if dt.kind == "f" else None
+            lo = got.get("lo", _const(attrs["lo"] if attrs["lo"] is not None else float(info.min), v.dtype)
+                         if info is not None or attrs["lo"] is not None else None)
+            hi = got.get("hi", _const(attrs["hi"] if attrs["hi"] is not None else float(info.max), v.dtype)
+                         if info is not None or attrs["hi"] is not None else None)
             if lo is not None:
-                v = tirx.max(v, lo)
+                v = keep_nan_max(v, lo)
             if hi is not None:
-                v = tirx.min(v, hi)
+                v = keep_nan_min(v, hi)
             return v
 
         return broadcast(f, t, *bs, name="clip")
@@ -266,10 +289,27 @@ _BINARY = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Max": "maximum",
 
 @lowers(*_BINARY, "Sum")
 def _topi_binary(lw: Lowerer, node: Node) -> list[Any]:
+    from tvm import tirx
+
     ins = [lw.get(v) for v in node.inputs if v is not None]
     fn_name = _BINARY.get(node.op_type, "add")
     if len(ins) == 1:
         return [ins[0]]
+    kind = node.input(0).dtype.numpy.kind if node.input(0).dtype is not None else ""
+    if node.op_type == "Equal" and kind == "b":
+        # topi's equal on bools emits a float compare of i1 values, which LLVM rejects
+        return _emit_ew(lw, node, lambda a, b: tirx.Cast("int8", a) == tirx.Cast("int8", b))
+    if node.op_type in ("Max", "Min") and kind == "f":
+        # onnxruntime's Max and Min propagate NaN (TIR's max and min would return the other operand)
+        pick = tirx.max if node.op_type == "Max" else tirx.min
+
+        def nan_max(*xs: Any) -> Any:
+            out = xs[0]
+            for x in xs[1:]:
+                out = tirx.Select(tirx.isnan(out), out, tirx.Select(tirx.isnan(x), x, pick(out, x)))
+            return out
+
+        return _emit_ew(lw, node, nan_max)
 
     def compute(*xs: Any) -> Any:
         fn = getattr(get_topi(), fn_name)
@@ -380,8 +420,8 @@ def _cast_to(dt: str) -> Callable[[Any], Any]:
     def f(x: Any) -> Any:
         from tvm import tirx
 
-        if dt == "bool" and str(x.dtype) != "bool":
-            return x != _const(0, x.dtype)
+        if dt == "bool" and str(x.dtype) != "bool":  # nonzero; NaN too (x != 0 is an ordered compare, false for NaN)
+            return tirx.Select(x == _const(0, x.dtype), tirx.const(False), tirx.const(True))
         return tirx.Cast(dt, x)
 
     return f

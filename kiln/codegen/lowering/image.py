@@ -9,12 +9,12 @@ out/in). ``antialias`` is not compiled.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import output_dims, static_shape
+from kiln.codegen.lowering.te import output_dims, pick, static_shape
 from kiln.ir import Node, normalize_axis
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
 
     x, out = node.input(0), node.outputs[0]
     si, so = static_shape(x), static_shape(out)
-    if si is None or so is None:
-        raise CodegenError(f"node {node.label()}: Resize needs static input and output shapes to compile")
+    if si is None:
+        raise CodegenError(f"node {node.label()}: Resize needs a static input shape to compile")
     if node.attr("antialias", 0):
         raise CodegenError(f"node {node.label()}: antialiased Resize does not compile yet")
     rank = len(si)
@@ -64,9 +64,43 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
     has = {k: _given(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3))}
     if ctm == "tf_crop_and_resize" and not has["roi"]:
         raise CodegenError(f"node {node.label()}: tf_crop_and_resize needs a roi")
-    resized = [k for k in axes if si[k] != so[k] or has["scales"] or ctm == "tf_crop_and_resize"]
     extra = [lw.get(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3)) if has[k]]
     names = [k for k in ("roi", "scales", "sizes") if has[k]]
+    if so is None:  # scales or sizes read at run time decide the output shape: computed first, as onnx's reference
+        if not (has["scales"] or has["sizes"]):
+            raise CodegenError(f"node {node.label()}: Resize needs scales or sizes to compile")
+
+        def sizes_of(t: Any, *params: Any) -> Any:
+            p = dict(zip(names, params))
+            f = "float64"
+            dims: list[Any] = [tirx.const(d, "int64") for d in si]
+            if "sizes" in p and policy != "stretch":
+                ratios = [tirx.Cast(f, p["sizes"][j]) / tirx.const(si[a], f) for j, a in enumerate(axes)]
+                common = ratios[0]
+                for r in ratios[1:]:
+                    common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
+                for a in axes:  # round half up
+                    dims[a] = tirx.Cast("int64", common * tirx.const(si[a], f) + tirx.const(0.5, f))
+            elif "sizes" in p:
+                for j, a in enumerate(axes):
+                    dims[a] = tirx.Cast("int64", p["sizes"][j])
+            else:
+                for j, a in enumerate(axes):
+                    dims[a] = tirx.Cast("int64", tirx.Cast(f, p["scales"][j]) * tirx.const(si[a], f))
+            return te.compute((rank,), lambda k: pick(k, dims), name="resize_dims")
+
+        so = lw.computed_dims(sizes_of, lw.get(x), *extra, count=rank, name="resize")
+    resized = [k for k in axes if not isinstance(so[k], int) or si[k] != so[k] or has["scales"] or
+               ctm == "tf_crop_and_resize"]
+
+    def fconst(v: Any, f: str) -> Any:
+        return tirx.const(v, f) if isinstance(v, int) else tirx.Cast(f, v)
+
+    def many(n_out: Any, yes: Callable[[], Any], no: Any) -> Any:
+        """``yes()`` where the output has more than one element along the axis, else ``no``."""
+        if isinstance(n_out, int):
+            return yes() if n_out > 1 else no
+        return tirx.Select(n_out > 1, yes(), no)
 
     def compute(t: Any, *params: Any) -> Any:
         p = dict(zip(names, params))
@@ -83,7 +117,7 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
                 for r in ratios[1:]:
                     common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
                 return common
-            return tirx.const(so[k] / si[k], f)
+            return tirx.const(so[k] / si[k], f) if isinstance(so[k], int) else tirx.Cast(f, so[k]) / tirx.const(si[k], f)
 
         def coord(k: int, i: Any) -> tuple[Any, Any]:
             """(source coordinate, inside-the-roi flag) of output index i along axis k."""
@@ -95,24 +129,21 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             if ctm == "half_pixel":
                 c = (xi + half) / s - half
             elif ctm == "half_pixel_symmetric":
-                adj = tirx.const(n_out, f) / (s * tirx.const(n_in, f))
+                adj = fconst(n_out, f) / (s * tirx.const(n_in, f))
                 c = tirx.const(n_in / 2, f) * (tirx.const(1, f) - adj) + (xi + half) / s - half
             elif ctm == "pytorch_half_pixel":
-                c = (xi + half) / s - half if n_out > 1 else tirx.const(0, f)
+                c = many(n_out, lambda: (xi + half) / s - half, tirx.const(0, f))
             elif ctm == "align_corners":
                 # onnx's resized length is scale * n_in, unrounded
-                c = xi * tirx.const(n_in - 1, f) / (s * tirx.const(n_in, f) - tirx.const(1, f)) if n_out > 1 \
-                    else tirx.const(0, f)
+                c = many(n_out, lambda: xi * tirx.const(n_in - 1, f) / (s * tirx.const(n_in, f) - tirx.const(1, f)),
+                         tirx.const(0, f))
             elif ctm == "asymmetric":
                 c = xi / s
             elif ctm == "tf_crop_and_resize":
                 j = axes.index(k)
                 lo, hi = tirx.Cast(f, p["roi"][j]), tirx.Cast(f, p["roi"][len(axes) + j])
                 span = tirx.const(n_in - 1, f)
-                if n_out > 1:
-                    c = lo * span + xi * (hi - lo) * span / tirx.const(n_out - 1, f)
-                else:
-                    c = half * (lo + hi) * span
+                c = many(n_out, lambda: lo * span + xi * (hi - lo) * span / fconst(n_out - 1, f), half * (lo + hi) * span)
                 inside = tirx.all(c >= tirx.const(0, f), c <= span)
             else:
                 raise CodegenError(f"node {node.label()}: coordinate_transformation_mode {ctm} is unknown")
@@ -218,9 +249,11 @@ def _grid_sample(lw: Lowerer, node: Node) -> list[Any]:
                 v = (g + c(1)) / c(2) * c(dims[k] - 1) if align else ((g + c(1)) * c(dims[k]) - c(1)) / c(2)
                 if mode == "nearest":
                     v = tirx.nearbyint(v)
-                if padding == "border":
+                # cubic pads each of its taps (below), not the coordinate, as onnxruntime and PyTorch do
+                # (onnx's reference pads the coordinate first, for every mode)
+                if padding == "border" and mode != "cubic":
                     v = tirx.Select(tirx.Or(v < c(lo[k]), v > c(hi[k])), tirx.max(tirx.min(v, c(dims[k] - 1)), c(0)), v)
-                elif padding == "reflection":
+                elif padding == "reflection" and mode != "cubic":
                     v = reflect(v, k)
                 coords.append(v)
 

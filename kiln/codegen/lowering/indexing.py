@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import output_dims, scalar, wrap_index
+from kiln.codegen.lowering.te import full, int64_vector, output_dims, pick, prod, scalar, static_shape, wrap_index
 from kiln.ir import Node, const_ints, normalize_axis
 
 if TYPE_CHECKING:
@@ -81,13 +81,16 @@ def _gather_nd(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("ArrayFeatureExtractor", domain="ai.onnx.ml")
 def _array_feature_extractor(lw: Lowerer, node: Node) -> list[Any]:
     """The columns ``indices`` of the last axis."""
-    from tvm import te
-
-    dims = output_dims(lw, node)
+    from tvm import te, topi
 
     def compute(x: Any, idx: Any) -> Any:
         last = len(x.shape) - 1
-        return te.compute(dims, lambda *i: x[(*i[:last], idx[i[last]])], name="array_feature_extractor")
+        flat = topi.reshape(idx, (prod(idx.shape),))
+        # the chosen columns, however the indices are shaped; a 1-D input gives [1, n] (as onnxruntime)
+        dims = [*x.shape[:-1], flat.shape[0]] if last else [1, flat.shape[0]]
+        lead = len(dims) - 1
+        return te.compute(dims, lambda *i: x[(*i[:last], wrap_index(flat[i[lead]], x.shape[last]))],
+                          name="array_feature_extractor")
 
     return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="array_feature_extractor")]
 
@@ -116,8 +119,13 @@ def _scatter_nd(lw: Lowerer, node: Node) -> list[Any]:
     mode = _SCATTER_MODES[node.attr("reduction", "none")]
 
     def compute(x: Any, idx: Any, upd: Any) -> Any:
+        from tvm import te
+
         r = len(idx.shape)
-        return topi.scatter_nd(x, topi.transpose(idx, [r - 1, *range(r - 1)]), upd, mode)
+        # negative indices count from the end of their dim, as in onnxruntime (topi's scatter_nd takes them as they are)
+        wrapped = te.compute(idx.shape, lambda *i: wrap_index(idx[i], pick(i[-1], list(x.shape))),
+                             name="indices")
+        return topi.scatter_nd(x, topi.transpose(wrapped, [r - 1, *range(r - 1)]), upd, mode)
 
     return [lw.emit(compute, *[lw.get(node.input(i)) for i in range(3)], name="scatter_nd")]
 
@@ -254,29 +262,37 @@ def _cumulative(lw: Lowerer, node: Node) -> list[Any]:
         scans = [_scan(t, a, exclusive, reverse, prod) for a in range(rank)]
         a = wrap_index(scalar(ax), rank)
 
-        def pick(*i: Any) -> Any:
+        def chosen(*i: Any) -> Any:
             out = scans[-1][i]
             for k in range(rank - 2, -1, -1):
                 out = tirx.Select(a == k, scans[k][i], out)
             return out
 
-        return te.compute(t.shape, pick, name="cumulative")
+        return te.compute(t.shape, chosen, name="cumulative")
 
     return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name=node.op_type.lower())]
 
 
-@lowers("TopK", reads=(0,))
+def _k_reads(node: Node) -> tuple[int, ...]:
+    x = node.input(0)
+    axis = normalize_axis(node.attr("axis", -1), x.rank or 0)
+    k = (node.outputs[0].shape or [None] * (axis + 1))[axis]
+    return (0,) if isinstance(k, int) or node.attr("k") is not None else (0, 1)
+
+
+@lowers("TopK", reads=_k_reads)
 def _topk(lw: Lowerer, node: Node) -> list[Any]:
     """TopK by ranking: each element's rank is how many beat it (ties: lower index first), and
     output p takes the element of rank p. Pure TE: topi.topk calls tvm.contrib.sort, a packed
-    function of the compiler library that the deployed runtime does not have."""
+    function of the compiler library that the deployed runtime does not have. A k that the
+    declared shape does not give is read at run time."""
     from tvm import relax, te, tirx
 
     x = node.input(0)
     axis = normalize_axis(node.attr("axis", -1), x.rank or 0)
     k = (node.outputs[0].shape or [None] * (axis + 1))[axis]
     if not isinstance(k, int):
-        raise CodegenError(f"node {node.label()}: TopK needs a static k to compile")
+        (k,) = lw.computed_dims(lambda t: int64_vector(t, 1), lw.get(node.input(1)), count=1, name="k")
     largest = bool(node.attr("largest", 1))
 
     def compute(t: Any) -> Any:
@@ -312,75 +328,196 @@ def _topk(lw: Lowerer, node: Node) -> list[Any]:
 # =========================================================================== selection by a condition
 
 
-def _scan_bool(cond: Any, n: int) -> Any:
+def _positions(x: Any, n: int, flat: Any = None) -> list[Any]:
+    """For the first ``n`` elements of 1-D ``x`` (or of ``flat(j)``): [the count of nonzero ones as a
+    1-element tensor, a tensor whose first ``count`` entries are their positions, in order].
+
+    O(n): an inclusive prefix sum of 0/1 flags (topi's serial scan) gives each nonzero position its
+    slot, and a scatter (serial, in order) writes it there; the others go to a spare last slot.
+    """
+    from tvm import te, tirx, topi
+
+    if n == 0:
+        return [full((1,), 0, "int64", "count"), full((1,), 0, "int64", "positions")]
+    flags = _flags(x, n, flat)
+    csum = topi.cumsum(flags, 0, "int64")
+    count = te.compute((1,), lambda _: csum[n - 1], name="count")
+    slots = te.compute((n,), lambda j: tirx.Select(flags[j] != 0, csum[j] - 1, tirx.Cast("int64", n)), name="slot")
+    where = topi.scatter_elements(topi.full((n + 1,), "int64", 0), slots,
+                                  te.compute((n,), lambda j: tirx.Cast("int64", j), name="position"), 0, "update")
+    return [count, where]
+
+
+def _flags(x: Any, n: Any, flat: Any = None) -> Any:
+    """0/1 int64 flags of the first ``n`` elements of 1-D ``x`` (or of ``flat(j)``): nonzero (NaN counts)."""
     from tvm import te, tirx
 
-    r = te.reduce_axis((0, n), "s")
-    return te.compute((n,), lambda i: te.sum(tirx.Select(tirx.all(r <= i, cond[r]), tirx.const(1, "int64"),
-                                                         tirx.const(0, "int64")), axis=[r]), name="true_count")
+    def nonzero(j: Any) -> Any:
+        v = flat(j) if flat is not None else x[j]
+        one, zero = tirx.const(1, "int64"), tirx.const(0, "int64")
+        if str(v.dtype) == "bool":
+            return tirx.Select(v, one, zero)
+        return tirx.Select(v == tirx.const(0, v.dtype), zero, one)  # (v != 0 is false for NaN)
+
+    return te.compute((n,), nonzero, name="flags")
 
 
 @lowers("Compress")
 def _compress(lw: Lowerer, node: Node) -> list[Any]:
-    """Compress whose output size the declared shape gives (the condition is read at run time)."""
-    from tvm import te, tirx, topi
+    """Compress: the slices (or, without an axis, the flat elements) where the condition is true.
+
+    How many is known at run time: the condition is read into a count (:meth:`Lowerer.runtime_dims`),
+    and the picked positions are found in O(n) (:func:`_positions`). A condition shorter than the
+    axis selects from its first entries only."""
+    from tvm import te, topi
 
     x = node.input(0)
-    dims = output_dims(lw, node)
     axis = node.attr("axis")
+    rank = x.rank or 0
+    a = 0 if axis is None else normalize_axis(axis, rank)
+    cond_len = (node.input(1).shape or [None])[0]
+    if not isinstance(cond_len, int):
+        raise CodegenError(f"node {node.label()}: Compress needs a condition of static length to compile")
 
-    def compute(t: Any, cond: Any) -> Any:
-        src = t if axis is not None else topi.reshape(t, (int(np.prod([int(d) for d in t.shape])),))
-        a = 0 if axis is None else normalize_axis(axis, len(t.shape))
-        n = int(cond.shape[0])
-        count = _scan_bool(cond, n)
-        r = te.reduce_axis((0, n), "r")
-        pick = te.compute((dims[a],), lambda p: te.min(tirx.Select(
-            tirx.all(cond[r], count[r] == p + 1), r.var.astype("int64"), tirx.const(1 << 62, "int64")), axis=[r]),
-            name="picked")
-        return te.compute(dims, lambda *i: src[(*i[:a], pick[i[a]], *i[a + 1:])], name="compress")
+    def select(t: Any) -> Any:
+        return t if axis is not None else topi.reshape(t, (int(np.prod([int(d) for d in t.shape])),))
 
-    return [lw.emit(compute, lw.get(x), lw.get(node.input(1)), name="compress")]
+    def find(t: Any, cond: Any) -> list[Any]:
+        src = select(t)
+        return _positions(cond, min(cond_len, int(src.shape[a])))
+
+    found = lw.emit(find, lw.get(x), lw.get(node.input(1)), name="compress_find")
+    count, where = lw.unpack_all(found, 2)
+    (m,) = lw.runtime_dims(count, 1, "count")
+
+    def gather(t: Any, pos: Any) -> Any:
+        src = select(t)
+        dims = [m if k == a else d for k, d in enumerate(src.shape)]
+        return te.compute(dims, lambda *i: src[(*i[:a], pos[i[a]], *i[a + 1:])], name="compress")
+
+    return [lw.emit(gather, lw.get(x), where, name="compress")]
 
 
 @lowers("NonZero")
 def _nonzero(lw: Lowerer, node: Node) -> list[Any]:
-    """NonZero whose count the declared output shape gives: coordinates of the nonzero elements."""
+    """NonZero: the coordinates of the nonzero elements (NaN is nonzero), as (rank, count); a 0-d
+    input gives (1, count). The count is read at run time (:meth:`Lowerer.runtime_dims`)."""
     from tvm import te, tirx
 
-    dims = output_dims(lw, node)
+    x = node.input(0)
+    shape = static_shape(x)
+    if shape is None:
+        raise CodegenError(f"node {node.label()}: NonZero needs a static input shape to compile")
+    total = int(np.prod(shape))
+    strides = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
 
-    def compute(x: Any) -> Any:
-        shape = [int(d) for d in x.shape]
-        total = int(np.prod(shape))
-        strides = [int(np.prod(shape[k + 1:])) for k in range(len(shape))]
+    def find(t: Any) -> list[Any]:
+        def flat(j: Any) -> Any:
+            return t[tuple(tirx.floormod(tirx.floordiv(j, s), d) for s, d in zip(strides, shape))]
 
-        def flat_at(j: Any) -> Any:
-            return x[tuple(tirx.floormod(tirx.floordiv(j, s), d) for s, d in zip(strides, shape))]
+        return _positions(t, total, flat)
 
-        def nonzero(j: Any) -> Any:
-            v = flat_at(j)
-            return v if str(v.dtype) == "bool" else v != tirx.const(0, v.dtype)
+    found = lw.emit(find, lw.get(x), name="nonzero_find")
+    count, where = lw.unpack_all(found, 2)
+    (m,) = lw.runtime_dims(count, 1, "count")
+    rank = max(len(shape), 1)
+    dims = shape or [1]
+    steps = strides or [1]
 
-        r = te.reduce_axis((0, total), "r")
-        count = te.compute((total,), lambda i: te.sum(tirx.Select(tirx.all(r <= i, nonzero(r)), tirx.const(
-            1, "int64"), tirx.const(0, "int64")), axis=[r]), name="count")
-        r2 = te.reduce_axis((0, total), "r2")
-        pick = te.compute((dims[1],), lambda p: te.min(tirx.Select(tirx.all(nonzero(r2), count[r2] == p + 1),
-                                                                   r2.var.astype("int64"),
-                                                                   tirx.const(1 << 62, "int64")), axis=[r2]),
-                          name="picked")
-        return te.compute(dims, lambda k, p: tirx.floormod(tirx.floordiv(pick[p], _pick_int(k, strides)),
-                                                           _pick_int(k, shape)), name="nonzero")
+    def coords(pos: Any) -> Any:
+        return te.compute((rank, m), lambda k, p: tirx.floormod(tirx.floordiv(pos[p], pick(k, steps)),
+                                                                pick(k, dims)), name="nonzero")
 
-    return [lw.emit(compute, lw.get(node.input(0)), name="nonzero")]
+    return [lw.emit(coords, where, name="nonzero")]
 
 
-def _pick_int(k: Any, values: list[int]) -> Any:
-    """values[k] for a run-time index k into a static list of ints."""
+@lowers("Unique")
+def _unique(lw: Lowerer, node: Node) -> list[Any]:
+    """Unique elements (or slices along ``axis``), sorted or in order of first occurrence, with the first
+    index of each, every element's index into them, and their counts; how many is read at run time.
+
+    Equality and order are found by comparing all pairs (O(n²) for n elements or slices); the outputs
+    are then scattered in O(n). Slices compare lexicographically, in row-major order."""
+    from tvm import te, tirx, topi
+
+    x = node.input(0)
+    shape = static_shape(x)
+    if shape is None:
+        raise CodegenError(f"node {node.label()}: Unique needs a static input shape to compile")
+    axis_attr = node.attr("axis")
+    flat = axis_attr is None
+    axis = 0 if flat else normalize_axis(axis_attr, len(shape))
+    dims = [int(np.prod(shape))] if flat else shape
+    n = dims[axis]
+    before, after = int(np.prod(dims[:axis])), int(np.prod(dims[axis + 1:]))
+    k = before * after
+    in_order = not node.attr("sorted", 1)
+    i64 = "int64"
+
+    def at(t: Any, j: Any, q: Any) -> Any:
+        """Element q (row-major over the other dims) of slice j."""
+        src = topi.reshape(t, dims) if flat else t
+        qb, qa = tirx.floordiv(q, after), tirx.floormod(q, after)
+        idx = [*_unravel(qb, dims[:axis]), j, *_unravel(qa, dims[axis + 1:])]
+        return src[tuple(idx)]
+
+    def analyse(t: Any) -> list[Any]:
+        one, zero = tirx.const(1, i64), tirx.const(0, i64)
+        if n == 0:
+            return [full((1,), 0, i64, "count"), full((1,), 0, i64, "ids"), full((1,), 0, i64, "pos"),
+                    full((1,), 0, i64, "counts")]
+        rq = te.reduce_axis((0, k), "q")
+        same = te.compute((n, n), lambda i, j: te.min(tirx.Select(at(t, i, rq) == at(t, j, rq), one, zero), axis=[rq]),
+                          name="same")
+        ri = te.reduce_axis((0, n), "i")
+        first = te.compute((n,), lambda j: te.min(tirx.Select(tirx.Or(ri == j, same[ri, j] == 1), ri.var.astype(i64),
+                                                              tirx.const(n, i64)), axis=[ri]), name="first")
+        is_first = te.compute((n,), lambda j: tirx.Select(first[j] == j, one, zero), name="is_first")
+        if in_order:
+            seen = topi.cumsum(is_first, 0, i64)
+            ids = te.compute((n,), lambda j: seen[first[j]] - 1, name="ids")
+        else:
+            rd = te.reduce_axis((0, k), "d")
+            differ = te.compute((n, n), lambda i, j: te.min(tirx.Select(at(t, i, rd) != at(t, j, rd), rd.var.astype(i64),
+                                                                        tirx.const(k, i64)), axis=[rd]), name="differ")
+
+            def less(i: Any, j: Any) -> Any:
+                d = tirx.min(differ[i, j], tirx.const(max(k - 1, 0), i64))
+                return tirx.all(differ[i, j] < k, at(t, i, d) < at(t, j, d))
+
+            rl = te.reduce_axis((0, n), "l")
+            ids = te.compute((n,), lambda j: te.sum(tirx.Select(tirx.all(is_first[rl] == 1, less(rl, first[j])), one,
+                                                                zero), axis=[rl]), name="ids")
+        rc = te.reduce_axis((0, n), "c")
+        count = te.compute((1,), lambda _: te.sum(is_first[rc], axis=[rc]), name="count")
+        slots = te.compute((n,), lambda j: tirx.Select(is_first[j] == 1, ids[j], tirx.const(n, i64)), name="slots")
+        pos = topi.scatter_elements(topi.full((n + 1,), i64, 0), slots,
+                                    te.compute((n,), lambda j: tirx.Cast(i64, j), name="position"), 0, "update")
+        counts = topi.scatter_elements(topi.full((n + 1,), i64, 0), ids, topi.full((n,), i64, 1), 0, "add")
+        return [count, ids, pos, counts]
+
+    count, ids, pos, counts = lw.unpack_all(lw.emit(analyse, lw.get(x), name="unique_find"), 4)
+    (m,) = lw.runtime_dims(count, 1, "unique")
+
+    def outputs(t: Any, ids_t: Any, pos_t: Any, counts_t: Any) -> list[Any]:
+        ydims = [m if d == axis else s for d, s in enumerate(dims)]
+        src = topi.reshape(t, dims) if flat else t
+        y = te.compute(ydims, lambda *i: src[(*i[:axis], pos_t[i[axis]], *i[axis + 1:])], name="unique")
+        first_idx = te.compute((m,), lambda p: pos_t[p], name="indices")
+        inverse = te.compute((n,), lambda j: ids_t[j], name="inverse_indices")
+        cnt = te.compute((m,), lambda p: counts_t[p], name="counts")
+        return [y, first_idx, inverse, cnt]
+
+    result = lw.emit(outputs, lw.get(x), ids, pos, counts, name="unique")
+    return [v for v, o in zip(lw.unpack_all(result, 4), [*node.outputs, None, None, None]) if o is not None and o.name]
+
+
+def _unravel(flat: Any, dims: list[int]) -> list[Any]:
+    """Row-major coordinates of a flat index into ``dims``."""
     from tvm import tirx
 
-    out: Any = tirx.const(values[-1], "int64")
-    for j in range(len(values) - 2, -1, -1):
-        out = tirx.Select(k == j, tirx.const(values[j], "int64"), out)
+    out = []
+    for j, d in enumerate(dims):
+        stride = int(np.prod(dims[j + 1:]))
+        out.append(tirx.floormod(tirx.floordiv(flat, stride), d))
     return out

@@ -19,7 +19,7 @@ import numpy as np
 from kiln.codegen.lowering.registry import (
     LOWERINGS, CodegenError, compiled_graphs, needed_nodes, outer_reads, read_values, uncompilable,
 )
-from kiln.ir import Graph, Node, Value
+from kiln.ir import Graph, Node, Shape, Value
 
 BAKE_LIMIT = 64  # constants with at most this many elements are compiled in
 OPAQUE = 8  # TVM's kOpaque op pattern
@@ -46,6 +46,7 @@ class Lowerer:
         self.env: dict[int, Any] = {}
         self.syms: dict[str, Any] = {}  # named input dims: TIR variables
         self.derived: dict[str, Any] = {}  # kiln's other symbolic dims: their TIR expressions
+        self.fresh_dims = False  # runtime_dims made dims that the next emitted kernel is the first to use
         self.kernels: dict[str, list[str]] = {}  # prim func name -> the nodes it was emitted for (one func may serve several)
         self._node: Node | None = None  # the node being lowered
 
@@ -64,6 +65,11 @@ class Lowerer:
             if isinstance(d, str) and d not in self.syms and d not in self.derived:
                 self.derived[d] = e
 
+    @property
+    def bound(self) -> dict[str, Any]:
+        """The symbolic dims with a TIR value: the graph inputs' variables and the dims learnt from lowered values."""
+        return {**self.syms, **self.derived}
+
     # -- types and values
     def dim(self, d: int | str) -> Any:
         """A kiln dim as TIR: an int as itself, a symbol as its ``int64`` variable or learnt expression."""
@@ -77,13 +83,14 @@ class Lowerer:
             self.syms[d] = tirx.Var(re.sub(r"\W", "_", d).strip("_") or "d", "int64")
         return self.syms[d]
 
-    def tensor_type(self, v: Value) -> Any:
-        """The Relax tensor type of ``v`` (raises when its shape or dtype is unknown)."""
+    def tensor_type(self, v: Value, shape: Shape | None = None) -> Any:
+        """The Relax tensor type of ``v`` (of ``shape``, when given); raises when its shape or dtype is unknown."""
         from tvm import relax
 
-        if v.shape is None or v.dtype is None:
+        shape = v.shape if shape is None else shape
+        if shape is None or v.dtype is None:
             raise CodegenError(f"value '{v.name}' has an unknown shape or dtype; kiln cannot compile it")
-        return relax.TensorType([self.dim(d) for d in v.shape], v.dtype.numpy.name)
+        return relax.TensorType([self.dim(d) for d in shape], v.dtype.numpy.name)
 
     def get(self, v: Value | None) -> Any:
         """The lowered (Relax) value of ``v``; None for an absent optional input."""
@@ -104,14 +111,45 @@ class Lowerer:
         A func with a kiln schedule is marked opaque to TVM's FuseOps, so that it stays whole
         (its epilogue is already fused) and its schedule applies to the compute it was written for.
         """
-        if attrs and "kiln.schedule" in attrs:
-            attrs = {**attrs, "op_pattern": OPAQUE}
+        if attrs and "kiln.schedule" in attrs or self.fresh_dims:
+            # a kernel sized by dims just read at run time stays opaque too: FuseOps would otherwise move the
+            # fused kernel above the match_cast that defines its dims (its only input dependence is the tensors)
+            attrs = {**(attrs or {}), "op_pattern": OPAQUE}
+            self.fresh_dims = False
         kwargs = {"primfunc_attrs": attrs} if attrs else {}
         out = self.bb.emit_te(fn, *args, primfunc_name_hint=re.sub(r"\W", "_", name), **kwargs)
         if self._node is not None:  # call_tir(gv, ...): record which node the func gv came from
             func = self.bb.lookup_binding(out).args[0].name_hint
             self.kernels.setdefault(func, []).append(self._node.name)
         return out
+
+    def runtime_dims(self, values: Any, count: int, hint: str = "n") -> list[Any]:
+        """``count`` dims read at run time from ``values``, a lowered 1-D int64 tensor of that length.
+
+        For outputs whose shape depends on the data (NonZero's count, Tile's repeats given as an
+        input): the tensor becomes a Relax shape (``tensor_to_shape``) matched to fresh ``int64``
+        TIR variables, which later kernels take as their output dims. Where the node's output dims
+        are unknown names (``?3``), :meth:`bind_dims` learns them from the lowered output, so the ops
+        after it read the same variables.
+        """
+        from tvm import relax, tirx
+
+        shape = self.bb.emit(relax.op.tensor_to_shape(values))
+        dims = [tirx.Var(f"{hint}{k}" if count > 1 else hint, "int64") for k in range(count)]
+        self.bb.match_cast(shape, relax.ShapeType(dims))
+        self.fresh_dims = True
+        return dims
+
+    def computed_dims(self, fn: Callable[..., Any], *args: Any, count: int, name: str) -> list[Any]:
+        """``count`` dims computed at run time: ``fn`` maps the TE tensors of ``args`` to a (count,) int64
+        tensor, which is emitted as a kernel and read as dims (:meth:`runtime_dims`)."""
+        return self.runtime_dims(self.emit(fn, *args, name=f"{name}_dims"), count, name)
+
+    def unpack_all(self, result: Any, n: int) -> list[Any]:
+        """The ``n`` values of an emitted tuple ``result``."""
+        from tvm import relax
+
+        return [self.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
 
     def unpack(self, result: Any, node: Node) -> list[Any]:
         """The values of ``node``'s named outputs from an emitted tuple ``result``, by output position."""
@@ -131,6 +169,12 @@ class Lowerer:
         nodes = needed_nodes(self.graph)
         params = []
         for v in self.graph.inputs:
+            if v.sequence:  # a pinned sequence input: one parameter per element (sequence.py's list)
+                elements = [relax.Var(_ident(f"{v.name}_{i}"), self.tensor_type(v, shape))
+                            for i, shape in enumerate(v.seq_shapes or ())]
+                self.env[id(v)] = elements
+                params += elements
+                continue
             var = relax.Var(_ident(v.name), self.tensor_type(v))
             self.env[id(v)] = var
             params.append(var)
@@ -177,7 +221,7 @@ class Lowerer:
         """One value as itself, several as a Relax tuple."""
         from tvm import relax
 
-        results = [self.get(v) for v in values]
+        results = [relax.Tuple(r) if isinstance(r, list) else r for r in (self.get(v) for v in values)]  # a sequence
         return results[0] if len(results) == 1 else relax.Tuple(results)
 
     def lower_branch(self, graph: Graph, name: str) -> Any:

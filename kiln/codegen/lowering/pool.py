@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import get_topi, spatial_pads, static_shape
+from kiln.codegen.lowering.te import get_topi, prod, spatial_pads, static_shape
 from kiln.ir import Node
 
 if TYPE_CHECKING:
@@ -101,10 +101,25 @@ def _max_pool_with_indices(lw: Lowerer, node: Node) -> list[Any]:
     return lw.unpack(out, node)
 
 
-@lowers("GlobalAveragePool", "GlobalMaxPool")
+@lowers("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def _global_pool(lw: Lowerer, node: Node) -> list[Any]:
-    kind = "avg" if node.op_type == "GlobalAveragePool" else "max"
-    return [lw.emit(lambda x: get_topi().nn.global_pool(x, kind, "NCHW"), lw.get(node.input(0)), name=f"global_{kind}_pool")]
+    """The mean, max or Lp norm over every spatial dim (N, C, ...), for any rank (topi's global_pool is 2-D only)."""
+    from tvm import topi
+
+    op = node.op_type
+    p = float(node.attr("p", 2))
+
+    def compute(t: Any) -> Any:
+        axes = list(range(2, len(t.shape)))
+        if not axes:
+            return topi.identity(t)
+        if op == "GlobalMaxPool":
+            return topi.max(t, axes, True)
+        if op == "GlobalAveragePool":
+            return topi.divide(topi.sum(t, axes, True), topi.cast(prod(t.shape[2:]), t.dtype))
+        return topi.power(topi.sum(topi.power(topi.abs(t), p), axes, True), 1.0 / p)
+
+    return [lw.emit(compute, lw.get(node.input(0)), name=op.lower())]
 
 
 @lowers("LpPool")
@@ -131,35 +146,31 @@ def _lp_pool(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(compute, lw.get(x), name="lp_pool")]
 
 
-@lowers("MaxUnpool", reads=(0, 1))
+def _unpool_reads(node: Node) -> tuple[int, ...]:
+    return (0, 1) if static_shape(node.outputs[0]) is not None or node.input(2) is None else (0, 1, 2)
+
+
+@lowers("MaxUnpool", reads=_unpool_reads)
 def _max_unpool(lw: Lowerer, node: Node) -> list[Any]:
-    """Scatter each pooled value to its flat index in a zero tensor of the declared output shape."""
-    from tvm import te, tirx
+    """Scatter each pooled value to its flat index in a zero tensor of the declared output shape.
 
-    so = static_shape(node.outputs[0])
+    As in onnxruntime, the indices count in the output tensor as a whole (with ``output_shape``, in
+    that shape), and where two indices are equal the later element wins: MaxPool's indices repeat
+    where its windows overlap. topi's scatter runs the updates in order.
+    """
+    from tvm import topi
+
+    so: Any = static_shape(node.outputs[0])
     if so is None:
-        raise CodegenError(f"node {node.label()}: MaxUnpool needs a static output shape to compile")
-
-    kernel = list(node.attr("kernel_shape"))
-    n = len(kernel)
-    strides = list(node.attr("strides", ()) or [1] * n)
-    pads = list(node.attr("pads", ()) or [0] * (2 * n))
+        if node.input(2) is None:
+            raise CodegenError(f"node {node.label()}: MaxUnpool needs a static input shape to compile")
+        so = lw.runtime_dims(lw.get(node.input(2)), node.input(0).rank or 0, "unpooled")  # output_shape at run time
+    total = prod(so)
 
     def compute(x: Any, idx: Any) -> Any:
-        spatial = [te.reduce_axis((0, d), f"r{k}") for k, d in enumerate(x.shape[2:])]
-        # the indices count in the default unpooled shape, even when output_shape is larger
-        default = [(int(d) - 1) * st + k - pads[j] - pads[n + j]
-                   for j, (d, st, k) in enumerate(zip(x.shape[2:], strides, kernel))]
-
-        def body(b: Any, c: Any, *o: Any) -> Any:
-            flat: Any = b.astype("int64") * so[1] + c
-            for k, j in enumerate(o):
-                flat = flat * default[k] + j
-            inside = tirx.all(*[j < d for j, d in zip(o, default)])
-            src = (b, c, *spatial)
-            hit = tirx.all(inside, idx[src] == flat)
-            return te.sum(tirx.Select(hit, x[src], tirx.const(0, x.dtype)), axis=spatial)
-
-        return te.compute(so, body, name="max_unpool")
+        n = int(np.prod([int(d) for d in x.shape]))
+        zeros = topi.full((total,), x.dtype, 0)
+        flat = topi.scatter_elements(zeros, topi.reshape(idx, (n,)), topi.reshape(x, (n,)), 0, "update")
+        return topi.reshape(flat, so)
 
     return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="max_unpool")]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.codegen.lowering.registry import lowers
+from kiln.codegen.lowering.te import is_one
 from kiln.ir import Node, normalize_axis
 
 if TYPE_CHECKING:
@@ -17,9 +18,12 @@ if TYPE_CHECKING:
 
 
 def _q_param(p: Any, i: tuple[Any, ...], axis: int, block: int) -> Any:
-    """A scale or zero point for element ``i``: per tensor, per axis, or per block along ``axis``."""
-    if len(p.shape) == 0:
-        return p[()]
+    """A scale or zero point for element ``i``: per tensor, per axis, or per block along ``axis``.
+
+    One element is per tensor whatever its rank: opset 10's scale of shape [1] is a scalar (it is not
+    indexed by the element's coordinate along ``axis``, which reads past its end)."""
+    if all(is_one(d) for d in p.shape):
+        return p[tuple(0 for _ in p.shape)]
     if not block:
         return p[i[axis]]
     return p[tuple(j // block if k == axis and block else j for k, j in enumerate(i))]
@@ -47,8 +51,10 @@ def _quantize(lw: Lowerer, node: Node) -> list[Any]:
                 if z is not None:
                     v = v + tirx.Cast(f, z)
                 info = np.iinfo(out_dt)
-                v = tirx.max(tirx.min(v, tirx.const(float(info.max), f)), tirx.const(float(info.min), f))
-                return tirx.Cast(out_dt.name, v)
+                lo = tirx.const(float(info.min), f)
+                clamped = tirx.max(tirx.min(v, tirx.const(float(info.max), f)), lo)
+                # NaN quantizes to the lowest value, as in onnxruntime (its float -> int conversion gives INT_MIN)
+                return tirx.Cast(out_dt.name, tirx.Select(tirx.isnan(v), lo, clamped))
             v = tirx.Cast("int32", t[i]) - (tirx.Cast("int32", z) if z is not None else tirx.const(0, "int32"))
             return tirx.Cast(out_dt.name, tirx.Cast(str(s.dtype), v) * s)
 
@@ -70,8 +76,9 @@ def _dynamic_quantize(lw: Lowerer, node: Node) -> list[Any]:
         mn = te.compute((), lambda: te.min(t[tuple(axes2)], axis=axes2), name="min")
         zero = tirx.const(0, f)
 
-        def scale_fn() -> Any:
-            return (tirx.max(mx[()], zero) - tirx.min(mn[()], zero)) / tirx.const(255, f)
+        def scale_fn() -> Any:  # all zeros: a scale of 1, as in onnxruntime
+            s = (tirx.max(mx[()], zero) - tirx.min(mn[()], zero)) / tirx.const(255, f)
+            return tirx.Select(s == zero, tirx.const(1, f), s)
 
         scale = te.compute((), scale_fn, name="scale")
 

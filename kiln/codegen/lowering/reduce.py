@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import full, static_shape, wrap_index
+from kiln.codegen.lowering.te import full, pick, static_shape, wrap_index
 from kiln.ir import Node, Value, const_ints, normalize_axes, normalize_axis
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ def _candidate_axes(node: Node, inp: Value, out: Value, keepdims: bool, count: i
     """Every set of ``count`` axes a reduction could drop (or keep as 1) to turn the declared input
     shape into the declared output shape; raises when there is none."""
     si, so = static_shape(inp), static_shape(out)
-    if si is None or so is None:
-        raise CodegenError(f"node {node.label()}: runtime axes need static input and output shapes to compile")
+    if si is None or so is None or count is None:
+        return RUN_TIME
     found: list[list[int]] = []
     if keepdims:
         if len(si) == len(so) and all(a == b or b == 1 for a, b in zip(si, so)):
@@ -44,6 +44,10 @@ def _candidate_axes(node: Node, inp: Value, out: Value, keepdims: bool, count: i
         raise CodegenError(f"node {node.label()}: no axes turn {si} into {so}")
     return found
 
+
+#: ``_axes``' answer for axes read at run time that the declared shapes do not settle: the output's
+#: shape is computed at run time too (``_reduce_at_run_time``).
+RUN_TIME: list[list[int]] = [[-1]]
 
 _REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
            "ReduceLogSumExp", "ReduceSumSquare")
@@ -68,34 +72,37 @@ def _axes(node: Node) -> list[list[int]] | None:
 
 
 def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
+    """The reduction ``op`` of ``t`` over ``axes`` (None: all of them; []: none, which with
+    ``noop_with_empty_axes`` applies the op to each element alone: x² for ReduceSumSquare, |x| for
+    ReduceL1, log x for ReduceLogSum, as onnxruntime and onnx's reference do)."""
     from tvm import topi
 
     if str(t.dtype) == "bool":  # any/all as max/min over 0/1
         return topi.cast(_reduce(op, topi.cast(t, "uint8"), axes, keep), "bool")
 
-    if op == "ReduceSum":
-        return topi.sum(t, axes, keep)
-    if op == "ReduceMax":
-        return topi.max(t, axes, keep)
-    if op == "ReduceMin":
-        return topi.min(t, axes, keep)
-    if op == "ReduceProd":
-        return topi.prod(t, axes, keep)
+    def agg(kind: str, v: Any, keepdims: bool = keep) -> Any:
+        return v if axes == [] else getattr(topi, kind)(v, axes, keepdims)
+
+    if op in ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"):
+        return agg({"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod"}[op], t)
     if op == "ReduceL1":
-        return topi.sum(topi.abs(t), axes, keep)
+        return agg("sum", topi.abs(t))
     if op == "ReduceSumSquare":
-        return topi.sum(topi.multiply(t, t), axes, keep)
+        return agg("sum", topi.multiply(t, t))
     if op == "ReduceL2":
-        sq = topi.sum(topi.multiply(t, t), axes, keep)
+        sq = agg("sum", topi.multiply(t, t))
         return topi.sqrt(sq) if str(sq.dtype).startswith("float") else topi.cast(topi.sqrt(topi.cast(sq, "float64")), sq.dtype)
+    if str(t.dtype) != "float64" and not str(t.dtype).startswith("float") and op in ("ReduceLogSum", "ReduceLogSumExp"):
+        # ints: computed in float64, then cast back to the input's type (the output has it)
+        return topi.cast(_reduce(op, topi.cast(t, "float64"), axes, keep), t.dtype)
     if op == "ReduceLogSum":
-        return topi.log(topi.sum(t, axes, keep))
+        return topi.log(agg("sum", t))
     if op == "ReduceLogSumExp":
-        m = topi.max(t, axes, True)
+        m = agg("max", t, True)
         m = topi.where(topi.isinf(m), topi.full_like(m, 0.0), m)  # keeps -inf/+inf inputs exact
-        s = topi.log(topi.sum(topi.exp(topi.subtract(t, m)), axes, True))
+        s = topi.log(agg("sum", topi.exp(topi.subtract(t, m)), True))
         y = topi.add(s, m)
-        if not keep:
+        if not keep and axes != []:
             dims = [d for k, d in enumerate(y.shape) if k not in (axes if axes is not None else range(len(y.shape)))]
             y = topi.reshape(y, dims)
         return y
@@ -103,13 +110,14 @@ def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
         n = 1
         for k in axes if axes is not None else range(len(t.shape)):
             n = n * t.shape[k]
-        s = topi.sum(t, axes, keep)
+        s = agg("sum", t)
         return topi.divide(s, topi.cast(n, s.dtype) if not isinstance(n, int) else n)
     raise CodegenError(f"no reduction {op}")
 
 
-#: What each reduction gives over no elements (ONNX's "empty set" cases).
-_EMPTY = {"ReduceSum": 0.0, "ReduceMean": float("nan"), "ReduceMax": float("-inf"), "ReduceMin": float("inf"),
+#: What each reduction gives over no elements (ONNX's "empty set" cases). ReduceMean gives 0, as in
+#: onnxruntime (onnx's reference gives NaN; the spec is silent, and users compare with onnxruntime).
+_EMPTY = {"ReduceSum": 0.0, "ReduceMean": 0.0, "ReduceMax": float("-inf"), "ReduceMin": float("inf"),
           "ReduceProd": 1.0, "ReduceL1": 0.0, "ReduceL2": 0.0, "ReduceLogSum": float("-inf"),
           "ReduceLogSumExp": float("-inf"), "ReduceSumSquare": 0.0}
 
@@ -120,8 +128,10 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
 
     cands = _axes(node)
     x = node.input(0)
-    if cands == [[]]:
-        return [lw.get(x)]
+    if cands is RUN_TIME:
+        return [_reduce_at_run_time(lw, node)]
+    if cands == [[]] and node.op_type in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd"):
+        return [lw.get(x)]  # over no axes these are the identity
     keep = bool(node.attr("keepdims", 1))
     op = node.op_type
     rank = x.rank or 0
@@ -155,6 +165,110 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(outs[0].shape, body, name="pick_axes")
 
     return [lw.emit(pick, lw.get(x), lw.get(node.input(1)), name=op.lower())]
+
+
+def _reduce_at_run_time(lw: Lowerer, node: Node) -> Any:
+    """A reduction over axes read at run time whose output shape the declared shapes do not settle.
+
+    Which dims are reduced is read from the axes into flags; the output's dims are computed from them
+    (1, or gone without ``keepdims``) and read at run time; each reduction axis then runs over its dim
+    where it is reduced and over a single index where it is not, so the work is one pass over the input.
+    """
+    from tvm import te, tirx
+
+    x, op = node.input(0), node.op_type
+    rank = x.rank or 0
+    n = int(node.input(1).shape[0])
+    keep = bool(node.attr("keepdims", 1))
+    n_out = rank if keep else rank - n
+    i64 = "int64"
+
+    def flags(ax: Any) -> list[Any]:
+        given = [wrap_index(ax[j], rank) for j in range(n)]
+        return [tirx.any(*[a == k for a in given]) for k in range(rank)]
+
+    def dims_of(t: Any, ax: Any) -> Any:
+        red = flags(ax)
+        sizes = [tirx.Cast(i64, d) for d in t.shape]
+        if keep:
+            values = [tirx.Select(r, tirx.const(1, i64), d) for r, d in zip(red, sizes)]
+        else:  # output dim j: the j-th dim not reduced
+            kept = [tirx.Cast(i64, tirx.Not(r)) for r in red]
+            before = [sum(kept[:k + 1], tirx.const(0, i64)) for k in range(rank)]
+            values = [sum((tirx.Select(tirx.all(tirx.Not(red[k]), before[k] == j + 1), sizes[k], tirx.const(0, i64))
+                           for k in range(rank)), tirx.const(0, i64)) for j in range(n_out)]
+        return te.compute((n_out,), lambda j: pick(j, values), name="reduce_dims")
+
+    out_dims = lw.computed_dims(dims_of, lw.get(x), lw.get(node.input(1)), count=n_out, name="reduced")
+
+    def compute(t: Any, ax: Any) -> Any:
+        if str(t.dtype) == "bool":  # any/all as max/min over 0/1
+            from tvm import topi
+
+            return topi.cast(compute(topi.cast(t, "uint8"), ax), "bool")
+        red = flags(ax)
+        dt = str(t.dtype)
+        f = dt if dt.startswith("float") else "float64"
+
+        def source(o: tuple, rs: list[Any]) -> tuple:
+            """The input index a reduction step reads for output index ``o``."""
+            if keep:
+                return tuple(tirx.Select(red[k], rs[k], o[k]) for k in range(rank))
+            kept = [tirx.Cast(i64, tirx.Not(r)) for r in red]
+            before = [sum(kept[:k + 1], tirx.const(0, i64)) for k in range(rank)]
+            return tuple(tirx.Select(red[k], rs[k], pick(before[k] - 1, list(o)) if o else tirx.const(0, i64))
+                         for k in range(rank))
+
+        def reduce(kind: str, value: Any, name: str) -> Any:
+            def body(*o: Any) -> Any:
+                rs = [te.reduce_axis((0, tirx.Select(red[k], tirx.Cast(i64, t.shape[k]), tirx.const(1, i64))), f"r{k}")
+                      for k in range(rank)]
+                v = value(t[source(o, rs)], o)
+                axis = rs
+                if kind == "sum":
+                    return te.sum(v, axis=axis)
+                if kind == "max":
+                    return te.max(v, axis=axis)
+                if kind == "min":
+                    return te.min(v, axis=axis)
+                prod = te.comm_reducer(lambda a, b: a * b, lambda d: tirx.const(1, d), name="prod")
+                return prod(v, axis=axis)
+
+            return te.compute(out_dims, body, name=name)
+
+        def wide(v: Any) -> Any:
+            return v if str(v.dtype) == f else tirx.Cast(f, v)
+
+        count = tirx.const(1, i64)
+        for k in range(rank):
+            count = count * tirx.Select(red[k], tirx.Cast(i64, t.shape[k]), tirx.const(1, i64))
+        if op in ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"):
+            kind = {"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod"}[op]
+            return reduce(kind, lambda v, o: v, "reduce")
+        if op == "ReduceL1":
+            return reduce("sum", lambda v, o: tirx.abs(v) if not dt.startswith("uint") else v, "reduce")
+        if op == "ReduceSumSquare":
+            return reduce("sum", lambda v, o: v * v, "reduce")
+        if op == "ReduceMean":
+            total = reduce("sum", lambda v, o: v, "reduce_sum")
+            return te.compute(out_dims, lambda *o: tirx.Cast(dt, wide(total[o]) / tirx.Cast(f, count)), name="reduce")
+        if op == "ReduceL2":
+            total = reduce("sum", lambda v, o: v * v, "reduce_sum")
+            return te.compute(out_dims, lambda *o: tirx.Cast(dt, tirx.sqrt(wide(total[o]))), name="reduce")
+        if op == "ReduceLogSum":
+            total = reduce("sum", lambda v, o: v, "reduce_sum")
+            return te.compute(out_dims, lambda *o: tirx.Cast(dt, tirx.log(wide(total[o]))), name="reduce")
+        # ReduceLogSumExp, shifted by the max (an infinite max shifts by 0, which keeps infinities exact)
+        top = reduce("max", lambda v, o: wide(v), "reduce_max")
+
+        def shift(o: tuple) -> Any:
+            m = top[o]
+            return tirx.Select(tirx.isinf(m), tirx.const(0, f), m)
+
+        total = reduce("sum", lambda v, o: tirx.exp(wide(v) - shift(o)), "reduce_sum")
+        return te.compute(out_dims, lambda *o: tirx.Cast(dt, tirx.log(total[o]) + shift(o)), name="reduce")
+
+    return lw.emit(compute, lw.get(x), lw.get(node.input(1)), name=op.lower())
 
 
 @lowers("ArgMax", "ArgMin")

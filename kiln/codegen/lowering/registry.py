@@ -25,15 +25,17 @@ class CodegenError(KilnError):
 Lowering = Callable[["Lowerer", Node], list[Any]]
 LOWERINGS: dict[tuple[str, str], Lowering] = {}
 #: For ops whose lowering reads only some inputs (the rest must be constants, or only shape the
-#: output, which kiln's shape inference already knows): the indices it reads.
-DATA_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {}
+#: output, which kiln's shape inference already knows): the indices it reads, or a function of the
+#: node giving them (Reshape reads its target only when the declared shape does not settle it).
+DATA_INPUTS: dict[tuple[str, str], Any] = {}
 
 
-def lowers(*ops: str, domain: str = "", reads: tuple[int, ...] | None = None) -> Callable[[Lowering], Lowering]:
+def lowers(*ops: str, domain: str = "", reads: Any = None) -> Callable[[Lowering], Lowering]:
     """Register the decorated function as the lowering of ``ops`` in ``domain``.
 
-    ``reads`` names the input indices the lowering reads (the default: all of them); the
-    producers of the other inputs are not compiled unless something else needs them.
+    ``reads`` names the input indices the lowering reads (the default: all of them), or is a
+    function of the node that gives them; the producers of the other inputs are not compiled
+    unless something else needs them.
     """
 
     def register(fn: Lowering) -> Lowering:
@@ -65,6 +67,8 @@ def run_time_failure(*ops: str, domain: str = "") -> Callable[[FailureCheck], Fa
 def read_values(node: Node) -> Iterator[Value]:
     """The values lowering ``node`` reads: the inputs its lowering uses, and what its subgraphs read from outside."""
     reads = DATA_INPUTS.get((node.domain, node.op_type))
+    if callable(reads):
+        reads = reads(node)
     for i, inp in enumerate(node.inputs):
         if inp is not None and (reads is None or i in reads):
             yield inp

@@ -14,12 +14,12 @@ TVM is imported inside each function: ``import tvm`` takes seconds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError
-from kiln.ir import Node, Value, is_static, is_unknown_dim
+from kiln.ir import Node, Value, is_static
 
 if TYPE_CHECKING:
     from kiln.codegen.lowering.lowerer import Lowerer
@@ -80,8 +80,27 @@ def _expr_dtype(v: Any) -> str:
     return str(v.ty) if hasattr(v, "ty") else v.dtype  # TIR exprs have .ty; TE tensor reads have .dtype
 
 
+def keep_nan_max(v: Any, bound: Any) -> Any:
+    """``max(v, bound)`` as onnxruntime's kernels take it (``std::max``: ``v < bound ? bound : v``).
+
+    A NaN ``v`` stays NaN and a NaN bound is no bound; TIR's max gives the bound for a NaN ``v``.
+    Relu, Clip and HardSigmoid (alone or as a conv's epilogue) clamp with this and :func:`keep_nan_min`.
+    """
+    from tvm import tirx
+
+    return tirx.Select(v < bound, bound, v)
+
+
+def keep_nan_min(v: Any, bound: Any) -> Any:
+    """``min(v, bound)`` as onnxruntime's kernels take it (``bound < v ? bound : v``); see :func:`keep_nan_max`."""
+    from tvm import tirx
+
+    return tirx.Select(bound < v, bound, v)
+
+
 def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
-    """A kiln epilogue activation (see kiln.ir.kiln_ops) on one TIR scalar ``v``."""
+    """A kiln epilogue activation (see kiln.ir.kiln_ops) on one TIR scalar ``v``; a NaN stays NaN, as in the
+    standalone ops."""
     from tvm import tirx
 
     dt = _expr_dtype(v)
@@ -92,9 +111,9 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "":
         return v
     if name == "Relu":
-        return tirx.max(v, c(0))
+        return keep_nan_max(v, c(0))
     if name == "Clip":
-        return tirx.min(tirx.max(v, c(params[0])), c(params[1]))
+        return keep_nan_min(keep_nan_max(v, c(params[0])), c(params[1]))
     if name == "LeakyRelu":
         return tirx.Select(v >= c(0), v, v * c(params[0]))
     if name == "Sigmoid":
@@ -102,7 +121,7 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "Tanh":
         return tirx.tanh(v)
     if name == "HardSigmoid":
-        return tirx.max(tirx.min(v * c(params[0]) + c(params[1]), c(1)), c(0))
+        return keep_nan_max(keep_nan_min(v * c(params[0]) + c(params[1]), c(1)), c(0))
     if name == "HardSwish":
         return v * tirx.max(tirx.min(v / c(6) + c(0.5), c(1)), c(0))
     if name == "SiLU":
@@ -137,6 +156,19 @@ def wrap_index(i: Any, n: Any) -> Any:
 
     i = i.astype("int64") if str(_expr_dtype(i)) != "int64" else i
     return tirx.Select(i < 0, i + n, i)
+
+
+def pick(k: Any, values: Sequence[Any]) -> Any:
+    """``values[k]`` for a run-time index ``k`` into a static list of ints or dim expressions, as int64."""
+    from tvm import tirx
+
+    def c(v: Any) -> Any:
+        return tirx.const(v, "int64") if isinstance(v, int) else tirx.Cast("int64", v)
+
+    out: Any = c(values[-1])
+    for j in range(len(values) - 2, -1, -1):
+        out = tirx.Select(k == j, c(values[j]), out)
+    return out
 
 
 # =========================================================================== dims
@@ -257,16 +289,39 @@ def static_shape(v: Value | None) -> list[int] | None:
     return list(v.shape) if v is not None and is_static(v.shape) else None  # type: ignore[arg-type]
 
 
-def known_shape(v: Value, derived: dict[str, Any] | None = None) -> bool:
-    """Every dim of ``v`` is an int, a named symbol, or a derived dim the lowerer can express."""
-    return v.shape is not None and not any(
-        d is None or (is_unknown_dim(d) and d not in (derived or {})) for d in v.shape)
+def known_shape(v: Value, bound: Any = ()) -> bool:
+    """Every dim of ``v`` is an int or a symbol with a TIR value (``bound``: ``Lowerer.bound``).
+
+    A name no graph input defines and no lowered value has shown (an exporter's ``dim_param`` on an
+    output whose size depends on the data) is not known: compiling it as a fresh variable would
+    leave it undefined at run time.
+    """
+    return v.shape is not None and not any(d is None or (isinstance(d, str) and d not in bound) for d in v.shape)
+
+
+def settled(v: Value | None) -> bool:
+    """Whether ``v``'s declared shape is known before anything runs: ints, and symbols of the graph's inputs.
+
+    Ops whose output shape a run-time input decides (Reshape's target, Tile's repeats) read that input
+    only where this is false (their ``reads`` functions), so shape subgraphs that merely confirm a
+    declared shape are not compiled."""
+    if v is None or v.shape is None or v.graph is None:
+        return False
+    names = {d for i in v.graph.root.inputs for d in (i.shape or ()) if isinstance(d, str)}
+    return all(isinstance(d, int) or d in names for d in v.shape)
+
+
+def int64_vector(t: Any, n: int) -> Any:
+    """A 1-D or 0-d integer tensor as a (n,) int64 tensor (what :meth:`Lowerer.runtime_dims` reads)."""
+    from tvm import te, tirx
+
+    return te.compute((n,), lambda i: tirx.Cast("int64", t[i] if len(t.shape) else t[()]), name="as_int64")
 
 
 def output_dims(lw: Lowerer, node: Node) -> list[Any]:
     """The declared shape of the node's first output as TIR dims: named symbols as int64 variables,
     derived ones as the expressions the lowerer learnt; raises when a dim is unknown."""
     v = node.outputs[0]
-    if not known_shape(v, lw.derived):
+    if not known_shape(v, lw.bound):
         raise CodegenError(f"node {node.label()}: the output shape is not known well enough to compile")
     return [lw.dim(d) for d in v.shape]
