@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from kiln.errors import InputError, KilnError
-from kiln.ir import Graph, evaluate, load, to_onnx
+from kiln.ir import Graph, SequenceShape, evaluate, load, to_onnx
 from kiln.ir.interpreter import check_inputs
 from kiln.ir.oracle import Comparison, compare, run_onnxruntime, seeded_inputs
 from kiln.runtime.npz import read_npz  # noqa: F401 - kiln.check.read_npz, as the CLI and report use it
@@ -52,21 +52,34 @@ class CheckError(KilnError):
 
 
 def parse_shape_overrides(specs: list[str] | None) -> dict[str, tuple[int | str, ...]]:
-    """``["x=1x3x48xW"]`` → ``{"x": (1, 3, 48, "W")}``: ints, or names for symbolic dims; ``x=`` is a scalar."""
+    """``["x=1x3x48xW"]`` → ``{"x": (1, 3, 48, "W")}``: ints, or names for symbolic dims; ``x=`` is a scalar;
+    ``s=3*2x4`` (3 tensors of 2x4) and ``s=2x4,2x1`` pin a sequence input, as a :class:`~kiln.ir.SequenceShape`."""
     out: dict[str, tuple[int | str, ...]] = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition("=")
         if not sep or not name:
             raise InputError(f"--input-shape '{spec}' must look like NAME=1x3x224x224 (a name, like W, for a symbolic dim)")
-        parsed: list[int | str] = []
-        for d in dims.split("x") if dims else []:
-            if d.isdigit():
-                parsed.append(int(d))
-            elif d.isidentifier():
-                parsed.append(d)
-            else:
-                raise InputError(f"--input-shape '{spec}': each dim is an integer or a name, separated by 'x'")
-        out[name] = tuple(parsed)
+        length, star, rest = dims.partition("*")
+        if star and not length.isdigit():
+            raise InputError(f"--input-shape '{spec}': a sequence is pinned as NAME=N*DxD (N tensors of DxD)")
+
+        def parse(text: str) -> tuple[int | str, ...]:
+            parsed: list[int | str] = []
+            for d in text.split("x") if text else []:
+                if d.isdigit():
+                    parsed.append(int(d))
+                elif d.isidentifier():
+                    parsed.append(d)
+                else:
+                    raise InputError(f"--input-shape '{spec}': each dim is an integer or a name, separated by 'x'")
+            return tuple(parsed)
+
+        if star:
+            out[name] = SequenceShape((parse(rest),) * int(length))
+        elif "," in dims:
+            out[name] = SequenceShape(tuple(parse(e) for e in dims.split(",")))
+        else:
+            out[name] = parse(dims)
     return out
 
 
@@ -281,7 +294,8 @@ def check_model(
     if manifest is not None:  # the artifact's signature: the model at the shapes it was compiled for
         from kiln.driver import load_model
 
-        feed_graph = load_model(src, {s["name"]: tuple(s["shape"]) for s in manifest["inputs"]})
+        feed_graph = load_model(src, {s["name"]: SequenceShape(tuple(map(tuple, s["elements"]))) if s.get("sequence")
+                                      else tuple(s["shape"]) for s in manifest["inputs"]})
     if inputs is not None:
         feeds = checked_feeds(feed_graph, inputs, inputs_from or "the inputs")
         what = str(inputs_from or "given")

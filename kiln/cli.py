@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = _parent(lambda p: p.add_argument(
         "--input-shape", action="append", metavar="NAME=DxDxD",
         help="an input's dims, ints or names for symbolic dims (repeatable); pinning them lets shape "
-             "computations fold away, and a name frees a dim the model fixed at export"))
+             "computations fold away, and a name frees a dim the model fixed at export; a sequence input is "
+             "pinned as NAME=N*DxD (N tensors of DxD) or NAME=DxD,DxD (one shape per element)"))
     threads = _parent(lambda p: p.add_argument("--threads", type=int, help="threads at run time (default: all cores)"))
     level = _parent(lambda p: p.add_argument(
         "--level", help="optimisation level O0..O3 (default O3, which adds the blocked layout; kiln optimize: O2)"))

@@ -57,11 +57,11 @@ def load_model(model: str | os.PathLike | Graph, input_shapes: ShapeSpecs | None
     ``input_shapes`` maps input names to dims: ints, or names for symbolic dims (a name may
     free a dim the model fixed at export).
     """
-    from kiln.ir import Graph, load, set_input_shapes
+    from kiln.ir import Graph, SequenceShape, load, set_input_shapes
 
     graph = model.clone() if isinstance(model, Graph) else load(Path(model), min_opset=min_opset)
     if input_shapes:
-        set_input_shapes(graph, {k: tuple(v) for k, v in input_shapes.items()})
+        set_input_shapes(graph, {k: v if isinstance(v, SequenceShape) else tuple(v) for k, v in input_shapes.items()})
     return graph
 
 

@@ -216,7 +216,8 @@ def _feeds(graph: Graph, inputs: Mapping[str, np.ndarray] | None,
 
     if inputs is not None:
         return checked_feeds(graph, inputs, "the profile's inputs")
-    sizes = {k: tuple(v) for k, v in (shapes or {}).items() if all(isinstance(d, int) for d in v)}
+    dims = {k: getattr(v, "dims", v) for k, v in (shapes or {}).items()}  # a sequence's pin: its elements' dims
+    sizes = {k: tuple(v) for k, v in dims.items() if all(isinstance(d, int) for d in v)}
     return seeded_inputs(graph, sizes, 0)
 
 

@@ -48,11 +48,16 @@ class Signature:
     name: str
     dtype: str
     shape: tuple[int | str, ...]
-    sequence: bool = False  # a sequence of tensors (an output the run returns as a list of arrays)
+    sequence: bool = False  # a sequence of tensors: a list of arrays (dtype and shape are its elements')
+    elements: tuple[tuple[int | str, ...], ...] | None = None  # a sequence input's elements' dims, fixed when compiling
 
     def __str__(self) -> str:
         text = f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
-        return f"{self.name}: " + (f"seq({text})" if self.sequence else text)
+        if not self.sequence:
+            return f"{self.name}: {text}"
+        if self.elements is None:
+            return f"{self.name}: seq({text})"
+        return f"{self.name}: [" + ", ".join(f"{self.dtype}[{','.join(str(d) for d in e)}]" for e in self.elements) + "]"
 
 
 def _ensure_tvm_runtime() -> Any:
@@ -183,7 +188,9 @@ class CompiledModel:
         self.path = Path(path)
         self.manifest = m
         self.signer = artifact.signer
-        self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"])) for s in m["inputs"]]
+        self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"]), bool(s.get("sequence")),
+                                 None if s.get("elements") is None else tuple(tuple(e) for e in s["elements"]))
+                       for s in m["inputs"]]
         self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"] or ()), bool(s.get("sequence")))
                         for s in m["outputs"]]
         self._ffi = _ensure_tvm_runtime()
@@ -221,18 +228,28 @@ class CompiledModel:
         bound: dict[str, int] = {}
         arrays = []
         for s in self.inputs:
-            a = np.asarray(feeds[s.name])
-            if a.dtype.name != s.dtype:
-                raise InputError(f"input '{s.name}' has dtype {a.dtype.name}; expected {sig}")
-            ok = len(a.shape) == len(s.shape)
-            for d, actual in zip(s.shape, a.shape):
-                if isinstance(d, int):
-                    ok &= d == actual
-                elif bound.setdefault(d, actual) != actual:
-                    ok = False
-            if not ok:
-                raise InputError(f"input '{s.name}' has shape {list(a.shape)}; expected {sig}")
-            arrays.append(a)
+            if s.sequence:  # a list of arrays, each checked as one input; they go to the library one by one
+                given = feeds[s.name]
+                n = len(s.elements or ())
+                if not isinstance(given, (list, tuple)) or len(given) != n:
+                    what = f"a list of {len(given)}" if isinstance(given, (list, tuple)) else type(given).__name__
+                    raise InputError(f"input '{s.name}' is {what}; expected {sig}")
+                elements = [(f"{s.name}[{i}]", a, dims) for i, (a, dims) in enumerate(zip(given, s.elements or ()))]
+            else:
+                elements = [(s.name, feeds[s.name], s.shape)]
+            for label, given, shape in elements:
+                a = np.asarray(given)
+                if a.dtype.name != s.dtype:
+                    raise InputError(f"input '{label}' has dtype {a.dtype.name}; expected {sig}")
+                ok = len(a.shape) == len(shape)
+                for d, actual in zip(shape, a.shape):
+                    if isinstance(d, int):
+                        ok &= d == actual
+                    elif bound.setdefault(d, actual) != actual:
+                        ok = False
+                if not ok:
+                    raise InputError(f"input '{label}' has shape {list(a.shape)}; expected {sig}")
+                arrays.append(a)
         return arrays
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
