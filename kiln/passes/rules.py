@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from kiln.ir import DType, Graph, Node, Value, infer_shapes
+from kiln.ir import DType, Graph, Node, Value, infer_shapes, is_unknown_dim
 from kiln.passes.manager import NearMiss, Pass, PassResult, RuleRun, register_pass_factory
 from kiln.passes.pattern import (
     Attempt, Match, MatchContext, MatchFailure, Out, RewriteBuilder, build_pattern, call_with_bindings,
@@ -215,7 +215,10 @@ def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20,
 
 
 def _has_untyped(graph: Graph) -> bool:
-    return any(o.name and (o.dtype is None or o.shape is None) for n in graph.walk_nodes() for o in n.outputs)
+    """Some output lacks a dtype or shape, or has a dim inference left unknown (``?N``): a rewrite
+    (a folded constant, above all) may settle it now."""
+    return any(o.name and (o.dtype is None or o.shape is None or any(is_unknown_dim(d) for d in o.shape))
+               for n in graph.walk_nodes() for o in n.outputs)
 
 
 @dataclass(repr=False)
