@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
+import sys
 import tempfile
-import time
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -40,6 +37,8 @@ from onnx import TensorProto
 
 import kiln
 import kiln.runtime
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import artifact_cache  # noqa: E402
 from node_cases import CASES as ALL_CASES
 from node_cases import NodeCase, check_random_draw, compare, first_line, read_xfails
 
@@ -76,17 +75,6 @@ _XFAIL_BY_CASE = {k.case: k.reason for k in XFAILS if k.mode == MODE}
 # =========================================================================== the artifact cache
 
 
-@lru_cache(maxsize=None)
-def _code_key() -> str:
-    """sha256 of every file under kiln/ (path and bytes) and of the TVM version."""
-    h = hashlib.sha256(metadata.version("apache-tvm").encode())
-    root = REPO / "kiln"
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts:
-            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 class BuildFailed(Exception):
     """The case did not compile (the message is the first line of the original error)."""
 
@@ -100,16 +88,9 @@ def _compile(case: NodeCase, path: Path) -> None:
     build(graph, path)
 
 
-@lru_cache(maxsize=None)
 def _cache_dir() -> Path:
-    """This code's cache folder; folders of other code versions unused for STALE_DAYS are removed."""
-    here = CACHE / _code_key()[:32]
-    here.mkdir(parents=True, exist_ok=True)
-    os.utime(here)
-    for other in CACHE.iterdir():
-        if other.is_dir() and other != here and time.time() - other.stat().st_mtime > STALE_DAYS * 86400:
-            shutil.rmtree(other, ignore_errors=True)
-    return here
+    """This code's folder of artifacts (see tools/artifact_cache.py)."""
+    return artifact_cache.cache_dir(CACHE, STALE_DAYS)
 
 
 def artifact(case: NodeCase) -> Path:
