@@ -344,3 +344,44 @@ def test_serve_refuses_bad_flags_and_missing_artifacts_in_one_line(tmp_path, art
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_connections_are_tcp_with_nodelay_so_responses_are_not_held_for_a_delayed_ack(artifact, monkeypatch):
+    """The socket kiln serve binds says it is TCP: asyncio then sets TCP_NODELAY on every connection it
+    accepts (it does so only where the socket's proto is IPPROTO_TCP); without it, each response waits
+    out the client's delayed ACK, some 40 ms a request on Linux."""
+    import socket
+
+    import uvicorn
+
+    from kiln.serve import ServeOptions
+    from kiln.serve.app import run_server
+
+    bound: list[socket.socket] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: bound.extend(sockets))
+    run_server(kiln.runtime.load(artifact), ServeOptions(port=0), announce=io.StringIO())
+    (sock,) = bound
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = transport.get_extra_info("socket")
+                got.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        client = socket.create_connection(sock.getsockname()[:2], timeout=10)
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert asyncio.run(accepted_nodelay()) != 0
+    finally:
+        sock.close()
