@@ -26,7 +26,7 @@ def tiny_models() -> Path:
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (torch's ONNX exporter) is not installed")
     out = CACHE / "tiny-transformers" / f"torch-{torch.__version__}-transformers-{transformers.__version__}"
-    if not (out / "bert.onnx").exists() or not (out / "gpt2.onnx").exists():
+    if not all((out / f"{name}.onnx").exists() for name in ("bert", "gpt2", "bert_dynamic")):
         proc = subprocess.run([sys.executable, str(EXPORTER), str(out)], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return out
@@ -56,3 +56,21 @@ def test_tiny_transformer_fuses_and_matches(tiny_models, name):
     cmp = compare(name, run_onnxruntime(kiln.to_onnx(g).SerializeToString(), FEEDS[name]),
                   run_onnxruntime(str(path), FEEDS[name]), rtol=1e-4, atol=1e-5)
     assert cmp.passed, cmp.max_abs
+
+
+def test_bert_with_symbolic_batch_and_sequence_compiles_once_and_matches(tiny_models, tmp_path):
+    """torch's dynamo export with ``batch`` and ``sequence`` dims, transformers' own mask builder
+    (``arange(batch)``) included: compiled with no shape flags, run at three sizes."""
+    import kiln.runtime
+
+    path = tiny_models / "bert_dynamic.onnx"
+    kiln.compile(path, tmp_path / "bert.kiln")
+    compiled = kiln.runtime.load(tmp_path / "bert.kiln")
+    assert [s.shape for s in compiled.inputs] == [("batch", "sequence")] * 2
+    rng = np.random.default_rng(0)
+    for batch, seq in ((1, 5), (3, 16), (2, 40)):
+        feeds = {"input_ids": rng.integers(0, 128, (batch, seq)).astype(np.int64),
+                 "attention_mask": (rng.random((batch, seq)) > 0.3).astype(np.int64)}
+        feeds["attention_mask"][:, 0] = 1
+        cmp = compare(f"{batch}x{seq}", compiled.run(feeds), run_onnxruntime(str(path), feeds), rtol=1e-4, atol=1e-5)
+        assert cmp.passed, cmp.max_abs

@@ -5,6 +5,8 @@
 Test-only: needs torch, transformers and onnxscript (the ``transformers-tests`` extra).
 BERT goes through the TorchScript exporter at opset 17, GPT-2 through the dynamo
 exporter at opset 18 (the TorchScript one lacks an op transformers' causal mask uses).
+``bert_dynamic.onnx`` is the same BERT through the dynamo exporter with symbolic ``batch`` and
+``sequence`` dims, as users export a text model to run at any size.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def main(out: Path) -> None:
                       output_names=["hidden"], opset_version=17, dynamo=False)
     torch.onnx.export(TinyGPT2().eval(), (ids,), str(out / "gpt2.onnx"), input_names=["input_ids"],
                       output_names=["hidden"], opset_version=18, dynamo=True)
+    torch.manual_seed(0)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=64)}
+    torch.onnx.export(TinyBert().eval(), (ids.repeat(2, 1), mask.repeat(2, 1)), str(out / "bert_dynamic.onnx"),
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"], opset_version=18,
+                      dynamo=True, dynamic_shapes=(dims, dims), external_data=False)
 
 
 if __name__ == "__main__":
