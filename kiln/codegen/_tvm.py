@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,3 +65,11 @@ def x86_tensor_intrinsics_only() -> Iterator[None]:
     finally:
         for name in stubbed:
             sys.modules.pop(name, None)
+
+
+def unroll_static(sch: Any, loop: Any) -> None:
+    """Unroll ``loop`` if its extent is a constant. Under a symbolic dim a tile's tail can run a
+    run-time number of times (``min(8, W - 8·wo)``), which TVM cannot unroll: it stays a loop."""
+    extent = getattr(sch.get(loop).extent, "value", None)
+    if isinstance(extent, int):
+        sch.unroll(loop)
