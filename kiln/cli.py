@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from kiln import __version__
 from kiln.errors import KilnError, UnsupportedOpError
@@ -158,6 +158,20 @@ def _stage(name: str) -> None:
     print(f"[kiln] {name}", file=sys.stderr, flush=True)
 
 
+def _print_symbolic_dims(result: Any) -> None:
+    """Say which input dims stayed symbolic, and the ``--input-shape`` flags that would pin them."""
+    dims = result.symbolic_dims()
+    if not dims:
+        return
+    named_by_kiln = {(n, i) for n, pairs in result.named_dims.items() for i, _ in pairs}
+    listed = ", ".join(f"{n}[{i}] as {d}" + (" (unnamed in the model)" if (n, i) in named_by_kiln else "")
+                       for n, i, d in dims)
+    flags = " ".join(f"--input-shape {v.name}=" + "x".join(str(d) if isinstance(d, int) else "?" for d in v.shape)
+                     for v in result.graph.inputs if any(n == v.name for n, _, _ in dims))
+    print(f"symbolic dims: {listed}; the artifact runs at any size of them. Pinning them "
+          f"({flags}, each ? a size) lets kiln specialise its kernels for speed")
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from kiln.check import parse_shape_overrides
     from kiln.driver import compile as compile_model
@@ -181,6 +195,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
               f"target {target.tvm.get('mcpu', target.kind)}; {times})")
     else:
         code = _print_int8(result, args)
+    _print_symbolic_dims(result)
     if result.tuning is not None:
         info = result.tuning
         print(f"tuning database {args.tune_db}: {info['kernels_from_database']} kernels scheduled from it "

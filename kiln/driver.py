@@ -48,6 +48,12 @@ class CompileResult:
     quantization: dict[str, Any] | None = None  # the manifest's quantization entry (with --quantize)
     extra: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports beyond the manifest
     signer: Any = None  # who signed the artifact (kiln.runtime.signing.Signer), with sign_key
+    named_dims: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # unknown input dims kiln named
+
+    def symbolic_dims(self) -> list[tuple[str, int, str]]:
+        """The input dims that stayed symbolic in the artifact: (input, axis, symbol)."""
+        return [(v.name, i, d) for v in self.graph.inputs if not v.sequence
+                for i, d in enumerate(v.shape or ()) if isinstance(d, str)]
 
 
 def load_model(model: str | os.PathLike | Graph, input_shapes: ShapeSpecs | None = None, *,
@@ -174,17 +180,21 @@ def compile_graph(graph: Graph, output: str | os.PathLike, *, target: Target, le
     """Optimize an imported ``graph`` and build it into ``output`` (the steps after import).
 
     ``source`` is the source model's (sha256, file name) for the manifest; ``applied`` names
-    passes that already ran before this pipeline (the quantizer's), recorded first.
+    passes that already ran before this pipeline (the quantizer's), recorded first. Unknown
+    input dims (unnamed, ``-1``, ``?``) are named first (``x_0``), in ``graph`` itself, so that
+    they compile as symbolic dims.
     """
     from kiln.codegen.build import build
+    from kiln.ir import name_unknown_dims
 
     say = progress or (lambda _: None)
+    named = name_unknown_dims(graph)  # an unknown dim compiles as a symbol: the artifact runs at any size
     optimized, report, pass_list = optimize_for(graph, target, level, passes, progress=say)
     names = [*applied, *(p.describe() for p in pass_list)]
     built = build(optimized, output, target=target, source_sha256=source[0], source_name=source[1], passes=names,
                   progress=say, tuning_db=tuning_db)
     return CompileResult(Path(output), target, compile_level(level, passes), optimized, report, built, names,
-                         tuning_db.manifest() if tuning_db is not None else None)
+                         tuning_db.manifest() if tuning_db is not None else None, named_dims=named)
 
 
 def compile_level(level: str | None, passes: str | Sequence[str] | None) -> str | None:

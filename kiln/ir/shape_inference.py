@@ -147,6 +147,36 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...] | Seq
         _reinfer(graph)
 
 
+def name_unknown_dims(graph: Graph) -> dict[str, list[tuple[int, str]]]:
+    """Give every unknown input dim (unnamed, ``-1``, ``?``) a symbol, so the graph compiles for any size.
+
+    Input ``x``'s dim 0 becomes ``x_0`` (made unique against the graph's other symbols), and
+    shapes are re-inferred from the new symbols. Returns the dims named, per input:
+    ``{"x": [(0, "x_0")]}``. Inputs of unknown rank and sequences are left alone.
+    """
+    taken = {d for g in graph.walk_graphs() for v in g.values() for d in (v.shape or ()) if isinstance(d, str)}
+    named: dict[str, list[tuple[int, str]]] = {}
+    shapes: dict[str, tuple[int | str, ...]] = {}
+    for v in graph.inputs:
+        if v.sequence or v.shape is None or not any(is_unknown_dim(d) for d in v.shape):
+            continue
+        stem = re.sub(r"\W", "_", v.name) or "input"
+        dims = list(v.shape)
+        for i, d in enumerate(dims):
+            if not is_unknown_dim(d):
+                continue
+            name, k = f"{stem}_{i}", 1
+            while name in taken:
+                name, k = f"{stem}_{i}_{k}", k + 1
+            taken.add(name)
+            dims[i] = name
+            named.setdefault(v.name, []).append((i, name))
+        shapes[v.name] = tuple(dims)
+    if shapes:
+        set_input_shapes(graph, shapes)
+    return named
+
+
 def pin_contracted_dims(graph: Graph) -> dict[str, int]:
     """Pin symbolic input dims that a MatMul or Gemm contracts against a static dim.
 
