@@ -135,3 +135,29 @@ def test_a_sequence_input_without_a_pin_is_refused_naming_the_flag(tmp_path):
         kiln.compile(kiln.load(_sequence_model().SerializeToString()), tmp_path / "m.kiln",
                      input_shapes=parse_shape_overrides(["s=2x3"]))
     assert str(parse_shape_overrides(["s=3*2x4"])["s"]) == "3*2x4"
+
+
+@pytest.mark.parametrize("mode,ctm", [("nearest", "asymmetric"), ("linear", "half_pixel"), ("linear", "align_corners"),
+                                      ("cubic", "pytorch_half_pixel")])
+def test_resize_of_a_symbolic_input_computes_its_size_at_run_time(tmp_path, mode, ctm):
+    """Resize by constant scales, and to the run-time shape of another tensor (an FPN's upsample
+    to its skip connection), on an input whose height and width are symbolic."""
+    from onnx import numpy_helper
+
+    model = make_model([
+        helper.make_node("Resize", ["x", "", "scales"], ["up"], mode=mode, coordinate_transformation_mode=ctm),
+        helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Resize", ["p", "", "", "s"], ["back"], mode=mode, coordinate_transformation_mode=ctm),
+    ], [f32("x", ["N", 4, "H", "W"])], [f32("up", None), f32("back", None)],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    compiled = kiln.runtime.load(path, threads=1)
+    rng = np.random.default_rng(0)
+    for shape in ((1, 4, 6, 10), (2, 4, 9, 4)):
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        got, want = compiled.run(feeds), ort_outputs(model, feeds)
+        for name, w in want.items():
+            assert got[name].shape == w.shape, name
+            np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5, err_msg=f"{name} at {shape}")

@@ -166,3 +166,30 @@ def test_optimize_cli_report_on_yolov8n(real_model, tmp_path, capsys):
     feeds = make_inputs("yolov8n")
     cmp = compare("cli O2", ort_outputs(str(out), feeds), ort_outputs(str(path), feeds), rtol=1e-4, atol=1e-5)
     assert cmp.passed, cmp.max_abs
+
+
+#: models whose inputs have unknown dims, and two sizes each to run one artifact at
+UNPINNED = {
+    "ocr_cls": [(1, 3, 48, 192), (3, 3, 48, 100)],
+    "ocr_rec": [(1, 3, 48, 320), (2, 3, 48, 160)],  # a text recogniser: the sequence follows the width
+    "ocr_det": [(1, 3, 320, 320), (2, 3, 160, 224)],  # an FPN detector: upsampled by 2x, 4x, 8x and added
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNPINNED))
+def test_unpinned_models_compile_with_no_shape_flags_and_match_at_two_sizes(name, real_model, tmp_path, capsys):
+    """Paddle-exported models (-1 batch, "?" height and width) compile once with no --input-shape, and
+    the one artifact matches onnxruntime at two sizes of every symbolic dim."""
+    import kiln.runtime
+
+    path = real_model(name)
+    out = tmp_path / f"{name}.kiln"
+    assert main(["compile", str(path), "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "symbolic dims: x[0] as" in said and "x[3] as" in said
+    compiled = kiln.runtime.load(out)
+    rng = np.random.default_rng(0)
+    for shape in UNPINNED[name]:
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        cmp = compare(f"{name} at {shape}", compiled.run(feeds), ort_outputs(str(path), feeds), rtol=1e-3, atol=1e-4)
+        assert cmp.passed, cmp.max_abs

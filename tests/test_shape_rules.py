@@ -96,3 +96,18 @@ def test_freeing_a_batch_leaves_other_reshapes_and_refuses_a_different_size():
     assert g.nodes[-1].input(1).numpy().tolist() == [2, 2]
     with pytest.raises(InputError, match="does not fit it"):
         set_input_shapes(kiln.load(_batch1_reshape_model([1, 4])), {"x": (2, 4, 3, 3)})
+
+
+def test_resize_keeps_the_dims_it_scales_by_one():
+    """A constant scale of 1 keeps a symbolic batch (onnx's inference names it afresh); constant sizes
+    are the output dims; the spatial dims a real scale changes stay unknown."""
+    def by_scales(op, x):
+        return op.Resize(x, op.constant(np.zeros(0, np.float32)), op.constant(np.array([1, 1, 2, 2], np.float32)))
+
+    def by_sizes(op, x):
+        empty = op.constant(np.zeros(0, np.float32))
+        return op.Resize(x, empty, empty, op.constant(np.array([3, 8, 5, 7], np.int64)))
+
+    y = _out(by_scales, {"x": (DType.FLOAT32, ("N", 8, "H", "W"))})
+    assert y.shape[:2] == ("N", 8) and all(isinstance(d, str) and d.startswith("?") for d in y.shape[2:])
+    assert _out(by_sizes, {"x": (DType.FLOAT32, ("N", 8, "H", "W"))}).shape == (3, 8, 5, 7)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from kiln import __version__
+from kiln.errors import KilnError
 from kiln.codegen.lowering import CodegenError, lower
 from kiln.codegen.target import Target, cpu_target
 from kiln.ir import Graph, Value, is_unknown_dim
@@ -69,6 +70,22 @@ def check_compilable_signature(graph: Graph) -> None:
             )
 
 
+def _refuse_symbolic(graph: Graph, error: Exception) -> None:
+    """Where TVM fails on a graph with symbolic input dims, say so in one line with the flags that pin them.
+
+    TVM 0.27's VM cannot always order the run-time sizes of tensors whose dims an op computes
+    from symbolic ones (seen: a detector's Resize chain); pinned, the same graph compiles.
+    """
+    symbolic = [v for v in graph.inputs if not v.sequence and any(isinstance(d, str) for d in v.shape or ())]
+    if not symbolic:
+        return
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    flags = " ".join(f"--input-shape {v.name}=" + "x".join(str(d) if isinstance(d, int) else "?" for d in v.shape)
+                     for v in symbolic)
+    raise CodegenError(f"TVM could not compile this model with symbolic dims ({first[:160]}); pin them with "
+                       f"{flags} (each ? a size)") from error
+
+
 def build(
     graph: Graph,
     out: str | os.PathLike,
@@ -101,15 +118,20 @@ def build(
     t = time.perf_counter()
     say("compiling")
     tvm_target = tvm.target.Target(dict(target.tvm))
-    if target.kind == "cpu":
-        from kiln.codegen.schedule import cpu_pipeline
+    if target.kind != "cpu" and tuning_db is not None:
+        raise CodegenError("--tune-db applies to CPU targets; kiln tunes only on this machine's CPU")
+    try:
+        if target.kind == "cpu":
+            from kiln.codegen.schedule import cpu_pipeline
 
-        tuned = tuning_db.lookup(tvm_target) if tuning_db is not None else None
-        executable = tvm.compile(lowered.module, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, tuned))
-    else:
-        if tuning_db is not None:
-            raise CodegenError("--tune-db applies to CPU targets; kiln tunes only on this machine's CPU")
-        executable = tvm.compile(lowered.module, target=tvm_target)
+            tuned = tuning_db.lookup(tvm_target) if tuning_db is not None else None
+            executable = tvm.compile(lowered.module, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, tuned))
+        else:
+            executable = tvm.compile(lowered.module, target=tvm_target)
+    except (RuntimeError, ValueError) as e:  # TVM's errors (InternalError is a RuntimeError)
+        if not isinstance(e, KilnError):
+            _refuse_symbolic(graph, e)
+        raise
     members: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         lib_path = os.path.join(tmp, LIBRARY)

@@ -442,3 +442,38 @@ def infer(node: Node) -> list[MaybeShape] | None:
         return fn(node)
     except (TypeError, ValueError, IndexError):
         return None  # malformed attributes: leave it to verify()
+
+
+@rule("Resize", "Upsample")
+def _resize(node: Node) -> list[MaybeShape]:
+    """A dim resized by a constant scale of 1 keeps its dim (a symbolic batch stays ``N``); constant sizes
+    (``stretch``) are the output dims. Other dims (onnx's inference sizes the static ones), and
+    crop-and-resize, are left unknown."""
+    s = _shape(node.input(0))
+    if s is None or node.attr("coordinate_transformation_mode", "") == "tf_crop_and_resize":
+        return [None]
+    rank = len(s)
+    axes = [normalize_axis(int(a), rank) for a in node.attr("axes") or range(rank)]  # in the scales' order
+    n_in = len(node.inputs)
+    scales_v = node.input(1) if n_in == 2 else node.input(2) if n_in > 2 else None  # Upsample, Resize-10: (X, scales)
+    sizes_v = node.input(3) if n_in > 3 else None
+
+    def values(v: Value | None) -> np.ndarray | None:
+        if v is None or not v.is_constant:
+            return None
+        a = np.asarray(v.numpy()).reshape(-1)
+        return a if a.size else None
+
+    sizes, scales = values(sizes_v), values(scales_v)
+    if scales is None and node.attr("scales") is not None:  # Upsample-7
+        scales = np.asarray(node.attr("scales"), np.float32)
+    out: list[Dim | None] = list(s)
+    if sizes is not None and len(sizes) == len(axes) and node.attr("keep_aspect_ratio_policy", "stretch") == "stretch":
+        for a, k in zip(axes, sizes.tolist()):
+            out[a] = int(k)
+        return [tuple(out)]
+    if scales is None or len(scales) != len(axes) or sizes is not None:
+        return [None]
+    for a, f in zip(axes, scales.tolist()):
+        out[a] = s[a] if f == 1.0 else None
+    return [tuple(out)]

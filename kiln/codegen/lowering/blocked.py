@@ -27,10 +27,13 @@ def _to_blocked(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te, tirx
 
     b = node.attr("block", 16)
+    known = node.input(0).shape[1] if node.input(0).shape and len(node.input(0).shape) > 1 else None
+    if not isinstance(known, int):
+        raise CodegenError(f"node {node.label()}: the blocked layout needs a static channel count")
 
     def compute(x: Any) -> Any:
-        n, c, *spatial = x.shape
-        c = int(c)
+        n, _, *spatial = x.shape  # the channel count from kiln's shapes: TVM may hold it as an unsimplified sum
+        c = known
 
         def lane(i: Any, cb: Any, *rest: Any) -> Any:
             ch = cb * b + rest[-1]

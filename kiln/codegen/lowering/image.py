@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import output_dims, pick, static_shape
+from kiln.codegen.lowering.te import known_shape, output_dims, pick, static_shape
 from kiln.ir import Node, normalize_axis
 
 if TYPE_CHECKING:
@@ -36,10 +36,40 @@ def _cubic(r: Any, a: float, dt: str) -> list[Any]:
     return [outer(r + one), inner(r), inner(one - r), outer(tirx.const(2, dt) - r)]
 
 
+def fconst(v: Any, f: str) -> Any:
+    """``v`` (an int, or a run-time dim) as a float ``f`` expression."""
+    from tvm import tirx
+
+    return tirx.const(v, f) if isinstance(v, int) else tirx.Cast(f, v)
+
+
+def _dims(t: Any) -> list[Any]:
+    """A TE tensor's dims: ints where static, else the run-time (symbolic) expressions."""
+    return [int(d.value) if hasattr(d, "value") else d for d in t.shape]
+
+
 def _given(v: Any) -> bool:
     """An optional input that is present and not an empty placeholder tensor."""
     return v is not None and v.shape is not None and all(isinstance(d, int) for d in v.shape) and \
         int(np.prod(v.shape)) > 0
+
+
+def _integral_scaled(lw: Lowerer, node: Node, axes: list[int]) -> list[Any] | None:
+    """The output dims of a Resize by constant whole-number scales (an FPN's 2x, 4x, 8x): ``d · k``,
+    exact, as TIR expressions of the input's dims. None for other scales (computed at run time).
+
+    Computing these dims in a kernel instead (``computed_dims``) leaves TVM 0.27's fusion free to
+    move a fused kernel that reads them before the point where the VM learns them."""
+    v = node.input(2)
+    if v is None or not v.is_constant:
+        return None
+    scales = np.asarray(v.numpy(), np.float64).reshape(-1)
+    if len(scales) != len(axes) or any(f < 1 or f != int(f) for f in scales):
+        return None
+    dims = [lw.dim(d) for d in node.input(0).shape]
+    for a, f in zip(axes, scales):
+        dims[a] = dims[a] * int(f) if int(f) != 1 else dims[a]
+    return dims
 
 
 @lowers("Resize")
@@ -48,12 +78,12 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te, tirx
 
     x, out = node.input(0), node.outputs[0]
-    si, so = static_shape(x), static_shape(out)
-    if si is None:
-        raise CodegenError(f"node {node.label()}: Resize needs a static input shape to compile")
+    so = static_shape(out)
+    if x.shape is None:
+        raise CodegenError(f"node {node.label()}: Resize needs its input's rank to compile")
     if node.attr("antialias", 0):
         raise CodegenError(f"node {node.label()}: antialiased Resize does not compile yet")
-    rank = len(si)
+    rank = len(x.shape)
     mode = node.attr("mode", "nearest")
     ctm = node.attr("coordinate_transformation_mode", "half_pixel")
     nearest = node.attr("nearest_mode", "round_prefer_floor")
@@ -66,6 +96,10 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
         raise CodegenError(f"node {node.label()}: tf_crop_and_resize needs a roi")
     extra = [lw.get(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3)) if has[k]]
     names = [k for k in ("roi", "scales", "sizes") if has[k]]
+    if so is None and known_shape(out, lw.bound):  # symbolic dims the lowerer knows (a batch N, 2·H)
+        so = [d.value if hasattr(d, "value") else d for d in output_dims(lw, node)]
+    if so is None and has["scales"] and not has["sizes"] and ctm != "tf_crop_and_resize" and known_shape(x, lw.bound):
+        so = _integral_scaled(lw, node, axes)
     if so is None:  # scales or sizes read at run time decide the output shape: computed first, as onnx's reference
         if not (has["scales"] or has["sizes"]):
             raise CodegenError(f"node {node.label()}: Resize needs scales or sizes to compile")
@@ -73,28 +107,26 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
         def sizes_of(t: Any, *params: Any) -> Any:
             p = dict(zip(names, params))
             f = "float64"
-            dims: list[Any] = [tirx.const(d, "int64") for d in si]
+            si = _dims(t)
+            dims: list[Any] = [tirx.Cast("int64", d) if not isinstance(d, int) else tirx.const(d, "int64") for d in si]
             if "sizes" in p and policy != "stretch":
-                ratios = [tirx.Cast(f, p["sizes"][j]) / tirx.const(si[a], f) for j, a in enumerate(axes)]
+                ratios = [tirx.Cast(f, p["sizes"][j]) / fconst(si[a], f) for j, a in enumerate(axes)]
                 common = ratios[0]
                 for r in ratios[1:]:
                     common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
                 for a in axes:  # round half up
-                    dims[a] = tirx.Cast("int64", common * tirx.const(si[a], f) + tirx.const(0.5, f))
+                    dims[a] = tirx.Cast("int64", common * fconst(si[a], f) + tirx.const(0.5, f))
             elif "sizes" in p:
                 for j, a in enumerate(axes):
                     dims[a] = tirx.Cast("int64", p["sizes"][j])
             else:
                 for j, a in enumerate(axes):
-                    dims[a] = tirx.Cast("int64", tirx.Cast(f, p["scales"][j]) * tirx.const(si[a], f))
+                    dims[a] = tirx.Cast("int64", tirx.Cast(f, p["scales"][j]) * fconst(si[a], f))
             return te.compute((rank,), lambda k: pick(k, dims), name="resize_dims")
 
         so = lw.computed_dims(sizes_of, lw.get(x), *extra, count=rank, name="resize")
-    resized = [k for k in axes if not isinstance(so[k], int) or si[k] != so[k] or has["scales"] or
+    resized = [k for k in axes if not isinstance(so[k], int) or x.shape[k] != so[k] or has["scales"] or
                ctm == "tf_crop_and_resize"]
-
-    def fconst(v: Any, f: str) -> Any:
-        return tirx.const(v, f) if isinstance(v, int) else tirx.Cast(f, v)
 
     def many(n_out: Any, yes: Callable[[], Any], no: Any) -> Any:
         """``yes()`` where the output has more than one element along the axis, else ``no``."""
@@ -104,6 +136,7 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
 
     def compute(t: Any, *params: Any) -> Any:
         p = dict(zip(names, params))
+        si = _dims(t)  # ints, or the input's symbolic dims
         dt = t.dtype
         f = "float64" if str(dt) == "float64" else "float32"
 
@@ -112,43 +145,46 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             if "scales" in p:
                 return tirx.Cast(f, p["scales"][j])
             if "sizes" in p and policy != "stretch":
-                ratios = [tirx.Cast(f, p["sizes"][jj]) / tirx.const(si[a], f) for jj, a in enumerate(axes)]
+                ratios = [tirx.Cast(f, p["sizes"][jj]) / fconst(si[a], f) for jj, a in enumerate(axes)]
                 common = ratios[0]
                 for r in ratios[1:]:
                     common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
                 return common
-            return tirx.const(so[k] / si[k], f) if isinstance(so[k], int) else tirx.Cast(f, so[k]) / tirx.const(si[k], f)
+            if isinstance(so[k], int) and isinstance(si[k], int):
+                return tirx.const(so[k] / si[k], f)
+            return fconst(so[k], f) / fconst(si[k], f)
 
         def coord(k: int, i: Any) -> tuple[Any, Any]:
             """(source coordinate, inside-the-roi flag) of output index i along axis k."""
             xi = tirx.Cast(f, i)
             s = scale(k)
             n_in, n_out = si[k], so[k]
-            half = tirx.const(0.5, f)
+            half, one = tirx.const(0.5, f), tirx.const(1, f)
             inside: Any = tirx.const(True)
             if ctm == "half_pixel":
                 c = (xi + half) / s - half
             elif ctm == "half_pixel_symmetric":
-                adj = fconst(n_out, f) / (s * tirx.const(n_in, f))
-                c = tirx.const(n_in / 2, f) * (tirx.const(1, f) - adj) + (xi + half) / s - half
+                adj = fconst(n_out, f) / (s * fconst(n_in, f))
+                c = fconst(n_in, f) * half * (tirx.const(1, f) - adj) + (xi + half) / s - half
             elif ctm == "pytorch_half_pixel":
                 c = many(n_out, lambda: (xi + half) / s - half, tirx.const(0, f))
             elif ctm == "align_corners":
                 # onnx's resized length is scale * n_in, unrounded
-                c = many(n_out, lambda: xi * tirx.const(n_in - 1, f) / (s * tirx.const(n_in, f) - tirx.const(1, f)),
+                # (n - 1) as float: a Cast of the int expression (n - 1) trips TVM's bound analysis
+                c = many(n_out, lambda: xi * (fconst(n_in, f) - one) / (s * fconst(n_in, f) - one),
                          tirx.const(0, f))
             elif ctm == "asymmetric":
                 c = xi / s
             elif ctm == "tf_crop_and_resize":
                 j = axes.index(k)
                 lo, hi = tirx.Cast(f, p["roi"][j]), tirx.Cast(f, p["roi"][len(axes) + j])
-                span = tirx.const(n_in - 1, f)
+                span = fconst(n_in, f) - one
                 c = many(n_out, lambda: lo * span + xi * (hi - lo) * span / fconst(n_out - 1, f), half * (lo + hi) * span)
                 inside = tirx.all(c >= tirx.const(0, f), c <= span)
             else:
                 raise CodegenError(f"node {node.label()}: coordinate_transformation_mode {ctm} is unknown")
             return c, inside
-        def clamp(j: Any, n: int) -> Any:
+        def clamp(j: Any, n: Any) -> Any:
             return tirx.max(tirx.min(j, n - 1), 0)
 
         def body(*i: Any) -> Any:

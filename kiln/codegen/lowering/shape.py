@@ -521,10 +521,11 @@ def _depth_space(lw: Lowerer, node: Node) -> list[Any]:
 
     b = node.attr("blocksize")
     crd = node.attr("mode", "DCR") == "CRD"
-    dims = output_dims(lw, node)
 
-    def to_space(t: Any) -> Any:
-        c_out = dims[1]
+    def to_space(t: Any) -> Any:  # dims from the input's, which may be symbolic
+        n, c_in, h_in, w_in = t.shape
+        c_out = c_in // (b * b)
+        dims = (n, c_out, h_in * b, w_in * b)
 
         def body(n: Any, c: Any, h: Any, w: Any) -> Any:
             bh, bw = h % b, w % b
@@ -534,7 +535,8 @@ def _depth_space(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(dims, body, name="depth_to_space")
 
     def to_depth(t: Any) -> Any:
-        c_in = t.shape[1]
+        n, c_in, h_in, w_in = t.shape
+        dims = (n, c_in * b * b, h_in // b, w_in // b)
 
         def body(n: Any, c: Any, h: Any, w: Any) -> Any:
             if crd:
