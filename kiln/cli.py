@@ -166,8 +166,9 @@ def _print_symbolic_dims(result: Any) -> None:
     named_by_kiln = {(n, i) for n, pairs in result.named_dims.items() for i, _ in pairs}
     listed = ", ".join(f"{n}[{i}] as {d}" + (" (unnamed in the model)" if (n, i) in named_by_kiln else "")
                        for n, i, d in dims)
-    flags = " ".join(f"--input-shape {v.name}=" + "x".join(str(d) if isinstance(d, int) else "?" for d in v.shape)
-                     for v in result.graph.inputs if any(n == v.name for n, _, _ in dims))
+    from kiln.codegen.build import pin_flags
+
+    flags = pin_flags([v for v in result.graph.inputs if any(n == v.name for n, _, _ in dims)])
     print(f"symbolic dims: {listed}; the artifact runs at any size of them. Pinning them "
           f"({flags}, each ? a size) lets kiln specialise its kernels for speed")
 

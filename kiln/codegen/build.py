@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from kiln import __version__
-from kiln.errors import KilnError
 from kiln.codegen.lowering import CodegenError, lower
 from kiln.codegen.target import Target, cpu_target
-from kiln.ir import Graph, Value, is_unknown_dim
+from kiln.ir import Graph, Value, is_static, is_unknown_dim, shape_example
 from kiln.runtime.artifact import CUDA_FATBIN, CUDA_SOURCE, LIBRARY, WEIGHTS, weight_signature, write_artifact
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def check_compilable_signature(graph: Graph) -> None:
     """Unknown input dims need a size or a name before code can be generated."""
     for v in graph.inputs:
         if v.sequence and v.seq_shapes is None:
-            example = "x".join(str(d) if isinstance(d, int) else "1" for d in v.shape or ())
+            example = shape_example(v.shape)
             raise CodegenError(f"input '{v.name}' is a sequence of tensors, whose length kiln fixes when compiling; "
                                f"give it with --input-shape '{v.name}=N*{example}' (N tensors of {example or 'rank 0'})")
         if v.sequence:
@@ -63,7 +62,7 @@ def check_compilable_signature(graph: Graph) -> None:
             raise CodegenError(f"input '{v.name}' has an unknown rank; give its shape with --input-shape {v.name}=...")
         unknown = [i for i, d in enumerate(v.shape) if is_unknown_dim(d)]
         if unknown:
-            example = "x".join(str(d) if isinstance(d, int) else "1" for d in v.shape)
+            example = shape_example(v.shape)
             raise CodegenError(
                 f"input '{v.name}' is {v.type_str()}: dims {unknown} are unknown; give them sizes with "
                 f"--input-shape {v.name}={example}"
@@ -76,14 +75,17 @@ def _refuse_symbolic(graph: Graph, error: Exception) -> None:
     TVM 0.27's VM cannot always order the run-time sizes of tensors whose dims an op computes
     from symbolic ones (seen: a detector's Resize chain); pinned, the same graph compiles.
     """
-    symbolic = [v for v in graph.inputs if not v.sequence and any(isinstance(d, str) for d in v.shape or ())]
+    symbolic = [v for v in graph.inputs if not v.sequence and not is_static(v.shape)]
     if not symbolic:
         return
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    flags = " ".join(f"--input-shape {v.name}=" + "x".join(str(d) if isinstance(d, int) else "?" for d in v.shape)
-                     for v in symbolic)
     raise CodegenError(f"TVM could not compile this model with symbolic dims ({first[:160]}); pin them with "
-                       f"{flags} (each ? a size)") from error
+                       f"{pin_flags(symbolic)} (each ? a size)") from error
+
+
+def pin_flags(inputs: list[Value]) -> str:
+    """The ``--input-shape`` flags that would pin ``inputs``' symbolic dims, each as ``?``."""
+    return " ".join(f"--input-shape {v.name}={shape_example(v.shape, '?')}" for v in inputs)
 
 
 def build(
@@ -129,8 +131,7 @@ def build(
         else:
             executable = tvm.compile(lowered.module, target=tvm_target)
     except (RuntimeError, ValueError) as e:  # TVM's errors (InternalError is a RuntimeError)
-        if not isinstance(e, KilnError):
-            _refuse_symbolic(graph, e)
+        _refuse_symbolic(graph, e)
         raise
     members: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:

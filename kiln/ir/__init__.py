@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.ir.core import (
     DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Graph, Node, Shape, Tensor, Use, Value, const_ints, is_static,
-    is_unknown_dim, normalize_axes, normalize_axis,
+    is_unknown_dim, normalize_axes, normalize_axis, shape_example,
 )
 from kiln.ir.dtypes import DType
 from kiln.ir import kiln_ops  # noqa: F401 - registers the kiln-domain ops
@@ -16,5 +16,5 @@ from kiln.ir.shape_inference import SequenceShape, infer_shapes, name_unknown_di
 __all__ = [
     "DEFAULT_DOMAIN", "KILN_DOMAIN", "Attr", "AttrType", "DType", "Dim", "Evaluator", "Graph", "Node", "SequenceShape", "Shape",
     "Tensor", "Use", "Value", "const_ints", "normalize_axes", "normalize_axis", "evaluate", "evaluate_node", "from_onnx", "infer_shapes", "is_static", "is_unknown_dim", "load",
-    "name_unknown_dims", "save_onnx", "set_input_shapes", "to_onnx",
+    "name_unknown_dims", "save_onnx", "set_input_shapes", "shape_example", "to_onnx",
 ]

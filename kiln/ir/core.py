@@ -22,7 +22,7 @@ from kiln.errors import GraphError
 from kiln.ir.dtypes import DType
 from kiln.ir.types import (  # noqa: F401 - re-exported: the IR's names, from one module
     DEFAULT_DOMAIN, KILN_DOMAIN, Attr, AttrType, Dim, Shape, Tensor, Use, is_static, is_unknown_dim, normalize_axes,
-    normalize_axis, normalize_domain,
+    normalize_axis, normalize_domain, shape_example,
 )
 
 # --------------------------------------------------------------------------- values and nodes

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kiln.errors import InputError, KilnError
-from kiln.ir.core import Graph, Value
+from kiln.ir.core import Graph, Value, shape_example
 from kiln.ir.dtypes import DType
 
 
@@ -101,7 +101,7 @@ def concrete_shape(v: Value, overrides: Mapping[str, tuple[int | str, ...]]) -> 
             raise InputError(f"--input-shape for '{v.name}' is {'x'.join(map(str, shape))}, but the model says {v.type_str()}")
         return shape  # type: ignore[return-value]
     if v.shape is None or any(not isinstance(d, int) for d in v.shape):
-        example = "x".join(str(d) if isinstance(d, int) else "1" for d in (v.shape or ("1",)))
+        example = shape_example(v.shape or ("1",))
         raise InputError(
             f"input '{v.name}' is {v.type_str()}, which has symbolic dims; give sizes with --input-shape {v.name}={example}"
         )

@@ -25,7 +25,7 @@ from onnx import ModelProto
 
 from kiln.errors import InputError
 from kiln.ir import schemas, shape_rules
-from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim, normalize_axis
+from kiln.ir.core import KILN_DOMAIN, Graph, Node, Shape, Value, is_unknown_dim, normalize_axis, shape_example
 from kiln.ir.dtypes import DType
 from kiln.ir.interpreter import evaluate_node
 from kiln.ir.serde import dim_from_proto, to_onnx
@@ -127,7 +127,7 @@ def set_input_shapes(graph: Graph, shapes: dict[str, tuple[int | str, ...] | Seq
         if v is None:
             raise InputError(f"no graph input named '{name}'; inputs: {', '.join(by_name)}")
         if v.sequence != isinstance(shape, SequenceShape):
-            example = "x".join(str(d) if isinstance(d, int) else "1" for d in v.shape or ())
+            example = shape_example(v.shape)
             raise InputError(f"input '{name}' is a sequence of tensors: pin it as {name}=N*{example} (N tensors of "
                              f"that shape)" if v.sequence else f"input '{name}' is a tensor, not a sequence; "
                              f"pin it as {name}={example}")

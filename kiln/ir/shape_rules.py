@@ -278,8 +278,8 @@ def _split(node: Node) -> list[MaybeShape]:
     if s is None:
         return [None] * n
     axis = normalize_axis(node.attr("axis", 0), len(s))
-    sizes = const_ints(node.input(1)) if len(node.inputs) > 1 and node.input(1) is not None else node.attr("split")
     given = len(node.inputs) > 1 and node.input(1) is not None
+    sizes = const_ints(node.input(1)) if given else node.attr("split")
     d = s[axis]
     if sizes is None and not given and isinstance(d, int):
         chunk = -(-d // n) if node.attr("num_outputs") is not None else (d // n if d % n == 0 else None)
@@ -433,17 +433,6 @@ def _attention(node: Node) -> list[MaybeShape]:
     return [None if q is None or v is None else (*q[:-1], v[-1])]
 
 
-def infer(node: Node) -> list[MaybeShape] | None:
-    """kiln's shape for each output of ``node``, or None if kiln has no rule for its op."""
-    fn = RULES.get((node.domain, node.op_type))
-    if fn is None:
-        return None
-    try:
-        return fn(node)
-    except (TypeError, ValueError, IndexError):
-        return None  # malformed attributes: leave it to verify()
-
-
 @rule("Resize", "Upsample")
 def _resize(node: Node) -> list[MaybeShape]:
     """A dim resized by a constant scale of 1 keeps its dim (a symbolic batch stays ``N``); constant sizes
@@ -477,3 +466,15 @@ def _resize(node: Node) -> list[MaybeShape]:
     for a, f in zip(axes, scales.tolist()):
         out[a] = s[a] if f == 1.0 else None
     return [tuple(out)]
+
+
+def infer(node: Node) -> list[MaybeShape] | None:
+    """kiln's shape for each output of ``node``, or None if kiln has no rule for its op."""
+    fn = RULES.get((node.domain, node.op_type))
+    if fn is None:
+        return None
+    try:
+        return fn(node)
+    except (TypeError, ValueError, IndexError):
+        return None  # malformed attributes: leave it to verify()
+

@@ -32,6 +32,11 @@ def is_unknown_dim(dim: Dim) -> bool:
     return isinstance(dim, str) and dim.startswith("?")
 
 
+def shape_example(shape: Shape | None, fill: str = "1") -> str:
+    """``shape`` as ``--input-shape`` text: ints as themselves, each symbolic dim as ``fill`` (``1x3x?x?``)."""
+    return "x".join(str(d) if isinstance(d, int) else fill for d in shape or ())
+
+
 def is_static(shape: Shape | None) -> bool:
     """True if the rank and every dim are known integers."""
     return shape is not None and all(isinstance(d, int) for d in shape)

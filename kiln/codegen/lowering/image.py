@@ -36,7 +36,7 @@ def _cubic(r: Any, a: float, dt: str) -> list[Any]:
     return [outer(r + one), inner(r), inner(one - r), outer(tirx.const(2, dt) - r)]
 
 
-def fconst(v: Any, f: str) -> Any:
+def _fconst(v: Any, f: str) -> Any:
     """``v`` (an int, or a run-time dim) as a float ``f`` expression."""
     from tvm import tirx
 
@@ -68,7 +68,8 @@ def _integral_scaled(lw: Lowerer, node: Node, axes: list[int]) -> list[Any] | No
         return None
     dims = [lw.dim(d) for d in node.input(0).shape]
     for a, f in zip(axes, scales):
-        dims[a] = dims[a] * int(f) if int(f) != 1 else dims[a]
+        if f != 1:
+            dims[a] = dims[a] * int(f)
     return dims
 
 
@@ -95,6 +96,15 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
     if ctm == "tf_crop_and_resize" and not has["roi"]:
         raise CodegenError(f"node {node.label()}: tf_crop_and_resize needs a roi")
     extra = [lw.get(node.input(i)) for k, i in (("roi", 1), ("scales", 2), ("sizes", 3)) if has[k]]
+
+    def kept_ratio(sizes: Any, si: list[Any], f: str) -> Any:
+        """The one scale of every axis under ``keep_aspect_ratio_policy`` not_larger / not_smaller."""
+        ratios = [tirx.Cast(f, sizes[j]) / _fconst(si[a], f) for j, a in enumerate(axes)]
+        common = ratios[0]
+        for r in ratios[1:]:
+            common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
+        return common
+
     names = [k for k in ("roi", "scales", "sizes") if has[k]]
     if so is None and known_shape(out, lw.bound):  # symbolic dims the lowerer knows (a batch N, 2·H)
         so = [d.value if hasattr(d, "value") else d for d in output_dims(lw, node)]
@@ -108,20 +118,17 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             p = dict(zip(names, params))
             f = "float64"
             si = _dims(t)
-            dims: list[Any] = [tirx.Cast("int64", d) if not isinstance(d, int) else tirx.const(d, "int64") for d in si]
+            dims: list[Any] = list(si)  # pick makes each an int64
             if "sizes" in p and policy != "stretch":
-                ratios = [tirx.Cast(f, p["sizes"][j]) / fconst(si[a], f) for j, a in enumerate(axes)]
-                common = ratios[0]
-                for r in ratios[1:]:
-                    common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
+                common = kept_ratio(p["sizes"], si, f)
                 for a in axes:  # round half up
-                    dims[a] = tirx.Cast("int64", common * fconst(si[a], f) + tirx.const(0.5, f))
+                    dims[a] = tirx.Cast("int64", common * _fconst(si[a], f) + tirx.const(0.5, f))
             elif "sizes" in p:
                 for j, a in enumerate(axes):
                     dims[a] = tirx.Cast("int64", p["sizes"][j])
             else:
                 for j, a in enumerate(axes):
-                    dims[a] = tirx.Cast("int64", tirx.Cast(f, p["scales"][j]) * fconst(si[a], f))
+                    dims[a] = tirx.Cast("int64", tirx.Cast(f, p["scales"][j]) * _fconst(si[a], f))
             return te.compute((rank,), lambda k: pick(k, dims), name="resize_dims")
 
         so = lw.computed_dims(sizes_of, lw.get(x), *extra, count=rank, name="resize")
@@ -145,14 +152,10 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             if "scales" in p:
                 return tirx.Cast(f, p["scales"][j])
             if "sizes" in p and policy != "stretch":
-                ratios = [tirx.Cast(f, p["sizes"][jj]) / fconst(si[a], f) for jj, a in enumerate(axes)]
-                common = ratios[0]
-                for r in ratios[1:]:
-                    common = tirx.min(common, r) if policy == "not_larger" else tirx.max(common, r)
-                return common
+                return kept_ratio(p["sizes"], si, f)
             if isinstance(so[k], int) and isinstance(si[k], int):
                 return tirx.const(so[k] / si[k], f)
-            return fconst(so[k], f) / fconst(si[k], f)
+            return _fconst(so[k], f) / _fconst(si[k], f)
 
         def coord(k: int, i: Any) -> tuple[Any, Any]:
             """(source coordinate, inside-the-roi flag) of output index i along axis k."""
@@ -164,22 +167,22 @@ def _resize(lw: Lowerer, node: Node) -> list[Any]:
             if ctm == "half_pixel":
                 c = (xi + half) / s - half
             elif ctm == "half_pixel_symmetric":
-                adj = fconst(n_out, f) / (s * fconst(n_in, f))
-                c = fconst(n_in, f) * half * (tirx.const(1, f) - adj) + (xi + half) / s - half
+                adj = _fconst(n_out, f) / (s * _fconst(n_in, f))
+                c = _fconst(n_in, f) * half * (tirx.const(1, f) - adj) + (xi + half) / s - half
             elif ctm == "pytorch_half_pixel":
                 c = many(n_out, lambda: (xi + half) / s - half, tirx.const(0, f))
             elif ctm == "align_corners":
                 # onnx's resized length is scale * n_in, unrounded
                 # (n - 1) as float: a Cast of the int expression (n - 1) trips TVM's bound analysis
-                c = many(n_out, lambda: xi * (fconst(n_in, f) - one) / (s * fconst(n_in, f) - one),
+                c = many(n_out, lambda: xi * (_fconst(n_in, f) - one) / (s * _fconst(n_in, f) - one),
                          tirx.const(0, f))
             elif ctm == "asymmetric":
                 c = xi / s
             elif ctm == "tf_crop_and_resize":
                 j = axes.index(k)
                 lo, hi = tirx.Cast(f, p["roi"][j]), tirx.Cast(f, p["roi"][len(axes) + j])
-                span = fconst(n_in, f) - one
-                c = many(n_out, lambda: lo * span + xi * (hi - lo) * span / fconst(n_out - 1, f), half * (lo + hi) * span)
+                span = _fconst(n_in, f) - one
+                c = many(n_out, lambda: lo * span + xi * (hi - lo) * span / _fconst(n_out - 1, f), half * (lo + hi) * span)
                 inside = tirx.all(c >= tirx.const(0, f), c <= span)
             else:
                 raise CodegenError(f"node {node.label()}: coordinate_transformation_mode {ctm} is unknown")

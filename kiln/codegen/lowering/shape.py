@@ -264,13 +264,7 @@ def _shape(lw: Lowerer, node: Node) -> list[Any]:
     dims = dims[slice(node.attr("start", 0), node.attr("end"))]
 
     def shape(*ds: Any) -> Any:
-        def body(i: Any) -> Any:
-            out: Any = tirx.const(0, "int64")
-            for k, d in enumerate(ds):
-                out = tirx.Select(i == k, tirx.const(d, "int64") if isinstance(d, int) else d, out)
-            return out
-
-        return te.compute((len(ds),), body, name="shape")
+        return te.compute((len(ds),), lambda i: pick(i, ds) if ds else tirx.const(0, "int64"), name="shape")
 
     return [lw.emit(shape, *dims, name="shape")]
 
