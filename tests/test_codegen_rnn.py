@@ -15,47 +15,76 @@ from kiln.codegen.lowering import CodegenError
 from helpers import f32, make_model, ort_outputs
 
 SEQ, BATCH, WIDTH, HIDDEN = 3, 2, 4, 5
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 
 
-def _rnn_model(op: str, direction: str, *, bias: bool, initial: bool, seq=SEQ, **attrs):
-    """One LSTM/GRU node with seeded weights; X and the initial states are graph inputs."""
+def _rnn_model(op: str, direction: str, *, bias: bool, initial: bool, seq=SEQ, batch=BATCH, hidden=HIDDEN,
+               lens: bool = False, peepholes: bool = False, weights_as_inputs: bool = False, scale: float = 0.5,
+               **attrs):
+    """One RNN/GRU/LSTM node with seeded weights; X, the initial states and sequence_lens are graph inputs.
+
+    ``seq`` and ``batch`` may be names (symbolic dims); with ``layout=1`` X and the states are batch first.
+    """
     rng = np.random.default_rng(len(op) + len(direction))
     dirs = 2 if direction == "bidirectional" else 1
-    gates = 4 if op == "LSTM" else 3
-    inits = [numpy_helper.from_array((rng.standard_normal((dirs, gates * HIDDEN, WIDTH)) * 0.5).astype(np.float32), "W"),
-             numpy_helper.from_array((rng.standard_normal((dirs, gates * HIDDEN, HIDDEN)) * 0.5).astype(np.float32), "R")]
+    gates = GATES[op]
+    arrays = {"W": rng.standard_normal((dirs, gates * hidden, WIDTH)) * scale,
+              "R": rng.standard_normal((dirs, gates * hidden, hidden)) * scale}
     if bias:
-        inits.append(numpy_helper.from_array((rng.standard_normal((dirs, 2 * gates * HIDDEN)) * 0.5).astype(np.float32), "B"))
-    ins = ["X", "W", "R", "B" if bias else "", ""]
-    inputs = [f32("X", [seq, BATCH, WIDTH])]
+        arrays["B"] = rng.standard_normal((dirs, 2 * gates * hidden)) * scale
+    if peepholes:
+        arrays["P"] = rng.standard_normal((dirs, 3 * hidden)) * scale
+    inits = [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()]
+    first = attrs.get("layout", 0)
+    inputs = [f32("X", [batch, seq, WIDTH] if first else [seq, batch, WIDTH])]
+    if weights_as_inputs:  # W and R computed at run time: fed, not constants
+        inputs += [f32(i.name, list(i.dims)) for i in inits[:2]]
+        inits = inits[2:]
+    ins = ["X", "W", "R", "B" if bias else "", "lens" if lens else ""]
+    if lens:
+        inputs.append(helper.make_tensor_value_info("lens", TensorProto.INT32, [batch]))
+    state = [batch, dirs, hidden] if first else [dirs, batch, hidden]
+    ins += ["", ""]
     if initial:
-        ins.append("h0")
-        inputs.append(f32("h0", [dirs, BATCH, HIDDEN]))
+        ins[5] = "h0"
+        inputs.append(f32("h0", state))
         if op == "LSTM":
-            ins.append("c0")
-            inputs.append(f32("c0", [dirs, BATCH, HIDDEN]))
+            ins[6] = "c0"
+            inputs.append(f32("c0", state))
+    if peepholes:
+        ins.append("P")
     outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
-    node = helper.make_node(op, ins, outs, hidden_size=HIDDEN, direction=direction, **attrs)
+    node = helper.make_node(op, ins[:8 if peepholes else 7 if op == "LSTM" else 6], outs, hidden_size=hidden,
+                            direction=direction, **attrs)
     return make_model([node], inputs, [f32(o, None) for o in outs], inits)
 
 
-def _feeds(model, seed: int = 1) -> dict[str, np.ndarray]:
+def _feeds(model, seed: int = 1, **dims: int) -> dict[str, np.ndarray]:
+    """Seeded inputs; symbolic dims take their sizes from ``dims``, and sequence_lens runs from 0 to the sequence."""
     rng = np.random.default_rng(seed)
-    return {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
-            for i in model.graph.input}
+    out = {}
+    for i in model.graph.input:
+        shape = [d.dim_value if d.HasField("dim_value") else dims[d.dim_param] for d in i.type.tensor_type.shape.dim]
+        if i.name == "lens":
+            seq = dims.get("T", SEQ)
+            out[i.name] = np.resize(np.array([0, seq, seq // 2, 1, seq], np.int32), shape)
+        else:
+            out[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
 
 
-def _compile_and_compare(model, tmp_path, feeds_list):
+def _compile_and_compare(model, tmp_path, feeds_list, oracle=None, **build_kw):
     out = tmp_path / "m.kiln"
-    build(kiln.load(model), out)
+    build(kiln.load(model), out, **build_kw)
     compiled = kiln.runtime.load(out)
     for feeds in feeds_list:
         got = compiled.run(feeds)
-        cmp = compare("m", got, ort_outputs(model, feeds), rtol=1e-4, atol=1e-5)
+        cmp = compare("m", got, (oracle or ort_outputs)(model, feeds), rtol=1e-4, atol=1e-5)
         assert cmp.passed, cmp.max_abs
+    return out
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
 @pytest.mark.parametrize("direction,bias,initial", [
     ("forward", True, False), ("forward", False, True), ("reverse", True, True), ("bidirectional", True, True),
     ("bidirectional", False, False),
@@ -65,25 +94,97 @@ def test_rnn_compiles_and_matches_onnxruntime(op, direction, bias, initial, tmp_
     _compile_and_compare(model, tmp_path, [_feeds(model)])
 
 
-@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
-def test_gru_linear_before_reset(direction, tmp_path):
-    model = _rnn_model("GRU", direction, bias=True, initial=True, linear_before_reset=1)
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_symbolic_sequence_and_batch_with_run_time_sequence_lens(op, direction, tmp_path):
+    """One artifact, no shape flags: two sequence lengths and two batches (a register tile of rows and a remainder),
+    with lengths from 0 to the whole sequence given at run time."""
+    model = _rnn_model(op, direction, bias=True, initial=True, seq="T", batch="N", lens=True)
+    _compile_and_compare(model, tmp_path, [_feeds(model, T=3, N=2), _feeds(model, 2, T=9, N=7)])
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("GRU", {"linear_before_reset": 1}),
+    ("GRU", {"linear_before_reset": 1, "bias": False}),
+    ("LSTM", {"clip": 0.7}),
+    ("GRU", {"clip": 0.4}),
+    ("LSTM", {"peepholes": True, "lens": True}),
+    ("LSTM", {"input_forget": 1}),
+    ("LSTM", {"activations": ["HardSigmoid", "Relu", "Tanh", "Sigmoid", "LeakyRelu", "ScaledTanh"],
+              "activation_alpha": [0.3, 0.2, 0.9], "activation_beta": [0.4, 1.1]}),
+    ("GRU", {"activations": ["Affine", "Elu", "Softsign", "Softplus"], "activation_alpha": [0.5, 0.7],
+             "activation_beta": [0.1]}),
+    ("RNN", {"activations": ["ThresholdedRelu", "Sigmoid"], "activation_alpha": [0.1]}),
+])
+def test_rnn_attributes_match_onnxruntime(op, attrs, tmp_path):
+    attrs = dict(attrs)
+    bias = attrs.pop("bias", True)
+    model = _rnn_model(op, "bidirectional", bias=bias, initial=True, seq="T", batch="N", **attrs)
+    _compile_and_compare(model, tmp_path, [_feeds(model, T=4, N=5)])
+
+
+def _transposed_oracle(layout0_model):
+    """onnxruntime has no layout=1: its layout-0 twin on transposed inputs, the outputs transposed back."""
+
+    def run(_model, feeds):
+        f0 = {k: v.transpose(1, 0, 2) if v.ndim == 3 else v for k, v in feeds.items()}
+        got = ort_outputs(layout0_model, f0)
+        return {k: v.transpose(2, 0, 1, 3) if v.ndim == 4 else v.transpose(1, 0, 2) for k, v in got.items()}
+
+    return run
+
+
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
+def test_batch_first_layout(op, tmp_path):
+    model = _rnn_model(op, "bidirectional", bias=True, initial=True, seq="T", batch="N", lens=True, layout=1)
+    twin = _rnn_model(op, "bidirectional", bias=True, initial=True, seq="T", batch="N", lens=True)
+    _compile_and_compare(model, tmp_path, [_feeds(model, T=5, N=6)], oracle=_transposed_oracle(twin))
+
+
+def test_weights_are_prepacked_once_at_compile_time(tmp_path):
+    """Constant W and R are laid out for the kernels in the artifact: two kernels, no transposes per run."""
+    from kiln.codegen.lowering import lower
+
+    model = _rnn_model("LSTM", "forward", bias=True, initial=False)
+    lowered = lower(kiln.load(model))
+    kernels = sorted(gv.name_hint for gv in lowered.module.get_global_vars() if gv.name_hint != "main")
+    assert kernels == ["lstm_projection", "lstm_recurrence"]
+    assert {a.shape for a in lowered.weights.values()} == {(WIDTH, 4 * HIDDEN), (1, HIDDEN, 4 * HIDDEN)}
+
+
+def test_weights_computed_at_run_time(tmp_path):
+    model = _rnn_model("GRU", "bidirectional", bias=True, initial=True, weights_as_inputs=True)
     _compile_and_compare(model, tmp_path, [_feeds(model)])
 
 
-def test_lstm_with_constant_full_sequence_lens(tmp_path):
+def test_avx2_register_tiles(tmp_path):
+    """The AVX2 target's smaller register tile over the batch (the host runs AVX2 code too)."""
+    from kiln.codegen.target import cpu_target
+
+    model = _rnn_model("LSTM", "forward", bias=True, initial=True, seq="T", batch="N", hidden=16)
+    _compile_and_compare(model, tmp_path, [_feeds(model, T=4, N=7)], target=cpu_target(features={"avx2", "fma"}))
+
+
+def test_inf_in_recurrence_weights_matches_onnxruntime(tmp_path):
+    """0 * Inf makes a NaN gate at t=0; onnxruntime's sigmoid maps it to 1, and so does kiln's."""
     model = _rnn_model("LSTM", "forward", bias=True, initial=False)
-    model.graph.node[0].input[4] = "lens"
-    model.graph.initializer.append(numpy_helper.from_array(np.full(BATCH, SEQ, np.int32), "lens"))
+    r = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    r[0, 3, 2] = np.inf
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(r, "R"))
+    _compile_and_compare(model, tmp_path, [_feeds(model)])
+
+
+def test_1000_step_lstm_matches_onnxruntime(tmp_path):
+    """A sequence of 1,000 steps runs as a loop: the artifact is as small as for 10 steps, and it matches."""
+    model = _rnn_model("LSTM", "bidirectional", bias=True, initial=True, seq=1000, batch=1, hidden=32, scale=0.2)
     _compile_and_compare(model, tmp_path, [_feeds(model)])
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("clip", 1.0)), "the 'clip' attribute"),
-    (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("activations", ["Relu", "Tanh", "Tanh"])),
-     "only the default activations"),
-    (lambda m: m.graph.input[0].type.tensor_type.shape.dim[0].__setattr__("dim_param", "T"),
-     "the sequence length T must be static"),
+    (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("activations", ["Gelu", "Tanh", "Tanh"])),
+     "unknown activation 'gelu'"),
+    (lambda m: m.graph.node[0].attribute.append(helper.make_attribute("activations", ["Relu", "Tanh"])),
+     "2 activations given, LSTM needs 3"),
 ])
 def test_rnn_refusals_are_one_line_errors(change, message, tmp_path):
     model = _rnn_model("LSTM", "forward", bias=True, initial=False)

@@ -1472,9 +1472,9 @@ def _rotary(g: Gen) -> None:
            {"rotary_embedding_dim": 4})
 
 
-@spec("LSTM", "GRU")
+@spec("LSTM", "GRU", "RNN")
 def _recurrent(g: Gen) -> None:
-    gates = 4 if g.op == "LSTM" else 3
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[g.op]
     s, b, i, h = 3, 2, 4, 3
     for dirs, direction in ((1, "forward"), (1, "reverse"), (2, "bidirectional")):
         w = g.data((dirs, gates * h, i), F32, -0.5, 0.5)
@@ -1483,12 +1483,24 @@ def _recurrent(g: Gen) -> None:
         outs = 3 if g.op == "LSTM" else 2
         g.case(f"{direction}", [X(g.data((s, b, i), F32)), C(w), C(r), C(bias)], {"hidden_size": h, "direction": direction},
                outputs=outs)
+        lens = np.array([s, 0], np.int32) if direction != "forward" else np.array([1, s], np.int32)
+        g.case(f"{direction}-run-time-lens", [X(g.data((s, b, i), F32)), C(w), C(r), C(bias), X(lens)],
+               {"hidden_size": h, "direction": direction}, outputs=outs)
     w = g.data((1, gates * h, i), F32, -0.5, 0.5)
     r = g.data((1, gates * h, h), F32, -0.5, 0.5)
     extra = {"linear_before_reset": 1} if g.op == "GRU" else {}
     g.case("initial-state", [X(g.data((s, b, i), F32)), C(w), C(r), None, None, X(g.data((1, b, h), F32))],
            {"hidden_size": h, **extra}, outputs=2)
     g.case("layout=1", [X(g.data((b, s, i), F32)), C(w), C(r)], {"hidden_size": h, "layout": 1}, outputs=2)
+    g.case("clip", [X(g.data((s, b, i), F32)), C(w), C(r)], {"hidden_size": h, "clip": 0.3}, outputs=2)
+    acts = {"LSTM": ["HardSigmoid", "Elu", "Softsign"], "GRU": ["LeakyRelu", "ScaledTanh"], "RNN": ["Affine"]}[g.op]
+    g.case("activations", [X(g.data((s, b, i), F32)), C(w), C(r)],
+           {"hidden_size": h, "activations": acts, "activation_alpha": [0.3, 0.6], "activation_beta": [0.2]}, outputs=2)
+    if g.op == "LSTM":
+        g.case("peepholes", [X(g.data((s, b, i), F32)), C(w), C(r), None, None, None, None,
+                             C(g.data((1, 3 * h), F32, -0.5, 0.5))], {"hidden_size": h}, outputs=3)
+        g.case("input_forget", [X(g.data((s, b, i), F32)), C(w), C(r)], {"hidden_size": h, "input_forget": 1},
+               outputs=2)
 
 
 @spec("If")

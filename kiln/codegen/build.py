@@ -113,7 +113,7 @@ def build(
 
     t = time.perf_counter()
     say("lowering")
-    lowered = lower(graph)
+    lowered = lower(graph, target.layout_block or 16)
     report.seconds["lower"] = time.perf_counter() - t
     report.num_kernels = sum(1 for gv in lowered.module.get_global_vars() if gv.name_hint != "main")
 

@@ -18,11 +18,11 @@ from kiln.codegen.lowering import (  # noqa: F401 - each family registers its lo
 )
 from kiln.codegen.lowering.lowerer import Lowered, Lowerer, lower
 from kiln.codegen.lowering.registry import (
-    DATA_INPUTS, LOWERINGS, RUN_TIME_FAILURES, CodegenError, branch_failure, compiled_graphs, lowers, needed_nodes,
-    run_time_failure, uncompilable,
+    DATA_INPUTS, LOWERINGS, PREPACKS, RUN_TIME_FAILURES, CodegenError, branch_failure, compiled_graphs, lowers,
+    needed_nodes, prepacks, run_time_failure, uncompilable,
 )
 
 __all__ = [
-    "DATA_INPUTS", "LOWERINGS", "RUN_TIME_FAILURES", "CodegenError", "Lowered", "Lowerer", "branch_failure",
-    "compiled_graphs", "lower", "lowers", "needed_nodes", "run_time_failure", "uncompilable",
+    "DATA_INPUTS", "LOWERINGS", "PREPACKS", "RUN_TIME_FAILURES", "CodegenError", "Lowered", "Lowerer", "branch_failure",
+    "compiled_graphs", "lower", "lowers", "needed_nodes", "prepacks", "run_time_failure", "uncompilable",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import full, static_shape
+from kiln.codegen.lowering.te import full, static_shape, statements
 from kiln.ir import Node
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def _greedy(bx: Any, sc: Any, order: Any, limit: Any, iou: Any, floor: Any, cent
             limit_v = tirx.Cast("int64", vals.pop(0)[0]) if limit is not None else tirx.const(0, "int64")
             iou_v = tirx.Cast(f, vals.pop(0)[0]) if iou is not None else tirx.const(0.0, f)
             floor_v = tirx.Cast(f, vals.pop(0)[0]) if floor is not None else None
-            with T.seq_scope(), T.serial(0, batches * classes) as bc:
+            with statements(), T.serial(0, batches * classes) as bc:
                 b, c = bc // classes, bc % classes
                 cnt = T.buffer_proxy(T.alloc_buffer((1,), "int64", scope="local"))
                 keep = T.buffer_proxy(T.alloc_buffer((1,), "int32", scope="local"))

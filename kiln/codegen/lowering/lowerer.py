@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kiln.codegen.lowering.registry import (
-    LOWERINGS, CodegenError, compiled_graphs, needed_nodes, outer_reads, read_values, uncompilable,
+    LOWERINGS, CodegenError, compiled_graphs, needed_nodes, outer_reads, packed_inputs, read_values, uncompilable,
 )
-from kiln.ir import Graph, Node, Shape, Value
+from kiln.ir import Graph, Node, Shape, Tensor, Value
 
 BAKE_LIMIT = 64  # constants with at most this many elements are compiled in
 OPAQUE = 8  # TVM's kOpaque op pattern
@@ -38,10 +38,11 @@ class Lowered:
 class Lowerer:
     """Builds the Relax module for one graph."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, lanes: int = 16) -> None:
         from tvm import relax
 
         self.graph = graph
+        self.lanes = lanes  # float32 lanes of the target's vectors (16 with AVX-512, 8 with AVX2)
         self.bb = relax.BlockBuilder()
         self.env: dict[int, Any] = {}
         self.syms: dict[str, Any] = {}  # named input dims: TIR variables
@@ -49,6 +50,8 @@ class Lowerer:
         self.fresh_dims = False  # runtime_dims made dims that the next emitted kernel is the first to use
         self.kernels: dict[str, list[str]] = {}  # prim func name -> the nodes it was emitted for (one func may serve several)
         self._node: Node | None = None  # the node being lowered
+        # (node id, input index) -> the prepacked constant its lowering reads (see registry.PREPACKS)
+        self._packed: dict[tuple[int, int], Value] = {}
 
     def bind_dims(self, v: Value, r: Any) -> None:
         """Learn the TIR expression of each of ``v``'s symbolic dims from its lowered value ``r``.
@@ -99,6 +102,31 @@ class Lowerer:
         if id(v) not in self.env:
             raise CodegenError(f"value '{v.name}' is read before it is computed")
         return self.env[id(v)]
+
+    def packed(self, node: Node, index: int) -> Any:
+        """The lowered prepacked form of ``node``'s constant input ``index``; None if it is not prepacked."""
+        v = self._packed.get((id(node), index))
+        return None if v is None else self.get(v)
+
+    def _prepack(self, graphs: list[Graph]) -> list[Value]:
+        """Apply each needed node's weight transforms once; the packed constants, one per (weight, transform)."""
+        made: dict[tuple[int, Any], Value] = {}
+        for g in graphs:
+            for n in needed_nodes(g):
+                for i, transform in packed_inputs(n).items():
+                    src = n.input(i)
+                    key = (id(src), transform)
+                    if key not in made:
+                        arr = np.ascontiguousarray(transform(src.numpy()))
+                        made[key] = Value(f"{src.name}.packed{len(made)}", const=Tensor(arr))
+                    self._packed[(id(n), i)] = made[key]
+        return list(made.values())
+
+    def _packed_in(self, graphs: list[Graph]) -> list[Value]:
+        """The prepacked constants that the needed nodes of ``graphs`` read."""
+        found = {id(v): v for g in graphs for n in needed_nodes(g) for i in packed_inputs(n)
+                 for v in [self._packed[(id(n), i)]]}
+        return list(found.values())
 
     def present_inputs(self, node: Node, names: Sequence[str]) -> tuple[list[str], list[Any]]:
         """The names (from ``names``, one per input slot) and lowered values of ``node``'s present inputs."""
@@ -180,9 +208,10 @@ class Lowerer:
             params.append(var)
         weights: dict[str, np.ndarray] = {}
         graphs = compiled_graphs(self.graph)
+        packed = self._prepack(graphs)
         read = {id(v) for g in graphs for n in needed_nodes(g) for v in read_values(n)}
-        read |= {id(v) for g in graphs for v in g.outputs}
-        for v in (c for g in graphs for c in g.constants.values()):
+        read |= {id(v) for g in graphs for v in g.outputs} | {id(v) for v in packed}
+        for v in [c for g in graphs for c in g.constants.values()] + packed:
             if id(v) not in read:
                 continue
             arr = v.numpy()
@@ -232,19 +261,37 @@ class Lowerer:
         """
         from tvm import relax
 
-        weights = [c for g in compiled_graphs(graph) for c in g.constants.values()]  # main's parameters
+        gv, args = self.subgraph_function(graph, name, [], lambda: self.pack(graph.outputs))
+        return relax.SeqExpr([], relax.Call(gv, args))
+
+    def subgraph_function(self, graph: Graph, name: str, params: list[Any], finish: Callable[[], Any],
+                          start: Callable[[], None] | None = None) -> tuple[Any, list[Any]]:
+        """A Relax function of ``graph``'s needed nodes: its global and the outer values to call it with.
+
+        The function takes ``params`` (the caller binds ``graph``'s own inputs to them, or to constants,
+        in ``env`` first, or in ``start``, which emits at the top of the function), then one parameter
+        per value of the enclosing graphs that ``graph`` reads; ``finish`` gives its result once the
+        nodes are lowered (``pack`` of the outputs, or more).
+        """
+        from tvm import relax
+
+        subs = compiled_graphs(graph)
+        weights = [c for g in subs for c in g.constants.values()] + self._packed_in(subs)  # main's parameters
+        own = {id(v) for v in graph.inputs}
         reads = list({id(v): v for v in outer_reads(graph) + weights
-                      if isinstance(self.env.get(id(v)), relax.Var)}.values())
+                      if id(v) not in own and isinstance(self.env.get(id(v)), relax.Var)}.values())
         outer = {id(v): self.env[id(v)] for v in reads}
-        params = [relax.Var(_ident(v.name), outer[id(v)].ty) for v in reads]
-        self.env.update({id(v): p for v, p in zip(reads, params)})
+        extra = [relax.Var(_ident(v.name), outer[id(v)].ty) for v in reads]
+        self.env.update({id(v): p for v, p in zip(reads, extra)})
 
         def body() -> Any:
+            if start is not None:
+                start()
             self.lower_nodes(needed_nodes(graph))
-            return self.pack(graph.outputs)
+            return finish()
 
         try:
-            return self.call_function(name, params, [outer[id(v)] for v in reads], body)
+            return self.add_function(name, params + extra, body), [outer[id(v)] for v in reads]
         finally:
             self.env.update(outer)
 
@@ -252,17 +299,25 @@ class Lowerer:
         """Build a Relax function from what ``body`` emits (returning its result); an expression calling it."""
         from tvm import relax
 
+        return relax.SeqExpr([], relax.Call(self.add_function(name, params, body), args))
+
+    def add_function(self, name: str, params: list[Any], body: Callable[[], Any]) -> Any:
+        """A Relax function of ``params`` whose bindings are what ``body`` emits, returning its result; its global."""
+        from tvm import relax
+
         self.bb._begin_binding_block()
         result = body()
         fn = relax.Function(params, self.bb.normalize(relax.SeqExpr([self.bb._end_block()], result)))
-        gv = self.bb.add_func(fn, _ident(name))
-        return relax.SeqExpr([], relax.Call(gv, args))
+        return self.bb.add_func(fn, _ident(name))
 
 
 def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name) or "v"
 
 
-def lower(graph: Graph) -> Lowered:
-    """Lower ``graph`` to a Relax module (raises ``CodegenError`` listing what it cannot lower)."""
-    return Lowerer(graph).lower()
+def lower(graph: Graph, lanes: int = 16) -> Lowered:
+    """Lower ``graph`` to a Relax module (raises ``CodegenError`` listing what it cannot lower).
+
+    ``lanes`` is the float32 width of the target's vectors, for kernels that size register tiles.
+    """
+    return Lowerer(graph, lanes).lower()

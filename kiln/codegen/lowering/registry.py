@@ -64,13 +64,39 @@ def run_time_failure(*ops: str, domain: str = "") -> Callable[[FailureCheck], Fa
     return register
 
 
+#: A weight transform: a constant input as its kernel wants it laid out (a numpy function, run once at compile time).
+Prepack = Callable[[Any], Any]
+#: For ops whose kernels want constant inputs in another layout: input index -> its transform. The lowerer
+#: applies it at compile time and the artifact keeps the weight in that layout, so no kernel redoes it per run.
+PREPACKS: dict[tuple[str, str], dict[int, Prepack]] = {}
+
+
+def prepacks(*ops: str, domain: str = "", **transforms: Prepack) -> Callable[[Lowering], Lowering]:
+    """Register, for the decorated lowering of ``ops``, transforms of constant inputs (``input_2=fn``)."""
+
+    def register(fn: Lowering) -> Lowering:
+        table = {int(k.removeprefix("input_")): t for k, t in transforms.items()}
+        PREPACKS.update({(domain, op): table for op in ops})
+        return fn
+
+    return register
+
+
+def packed_inputs(node: Node) -> dict[int, Prepack]:
+    """``node``'s constant inputs that its lowering reads prepacked: input index -> transform."""
+    table = PREPACKS.get((node.domain, node.op_type), {})
+    return {i: t for i, t in table.items() if node.input(i) is not None and node.input(i).is_constant}
+
+
 def read_values(node: Node) -> Iterator[Value]:
-    """The values lowering ``node`` reads: the inputs its lowering uses, and what its subgraphs read from outside."""
+    """The values lowering ``node`` reads: the inputs its lowering uses (a prepacked constant is read in its packed
+    form instead, see :meth:`Lowerer.packed`), and what its subgraphs read from outside."""
     reads = DATA_INPUTS.get((node.domain, node.op_type))
     if callable(reads):
         reads = reads(node)
+    packed = packed_inputs(node)
     for i, inp in enumerate(node.inputs):
-        if inp is not None and (reads is None or i in reads):
+        if inp is not None and (reads is None or i in reads) and i not in packed:
             yield inp
     for sub in node.subgraphs():
         yield from outer_reads(sub)

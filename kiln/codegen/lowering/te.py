@@ -14,7 +14,8 @@ TVM is imported inside each function: ``import tvm`` takes seconds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -65,6 +66,19 @@ def exp_expr(v: Any) -> Any:
     half = tirx.shift_right(ni, tirx.const(1, "int32"))  # 2^n as two factors: each stays a normal float
     big = tirx.Select(v > c(88.72283), c(float("inf")), y * pow2(half) * pow2(ni - half))
     return tirx.Select(v < c(-87.33654), c(0), big)
+
+
+@contextmanager
+def statements() -> Iterator[None]:
+    """A TIR IRBuilder frame for several statements in a row that leaves nothing in the code.
+
+    ``T.seq_scope()`` does the same with a dummy ``pragma_scope`` attribute, which LLVM's codegen
+    then warns about to the user ("Unknown pragma"); a loop of one iteration simplifies away.
+    """
+    from tvm.script.ir_builder import tirx as T
+
+    with T.serial(0, 1):
+        yield
 
 
 def _sigmoid_expr(v: Any) -> Any:
