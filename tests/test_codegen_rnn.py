@@ -220,17 +220,6 @@ def test_if_on_a_run_time_condition_compiles_to_relax_if(tmp_path):
     _compile_and_compare(model, tmp_path, feeds)
 
 
-def test_loop_is_refused_by_name(tmp_path):
-    body = helper.make_graph([helper.make_node("Identity", ["c"], ["c2"]), helper.make_node("Neg", ["v"], ["v2"])],
-                             "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                                      helper.make_tensor_value_info("c", TensorProto.BOOL, []), f32("v", [2])],
-                             [helper.make_tensor_value_info("c2", TensorProto.BOOL, []), f32("v2", [2])])
-    model = make_model([helper.make_node("Loop", ["n", "", "x"], ["y"], body=body, name="loop")],
-                       [f32("x", [2])], [f32("y", [2])], [numpy_helper.from_array(np.array(3, np.int64), "n")])
-    with pytest.raises(CodegenError, match=r"kiln cannot compile these ops yet: Loop \(nodes: loop\)"):
-        build(kiln.load(model), tmp_path / "m.kiln")
-
-
 def test_silero_helper_ops_compile_and_match(tmp_path):
     """1-D Conv (groups, strides, asymmetric pads), Pad (reflect, edge, constant), Gather, ReduceMean and Not."""
     rng = np.random.default_rng(5)

@@ -1515,6 +1515,43 @@ def _if(g: Gen) -> None:
         g.graph(f"cond={cond}", [node], {"c": X(np.array(cond)), "x": X(x)}, ["y"])
 
 
+@spec("Loop")
+def _loop(g: Gen) -> None:
+    """A run-time trip count and condition, a carried value, scan outputs and an outer read."""
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.FLOAT), helper.make_node("Mul", ["h", "x"], ["hx"]),
+         helper.make_node("Add", ["hx", "fi"], ["h2"]), helper.make_node("ReduceSum", ["h2"], ["s"], keepdims=0),
+         helper.make_node("Less", ["s", "limit"], ["c2"])],
+        "body", [vi("i", TensorProto.INT64, []), vi("c", TensorProto.BOOL, []), vi("h", TensorProto.FLOAT, [2, 3])],
+        [vi("c2", TensorProto.BOOL, []), vi("h2", TensorProto.FLOAT, [2, 3]), vi("s", TensorProto.FLOAT, [])])
+    h, x = g.data((2, 3), F32), g.data((2, 3), F32, 0.5, 1.0)
+    for m, limit in ((0, 1e9), (4, 1e9), (9, 3.0)):
+        node = helper.make_node("Loop", ["m", "", "h0"], ["h_end", "sums"], body=body)
+        g.graph(f"trip={m}/limit={limit:g}", [node], {"m": X(np.array(m, np.int64)), "h0": X(h), "x": X(x),
+                                                        "limit": X(np.array(limit, np.float32))}, ["h_end", "sums"])
+    node = helper.make_node("Loop", ["", "go", "h0"], ["h_end", "sums_unread"], body=body)
+    g.graph("while", [node], {"go": X(np.array(True)), "h0": X(h), "x": X(x), "limit": X(np.array(3.0, np.float32))},
+            ["h_end"])
+
+
+@spec("Scan")
+def _scan(g: Gen) -> None:
+    """A running sum over the sequence, with scan axes and directions."""
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc", "xt"], ["acc2"]), helper.make_node("Mul", ["acc2", "xt"], ["y"])],
+        "body", [vi("acc", TensorProto.FLOAT, [3]), vi("xt", TensorProto.FLOAT, [3])],
+        [vi("acc2", TensorProto.FLOAT, [3]), vi("y", TensorProto.FLOAT, [3])])
+    for axis, rev, out_axis, out_rev in ((0, 0, 0, 0), (1, 1, 0, 0), (0, 0, 1, 1)):
+        x = g.data((4, 3) if axis == 0 else (3, 4), F32)
+        node = helper.make_node("Scan", ["acc0", "x"], ["acc_end", "ys"], body=body, num_scan_inputs=1,
+                                scan_input_axes=[axis], scan_input_directions=[rev], scan_output_axes=[out_axis],
+                                scan_output_directions=[out_rev])
+        g.graph(f"axis={axis}/reverse={rev}/out_axis={out_axis}/out_reverse={out_rev}", [node],
+                {"acc0": X(g.data((3,), F32)), "x": X(x)}, ["acc_end", "ys"])
+
+
 @spec("optional")
 def _optional(g: Gen) -> None:
     """Optional, OptionalHasElement and OptionalGetElement, on optionals made in the graph and on plain tensors."""

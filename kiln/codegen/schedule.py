@@ -305,6 +305,33 @@ def schedule_module(mod: Any, tuned: Callable[[str, Any], Any | None] | None = N
     return mod
 
 
+def _subfunctions_to_dataflow() -> Any:
+    """A pass putting the pure bindings of every Relax function but ``main`` into dataflow blocks.
+
+    The functions kiln builds for control flow (If branches, a Loop's step and call tree) are plain
+    binding blocks, and FuseOps fuses only inside dataflow blocks. ``main`` keeps its blocks as the
+    lowerer built them: with control flow it is one plain block, in which the kernels sized by dims
+    read at run time stay after the ``match_cast`` that defines those dims.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax import transform
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnSubfunctionsToDataflow")
+    def convert(mod: Any, _ctx: Any) -> Any:
+        others = [gv for gv, f in mod.functions.items() if isinstance(f, relax.Function) and gv.name_hint != "main"]
+        if not others:
+            return mod
+        copy = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
+        copy = transform.ConvertToDataflow()(copy)
+        out = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+        for gv in others:
+            out[gv] = copy[gv]
+        return out
+
+    return convert
+
+
 def fusion_passes() -> list[Any]:
     """Legalisation and TVM's fusion of injective kernels: what runs before scheduling.
 
@@ -313,7 +340,7 @@ def fusion_passes() -> list[Any]:
     """
     from tvm.relax import backend, transform
 
-    return [backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
+    return [_subfunctions_to_dataflow(), backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
             transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR()]
 
 

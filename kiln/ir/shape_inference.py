@@ -331,12 +331,12 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             if op is not None and op.infer is not None:
                 for o, (dt, sh) in zip(node.outputs, op.infer(node)):
                     _merge(o, dt, sh, unknowns)
+        if node.op_type == "Loop" and node.domain == "":
+            _type_loop_body(node, unknowns)
+        if node.op_type == "Scan" and node.domain == "":
+            _type_scan_body(node, unknowns)
         if all(_known(o) for o in outs):
             continue
-        if node.op_type == "Loop" and node.domain == "":
-            _type_loop_body(node)
-        if node.op_type == "Scan" and node.domain == "":
-            _type_scan_body(node)
         if node.op_type == "If" and node.domain == "":
             _infer_if(node, unknowns)
         if all(_known(o) for o in outs):
@@ -416,10 +416,9 @@ def _infer_dtype_from_schema(node: Node) -> None:
             out.dtype = by_param[formal.type_str]
 
 
-def _type_loop_body(node: Node) -> None:
+def _type_loop_body(node: Node, unknowns: _Unknowns) -> None:
     """A Loop body's inputs: the iteration number (i64 scalar), the condition (bool scalar), then
-    the loop-carried values, typed like the Loop's own inputs 2.. (their shapes may change per
-    iteration, so only the rank is kept)."""
+    the loop-carried values, typed like the Loop's own inputs 2.. (see :func:`_carry_shapes`)."""
     body = node.attr("body")
     if body is None or len(body.inputs) < 2:
         return
@@ -427,14 +426,58 @@ def _type_loop_body(node: Node) -> None:
     for v, (dt, shape) in zip(body.inputs, fixed):
         v.dtype = v.dtype or dt
         v.shape = v.shape if v.shape is not None else shape
-    for v, outer in zip(body.inputs[2:], node.inputs[2:]):
-        if outer is not None and v.dtype is None:
-            v.dtype = outer.dtype
+    nc = len(node.inputs) - 2
+    _carry_shapes(body, body.inputs[2:2 + nc], node.inputs[2:], body.outputs[1:1 + nc], unknowns)
+    for o, v, out in zip(node.outputs, body.inputs[2:2 + nc], body.outputs[1:1 + nc]):
+        if o.name and v.shape is not None and v.shape == out.shape:
+            _merge(o, v.dtype, v.shape, unknowns)
+    m, cond_out = node.input(0), body.outputs[0] if body.outputs else None
+    runs_m = (m is not None and m.is_constant and m.numpy().size == 1 and cond_out is not None
+              and (cond_out is body.inputs[1] or (cond_out.producer is not None and cond_out.producer.op_type == "Identity"
+                                                  and cond_out.producer.input(0) is body.inputs[1])))
+    if runs_m and node.input(1) is not None and not (node.input(1).is_constant and bool(node.input(1).numpy().all())):
+        runs_m = False  # a run-time first condition may skip the loop
+    trips = max(int(m.numpy().reshape(())), 0) if runs_m else None
+    for o, s in zip(node.outputs[nc:], body.outputs[1 + nc:]):
+        if o.name and s.shape is not None and s.dtype is not None:
+            rows = trips if trips is not None and trips < 1 << 31 else (o.shape[0] if o.shape else None)
+            _merge(o, s.dtype, (rows if rows is not None else unknowns.fresh(), *s.shape), unknowns)
 
 
-def _type_scan_body(node: Node) -> None:
-    """A Scan body's inputs (opset 9+): the N state values, typed like the Scan's first N inputs,
-    then one slice of each scan input (its dtype; its shape without the scan axis)."""
+def _carry_shapes(body: Graph, inputs: list[Value], outer: list[Value | None], outputs: list[Value],
+                  unknowns: _Unknowns) -> None:
+    """Type the body inputs of loop-carried values from the node's inputs.
+
+    A body input whose shape is not declared takes the outer value's shape on trial: kiln's rules
+    then run over the body, and the trial stands only if every carried value comes out of the body
+    with the shape it went in with (so, by induction, it keeps it in every iteration); otherwise the
+    body's shapes are restored and the carried shapes stay unknown.
+    """
+    tried = False
+    saved = {id(v): v.shape for g in body.walk_graphs() for v in g.values()}
+    for v, o in zip(inputs, outer):
+        if o is None:
+            continue
+        v.dtype = v.dtype or o.dtype
+        if o.shape is not None and (v.shape is None or (len(v.shape) == len(o.shape) and any(
+                is_unknown_dim(d) for d in v.shape if isinstance(d, str)))):
+            if v.shape != o.shape:
+                v.shape, tried = o.shape, True
+    if not tried:
+        return
+    for g in body.walk_graphs():
+        _kiln_rules(g, unknowns)
+        refine(g, unknowns)
+    if any(v.shape != out.shape for v, out in zip(inputs, outputs)):
+        for g in body.walk_graphs():
+            for v in g.values():
+                if id(v) in saved:
+                    v.shape = saved[id(v)]
+
+
+def _type_scan_body(node: Node, unknowns: _Unknowns) -> None:
+    """A Scan body's inputs (opset 9+): the N state values, typed like the Scan's first N inputs
+    (see :func:`_carry_shapes`), then one slice of each scan input (its dtype; its shape without the scan axis)."""
     body = node.attr("body")
     m = node.attr("num_scan_inputs")
     opset = node.graph.model_opset.get("", 0) if node.graph else 0
@@ -442,16 +485,14 @@ def _type_scan_body(node: Node) -> None:
         return
     n = len(node.inputs) - m
     axes = list(node.attr("scan_input_axes", ()) or [0] * m)
-    for i, (v, outer) in enumerate(zip(body.inputs, node.inputs)):
-        if outer is None or v.dtype is not None:
+    for i, (v, outer) in enumerate(zip(body.inputs[n:], node.inputs[n:])):
+        if outer is None or v.dtype is not None and v.shape is not None:
             continue
-        v.dtype = outer.dtype
+        v.dtype = v.dtype or outer.dtype
         if v.shape is None and outer.shape is not None:
-            if i < n:
-                v.shape = outer.shape
-            else:
-                axis = normalize_axis(axes[i - n], len(outer.shape))
-                v.shape = tuple(d for k, d in enumerate(outer.shape) if k != axis)
+            axis = normalize_axis(axes[i], len(outer.shape))
+            v.shape = tuple(d for k, d in enumerate(outer.shape) if k != axis)
+    _carry_shapes(body, body.inputs[:n], node.inputs[:n], body.outputs[:n], unknowns)
 
 
 def _infer_if(node: Node, unknowns: _Unknowns) -> None:

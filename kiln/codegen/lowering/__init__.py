@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 from kiln.codegen.lowering import (  # noqa: F401 - each family registers its lowerings on import
-    attention, blocked, control, conv, detection, elementwise, generate, image, indexing, matmul, normalization,
-    pool, quantize, reduce, rnn, sequence, shape, softmax,
+    attention, blocked, control, conv, detection, elementwise, generate, image, indexing, loop, matmul,
+    normalization, pool, quantize, reduce, rnn, sequence, shape, softmax,
 )
 from kiln.codegen.lowering.lowerer import Lowered, Lowerer, lower
 from kiln.codegen.lowering.registry import (

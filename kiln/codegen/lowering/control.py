@@ -4,8 +4,8 @@
 its taken branch.) Each branch becomes a ``SeqExpr`` with its own binding block,
 and may read any value of the enclosing graphs. A branch that would fail at run
 time at the pinned shapes (see ``RUN_TIME_FAILURES``) compiles to an assertion
-with the reason, so taking it fails as it does in onnxruntime. Loop and Scan have
-no lowering, so ``kiln compile`` refuses them by name.
+with the reason, so taking it fails as it does in onnxruntime. (Loop and Scan are
+in ``loop.py``.)
 
 An optional holding a plain tensor is present or absent when compiling, so
 Optional is its tensor (or nothing), OptionalHasElement a constant and

@@ -222,6 +222,22 @@ class Lowerer:
                 self.env[id(v)] = var
                 params.append(var)
                 weights[v.name] = arr
+        try:
+            self._lower_main(nodes, params)
+        except BaseException:
+            self._drain_blocks()
+            raise
+        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights, self.kernels)
+
+    def _drain_blocks(self) -> None:
+        """End the binding blocks a failed lowering left open (TVM warns on stderr about a builder dropped with them)."""
+        for _ in range(1 << 10):
+            try:
+                self.bb._end_block()
+            except Exception:  # noqa: BLE001 - TVM raises once no block is open
+                return
+
+    def _lower_main(self, nodes: list[Node], params: list[Any]) -> None:
         with self.bb.function("main", params):
             if any(True for n in nodes for _ in n.subgraphs()):
                 # relax.If stands outside dataflow blocks: with control flow, main is one plain binding block
@@ -232,7 +248,6 @@ class Lowerer:
                     self.lower_nodes(nodes)
                     out = self.bb.emit_output(self.pack(self.graph.outputs))
             self.bb.emit_func_output(out)
-        return Lowered(self.bb.finalize(), [v.name for v in self.graph.inputs], weights, self.kernels)
 
     def lower_nodes(self, nodes: list[Node]) -> None:
         """Emit each node's lowering in the current block and record its outputs."""
