@@ -429,6 +429,40 @@ def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
         assert cmp.passed, cmp.max_abs
 
 
+@pytest.mark.parametrize("dilation,stride", [(2, 1), (4, 2), (3, 1)])
+def test_o3_dilated_depthwise_runs_blocked_and_matches_onnxruntime(dilation, stride, tmp_path):
+    """Atrous depthwise convs (DeepLab and LRASPP heads) stay in the blocked layout, with their schedule."""
+    from onnx import numpy_helper
+
+    from kiln.codegen.lowering import lower
+    from kiln.codegen.schedule import schedule_func
+
+    rng = np.random.default_rng(dilation)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+             for n, s in (("w0", (32, 3, 3, 3)), ("wd", (32, 1, 3, 3)), ("bd", (32,)), ("w1", (16, 32, 3, 3)))]
+    pad = dilation
+    model = make_model([
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "wd", "bd"], ["d"], pads=[pad] * 4, dilations=[dilation, dilation],
+                         strides=[stride, stride], group=32),
+        helper.make_node("Relu", ["d"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w1"], ["y"], pads=[2, 2, 2, 2], dilations=[2, 2]),
+    ], [f32("x", ["N", 3, 29, 29])], [f32("y", None)], inits)
+    g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
+    assert [n.op_type for n in g.nodes].count("BlockedConv") == 3
+    module = lower(g).module
+    scheduled = [f for f in module.functions.values() if f.attrs and "kiln.schedule" in f.attrs]
+    assert {str(f.attrs["kiln.schedule"]) for f in scheduled} == {"conv_nchwc", "depthwise_nchwc"}
+    assert all(schedule_func(f) is not f for f in scheduled)
+    build(g, tmp_path / "dil.kiln")
+    compiled = kiln.runtime.load(tmp_path / "dil.kiln")
+    for batch in (1, 2):
+        x = rng.standard_normal((batch, 3, 29, 29)).astype(np.float32)
+        cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
+        assert cmp.passed, cmp.max_abs
+
+
 def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):
     """MaxPool, AveragePool (ceil mode) and GlobalAveragePool on a 24-channel conv output (padded to
     two blocks) stay in the blocked layout: 3-D pools with a lane window of 1, and a ReduceMean."""

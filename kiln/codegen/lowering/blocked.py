@@ -65,8 +65,6 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te, tirx
 
     x, w, b, z = (node.input(i) for i in range(4))
-    if any(d != 1 for d in node.attr("dilations", ()) or ()) and node.attr("group", 1) != 1:
-        raise CodegenError(f"node {node.label()}: dilated depthwise BlockedConv does not compile yet")
     strides = list(node.attr("strides", ()) or [1, 1])
     dil = list(node.attr("dilations", ()) or [1, 1])
     pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
