@@ -332,6 +332,78 @@ def _subfunctions_to_dataflow() -> Any:
     return convert
 
 
+def _binding_order(bindings: list[Any]) -> list[Any]:
+    """``bindings`` reordered, as little as possible, so each comes after what it reads.
+
+    "What it reads" counts the Relax variables it uses and the TIR dims in its types: a kernel sized
+    by dims that a ``match_cast`` reads at run time must come after that ``match_cast``. FuseOps
+    orders the fused block by data flow alone, and a ``match_cast`` has no data consumers, so it
+    can land after the kernels it sizes; the VM then reads an uncomputed dim.
+    """
+    import heapq
+
+    from tvm import relax
+    from tvm.relax import analysis
+
+    by_var = {b.var: k for k, b in enumerate(bindings)}
+    defines: dict[Any, int] = {}
+    for k, b in enumerate(bindings):
+        if isinstance(b, relax.MatchCast):
+            for v in analysis.definable_tir_vars_in_type(b.ty if hasattr(b, "ty") else b.var.ty):
+                defines.setdefault(v, k)
+    deps: list[set[int]] = []
+    for k, b in enumerate(bindings):
+        need = {by_var[v] for v in analysis.free_vars(b.value) if v in by_var}
+        need |= {defines[v] for v in analysis.tir_vars_in_type(b.var.ty) if v in defines}
+        need |= {defines[v] for v in analysis.free_symbolic_vars(b.value) if v in defines}
+        need.discard(k)
+        deps.append(need)
+    waiting = [len(d) for d in deps]
+    users: list[list[int]] = [[] for _ in bindings]
+    for k, d in enumerate(deps):
+        for j in d:
+            users[j].append(k)
+    ready = [k for k, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(bindings):  # a cycle cannot happen in valid Relax; keep the block as it is
+        return list(bindings)
+    return [bindings[k] for k in order]
+
+
+def _order_dims_before_use() -> Any:
+    """A pass reordering each binding block so dims read at run time are defined before use (:func:`_binding_order`)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnOrderDimsBeforeUse")
+    def reorder(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            blocks, changed = [], False
+            for block in func.body.blocks:
+                bindings = list(block.bindings)
+                order = _binding_order(bindings)
+                if any(not a.same_as(b) for a, b in zip(order, bindings)):
+                    changed = True
+                    block = (relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock)(order)
+                blocks.append(block)
+            if changed:
+                body = relax.SeqExpr(blocks, func.body.body)
+                mod[gv] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+        return mod
+
+    return reorder
+
+
 def fusion_passes() -> list[Any]:
     """Legalisation and TVM's fusion of injective kernels: what runs before scheduling.
 
@@ -341,7 +413,7 @@ def fusion_passes() -> list[Any]:
     from tvm.relax import backend, transform
 
     return [_subfunctions_to_dataflow(), backend.DispatchSampling(), backend.DispatchSortScan(), transform.LegalizeOps(),
-            transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR()]
+            transform.AnnotateTIROpPattern(), transform.FuseOps(), transform.FuseTIR(), _order_dims_before_use()]
 
 
 def cpu_pipeline(target: Any, tuned: Callable[[str, Any], Any | None] | None = None) -> Any:

@@ -80,6 +80,14 @@ def infer_shapes(graph: Graph, *, model: ModelProto | None = None, check_types: 
         refine(g, unknowns)
 
 
+def reinfer_if_untyped(graph: Graph) -> None:
+    """Infer again where some output lacks a dtype or shape, or has a dim inference left unknown
+    (``?N``): after a rewrite (a folded constant, above all), it may be settled now."""
+    if any(o.name and (o.dtype is None or o.shape is None or any(is_unknown_dim(d) for d in o.shape))
+           for n in graph.walk_nodes() for o in n.outputs):
+        infer_shapes(graph)
+
+
 @dataclass(frozen=True)
 class SequenceShape:
     """The pin of a sequence input: each element's dims, so also its length, which kiln fixes when
@@ -331,6 +339,13 @@ def _kiln_rules(g: Graph, unknowns: _Unknowns) -> None:
             if op is not None and op.infer is not None:
                 for o, (dt, sh) in zip(node.outputs, op.infer(node)):
                     _merge(o, dt, sh, unknowns)
+        if node.op_type == "STFT" and node.domain == "" and node.attr("onesided") is None:
+            # onnx's inference (1.23) takes onesided's default as 0 where the spec, its reference and
+            # onnxruntime take 1: kiln's rule replaces its bin count
+            shape = shape_rules.RULES[("", "STFT")](node)[0]
+            if shape is not None and node.outputs[0].shape is not None and len(node.outputs[0].shape) == 4:
+                node.outputs[0].shape = tuple(d if d is not None else old
+                                              for d, old in zip(shape, node.outputs[0].shape))
         if node.op_type == "Loop" and node.domain == "":
             _type_loop_body(node, unknowns)
         if node.op_type == "Scan" and node.domain == "":

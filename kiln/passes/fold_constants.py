@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.errors import EvaluationError
-from kiln.ir import DType, Graph, Node, evaluate_node, is_static
+from kiln.ir import DType, Graph, Node, evaluate_node, is_static, reinfer_if_untyped
 from kiln.passes.cleanup import IMPURE_OPS
 from kiln.passes.manager import Pass, PassResult, register_pass
 
@@ -60,6 +60,8 @@ class FoldConstants(Pass):
                     o.name = g.fresh_name(f"{name}_unfolded")
                     g.rename_value(c, name)
                 folded += 1
+        if folded:  # a folded shape or size may settle the shapes after it
+            reinfer_if_untyped(graph)
         return PassResult.of(graph, folded)
 
     def _fold(self, node: Node) -> list[np.ndarray] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from kiln.ir import DType, Graph, Node, Value, infer_shapes, is_unknown_dim
+from kiln.ir import DType, Graph, Node, Value, infer_shapes, is_unknown_dim, reinfer_if_untyped
 from kiln.passes.manager import NearMiss, Pass, PassResult, RuleRun, register_pass_factory
 from kiln.passes.pattern import (
     Attempt, Match, MatchContext, MatchFailure, Out, RewriteBuilder, build_pattern, call_with_bindings,
@@ -209,16 +209,9 @@ def apply_rules(graph: Graph, rules: list[RewriteRule], *, max_rounds: int = 20,
                     break
         if not changed:
             break
-    if fired and _has_untyped(graph):
-        infer_shapes(graph)
+    if fired:
+        reinfer_if_untyped(graph)
     return stats
-
-
-def _has_untyped(graph: Graph) -> bool:
-    """Some output lacks a dtype or shape, or has a dim inference left unknown (``?N``): a rewrite
-    (a folded constant, above all) may settle it now."""
-    return any(o.name and (o.dtype is None or o.shape is None or any(is_unknown_dim(d) for d in o.shape))
-               for n in graph.walk_nodes() for o in n.outputs)
 
 
 @dataclass(repr=False)

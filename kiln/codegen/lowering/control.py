@@ -77,9 +77,27 @@ def _if(lw: Lowerer, node: Node) -> list[Any]:
               for body, f, n in zip(bodies, failures, names)]
     result = lw.bb.emit(relax.If(cond, bodies[0], bodies[1]))
     n = len([o for o in node.outputs if o.name])
-    if len(good.outputs) == 1:
-        return [result]
-    return [lw.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
+    outs = [result] if len(good.outputs) == 1 else [lw.bb.emit(relax.TupleGetItem(result, i)) for i in range(n)]
+    return [_with_dims(lw, node, r, k, branches) for k, r in enumerate(outs)]
+
+
+def _with_dims(lw: Lowerer, node: Node, r: Any, k: int, branches: list[Graph]) -> Any:
+    """An If result whose branches give different shapes has a rank but no dims: it is matched to
+    fresh dims, read at run time, so the kernels after it can be sized by them. Branches of
+    different ranks are refused: the kernels after the If are compiled for one rank."""
+    from tvm import relax, tirx
+
+    ty = getattr(r, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is not None:
+        return r
+    if ty.ndim < 0:
+        ranks = [len(b.outputs[k].shape) if k < len(b.outputs) and b.outputs[k].shape is not None else "unknown"
+                 for b in branches]
+        raise CodegenError(f"node {node.label()}: the branches give output {k} different ranks (then {ranks[0]}, "
+                           f"else {ranks[1]}); kiln compiles the ops after an If for one rank")
+    dims = [tirx.Var(f"if{k}_d{j}", "int64") for j in range(ty.ndim)]
+    lw.fresh_dims = True
+    return lw.bb.match_cast(r, relax.TensorType(dims, ty.dtype))
 
 
 def _empty_optional(v: Value | None) -> bool:

@@ -215,7 +215,7 @@ class Lowerer:
             if id(v) not in read:
                 continue
             arr = v.numpy()
-            if arr.size <= BAKE_LIMIT:
+            if 0 < arr.size <= BAKE_LIMIT:  # an empty constant goes as a weight: TVM cannot serialize it baked in
                 self.env[id(v)] = relax.const(np.ascontiguousarray(arr) if arr.ndim else arr, arr.dtype.name)
             else:
                 var = relax.Var(_ident(v.name), self.tensor_type(v))

@@ -71,6 +71,41 @@ def _axes(node: Node) -> list[list[int]] | None:
     return [normalize_axes(axes, rank)]
 
 
+def extreme_reducer(kind: str) -> Any:
+    """te's max/min, but starting from -inf/+inf: te.max starts from the type's lowest finite value,
+    so the max of a row of -inf (a fully masked attention row) came out -3.4e38 instead of -inf."""
+    from tvm import te, tirx
+
+    if kind == "max":
+        return te.comm_reducer(lambda a, b: tirx.max(a, b), lambda dt: tirx.const(float("-inf"), dt), name="max_inf")
+    return te.comm_reducer(lambda a, b: tirx.min(a, b), lambda dt: tirx.const(float("inf"), dt), name="min_inf")
+
+
+def _float_extreme(kind: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
+    """The max or min of float ``t`` over ``axes`` (None: all), from an infinite identity."""
+    from tvm import te
+
+    rank = len(t.shape)
+    red = list(range(rank)) if axes is None else sorted(axes)
+    raxes = {k: te.reduce_axis((0, t.shape[k]), f"r{k}") for k in red}
+    shape = [1 if k in raxes else d for k, d in enumerate(t.shape) if keep or k not in raxes]
+    reducer = extreme_reducer(kind)
+
+    def body(*o: Any) -> Any:
+        it = iter(o)
+        idx = []
+        for k in range(rank):
+            if k in raxes:
+                if keep:
+                    next(it)
+                idx.append(raxes[k].var)
+            else:
+                idx.append(next(it))
+        return reducer(t[tuple(idx)], axis=list(raxes.values()))
+
+    return te.compute(shape, body, name=f"reduce_{kind}")
+
+
 def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
     """The reduction ``op`` of ``t`` over ``axes`` (None: all of them; []: none, which with
     ``noop_with_empty_axes`` applies the op to each element alone: x² for ReduceSumSquare, |x| for
@@ -81,7 +116,11 @@ def _reduce(op: str, t: Any, axes: list[int] | None, keep: bool) -> Any:
         return topi.cast(_reduce(op, topi.cast(t, "uint8"), axes, keep), "bool")
 
     def agg(kind: str, v: Any, keepdims: bool = keep) -> Any:
-        return v if axes == [] else getattr(topi, kind)(v, axes, keepdims)
+        if axes == []:
+            return v
+        if kind in ("max", "min") and str(v.dtype).startswith("float"):
+            return _float_extreme(kind, v, axes, keepdims)
+        return getattr(topi, kind)(v, axes, keepdims)
 
     if op in ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"):
         return agg({"ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min", "ReduceProd": "prod"}[op], t)
@@ -122,6 +161,30 @@ _EMPTY = {"ReduceSum": 0.0, "ReduceMean": 0.0, "ReduceMax": float("-inf"), "Redu
           "ReduceLogSumExp": float("-inf"), "ReduceSumSquare": 0.0}
 
 
+def _empty_value(op: str, dt: np.dtype) -> Any:
+    """What ``op`` gives over no elements, in ``dt`` (integer max/min take the type's extremes)."""
+    value = _EMPTY[op]
+    if dt.kind in "iub" and not np.isfinite(value):
+        value = (np.iinfo(dt).min if value < 0 else np.iinfo(dt).max) if dt.kind != "b" else (value > 0)
+    return value
+
+
+def _or_empty(op: str, t: Any, axes: list[int] | None, result: Any) -> Any:
+    """``result``, or ``op``'s value over no elements where a reduced dim may be 0 at run time.
+
+    A reduction loop that runs no times never runs its init either, so over an empty set TVM's
+    kernel leaves its output unwritten; a static 0 is handled before lowering, a symbolic one here.
+    """
+    from tvm import te, tirx
+
+    dims = [t.shape[k] for k in (range(len(t.shape)) if axes is None else axes)]
+    if all(isinstance(d, tirx.IntImm) and int(d) > 0 for d in dims):
+        return result
+    empty = tirx.any(*[d == 0 for d in dims]) if len(dims) > 1 else dims[0] == 0
+    value = tirx.const(_empty_value(op, np.dtype(str(result.dtype))), str(result.dtype))
+    return te.compute(result.shape, lambda *o: tirx.Select(empty, value, result[o]), name="or_empty")
+
+
 @lowers(*_REDUCE)
 def _reduction(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te, tirx
@@ -139,18 +202,16 @@ def _reduction(lw: Lowerer, node: Node) -> list[Any]:
             cands is None and 0 in (x.shape or []):
         out = node.outputs[0]
         dt = out.dtype.numpy
-        value = _EMPTY[op]
-        if dt.kind in "iub" and not np.isfinite(value):  # integer max/min identities
-            value = (np.iinfo(dt).min if value < 0 else np.iinfo(dt).max) if dt.kind != "b" else (value > 0)
+        value = _empty_value(op, dt)
         dims = [lw.dim(d) for d in out.shape]
         return [lw.emit(lambda t: full(dims, value, dt.name, "full"), lw.get(x), name=f"{op.lower()}_empty")]
     if cands is None or len(cands) == 1:
         axes = None if cands is None else cands[0]
-        return [lw.emit(lambda t: _reduce(op, t, axes, keep), lw.get(x), name=op.lower())]
+        return [lw.emit(lambda t: _or_empty(op, t, axes, _reduce(op, t, axes, keep)), lw.get(x), name=op.lower())]
 
     def pick(t: Any, ax: Any) -> Any:
         # the axes are a run-time input that several axis sets fit: reduce over each, keep the asked one
-        outs = [_reduce(op, t, c, keep) for c in cands]
+        outs = [_or_empty(op, t, c, _reduce(op, t, c, keep)) for c in cands]
 
         def chosen(c: list[int]) -> Any:
             norm = [wrap_index(ax[j], rank) for j in range(len(c))]
@@ -206,6 +267,15 @@ def _reduce_at_run_time(lw: Lowerer, node: Node) -> Any:
             from tvm import topi
 
             return topi.cast(compute(topi.cast(t, "uint8"), ax), "bool")
+        # A reduction loop that runs no times never runs its init either, so over an empty set the
+        # kernel leaves its output unwritten: the op's value over no elements is selected instead.
+        red = flags(ax)
+        empty = tirx.any(*[tirx.all(red[k], t.shape[k] == 0) for k in range(rank)])
+        value = tirx.const(_empty_value(op, np.dtype(str(t.dtype))), str(t.dtype))
+        result = reduced(t, ax)
+        return te.compute(out_dims, lambda *o: tirx.Select(empty, value, result[o]), name="reduce")
+
+    def reduced(t: Any, ax: Any) -> Any:
         red = flags(ax)
         dt = str(t.dtype)
         f = dt if dt.startswith("float") else "float64"
@@ -227,10 +297,8 @@ def _reduce_at_run_time(lw: Lowerer, node: Node) -> Any:
                 axis = rs
                 if kind == "sum":
                     return te.sum(v, axis=axis)
-                if kind == "max":
-                    return te.max(v, axis=axis)
-                if kind == "min":
-                    return te.min(v, axis=axis)
+                if kind in ("max", "min"):
+                    return (extreme_reducer(kind) if f == dt else getattr(te, kind))(v, axis=axis)
                 prod = te.comm_reducer(lambda a, b: a * b, lambda d: tirx.const(1, d), name="prod")
                 return prod(v, axis=axis)
 
