@@ -478,3 +478,18 @@ def infer(node: Node) -> list[MaybeShape] | None:
     except (TypeError, ValueError, IndexError):
         return None  # malformed attributes: leave it to verify()
 
+
+
+@rule("STFT")
+def _stft(node: Node) -> list[MaybeShape]:
+    """[batch, frames, bins, 2]; bins is frame_length // 2 + 1 unless ``onesided=0`` (the default is 1)."""
+    x = _shape(node.input(0))
+    step = const_ints(node.input(1)) if node.input(1) is not None else None
+    frame = const_ints(node.input(3)) if node.input(3) is not None else None
+    window = _shape(node.input(2))
+    length = int(frame[0]) if frame else (window[0] if window and isinstance(window[0], int) else None)
+    if x is None or len(x) != 3 or length is None:
+        return [None]
+    frames = (x[1] - length) // int(step[0]) + 1 if step and isinstance(x[1], int) else None
+    bins = length // 2 + 1 if node.attr("onesided", 1) else length
+    return [(x[0], frames, bins, 2)]

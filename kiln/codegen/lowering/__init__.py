@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from kiln.codegen.lowering import (  # noqa: F401 - each family registers its lowerings on import
     attention, blocked, control, conv, detection, elementwise, generate, image, indexing, loop, matmul,
-    normalization, pool, quantize, reduce, rnn, sequence, shape, softmax,
+    normalization, pool, quantize, recurrent_attention, reduce, rnn, sequence, shape, softmax, spectral,
 )
 from kiln.codegen.lowering.lowerer import Lowered, Lowerer, lower
 from kiln.codegen.lowering.registry import (

@@ -253,3 +253,62 @@ def _causal_conv(lw: Lowerer, node: Node) -> list[Any]:
     if n_out == 1:
         return [out]
     return lw.unpack(out, node)
+
+
+@lowers("Col2Im")
+def _col2im(lw: Lowerer, node: Node) -> list[Any]:
+    """Col2Im: sums each column's block back into the image (ConvTranspose's scatter, as a gather).
+
+    ``image_shape`` and ``block_shape`` may be read at run time: the image comes from the declared
+    output shape then, and the block's extents are read in the kernel.
+    """
+    from tvm import te, tirx
+
+    from kiln.ir import const_ints
+
+    x, out = node.input(0), node.outputs[0]
+    image_c, block_c = const_ints(node.input(1)), const_ints(node.input(2))
+    k = node.input(1).shape[0] if node.input(1).shape and isinstance(node.input(1).shape[0], int) else None
+    if k is None:
+        raise CodegenError(f"node {node.label()}: Col2Im needs image_shape of static length to compile")
+    declared = out.shape if out.shape is not None and len(out.shape) == k + 2 else None
+    if declared is None or not all(isinstance(d, int) for d in declared[2:]):
+        if image_c is None:
+            raise CodegenError(f"node {node.label()}: Col2Im with image_shape read at run time needs a declared "
+                               "output shape")
+        spatial: list[Any] = [int(d) for d in image_c]
+    else:
+        spatial = [int(d) for d in declared[2:]]
+    strides = list(node.attr("strides", ()) or [1] * k)
+    dil = list(node.attr("dilations", ()) or [1] * k)
+    pads = list(node.attr("pads", ()) or [0] * (2 * k))
+    args = [lw.get(x)] + ([lw.get(node.input(2))] if block_c is None else [])
+
+    def compute(t: Any, *bs: Any) -> Any:
+        i64 = "int64"
+        block = [tirx.const(int(b), i64) for b in block_c] if block_c is not None else \
+            [tirx.Cast(i64, bs[0][d]) for d in range(k)]
+        size = block[0]
+        for b in block[1:]:
+            size = size * b
+        channels = tirx.floordiv(tirx.Cast(i64, t.shape[1]), size)
+        if declared is not None and isinstance(declared[1], int):
+            channels = tirx.const(declared[1], i64)
+        counts = [tirx.floordiv(spatial[d] + pads[d] + pads[d + k] - dil[d] * (block[d] - 1) - 1, strides[d]) + 1
+                  for d in range(k)]
+        ks = [te.reduce_axis((0, block[d]), f"k{d}") for d in range(k)]
+
+        def body(n: Any, c: Any, *pos: Any) -> Any:
+            ok, col, row = tirx.const(True, "bool"), tirx.const(0, i64), c
+            for d in range(k):
+                off = tirx.Cast(i64, pos[d]) + pads[d] - ks[d].var * dil[d]
+                b = tirx.floordiv(off, strides[d])
+                ok = tirx.all(ok, off >= 0, tirx.floormod(off, strides[d]) == 0, b < counts[d])
+                col = col * counts[d] + b
+                row = row * block[d] + ks[d].var
+            v = t[n, tirx.Select(ok, row, tirx.const(0, i64)), tirx.Select(ok, col, tirx.const(0, i64))]
+            return te.sum(tirx.Select(ok, v, tirx.const(0, t.dtype)), axis=ks)
+
+        return te.compute([t.shape[0], channels, *spatial], body, name="col2im")
+
+    return [lw.emit(compute, *args, name="col2im")]

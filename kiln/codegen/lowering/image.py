@@ -374,3 +374,33 @@ def _affine_grid(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(dims, body, name="affine_grid")
 
     return [lw.emit(compute, lw.get(node.input(0)), name="affine_grid")]
+
+
+class _UpsampleAsResize:
+    """An Upsample node seen as the Resize it is: its scales as Resize's input 2, and the coordinate
+    rule Upsample always used (``asymmetric``, nearest rounding ``floor``)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.outputs = node.outputs
+        self.op_type = "Resize"
+
+    def label(self) -> str:
+        return self._node.label()
+
+    def input(self, i: int) -> Any:
+        return {0: self._node.input(0), 2: self._node.input(1)}.get(i)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        fixed = {"mode": self._node.attr("mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
+                 "nearest_mode": "floor"}
+        return fixed.get(name, default)
+
+
+@lowers("Upsample")
+def _upsample(lw: Lowerer, node: Node) -> list[Any]:
+    """Upsample (deprecated since opset 10): a Resize by its scales."""
+    if node.input(1) is None:
+        raise CodegenError(f"node {node.label()}: Upsample before opset 9 (scales as an attribute) does not compile; "
+                           "re-export the model at opset 9 or later")
+    return _resize(lw, _UpsampleAsResize(node))  # type: ignore[arg-type]
