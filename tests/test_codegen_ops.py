@@ -161,3 +161,80 @@ def test_resize_of_a_symbolic_input_computes_its_size_at_run_time(tmp_path, mode
         for name, w in want.items():
             assert got[name].shape == w.shape, name
             np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5, err_msg=f"{name} at {shape}")
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd", "ReduceLogSumExp",
+                                "ReduceL2"])
+@pytest.mark.parametrize("axes", ["static", "run-time"])
+def test_reduction_over_a_dim_that_is_empty_at_run_time(tmp_path, op, axes):
+    # a reduction loop that runs no times skips its init too: the output was left unwritten (garbage)
+    x = f32("x", [2, "n", 4])
+    if axes == "static":
+        node, inputs, feeds = helper.make_node(op, ["x", "axes"], ["y"], keepdims=1), [x], {}
+        init = [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    else:
+        node, init = helper.make_node(op, ["x", "axes"], ["y"], keepdims=1), []
+        inputs, feeds = [x, helper.make_tensor_value_info("axes", TensorProto.INT64, [1])], {"axes": np.array([1])}
+    model = make_model([node], inputs, [f32("y", None)], opset=18, inits=init)
+    for n in (0, 3):
+        _check(model, tmp_path, {"x": np.linspace(-1, 1, 8 * n, dtype=np.float32).reshape(2, n, 4), **feeds})
+
+
+def test_kernels_sized_by_a_computed_length_run_after_it(tmp_path):
+    # BlackmanWindow's expansion: Range's length is computed at run time, then elementwise ops fuse;
+    # FuseOps put the length's match_cast after the kernels it sizes ("... has not been computed")
+    i32 = helper.make_tensor_value_info("n", TensorProto.INT32, [])
+    nodes = [helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["nf", "one"], ["m"]),
+             helper.make_node("Mul", ["m", "zero"], ["z"]),
+             helper.make_node("Add", ["nf", "z"], ["size"]),
+             helper.make_node("Div", ["tau", "size"], ["step"]),
+             helper.make_node("Range", ["zero", "nf", "one"], ["r"]),
+             helper.make_node("Mul", ["r", "step"], ["angle"]),
+             helper.make_node("Mul", ["angle", "two"], ["angle2"]),
+             helper.make_node("Cos", ["angle2"], ["c2"]),
+             helper.make_node("Mul", ["a2", "c2"], ["t2"]),
+             helper.make_node("Cos", ["angle"], ["c1"]),
+             helper.make_node("Mul", ["a1", "c1"], ["t1"]),
+             helper.make_node("Sub", ["a0", "t1"], ["t0"]),
+             helper.make_node("Add", ["t0", "t2"], ["y"])]
+    values = (("zero", 0.0), ("one", 1.0), ("two", 2.0), ("tau", 6.2831855), ("a0", 0.42), ("a1", 0.5), ("a2", 0.08))
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in values]
+    model = make_model(nodes, [i32], [f32("y", None)], inits=inits, opset=17)
+    for n in (10, 1):
+        _check(model, tmp_path, {"n": np.array(n, np.int32)})
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [(1, 1, 2, 2), (1, 1, 1.5, 2.5)])
+def test_upsample_is_an_asymmetric_resize(tmp_path, mode, scales):
+    sc = helper.make_tensor("scales", TensorProto.FLOAT, [4], list(scales))
+    model = make_model([helper.make_node("Upsample", ["x", "scales"], ["y"], mode=mode)],
+                       [f32("x", [1, 2, 3, 4])], [f32("y", None)], inits=[sc], opset=9)
+    _check(model, tmp_path, {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 4), np.float32)})
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceLogSumExp"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduction_of_infinite_rows_keeps_the_infinity(tmp_path, op, keepdims):
+    # te.max starts from -FLT_MAX: the max of a row of -inf (a fully masked attention row) was -3.4e38
+    model = make_model([helper.make_node(op, ["x"], ["y"], axes=[-1], keepdims=keepdims)],
+                       [f32("x", [3, 4])], [f32("y", None)], opset=17)
+    x = np.array([[-np.inf] * 4, [np.inf] * 4, [1.0, -np.inf, 2.0, np.inf]], np.float32)
+    _check(model, tmp_path, {"x": x})
+
+
+def test_if_whose_branches_give_different_lengths_feeds_later_kernels(tmp_path):
+    # then: the first 2 elements, else: all of x; the If's result has a rank but no dims until run time
+    then_g = helper.make_graph([helper.make_node("Slice", ["x", "s0", "s2"], ["t"])], "then", [], [f32("t", None)],
+                               initializer=[helper.make_tensor("s0", TensorProto.INT64, [1], [0]),
+                                            helper.make_tensor("s2", TensorProto.INT64, [1], [2])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [f32("e", None)])
+    nodes = [helper.make_node("If", ["c"], ["r"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Mul", ["r", "r"], ["sq"]),
+             helper.make_node("Add", ["sq", "one"], ["y"])]
+    model = make_model(nodes, [f32("x", [5]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                       [f32("y", None)], inits=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])], opset=17)
+    x = np.arange(5, dtype=np.float32)
+    for c in (True, False):
+        _check(model, tmp_path, {"x": x, "c": np.array(c)})
