@@ -72,17 +72,17 @@ def test_inspect_lists_unsupported_ops_and_exits_2(microsoft_model, capsys):
 
 
 def test_inspect_says_what_cannot_compile_apart_from_what_cannot_evaluate(tmp_path, capsys):
-    # DFT: onnx's reference evaluates it, kiln has no lowering for it yet
-    model = make_model([helper.make_node("DFT", ["x"], ["y"], name="dft")], [f32("x", [1, 8, 1])], [f32("y", None)],
+    # Det: onnx's reference evaluates it, kiln has no lowering for it yet
+    model = make_model([helper.make_node("Det", ["x"], ["y"], name="det")], [f32("x", [2, 3, 3])], [f32("y", None)],
                        opset=17)
-    src = _write(model, tmp_path / "dft.onnx")
+    src = _write(model, tmp_path / "det.onnx")
     assert main(["inspect", str(src)]) == 0
     out = capsys.readouterr().out
-    assert "ops kiln cannot compile yet" in out and "ai.onnx::DFT  (1 nodes: dft)" in out
+    assert "ops kiln cannot compile yet" in out and "ai.onnx::Det  (1 nodes: det)" in out
     assert "cannot evaluate" not in out
     assert main(["inspect", str(src), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["cannot_compile"] == [{"domain": "ai.onnx", "op": "DFT", "nodes": ["dft"]}]
+    assert report["cannot_compile"] == [{"domain": "ai.onnx", "op": "Det", "nodes": ["det"]}]
     assert report["cannot_evaluate"] == []
 
 

@@ -214,6 +214,12 @@ def test_upsample_is_an_asymmetric_resize(tmp_path, mode, scales):
     _check(model, tmp_path, {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 4), np.float32)})
 
 
+def test_upsample7_takes_its_scales_from_the_attribute(tmp_path):
+    model = make_model([helper.make_node("Upsample", ["x"], ["y"], mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])],
+                       [f32("x", [1, 2, 3, 4])], [f32("y", None)], opset=7)
+    _check(model, tmp_path, {"x": np.random.default_rng(4).standard_normal((1, 2, 3, 4), np.float32)})
+
+
 @pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceLogSumExp"])
 @pytest.mark.parametrize("keepdims", [0, 1])
 def test_reduction_of_infinite_rows_keeps_the_infinity(tmp_path, op, keepdims):

@@ -100,3 +100,22 @@ def test_col2im_matches_onnxruntime(tmp_path, attrs, run_time):
     if run_time:
         feeds.update(image=np.array(image, np.int64), block=np.array(block, np.int64))
     _check(model, tmp_path, feeds)
+
+
+def test_output_sizes_follow_parameters_read_at_run_time(tmp_path):
+    # no declared output shapes: the bins, frames and image dims are computed from the values at run time
+    rng = np.random.default_rng(10)
+    dft = make_model([helper.make_node("DFT", ["x", "n"], ["y"], onesided=1)], [f32("x", [1, 12, 1]), _i64("n", [])],
+                     [f32("y", None)], opset=20)
+    for n in (6, 17):
+        _check(dft, tmp_path, {"x": rng.standard_normal((1, 12, 1), np.float32), "n": np.array(n, np.int64)})
+    stft = make_model([helper.make_node("STFT", ["x", "step", "", "length"], ["y"])],
+                      [f32("x", [2, 40, 1]), _i64("step", []), _i64("length", [])], [f32("y", None)], opset=17)
+    for step, length in ((4, 8), (7, 11)):
+        _check(stft, tmp_path, {"x": rng.standard_normal((2, 40, 1), np.float32), "step": np.array(step, np.int64),
+                                "length": np.array(length, np.int64)})
+    col2im = make_model([helper.make_node("Col2Im", ["x", "image", "block"], ["y"])],
+                        [f32("x", [1, 8, 12]), _i64("image", [2]), _i64("block", [2])], [f32("y", None)], opset=18)
+    for image, block in (([4, 5], [2, 2]), ([5, 4], [2, 2]), ([3, 7], [1, 4])):
+        _check(col2im, tmp_path, {"x": rng.standard_normal((1, 8, 12), np.float32),
+                                  "image": np.array(image, np.int64), "block": np.array(block, np.int64)})

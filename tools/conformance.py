@@ -137,7 +137,8 @@ class Case:
                                   [onnx.ValueInfoProto(name=o) for o in self.outputs], initializer=inits)
         opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in self.domains.items()]
         model = helper.make_model(graph, opset_imports=opsets)
-        model.ir_version = 8 if self.opset <= 17 else 10
+        model.ir_version = (8 if self.opset <= 17 else 10 if self.opset <= ORT_MAX_OPSET else
+                            helper.find_min_ir_version_for(opsets, ignore_unknown=True))
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
             types = {vi.name: vi.type for vi in [*inferred.graph.output, *inferred.graph.value_info]}
@@ -1069,6 +1070,52 @@ def _window(g: Gen) -> None:
     g.case("f64", [C(np.array(6, I32))], {"output_datatype": TensorProto.DOUBLE}, tol=_F32_ATTRS)
 
 
+@spec("DFT")
+def _dft(g: Gen) -> None:
+    tol = (1e-4, 1e-4, "a direct transform sums in another order than onnxruntime's FFT")
+    for inverse in (0, 1):
+        for onesided in (0, 1):
+            if inverse and onesided:
+                continue  # onnx leaves a one-sided inverse undefined
+            for last in (1, 2):
+                g.case(f"inverse={inverse},onesided={onesided},last={last}", [X(g.data((2, 8, last), F32))],
+                       {"inverse": inverse, "onesided": onesided}, tol=tol)
+    x = g.data((1, 6, 2), F32)
+    for n in (4, 10):
+        g.case(f"dft_length={n}", [X(x), P(np.array(n, I64))], tol=tol)
+    g.case("axis-input", [X(g.data((2, 5, 3, 1), F32)), None, P(np.array(-3, I64))], tol=tol)
+    g.case("opset17/axis", [X(g.data((2, 5, 3, 2), F32))], {"axis": 1}, opset=17, tol=tol)
+
+
+@spec("STFT")
+def _stft(g: Gen) -> None:
+    tol = (1e-4, 1e-4, "a direct transform sums in another order than onnxruntime's FFT")
+    x = g.data((1, 32, 1), F32)
+    window = np.hanning(8).astype(F32)
+    g.case("window", [X(x), P(np.array(4, I64)), P(window)], tol=tol)
+    g.case("length", [X(x), P(np.array(5, I64)), None, P(np.array(7, I64))], tol=tol)
+    g.case("two-sided", [X(x), C(np.array(4, I64)), C(window)], {"onesided": 0}, tol=tol)
+    g.case("complex", [X(g.data((2, 20, 2), F32)), C(np.array(3, I64)), None, C(np.array(6, I64))],
+           {"onesided": 0}, tol=tol)
+
+
+@spec("Col2Im")
+def _col2im(g: Gen) -> None:
+    g.case("2d", [X(g.data((1, 2 * 4, 12), F32)), P(np.array([4, 5], I64)), P(np.array([2, 2], I64))])
+    g.case("2d/strides,pads,dilations", [X(g.data((2, 3 * 4, 6), F32)), P(np.array([5, 6], I64)),
+                                         P(np.array([2, 2], I64))],
+           {"strides": [2, 2], "pads": [1, 0, 1, 1], "dilations": [2, 1]})
+    g.case("3d", [X(g.data((1, 8, 8), F32)), C(np.array([3, 3, 3], I64)), C(np.array([2, 2, 2], I64))])
+
+
+@spec("Upsample")
+def _upsample(g: Gen) -> None:
+    x = g.data((1, 2, 3, 4), F32)
+    for mode in ("nearest", "linear"):
+        g.case(f"{mode}", [X(x), P(np.array([1, 1, 2, 1.5], F32))], {"mode": mode}, opset=9)
+    g.case("opset7", [X(x)], {"mode": "nearest", "scales": [1.0, 1.0, 2.0, 3.0]}, opset=7)
+
+
 # =========================================================================== the specs: convolutions and matmuls
 
 
@@ -1501,6 +1548,20 @@ def _recurrent(g: Gen) -> None:
                              C(g.data((1, 3 * h), F32, -0.5, 0.5))], {"hidden_size": h}, outputs=3)
         g.case("input_forget", [X(g.data((s, b, i), F32)), C(w), C(r)], {"hidden_size": h, "input_forget": 1},
                outputs=2)
+
+
+@spec("LinearAttention")
+def _linear_attention(g: Gen) -> None:
+    # (onnxruntime has no kernel for it yet: these cases are skipped until it has one)
+    hq, hk, dk, dv = 4, 2, 3, 5
+    q, k, v = g.data((1, 4, hq * dk), F32), g.data((1, 4, hk * dk), F32, -1, 1), g.data((1, 4, hk * dv), F32)
+    past = X(g.data((1, hk, dk, dv), F32))
+    heads = {"q_num_heads": hq, "kv_num_heads": hk}
+    gate, beta = X(g.data((1, 4, hk * dk), F32, -1, 0)), X(g.data((1, 4, hk), F32, 0, 1))
+    g.case("linear", [X(q), X(k), X(v), past], {**heads, "update_rule": "linear"}, outputs=2)
+    g.case("gated", [X(q), X(k), X(v), past, gate], {**heads, "update_rule": "gated"}, outputs=2)
+    g.case("delta", [X(q), X(k), X(v), past, None, beta], {**heads, "update_rule": "delta"}, outputs=2)
+    g.case("gated_delta", [X(q), X(k), X(v), past, gate, beta], {**heads, "update_rule": "gated_delta"}, outputs=2)
 
 
 @spec("If")

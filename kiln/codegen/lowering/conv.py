@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import apply_activation, get_topi, per_channel, spatial_pads, static_shape
+from kiln.codegen.lowering.te import apply_activation, get_topi, int64_vector, per_channel, spatial_pads, static_shape
 from kiln.ir import Node
 
 if TYPE_CHECKING:
@@ -259,8 +259,9 @@ def _causal_conv(lw: Lowerer, node: Node) -> list[Any]:
 def _col2im(lw: Lowerer, node: Node) -> list[Any]:
     """Col2Im: sums each column's block back into the image (ConvTranspose's scatter, as a gather).
 
-    ``image_shape`` and ``block_shape`` may be read at run time: the image comes from the declared
-    output shape then, and the block's extents are read in the kernel.
+    ``image_shape`` and ``block_shape`` may be read at run time: the image's dims are then read
+    from ``image_shape`` before the kernel (or taken from the declared output shape), and the
+    block's extents likewise.
     """
     from tvm import te, tirx
 
@@ -272,27 +273,34 @@ def _col2im(lw: Lowerer, node: Node) -> list[Any]:
     if k is None:
         raise CodegenError(f"node {node.label()}: Col2Im needs image_shape of static length to compile")
     declared = out.shape if out.shape is not None and len(out.shape) == k + 2 else None
-    if declared is None or not all(isinstance(d, int) for d in declared[2:]):
-        if image_c is None:
-            raise CodegenError(f"node {node.label()}: Col2Im with image_shape read at run time needs a declared "
-                               "output shape")
-        spatial: list[Any] = [int(d) for d in image_c]
-    else:
-        spatial = [int(d) for d in declared[2:]]
+    if declared is not None and all(isinstance(d, int) for d in declared[2:]):
+        spatial: list[Any] = [int(d) for d in declared[2:]]
+    elif image_c is not None:
+        spatial = [int(d) for d in image_c]
+    else:  # read at run time: the image's dims are the values of image_shape
+        spatial = lw.computed_dims(lambda t: int64_vector(t, k), lw.get(node.input(1)), count=k, name="col2im")
     strides = list(node.attr("strides", ()) or [1] * k)
     dil = list(node.attr("dilations", ()) or [1] * k)
     pads = list(node.attr("pads", ()) or [0] * (2 * k))
-    args = [lw.get(x)] + ([lw.get(node.input(2))] if block_c is None else [])
+    # a block read at run time: read in the kernel where the declared channel count is static, else read
+    # before it as dims, since the channel count (an output dim) follows from it
+    static_channels = declared is not None and isinstance(declared[1], int)
+    block_rt = None if block_c is not None or static_channels else lw.computed_dims(
+        lambda t: int64_vector(t, k), lw.get(node.input(2)), count=k, name="col2im_block")
+    args = [lw.get(x)] + ([lw.get(node.input(2))] if block_c is None and block_rt is None else [])
 
     def compute(t: Any, *bs: Any) -> Any:
         i64 = "int64"
-        block = [tirx.const(int(b), i64) for b in block_c] if block_c is not None else \
-            [tirx.Cast(i64, bs[0][d]) for d in range(k)]
+        if block_c is not None:
+            block = [tirx.const(int(b), i64) for b in block_c]
+        else:
+            block = [tirx.Cast(i64, b) for b in block_rt] if block_rt is not None else \
+                [tirx.Cast(i64, bs[0][d]) for d in range(k)]
         size = block[0]
         for b in block[1:]:
             size = size * b
         channels = tirx.floordiv(tirx.Cast(i64, t.shape[1]), size)
-        if declared is not None and isinstance(declared[1], int):
+        if static_channels:
             channels = tirx.const(declared[1], i64)
         counts = [tirx.floordiv(spatial[d] + pads[d] + pads[d + k] - dil[d] * (block[d] - 1) - 1, strides[d]) + 1
                   for d in range(k)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
 from kiln.codegen.lowering.te import known_shape, output_dims, pick, static_shape
-from kiln.ir import Node, normalize_axis
+from kiln.ir import Node, Tensor, Value, normalize_axis
 
 if TYPE_CHECKING:
     from kiln.codegen.lowering.lowerer import Lowerer
@@ -377,11 +377,13 @@ def _affine_grid(lw: Lowerer, node: Node) -> list[Any]:
 
 
 class _UpsampleAsResize:
-    """An Upsample node seen as the Resize it is: its scales as Resize's input 2, and the coordinate
-    rule Upsample always used (``asymmetric``, nearest rounding ``floor``)."""
+    """An Upsample node seen as the Resize it is: its scales (input 1, or Upsample-7's attribute as
+    ``scales``) as Resize's input 2, and the coordinate rule Upsample always used (``asymmetric``,
+    nearest rounding ``floor``)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, scales: Value | None = None) -> None:
         self._node = node
+        self._scales = scales if scales is not None else node.input(1)
         self.outputs = node.outputs
         self.op_type = "Resize"
 
@@ -389,7 +391,7 @@ class _UpsampleAsResize:
         return self._node.label()
 
     def input(self, i: int) -> Any:
-        return {0: self._node.input(0), 2: self._node.input(1)}.get(i)
+        return {0: self._node.input(0), 2: self._scales}.get(i)
 
     def attr(self, name: str, default: Any = None) -> Any:
         fixed = {"mode": self._node.attr("mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
@@ -400,7 +402,14 @@ class _UpsampleAsResize:
 @lowers("Upsample")
 def _upsample(lw: Lowerer, node: Node) -> list[Any]:
     """Upsample (deprecated since opset 10): a Resize by its scales."""
-    if node.input(1) is None:
-        raise CodegenError(f"node {node.label()}: Upsample before opset 9 (scales as an attribute) does not compile; "
-                           "re-export the model at opset 9 or later")
-    return _resize(lw, _UpsampleAsResize(node))  # type: ignore[arg-type]
+    if node.input(1) is not None:
+        return _resize(lw, _UpsampleAsResize(node))  # type: ignore[arg-type]
+    from tvm import relax
+
+    given = node.attr("scales")  # Upsample-7: the scales are an attribute
+    if given is None or len(given) != node.input(0).rank:
+        raise CodegenError(f"node {node.label()}: Upsample needs one scale per input dim")
+    arr = np.asarray(given, np.float32)
+    scales = Value(f"{node.outputs[0].name}.scales", const=Tensor(arr))
+    lw.env[id(scales)] = relax.const(arr, "float32")
+    return _resize(lw, _UpsampleAsResize(node, scales))  # type: ignore[arg-type]

@@ -4,8 +4,8 @@ Both are written as a direct transform in TE: each output bin is one reduction o
 with the twiddle angle reduced as ``(k·n) mod L`` in integers first, so it stays exact for long
 lengths. That is O(N·L) per transformed row, not an FFT: right for the short frames of audio
 front ends, slow for very long transforms. The transform length must be known at compile time
-(a constant ``dft_length`` / ``frame_length``, or the signal's static dim), or be read at run time
-where the declared output shape gives the output's size.
+(a constant ``dft_length`` / ``frame_length``, or the signal's dim), or be read at run time: the
+output's size is then computed from it before the kernel runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import static_shape
+from kiln.codegen.lowering.te import pick, static_shape
 from kiln.ir import Node, const_ints, normalize_axis
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def _dft(lw: Lowerer, node: Node) -> list[Any]:
     """DFT-17 (axis an attribute) and DFT-20 (axis input 2); ``dft_length`` pads or truncates.
 
     An axis read at run time computes the transform over every axis the declared output shape
-    allows and keeps the asked one; a ``dft_length`` read at run time takes the declared shape.
+    allows and keeps the asked one; a ``dft_length`` read at run time sizes the output before the
+    kernel runs (or the declared shape does).
     """
     from tvm import te, tirx
 
@@ -99,6 +100,15 @@ def _dft(lw: Lowerer, node: Node) -> list[Any]:
             raise CodegenError(f"node {node.label()}: DFT with its axis read at run time needs a declared output shape")
     if rank - 1 in axes:
         raise CodegenError(f"node {node.label()}: DFT's axis cannot be the last (real/imaginary) axis")
+    bins_rt = None
+    if declared is None and length_t is not None:  # the bin count follows the length read at run time
+
+        def bins_at_run_time(ln: Any) -> Any:
+            length = _read(ln)
+            return te.compute((1,), lambda _: tirx.floordiv(length, 2) + 1 if onesided and not inverse else length,
+                              name="dft_bins")
+
+        (bins_rt,) = lw.computed_dims(bins_at_run_time, length_t, count=1, name="dft")
 
     def transform(t: Any, ln: Any, axis: int) -> Any:
         n_in = _static(t.shape[axis])
@@ -118,8 +128,10 @@ def _dft(lw: Lowerer, node: Node) -> list[Any]:
             bins = declared[axis]
         elif isinstance(length, int):
             bins = length // 2 + 1 if onesided and not inverse else length
-        else:
-            raise CodegenError(f"node {node.label()}: DFT with dft_length read at run time needs a declared output shape")
+        elif bins_rt is not None:
+            bins = bins_rt
+        else:  # the signal's own symbolic length
+            bins = tirx.floordiv(length, 2) + 1 if onesided and not inverse else length
         dt = str(t.dtype)
         wide = "float64" if dt == "float64" else "float32"
         used = tirx.min(n_dim, tirx.floordiv(length, 2) + 1) if irfft else tirx.min(n_dim, length)
@@ -174,8 +186,8 @@ def _dft(lw: Lowerer, node: Node) -> list[Any]:
 def _stft(lw: Lowerer, node: Node) -> list[Any]:
     """STFT-17: frames of ``frame_length`` every ``frame_step`` samples, weighted by ``window``.
 
-    ``frame_step`` and ``frame_length`` may be read at run time; the frame count and bins then come
-    from the declared output shape.
+    ``frame_step`` and ``frame_length`` may be read at run time; the frame count and bins are then
+    computed from them before the kernel runs (or taken from the declared output shape).
     """
     from tvm import te, tirx
 
@@ -197,6 +209,19 @@ def _stft(lw: Lowerer, node: Node) -> list[Any]:
         raise CodegenError(f"node {node.label()}: STFT needs a positive frame_step and frame_length")
     onesided = bool(node.attr("onesided", 1))
     declared = static_shape(node.outputs[0])
+    dims_rt = None
+    if declared is None and (step_c is None or frame_c is None):  # frames and bins from the values read at run time
+
+        def dims_of(t: Any, *params: Any) -> Any:
+            p = list(params)
+            step = step_c if step_c is not None else _read(p.pop(0))
+            frame = frame_c if frame_c is not None else _read(p.pop(0))
+            frames = tirx.floordiv(tirx.Cast("int64", t.shape[1]) - frame, step) + 1
+            bins = tirx.floordiv(frame, 2) + 1 if onesided else frame
+            return te.compute((2,), lambda i: pick(i, [frames, bins]), name="stft_dims")
+
+        dims_rt = lw.computed_dims(dims_of, lw.get(x), *[v for v in (step_t, frame_t) if v is not None], count=2,
+                                   name="stft")
 
     def compute(t: Any, *params: Any) -> Any:
         p = list(params)
@@ -210,12 +235,11 @@ def _stft(lw: Lowerer, node: Node) -> list[Any]:
         complex_in = _static(t.shape[-1]) == 2
         if declared is not None:
             frames, bins = declared[1], declared[2]
-        elif isinstance(step, int) and isinstance(frame, int):
+        elif dims_rt is not None:
+            frames, bins = dims_rt
+        else:
             frames = tirx.floordiv(tirx.Cast("int64", t.shape[1]) - frame, step) + 1
             bins = frame // 2 + 1 if onesided else frame
-        else:
-            raise CodegenError(f"node {node.label()}: STFT with frame_step or frame_length read at run time "
-                               "needs a declared output shape")
         extent = wlen if wlen is not None else frame
 
         def at(b: Any, f: Any, n: Any, part: int) -> Any:
