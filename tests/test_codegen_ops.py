@@ -214,6 +214,24 @@ def test_upsample_is_an_asymmetric_resize(tmp_path, mode, scales):
     _check(model, tmp_path, {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 4), np.float32)})
 
 
+def test_reshape_to_its_own_derived_symbolic_shape_compiles(tmp_path):
+    # wav2vec2's feature extractor: a strided conv gives length samples // 5 - 1, and a Reshape to the
+    # conv's own Shape was a copy kernel whose two sides FuseTIR sized by two variables; TVM's index
+    # simplifier then aborted ("the padding factor is not divisible"). The reshape is now no kernel.
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 1, 10], np.random.default_rng(0).standard_normal(80))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[5]), helper.make_node("Shape", ["c"], ["s"]),
+             helper.make_node("Reshape", ["c", "s"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Relu", ["t"], ["y"])]
+    model = make_model(nodes, [f32("x", ["batch", 1, "samples"])], [f32("y", None)], inits=[w], opset=17)
+    rng = np.random.default_rng(1)
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    compiled = kiln.runtime.load(path, threads=1)
+    for shape in ((1, 1, 100), (2, 1, 163)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_upsample7_takes_its_scales_from_the_attribute(tmp_path):
     model = make_model([helper.make_node("Upsample", ["x"], ["y"], mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])],
                        [f32("x", [1, 2, 3, 4])], [f32("y", None)], opset=7)

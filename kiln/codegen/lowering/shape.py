@@ -45,6 +45,8 @@ def _reshape(lw: Lowerer, node: Node) -> list[Any]:
     out = node.outputs[0]
     if known_shape(out, lw.bound):
         dims = [lw.dim(d) for d in out.shape]
+        if _provably_shaped(lw.get(node.input(0)), dims):  # no kernel: TVM cannot always see a copy as a reshape
+            return [lw.get(node.input(0))]
         return [lw.emit(lambda x: get_topi().reshape(x, dims), lw.get(node.input(0)), name=node.op_type.lower())]
     entries = _symbolic_target(node) if node.op_type == "Reshape" else None
     src_shape = list(node.input(0).shape or [])
@@ -68,6 +70,22 @@ def _reshape(lw: Lowerer, node: Node) -> list[Any]:
         return get_topi().reshape(x, dims)
 
     return [lw.emit(reshape, lw.get(node.input(0)), name="reshape")]
+
+
+def _provably_shaped(value: Any, dims: list[Any]) -> bool:
+    """Whether the lowered ``value`` provably has the shape ``dims`` already (a reshape to it is the identity).
+
+    Such a reshape kernel is not only a wasted copy: with dims like ``samples // 5 - 1`` on both
+    sides, FuseTIR gives each side its own variable, and TVM's index simplifier then aborts on it.
+    """
+    from tvm import relax
+    from tvm.sym import Analyzer
+
+    shape = getattr(value.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != len(dims):
+        return False
+    analyzer = Analyzer()
+    return all(analyzer.can_prove_equal(s, d) for s, d in zip(shape.values, dims))
 
 
 def _reshape_at_run_time(lw: Lowerer, node: Node) -> Any:
