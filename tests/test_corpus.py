@@ -42,10 +42,6 @@ SIZES: dict[str, list[dict[str, tuple[int, ...]]]] = {
 }
 #: Models that do not compile or match yet, with the reason (xfail, strict).
 KNOWN: dict[str, str] = {
-    "fcn_resnet50": "at batch 2 one logit of the 21x256x256 map is 1.4e-4 off (atol 1e-4) on logits of magnitude 40. "
-                    "Against a float64 run of the same torch model, kiln's mean error is 1.6e-5 and onnxruntime's 4.8e-6: "
-                    "kiln's fp32 conv and dense kernels sum each output's K products in one register, serially, where "
-                    "onnxruntime's GEMM sums blocks of K and then the blocks (a 3x3 512-channel conv: 1.1e-6 against 2.5e-7)",
 }
 
 
