@@ -414,7 +414,7 @@ def test_o3_blocked_layout_compiles_and_matches_onnxruntime(tmp_path):
          init("w4", (10, 32, 1, 1))])
     g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
     ops = [n.op_type for n in g.nodes]
-    assert ops.count("BlockedConv") == 4 and "Conv" in ops  # the grouped conv stays NCHW
+    assert ops.count("BlockedConv") == 5 and "Conv" not in ops  # the grouped conv too: 16 channels per group
     module = lower(g).module
     kinds = {str(f.attrs["kiln.schedule"]) for f in module.functions.values() if f.attrs and "kiln.schedule" in f.attrs}
     assert kinds == {"conv_nchwc", "depthwise_nchwc"}
@@ -459,6 +459,42 @@ def test_o3_dilated_depthwise_runs_blocked_and_matches_onnxruntime(dilation, str
     compiled = kiln.runtime.load(tmp_path / "dil.kiln")
     for batch in (1, 2):
         x = rng.standard_normal((batch, 3, 29, 29)).astype(np.float32)
+        cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
+        assert cmp.passed, cmp.max_abs
+
+
+@pytest.mark.parametrize("group,width,dilation", [(2, 32, 1), (4, 16, 2), (3, 48, 3)])
+def test_o3_grouped_convs_run_blocked_and_match_onnxruntime(group, width, dilation, tmp_path):
+    """Grouped convs whose groups are whole blocks of 16 channels (ResNeXt- and RegNet-style, and
+    dilated ones) run in the blocked layout with the conv schedule; narrower groups stay NCHW."""
+    from onnx import numpy_helper
+
+    from kiln.codegen.lowering import lower
+    from kiln.codegen.schedule import schedule_func
+
+    rng = np.random.default_rng(group)
+    c = group * width
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+             for n, s in (("w0", (c, 3, 3, 3)), ("wg", (c, width, 3, 3)), ("bg", (c,)), ("w8", (c, 8, 1, 1)))]
+    model = make_model([
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "wg", "bg"], ["g"], pads=[dilation] * 4, dilations=[dilation, dilation],
+                         group=group),
+        helper.make_node("Add", ["g", "r"], ["s"]),
+        helper.make_node("Relu", ["s"], ["t"]),
+        helper.make_node("Conv", ["t", "w8"], ["y"], group=c // 8),  # 8 channels per group: stays NCHW
+    ], [f32("x", ["N", 3, 13, 14])], [f32("y", None)], inits)
+    g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
+    ops = [n.op_type for n in g.nodes]
+    assert ops.count("BlockedConv") == 2 and ops.count("Conv") == 1
+    scheduled = [f for f in lower(g).module.functions.values() if f.attrs and "kiln.schedule" in f.attrs]
+    assert {str(f.attrs["kiln.schedule"]) for f in scheduled} == {"conv_nchwc"}
+    assert all(schedule_func(f) is not f for f in scheduled)
+    build(g, tmp_path / "grouped.kiln")
+    compiled = kiln.runtime.load(tmp_path / "grouped.kiln")
+    for batch in (1, 2):
+        x = rng.standard_normal((batch, 3, 13, 14)).astype(np.float32)
         cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
         assert cmp.passed, cmp.max_abs
 

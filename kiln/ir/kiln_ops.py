@@ -404,8 +404,9 @@ register_kiln_op("Attention", inputs=(3, 4), attrs={"scale": (AttrType.FLOAT, 1.
 # ``kiln::FromBlocked(X)``: the inverse, ``[N, C/b, H, W, b]`` -> ``[N, C, H, W]``, where ``channels``
 #     is C (default: all lanes); lanes past C are dropped.
 # ``kiln::BlockedConv(X, W, B?, Z?)``: ``FusedConv`` on blocked tensors. X is ``[N, C/bi, H, W, bi]``;
-#     W is pre-packed ``[O/bo, (C/group)/bi', kh, kw, bi', bo]`` with bi' = bi for group 1 and 1
-#     for depthwise (group = C = O); B is ``[O]``; Z and Y are ``[N, O/bo, OH, OW, bo]``. Channel
+#     W is pre-packed ``[O/bo, (C/group)/bi', kh, kw, bi', bo]`` with bi' = bi for group 1 and for
+#     groups of whole blocks, and 1 for depthwise (group = C = O); B is ``[O]``; Z and Y are
+#     ``[N, O/bo, OH, OW, bo]``. Channel
 #     counts here are the padded ones: the packed weight and bias are zero past the true counts.
 # The layout pass (``kiln.passes.layout``) introduces them; codegen schedules BlockedConv with
 # register tiling over ``bo`` lanes.

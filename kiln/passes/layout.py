@@ -20,7 +20,9 @@ the transforms out of the way, so that only the boundaries of the blocked region
   computes N rounded up to whole vectors (zero columns), then slices.
 
 Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
-form blocks of ``b``, or one block when fewer, as in an RGB stem), or depthwise.
+form blocks of ``b``, or one block when fewer, as in an RGB stem), depthwise, or grouped with
+whole blocks of input and output channels in each group (ResNeXt- and RegNet-style convs whose
+group widths are multiples of ``b``). Dilations carry over in each case.
 
 Channel counts that ``b`` does not divide are padded to whole blocks. ToBlocked fills the
 extra lanes with zeros; later they hold whatever the ops compute from them, and the
@@ -80,7 +82,15 @@ def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int]:
         return (c_in if c_in < block else block), block
     if group == c_in == c_out:
         return block, block
-    raise MatchFailure(f"grouped conv (group {group}) that is not depthwise")
+    if c_in % group == 0 and c_out % group == 0 and (c_in // group) % block == 0 and (c_out // group) % block == 0:
+        return block, block  # each group is whole blocks of input and output channels
+    raise MatchFailure(f"grouped conv (group {group}) whose groups are not whole blocks of {block} channels")
+
+
+def is_depthwise(node: Node, x: Value) -> bool:
+    """Whether a conv is depthwise (one input and one output channel per group)."""
+    group = node.attr("group", 1)
+    return group != 1 and x.shape is not None and group == x.shape[1]
 
 
 def _padded(n: int, block: int) -> int:
@@ -110,7 +120,7 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
 
     def rewrite(op, x, w, conv, b=None, z=None):
         bi, bo = conv_blocks(conv, x, w, block)
-        depthwise = conv.attr("group", 1) != 1
+        depthwise = is_depthwise(conv, x)
         c_out = w.shape[0]
         attrs = copy_attrs(conv, "auto_pad")
         attrs.setdefault("kernel_shape", list(w.shape[2:]))

@@ -69,7 +69,8 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     dil = list(node.attr("dilations", ()) or [1, 1])
     pads = list(node.attr("pads", ()) or [0, 0, 0, 0])
     act, params = node.attr("activation", "") or "", tuple(node.attr("activation_params", ()) or ())
-    depthwise = node.attr("group", 1) != 1
+    group = node.attr("group", 1)
+    depthwise = group != 1 and w.shape is not None and w.shape[4] == 1  # packed with one input lane per group
     has_b, has_z = b is not None, z is not None
 
     def compute(xt: Any, wt: Any, *rest: Any) -> Any:
@@ -90,12 +91,18 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
             conv = te.compute((n, ko, oh, ow, bo), lambda i, k, y, v, j: te.sum(
                 xp[i, k, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], j] * wt[k, 0, ry, rx, 0, j],
                 axis=[ry, rx]), name="conv")
-        else:
-            rc = te.reduce_axis((0, ci), name="rc")
+        else:  # group 1, or groups of whole blocks: output block k reads its group's input blocks
+            per_group = int(wt.shape[1])  # input blocks per group
+            out_per_group = int(ko) // group
+
+            def first(k: Any) -> Any:
+                return 0 if group == 1 else k // out_per_group * per_group
+
+            rc = te.reduce_axis((0, per_group), name="rc")
             rl = te.reduce_axis((0, bi), name="rl")
             conv = te.compute((n, ko, oh, ow, bo), lambda i, k, y, v, j: te.sum(
-                xp[i, rc, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], rl] * wt[k, rc, ry, rx, rl, j],
-                axis=[rc, ry, rx, rl]), name="conv")
+                xp[i, first(k) + rc, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], rl] *
+                wt[k, rc, ry, rx, rl, j], axis=[rc, ry, rx, rl]), name="conv")
 
         def epilogue(i: Any, k: Any, y: Any, v: Any, j: Any) -> Any:
             val = conv[i, k, y, v, j]
