@@ -434,9 +434,6 @@ def test_o3_dilated_depthwise_runs_blocked_and_matches_onnxruntime(dilation, str
     """Atrous depthwise convs (DeepLab and LRASPP heads) stay in the blocked layout, with their schedule."""
     from onnx import numpy_helper
 
-    from kiln.codegen.lowering import lower
-    from kiln.codegen.schedule import schedule_func
-
     rng = np.random.default_rng(dilation)
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
              for n, s in (("w0", (32, 3, 3, 3)), ("wd", (32, 1, 3, 3)), ("bd", (32,)), ("w1", (16, 32, 3, 3)))]
@@ -449,18 +446,27 @@ def test_o3_dilated_depthwise_runs_blocked_and_matches_onnxruntime(dilation, str
         helper.make_node("Relu", ["d"], ["r2"]),
         helper.make_node("Conv", ["r2", "w1"], ["y"], pads=[2, 2, 2, 2], dilations=[2, 2]),
     ], [f32("x", ["N", 3, 29, 29])], [f32("y", None)], inits)
+    ops = _blocked_schedules_apply_and_match(model, {"conv_nchwc", "depthwise_nchwc"}, (3, 29, 29), rng, tmp_path)
+    assert ops.count("BlockedConv") == 3
+
+
+def _blocked_schedules_apply_and_match(model, kinds: set[str], sample: tuple[int, ...], rng, tmp_path) -> list[str]:
+    """Optimize ``model`` at O3; check that its kiln schedules are ``kinds`` and all apply (a failure would
+    fall back silently), then that it matches onnxruntime at batch 1 and 2. Returns the optimized op types."""
+    from kiln.codegen.lowering import lower
+    from kiln.codegen.schedule import schedule_func
+
     g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
-    assert [n.op_type for n in g.nodes].count("BlockedConv") == 3
-    module = lower(g).module
-    scheduled = [f for f in module.functions.values() if f.attrs and "kiln.schedule" in f.attrs]
-    assert {str(f.attrs["kiln.schedule"]) for f in scheduled} == {"conv_nchwc", "depthwise_nchwc"}
+    scheduled = [f for f in lower(g).module.functions.values() if f.attrs and "kiln.schedule" in f.attrs]
+    assert {str(f.attrs["kiln.schedule"]) for f in scheduled} == kinds
     assert all(schedule_func(f) is not f for f in scheduled)
-    build(g, tmp_path / "dil.kiln")
-    compiled = kiln.runtime.load(tmp_path / "dil.kiln")
+    build(g, tmp_path / "blocked.kiln")
+    compiled = kiln.runtime.load(tmp_path / "blocked.kiln")
     for batch in (1, 2):
-        x = rng.standard_normal((batch, 3, 29, 29)).astype(np.float32)
+        x = rng.standard_normal((batch, *sample)).astype(np.float32)
         cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
         assert cmp.passed, cmp.max_abs
+    return [n.op_type for n in g.nodes]
 
 
 @pytest.mark.parametrize("group,width,dilation", [(2, 32, 1), (4, 16, 2), (3, 48, 3)])
@@ -468,9 +474,6 @@ def test_o3_grouped_convs_run_blocked_and_match_onnxruntime(group, width, dilati
     """Grouped convs whose groups are whole blocks of 16 channels (ResNeXt- and RegNet-style, and
     dilated ones) run in the blocked layout with the conv schedule; narrower groups stay NCHW."""
     from onnx import numpy_helper
-
-    from kiln.codegen.lowering import lower
-    from kiln.codegen.schedule import schedule_func
 
     rng = np.random.default_rng(group)
     c = group * width
@@ -485,18 +488,8 @@ def test_o3_grouped_convs_run_blocked_and_match_onnxruntime(group, width, dilati
         helper.make_node("Relu", ["s"], ["t"]),
         helper.make_node("Conv", ["t", "w8"], ["y"], group=c // 8),  # 8 channels per group: stays NCHW
     ], [f32("x", ["N", 3, 13, 14])], [f32("y", None)], inits)
-    g, _ = PassManager(passes_for("O3", block=16)).run(kiln.load(model))
-    ops = [n.op_type for n in g.nodes]
+    ops = _blocked_schedules_apply_and_match(model, {"conv_nchwc"}, (3, 13, 14), rng, tmp_path)
     assert ops.count("BlockedConv") == 2 and ops.count("Conv") == 1
-    scheduled = [f for f in lower(g).module.functions.values() if f.attrs and "kiln.schedule" in f.attrs]
-    assert {str(f.attrs["kiln.schedule"]) for f in scheduled} == {"conv_nchwc"}
-    assert all(schedule_func(f) is not f for f in scheduled)
-    build(g, tmp_path / "grouped.kiln")
-    compiled = kiln.runtime.load(tmp_path / "grouped.kiln")
-    for batch in (1, 2):
-        x = rng.standard_normal((batch, 3, 13, 14)).astype(np.float32)
-        cmp = compare(f"batch {batch}", compiled.run({"x": x}), ort_outputs(model, {"x": x}), rtol=1e-4, atol=1e-5)
-        assert cmp.passed, cmp.max_abs
 
 
 def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):
