@@ -204,15 +204,18 @@ def schedule_dense_in_k_blocks(sch: Any) -> None:
     """``Y[m, n] = A[m, k] B[k, n]`` summing K in blocks (see :data:`K_BLOCK`):
     ``n_o parallel, m_o, k_o, [k_i, m_i, n_vec, lanes], m_i, n_vec, lanes``.
 
-    Where K is symbolic or a single block, :func:`schedule_dense` applies instead.
+    The block is the largest divisor of K up to :data:`K_BLOCK` (no guarded tail in the inner
+    loop). Where K is symbolic, under two blocks, or has no divisor of at least a quarter block,
+    :func:`schedule_dense` applies instead.
     """
     dense = sch.get_sblock("dense")
     m, n, k = sch.get_loops(dense)
     k_static = _static(sch.get(k).extent)
-    if k_static is None or k_static < 2 * K_BLOCK or _static(sch.get(n).extent) is None:
-        raise ValueError("dense K blocks need a static K of at least two blocks and a static N")
+    k_block = _largest_divisor_at_most(k_static, K_BLOCK)
+    if k_static is None or k_static < 2 * K_BLOCK or k_block < K_BLOCK // 4 or _static(sch.get(n).extent) is None:
+        raise ValueError("dense K blocks need a static K of at least two blocks that a block divides, and a static N")
     m_tile, vecs, lanes = _dense_tile(sch, m, n)
-    ko, _ = sch.split(k, [None, K_BLOCK])
+    ko, _ = sch.split(k, [None, k_block])
     partial = sch.rfactor(ko, factor_axis=0)
     m, n, ko = sch.get_loops(dense)
     no, nv, nl = sch.split(n, [None, vecs, lanes])

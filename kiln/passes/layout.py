@@ -80,17 +80,17 @@ def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int]:
         raise MatchFailure("the input channel count is not static")
     if group == 1:
         return (c_in if c_in < block else block), block
-    if group == c_in == c_out:
+    if _is_depthwise(node, x, w):
         return block, block
     if c_in % group == 0 and c_out % group == 0 and (c_in // group) % block == 0 and (c_out // group) % block == 0:
         return block, block  # each group is whole blocks of input and output channels
     raise MatchFailure(f"grouped conv (group {group}) whose groups are not whole blocks of {block} channels")
 
 
-def is_depthwise(node: Node, x: Value) -> bool:
-    """Whether a conv is depthwise (one input and one output channel per group)."""
+def _is_depthwise(node: Node, x: Value, w: Value) -> bool:
+    """Whether a conv is depthwise: one input and one output channel per group."""
     group = node.attr("group", 1)
-    return group != 1 and x.shape is not None and group == x.shape[1]
+    return group != 1 and x.shape is not None and w.shape is not None and group == x.shape[1] == w.shape[0]
 
 
 def _padded(n: int, block: int) -> int:
@@ -120,7 +120,7 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
 
     def rewrite(op, x, w, conv, b=None, z=None):
         bi, bo = conv_blocks(conv, x, w, block)
-        depthwise = is_depthwise(conv, x)
+        depthwise = _is_depthwise(conv, x, w)
         c_out = w.shape[0]
         attrs = copy_attrs(conv, "auto_pad")
         attrs.setdefault("kernel_shape", list(w.shape[2:]))
