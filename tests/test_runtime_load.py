@@ -61,3 +61,41 @@ def test_inputs_that_are_not_c_contiguous_or_are_read_only(artifact):
 
 def test_a_zero_size_batch_gives_empty_outputs(artifact):
     _same_as_onnxruntime(kiln.runtime.load(artifact), np.zeros((0, 3, 64, 64), np.float32))
+
+
+def test_runs_split_the_cores_when_several_are_in_flight():
+    """One run alone gets the model's full width; with more runs in flight than cores, each gets one
+    core; a run's block of cores is never shared with another run."""
+    from kiln.runtime.cores import Cores, _block
+
+    cores = Cores([0, 1, 2, 3])
+    assert cores.width(4) == 4  # nothing else in flight
+    with cores.in_flight_run():
+        assert cores.width(4) == 4  # this run alone
+        with cores.in_flight_run():
+            assert cores.width(4) == 2 and cores.width(1) == 1
+            with cores.in_flight_run(), cores.in_flight_run(), cores.in_flight_run():
+                assert cores.width(4) == 1
+    assert [list(_block(2, k, 4)) for k in range(2)] == [[0, 1], [2, 3]] and list(_block(8, 0, 4)) == [0, 1, 2, 3]
+
+    import threading
+    order: list[str] = []
+    with cores.hold(range(0, 2)):
+        t = threading.Thread(target=lambda: cores.hold(range(1, 3)).__enter__() or order.append("second"))
+        t.start()
+        t.join(0.2)
+        order.append("first released")  # the second run waits while core 1 is held
+    t.join(5)
+    assert order == ["first released", "second"]
+
+
+def test_many_callers_run_single_core_streams_bit_exact(artifact):
+    """8 callers on a multi-core host run side by side on one core each (the soak checks the outputs bit
+    for bit against one caller's), instead of queueing for the full-width run."""
+    from kiln.runtime import cores
+
+    if cores.CORES.count < 2:
+        pytest.skip("one core: every run is single-threaded anyway")
+    report = soak.soak(artifact, callers=8, calls=60, throughput_calls=40)
+    assert report.mismatches == 0
+    assert 1 in cores._POOLS and cores.CORES.count in cores._POOLS

@@ -9,15 +9,14 @@ It imports numpy, safetensors and the TVM runtime (``tvm_ffi`` plus
 native code loads, the artifact's member hashes, schema, TVM version and the
 host's CPU features are checked (:mod:`kiln.runtime.artifact`). Every call
 checks input names, dtypes and shapes against the signature. ``run`` is safe to
-call from several threads: each thread gets its own VM over the one library.
+call from several threads: each runner thread gets its own VM over the one library, and the
+runs of all loaded models share the process's cores (:mod:`kiln.runtime.cores`).
 
 Loading a ``.so`` runs its code: only load artifacts from sources you trust.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import ctypes
 import importlib.util
 import os
@@ -27,12 +26,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError
+from kiln.errors import RUNTIME_CHECK, InputError, KilnError
 from kiln.runtime.artifact import LIBRARY, ArtifactError, read_artifact
+from kiln.runtime.cores import CORES, run_on_cores
 
 __all__ = ["CompiledModel", "Signature", "load"]
 
@@ -101,69 +101,12 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _host_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-class _CoreBudget:
-    """The cores of this process, shared by every loaded model's runs.
-
-    Each run holds as many cores as it has threads; a run waits (asleep, not spinning) while
-    the others hold them, so 8 callers on 2 cores run one 2-thread kernel sequence at a time
-    instead of 8 thread pools fighting over 2 cores. A run that wants more cores than the
-    host has runs alone.
-    """
-
-    def __init__(self, cores: int):
-        self.cores = cores
-        self.used = 0
-        self._cv = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, n: int) -> Iterator[None]:
-        n = max(1, min(n, self.cores))
-        with self._cv:
-            while self.used and self.used + n > self.cores:
-                self._cv.wait()
-            self.used += n
-        try:
-            yield
-        finally:
-            with self._cv:
-                self.used -= n
-                self._cv.notify_all()
-
-
-_CORES = _CoreBudget(_host_cores())
-_RUNNERS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
-_RUNNERS_LOCK = threading.Lock()
-
-
-def _runners(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The process's runner threads for models that run with ``threads`` threads.
-
-    TVM's thread pool belongs to the thread that calls a kernel, and it is neither sized for,
-    nor freed with, short-lived caller threads (each left its workers behind). So every model
-    runs on a few long-lived runner threads, each with its TVM pool sized once: as many runners
-    as the host's cores hold runs of that width (at least one). Callers wait asleep.
-    """
-    with _RUNNERS_LOCK:
-        pool = _RUNNERS.get(threads)
-        if pool is None:
-            def size_tvm_pool() -> None:
-                ffi = _ensure_tvm_runtime()
-                config = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
-                if config is not None:
-                    config(-2, threads, [str(i) for i in range(threads)])
-
-            pool = concurrent.futures.ThreadPoolExecutor(max(1, _host_cores() // threads),
-                                                         thread_name_prefix=f"kiln-run{threads}",
-                                                         initializer=size_tvm_pool)
-            _RUNNERS[threads] = pool
-        return pool
+def _configure_tvm_pool(width: int, cpus: list[int]) -> None:
+    """Size this runner thread's TVM pool to ``width`` threads, one on each of ``cpus``."""
+    ffi = _ensure_tvm_runtime()
+    config = ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(-2, width, [str(c) for c in cpus])  # -2: one core per thread, from the list
 
 
 @dataclass(frozen=True)
@@ -201,7 +144,7 @@ class CompiledModel:
         Path(lib_path).write_bytes(artifact.member(LIBRARY))
         self._module = self._ffi.load_module(lib_path)
         self._local = threading.local()
-        self.threads = int(threads or (m.get("target") or {}).get("threads") or _host_cores())
+        self.threads = int(threads or (m.get("target") or {}).get("threads") or CORES.count)
 
     def _vm(self) -> Any:
         """This runner thread's VM over the one loaded library."""
@@ -213,8 +156,13 @@ class CompiledModel:
         return vm
 
     def _invoke(self, args: list[Any]) -> Any:
-        with _CORES.hold(self.threads):
-            return self._vm()["main"](*args, *self._weights)
+        try:
+            return run_on_cores(self.threads, lambda: self._vm()["main"](*args, *self._weights), _configure_tvm_pool)
+        except Exception as e:  # a check compiled into the kernels refused the inputs' values
+            message = str(e)
+            if RUNTIME_CHECK not in message:
+                raise
+            raise InputError(message.split(RUNTIME_CHECK, 1)[1].splitlines()[0]) from None
 
     def _check(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         sig = ", ".join(str(s) for s in self.inputs)
@@ -257,7 +205,7 @@ class CompiledModel:
         arrays = self._check(inputs)
         keep = [_aligned(a) for a in arrays]  # (np.ascontiguousarray would make a 0-d array 1-d)
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in keep]
-        result = _runners(self.threads).submit(self._invoke, args).result()
+        result = self._invoke(args)
         outs = [result] if len(self.outputs) == 1 else list(result) if result is not None else []
         if len(outs) != len(self.outputs) or any(o is None for o in outs):
             raise ArtifactError(f"{self.path}: the library returned {len(outs)} outputs; the manifest lists "
