@@ -47,4 +47,9 @@ class EvaluationError(KilnError):
 
 
 class InputError(KilnError):
-    """Inputs given at run time do not match the model's signature."""
+    """Inputs given at run time do not match the model's signature, or hold values the model refuses."""
+
+
+#: The start of a message from a check compiled into an artifact's kernels (an index out of range):
+#: the runtime reports what follows it as an :class:`InputError`.
+RUNTIME_CHECK = "kiln-check: "

@@ -262,3 +262,39 @@ def test_if_whose_branches_give_different_lengths_feeds_later_kernels(tmp_path):
     x = np.arange(5, dtype=np.float32)
     for c in (True, False):
         _check(model, tmp_path, {"x": x, "c": np.array(c)})
+
+
+_I64 = TensorProto.INT64
+_INDEXED = {  # op: (attrs, data shape, indices shape, updates shape or None, in-range indices, out-of-range indices)
+    "Gather": ({"axis": 1}, [4, 3], [2], None, [2, -3], [0, 3]),
+    "GatherElements": ({"axis": 0}, [4, 3], [2, 3], None, [[0, 3, -4], [1, 2, 3]], [[0, 0, 0], [4, 0, 0]]),
+    "GatherND": ({}, [4, 3], [2, 2], None, [[0, 2], [-1, -3]], [[0, 1], [1, -4]]),
+    "ScatterElements": ({"axis": 1}, [4, 3], [4, 1], [4, 1], [[0], [1], [-1], [2]], [[0], [3], [0], [0]]),
+    "ScatterND": ({}, [4, 3], [2, 1], [2, 3], [[1], [-1]], [[1], [-5]]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_INDEXED))
+def test_run_time_indices_are_checked_as_onnxruntime_checks_them(tmp_path, op):
+    """In-range indices (negative ones too) give onnxruntime's numbers; one out of range is a one-line
+    refusal of the run (onnxruntime fails it too), never a read or write outside the tensor."""
+    attrs, xs, ishape, ushape, good, bad = _INDEXED[op]
+    names = ["x", "i"] + (["u"] if ushape else [])
+    inputs = [f32("x", xs), helper.make_tensor_value_info("i", _I64, ishape)] + ([f32("u", ushape)] if ushape else [])
+    model = make_model([helper.make_node(op, names, ["y"], name="ix", **attrs)], inputs,
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], opset=16)
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    runtime = kiln.runtime.load(path, threads=1)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(xs).astype(np.float32)}
+    if ushape:
+        feeds["u"] = rng.standard_normal(ushape).astype(np.float32)
+    ok = {**feeds, "i": np.array(good, np.int64)}
+    np.testing.assert_array_equal(runtime.run(ok)["y"], ort_outputs(model, ok)["y"])
+    wrong = {**feeds, "i": np.array(bad, np.int64)}
+    with pytest.raises(Exception):
+        ort_outputs(model, wrong)
+    with pytest.raises(kiln.errors.InputError, match=rf"^{op} node 'ix': an index is out of range") as e:
+        runtime.run(wrong)
+    assert "\n" not in str(e.value)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import full, int64_vector, output_dims, pick, prod, scalar, static_shape, wrap_index
+from kiln.codegen.lowering.te import checked_indices, full, int64_vector, output_dims, pick, prod, scalar, static_shape, wrap_index
 from kiln.ir import Node, const_ints, normalize_axis
 
 if TYPE_CHECKING:
@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 
 # =========================================================================== gathers and scatters
+
+
+def _out_of_range(node: Node, axis: int | None = None) -> str:
+    """The run-time refusal of ``node``'s indices, as one line."""
+    where = f"axis {axis} of the data" if axis is not None else "the data's dims"
+    return f"{node.op_type} node '{node.name}': an index is out of range for {where} (valid: -n to n-1 for a dim of size n)"
 
 
 @lowers("Gather")
@@ -32,9 +38,10 @@ def _gather(lw: Lowerer, node: Node) -> list[Any]:
     def compute(x: Any, idx: Any) -> Any:
         k = len(idx.shape)
         shape = [*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]]
+        idx = checked_indices(idx, lambda _: x.shape[axis], _out_of_range(node, axis))
 
         def body(*i: Any) -> Any:
-            j = wrap_index(idx[i[axis:axis + k]] if k else idx[()], x.shape[axis])
+            j = idx[i[axis:axis + k]] if k else idx[()]
             return x[(*i[:axis], j, *i[axis + k:])]
 
         return te.compute(shape, body, name="gather")
@@ -49,9 +56,10 @@ def _gather_elements(lw: Lowerer, node: Node) -> list[Any]:
     axis = normalize_axis(node.attr("axis", 0), node.input(0).rank or 0)
 
     def compute(x: Any, idx: Any) -> Any:
+        checked = checked_indices(idx, lambda _: x.shape[axis], _out_of_range(node, axis))
+
         def body(*i: Any) -> Any:
-            j = wrap_index(idx[i], x.shape[axis])
-            return x[(*i[:axis], j, *i[axis + 1:])]
+            return x[(*i[:axis], checked[i], *i[axis + 1:])]
 
         return te.compute(idx.shape, body, name="gather_elements")
 
@@ -68,9 +76,10 @@ def _gather_nd(lw: Lowerer, node: Node) -> list[Any]:
         m = int(idx.shape[-1])
         shape = [*idx.shape[:-1], *x.shape[b + m:]]
         q = len(idx.shape) - 1
+        idx = checked_indices(idx, lambda i: pick(i[-1], list(x.shape[b:b + m])), _out_of_range(node))
 
         def body(*i: Any) -> Any:
-            coords = [wrap_index(idx[(*i[:q], k)], x.shape[b + k]) for k in range(m)]
+            coords = [idx[(*i[:q], k)] for k in range(m)]
             return x[(*i[:b], *coords, *i[q:])]
 
         return te.compute(shape, body, name="gather_nd")
@@ -89,7 +98,8 @@ def _array_feature_extractor(lw: Lowerer, node: Node) -> list[Any]:
         # the chosen columns, however the indices are shaped; a 1-D input gives [1, n] (as onnxruntime)
         dims = [*x.shape[:-1], flat.shape[0]] if last else [1, flat.shape[0]]
         lead = len(dims) - 1
-        return te.compute(dims, lambda *i: x[(*i[:last], wrap_index(flat[i[lead]], x.shape[last]))],
+        flat = checked_indices(flat, lambda _: x.shape[last], _out_of_range(node, last))
+        return te.compute(dims, lambda *i: x[(*i[:last], flat[i[lead]])],
                           name="array_feature_extractor")
 
     return [lw.emit(compute, lw.get(node.input(0)), lw.get(node.input(1)), name="array_feature_extractor")]
@@ -106,7 +116,7 @@ def _scatter_elements(lw: Lowerer, node: Node) -> list[Any]:
     mode = _SCATTER_MODES[node.attr("reduction", "none")]
 
     def compute(x: Any, idx: Any, upd: Any) -> Any:
-        j = topi.where(topi.less(idx, topi.full_like(idx, 0)), topi.add(idx, topi.full_like(idx, x.shape[axis])), idx)
+        j = checked_indices(idx, lambda _: x.shape[axis], _out_of_range(node, axis))
         return topi.scatter_elements(x, j, upd, axis, mode)
 
     return [lw.emit(compute, *[lw.get(node.input(i)) for i in range(3)], name="scatter_elements")]
@@ -119,12 +129,9 @@ def _scatter_nd(lw: Lowerer, node: Node) -> list[Any]:
     mode = _SCATTER_MODES[node.attr("reduction", "none")]
 
     def compute(x: Any, idx: Any, upd: Any) -> Any:
-        from tvm import te
-
         r = len(idx.shape)
         # negative indices count from the end of their dim, as in onnxruntime (topi's scatter_nd takes them as they are)
-        wrapped = te.compute(idx.shape, lambda *i: wrap_index(idx[i], pick(i[-1], list(x.shape))),
-                             name="indices")
+        wrapped = checked_indices(idx, lambda i: pick(i[-1], list(x.shape)), _out_of_range(node))
         return topi.scatter_nd(x, topi.transpose(wrapped, [r - 1, *range(r - 1)]), upd, mode)
 
     return [lw.emit(compute, *[lw.get(node.input(i)) for i in range(3)], name="scatter_nd")]

@@ -15,11 +15,12 @@ TVM is imported inside each function: ``import tvm`` takes seconds.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError
+from kiln.errors import RUNTIME_CHECK
 from kiln.ir import Node, Value, is_static
 
 if TYPE_CHECKING:
@@ -170,6 +171,36 @@ def wrap_index(i: Any, n: Any) -> Any:
 
     i = i.astype("int64") if str(_expr_dtype(i)) != "int64" else i
     return tirx.Select(i < 0, i + n, i)
+
+
+def checked_indices(idx: Any, bound: Callable[[tuple[Any, ...]], Any], what: str) -> Any:
+    """``idx`` as in-range int64 indices (negative ones wrapped), checked at run time.
+
+    ``bound(i)`` is the size of the dim that the index at position ``i`` addresses. An index
+    outside ``[-n, n - 1]`` stops the run with ``what`` (the runtime reports it as a bad input,
+    as onnxruntime refuses such a run) instead of reading or writing outside the tensor. The
+    check is its own small serial kernel, so that the failing run ends cleanly.
+    """
+    from tvm import te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    def body(ins: Any, outs: Any) -> Any:
+        with IRBuilder() as ib:
+            src, dst = T.buffer_proxy(ins[0]), T.buffer_proxy(outs[0])
+            loops = [T.serial(0, d) for d in idx.shape]
+            frames = [loop.__enter__() for loop in loops]
+            i = tuple(frames)
+            v = src[i] if i else src[()]
+            v = v.astype("int64") if str(_expr_dtype(v)) != "int64" else v
+            n = tirx.Cast("int64", bound(i)) if str(_expr_dtype(bound(i))) != "int64" else bound(i)
+            with T.Assert(tirx.all(v >= -n, v < n), RUNTIME_CHECK + what):
+                dst[i if i else ()] = tirx.Select(v < 0, v + n, v)
+            for loop in reversed(loops):
+                loop.__exit__(None, None, None)
+        return ib.get()
+
+    return te.extern([idx.shape], [idx], body, dtype=["int64"], name="checked_indices")
 
 
 def pick(k: Any, values: Sequence[Any]) -> Any:
