@@ -78,6 +78,26 @@ CASES = {
     "an attribute of the wrong type": (unary("Softmax", axis=1.5), "Softmax"),
     "a required input left empty": (make_model([helper.make_node("Add", ["a", ""], ["y"], name="add")],
                                                [f32("a", [2])], [f32("y", None)]), "add"),
+    "gemm bias that does not broadcast": (
+        make_model([helper.make_node("Gemm", ["a", "b", "c"], ["y"], name="gemm", transB=1)], [f32("a", [2, 6])],
+                   [f32("y", None)], [_w("b", (5, 6)), _w("c", (3,))]),
+        "C has the shape [3], which does not broadcast to the product's [2, 5]"),
+    "split sizes for more outputs than the node has": (
+        make_model([helper.make_node("Split", ["x", "s"], ["y"], name="split")], [f32("x", [6])], [f32("y", None)],
+                   [numpy_helper.from_array(np.array([2, 4], np.int64), "s")], opset=13),
+        "the split sizes [2, 4] make 2 parts; the node has 1 outputs"),
+    "pads of the wrong count": (
+        make_model([helper.make_node("Pad", ["x", "p"], ["y"], name="pad")], [f32("x", [2, 3])], [f32("y", None)],
+                   [numpy_helper.from_array(np.array([0, 1, 1], np.int64), "p")], opset=13),
+        "pads has 3 values; an input of rank 2 need 4"),
+    "a fixed-type input of another type": (
+        make_model([helper.make_node("Expand", ["x", "s"], ["y"], name="expand")], [f32("x", [2, 3])],
+                   [f32("y", None)], [_w("s", (2,))]),
+        "input 1 ('shape') is tensor(float), which Expand does not take"),
+    "resize scales past any tensor": (
+        make_model([helper.make_node("Resize", ["x", "", "s"], ["y"], name="resize")], [f32("x", [1, 1, 4, 4])],
+                   [f32("y", None)], [numpy_helper.from_array(np.array([1, 1, 1e10, 1e10], np.float32), "s")]),
+        "kiln compiles tensors of up to 2147483647 elements"),
 }
 
 
@@ -110,3 +130,40 @@ def test_valid_variants_still_load():
     kiln.load(bn(0.0))
     kiln.load(clip([]))
     kiln.load(clip([1]))  # onnxruntime takes a one-element bound as a scalar
+
+
+def test_an_empty_recurrence_and_a_tensor_past_the_index_range_are_refused_in_one_line():
+    """kiln-only refusals (onnxruntime aborts on the first; it would try to run the second)."""
+    lstm = make_model([helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="lstm", hidden_size=2)],
+                      [f32("x", [4, 0, 3])], [f32("y", None)], [_w("w", (1, 8, 3)), _w("r", (1, 8, 2))])
+    with pytest.raises(ModelValidationError, match="the input is \\[4, 0, 3\\]; kiln compiles recurrences over non-empty"):
+        kiln.load(lstm)
+    big = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [f32("x", [1 << 20, 4, 64, 64])],
+                     [f32("y", None)], [_w("w", (16, 4, 1, 1))])
+    with pytest.raises(ModelValidationError, match="its output 'y' would have the shape .* kiln compiles tensors of up to"):
+        kiln.load(big)
+
+
+@pytest.mark.parametrize("op", ["Conv", "BatchNormalization"])
+def test_a_symbolic_channel_dim_is_pinned_to_the_weights(tmp_path, op):
+    """A conv's (or batch norm's) input channels must be its weight's: a symbolic channel dim is pinned
+    at import, so a run with other channels is refused in one line, as onnxruntime refuses it."""
+    import kiln.runtime
+    from kiln.errors import InputError
+
+    if op == "Conv":
+        node, inits = helper.make_node("Conv", ["x", "w"], ["y"], name="n"), [_w("w", (6, 4, 3, 3))]
+    else:
+        node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="n")
+        inits = [_w("s", (4,)), _w("b", (4,)), _w("m", (4,)),
+                 numpy_helper.from_array(np.ones(4, np.float32), "v")]
+    model = make_model([node], [f32("x", ["N", "C", 8, 8])], [f32("y", None)], inits)
+    graph = kiln.load(model)
+    assert graph.inputs[0].shape == ("N", 4, 8, 8)
+    kiln.compile(graph, tmp_path / "m.kiln", threads=1)
+    runtime = kiln.runtime.load(tmp_path / "m.kiln")
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(runtime.run({"x": x})["y"], run_onnxruntime(model.SerializeToString(), {"x": x})["y"],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="input 'x' has shape \\[2, 3, 8, 8\\]"):
+        runtime.run({"x": x[:, :3]})

@@ -185,29 +185,51 @@ def name_unknown_dims(graph: Graph) -> dict[str, list[tuple[int, str]]]:
     return named
 
 
-def pin_contracted_dims(graph: Graph) -> dict[str, int]:
-    """Pin symbolic input dims that a MatMul or Gemm contracts against a static dim.
+def _equal_dims(n: Node) -> list[tuple[object, object]]:
+    """Pairs of dims that ``n`` runs only with equal: a contraction's inner dims, a conv's channels
+    against its weight's, a normalization's channels against its scale's."""
+    x = n.input(0)
+    if x is None or not x.shape:
+        return []
+    a = x.shape
+    if n.op_type in ("MatMul", "Gemm", "MatMulInteger"):
+        b = n.input(1).shape if n.input(1) is not None else None
+        if not b:
+            return []
+        if n.op_type == "Gemm":
+            if len(a) != 2 or len(b) != 2:
+                return []
+            return [(a[0 if n.attr("transA", 0) else 1], b[1 if n.attr("transB", 0) else 0])]
+        return [(a[-1], b[0] if len(b) == 1 else b[-2])]
+    weight = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}.get(n.op_type)
+    if weight is not None:
+        w = n.input(weight).shape if n.input(weight) is not None else None
+        group = n.attr("group", 1)
+        if len(a) >= 3 and w and len(w) == len(a) and isinstance(w[1], int) and isinstance(group, int) and group > 0:
+            return [(a[1], w[1] * group)]
+        return []
+    if n.op_type in ("BatchNormalization", "InstanceNormalization"):
+        scale = n.input(1).shape if n.input(1) is not None else None
+        return [(a[1], scale[0])] if len(a) >= 2 and scale and len(scale) == 1 else []
+    return []
 
-    ``x: [B, S, K] @ w: [768, N]`` runs only with ``K = 768``: the input's ``K`` becomes 768, so
-    the runtime refuses any other size in one line instead of reading past the weight. Returns
-    the pins made (symbol -> size), after re-inferring the graph's shapes.
+
+def pin_contracted_dims(graph: Graph) -> dict[str, int]:
+    """Pin symbolic input dims that an op needs equal to a static dim.
+
+    ``x: [B, S, K] @ w: [768, N]`` runs only with ``K = 768``; a conv's input channels must be its
+    weight's (times its groups), a batch norm's its scale's. Such an input dim becomes the
+    static size, so the runtime refuses any other size in one line instead of reading past the
+    weight. Returns the pins made (symbol -> size), after re-inferring the graph's shapes.
     """
     pins: dict[str, int] = {}
     for n in graph.nodes:
-        if n.domain != "" or n.op_type not in ("MatMul", "Gemm") or n.input(0) is None or n.input(1) is None:
+        if n.domain != "":
             continue
-        a, b = n.input(0).shape, n.input(1).shape
-        if not a or not b:
-            continue
-        if n.op_type == "Gemm":
-            if len(a) != 2 or len(b) != 2:
-                continue
-            k_a, k_b = a[0 if n.attr("transA", 0) else 1], b[1 if n.attr("transB", 0) else 0]
-        else:
-            k_a, k_b = a[-1], b[0] if len(b) == 1 else b[-2]
-        for sym, size in ((k_a, k_b), (k_b, k_a)):
-            if isinstance(sym, str) and isinstance(size, int):
-                pins.setdefault(sym, size)
+        for k_a, k_b in _equal_dims(n):
+            for sym, size in ((k_a, k_b), (k_b, k_a)):
+                if isinstance(sym, str) and isinstance(size, int):
+                    pins.setdefault(sym, size)
     inputs = {v.name: v.shape for v in graph.inputs if v.shape and any(d in pins for d in v.shape)}
     if inputs:
         set_input_shapes(graph, {name: tuple(pins.get(d, d) if isinstance(d, str) else d for d in shape)

@@ -129,8 +129,9 @@ def validate_graph(graph: Graph, where: str) -> None:
                 raise ModelValidationError(f"{where}: node {node.label()}: {problem}")
 
 
-#: No tensor a model computes can hold more elements than this (2^36: 256 GB of float32).
-MAX_ELEMENTS = 1 << 36
+#: kiln's kernels index a tensor with 32-bit offsets where TVM does, so no tensor a model computes may
+#: hold more elements than this (8 GB of float32).
+MAX_ELEMENTS = (1 << 31) - 1
 
 
 def _output_shapes(node: Node) -> Iterator[str]:
@@ -144,8 +145,8 @@ def _output_shapes(node: Node) -> Iterator[str]:
             return
         count = math.prod(static)
         if count > MAX_ELEMENTS:
-            yield f"its output '{o.name}' would have the shape {list(o.shape)} ({count} elements), more than any " \
-                  f"machine holds"
+            yield f"its output '{o.name}' would have the shape {list(o.shape)} ({count} elements); kiln compiles " \
+                  f"tensors of up to {MAX_ELEMENTS} elements"
             return
 
 
@@ -194,7 +195,7 @@ def _input_types(node: Node) -> Iterator[str]:
         param = formal.type_str
         if t is None:
             continue
-        if param in allowed and t not in allowed[param]:
+        if param in allowed and t not in allowed[param] or param not in allowed and param.endswith(")") and t != param:
             yield f"input {i} ('{formal.name}') is {t}, which {node.op_type} does not take"
             return
         if param in allowed and formal.is_homogeneous:
@@ -465,6 +466,9 @@ def _recurrence(node: Node) -> Iterator[str]:
         return
     dirs = 2 if node.attr("direction", "forward") == "bidirectional" else 1
     x, w, r = node.input(0), node.input(1), node.input(2)
+    if x is not None and x.shape and 0 in x.shape:
+        yield f"the input is {list(x.shape)}; kiln compiles recurrences over non-empty sequences and batches"
+        return
     want_w = (dirs, gates * hidden, x.shape[-1] if x is not None and x.shape else None)
     for name, v, want in (("W", w, want_w), ("R", r, (dirs, gates * hidden, hidden))):
         if v is None or v.shape is None:
@@ -528,6 +532,14 @@ def _resize_scales(node: Node) -> Iterator[str]:
         values = [float(v) for v in scales.numpy().reshape(-1)]
         if any(not (math.isfinite(v) and v > 0) for v in values):
             yield f"the scales {values} must be finite and > 0"
+            return
+        x = node.input(0)
+        dims = x.shape if x is not None and x.shape is not None and len(x.shape) == len(values) else None
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            count = math.prod(math.floor(d * v) for d, v in zip(dims, values))
+            if count > MAX_ELEMENTS:
+                yield f"the scales {values} make {count:.3g} elements of the input's {list(dims)}; kiln compiles " \
+                      f"tensors of up to {MAX_ELEMENTS} elements"
     sizes = node.input(3) if node.op_type == "Resize" else None
     if sizes is not None and sizes.is_constant and any(v < 0 for v in sizes.const_ints() or []):
         yield f"the sizes {sizes.const_ints()} must be >= 0"
@@ -564,6 +576,18 @@ def _batch_norm_params(node: Node) -> Iterator[str]:
 
 
 @constraint("Pad")
+def _pads_count(node: Node) -> Iterator[str]:
+    opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0
+    pads = node.attr("pads") if opset < 11 else node.input(1).const_ints() if node.input(1) is not None and \
+        node.input(1).is_constant else None
+    axes = node.input(3).const_ints() if node.input(3) is not None and node.input(3).is_constant else None
+    rank = _rank(node.input(0))
+    want = 2 * (len(axes) if axes is not None else rank) if axes is not None or rank is not None else None
+    if pads is not None and want is not None and len(pads) != want:
+        yield f"pads has {len(pads)} values; {'its axes' if axes is not None else f'an input of rank {rank}'} need {want}"
+
+
+@constraint("Pad")
 def _reflect_pads(node: Node) -> Iterator[str]:
     if node.attr("mode", "constant") != "reflect":
         return
@@ -584,6 +608,14 @@ def _gemm_ranks(node: Node) -> Iterator[str]:
         v = node.input(i)
         if v is not None and v.rank is not None and v.rank != 2:
             yield f"input {name} has rank {v.rank}; Gemm takes 2-D A and B"
+            return
+    a, b, c = node.input(0), node.input(1), node.input(2)
+    if a is None or b is None or c is None or not a.shape or not b.shape or c.shape is None or len(c.shape) > 2:
+        return
+    mn = (a.shape[1 if node.attr("transA", 0) else 0], b.shape[0 if node.attr("transB", 0) else 1])
+    for d, want in zip(reversed(c.shape), reversed(mn)):
+        if isinstance(d, int) and isinstance(want, int) and d not in (1, want):
+            yield f"C has the shape {list(c.shape)}, which does not broadcast to the product's [{mn[0]}, {mn[1]}]"
             return
 
 
@@ -684,6 +716,10 @@ def _split_count(node: Node) -> Iterator[str]:
     opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0
     if opset >= 18 and node.input(1) is None and node.attr("num_outputs") is None:
         yield "at opset 18+ Split needs its 'split' input or the 'num_outputs' attribute"
+        return
+    sizes = node.input(1).const_ints() if node.input(1) is not None and node.input(1).is_constant else node.attr("split")
+    if sizes is not None and len(sizes) != len(node.outputs):
+        yield f"the split sizes {list(sizes)} make {len(sizes)} parts; the node has {len(node.outputs)} outputs"
 
 
 @constraint("Tile")
