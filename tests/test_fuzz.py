@@ -13,22 +13,6 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import fuzz  # noqa: E402
 
-#: Models kiln runs that onnxruntime refuses, each with why kiln is right to run it: the pattern in
-#: onnxruntime's message, and the reason.
-VALID_THOUGH_ONNXRUNTIME_REFUSES = {
-    "Could not find an implementation for": "valid ONNX at that opset; onnxruntime has no kernel for the op's older "
-                                            "versions (it implements opsets from 7), kiln runs the op as the spec says",
-    "crashed": "onnxruntime crashed on a model that is valid ONNX (an absent optional input, such as "
-               "LayerNormalization's bias)",
-}
-
-
-def why_valid(outcome: fuzz.Outcome) -> str | None:
-    """The documented reason kiln runs a model onnxruntime refuses, or None."""
-    return next((why for pattern, why in VALID_THOUGH_ONNXRUNTIME_REFUSES.items() if pattern in outcome.onnxruntime),
-                None)
-
-
 @pytest.fixture(scope="module")
 def sample():
     return fuzz.campaign(200, seed=20261202, workers=2, timeout=180)
@@ -53,7 +37,7 @@ def test_every_refusal_is_one_line(sample):
 
 def test_kiln_accepts_what_onnxruntime_refuses_only_for_a_stated_reason(sample):
     unexplained = [f"case {o.index}: {o.onnxruntime}" for o in sample
-                   if o.outcome == "accepted, onnxruntime refuses" and why_valid(o) is None]
+                   if o.outcome == "accepted, onnxruntime refuses" and fuzz.why_valid(o) is None]
     assert unexplained == []
 
 
