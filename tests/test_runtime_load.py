@@ -59,6 +59,14 @@ def test_inputs_that_are_not_c_contiguous_or_are_read_only(artifact):
     np.testing.assert_array_equal(ro, x)  # the caller's array is never written
 
 
+def test_nan_and_infinite_inputs_give_what_onnxruntime_gives(artifact):
+    x = _rng_input()
+    x[0, 1, 5, 7] = np.nan
+    x[1, 0, 30, 30] = np.inf
+    x[1, 2, 40:44, 3] = -np.inf
+    _same_as_onnxruntime(kiln.runtime.load(artifact), x)
+
+
 def test_a_zero_size_batch_gives_empty_outputs(artifact):
     _same_as_onnxruntime(kiln.runtime.load(artifact), np.zeros((0, 3, 64, 64), np.float32))
 
