@@ -15,7 +15,7 @@ system-deps:
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,transformers-tests,serve,ray,rpc]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,transformers-tests,serve,ray,rpc,bench]'
 	touch $(STAMP)
 
 # The main job on the bundled example: inspect it, show the optimizer's work, then

@@ -1,8 +1,9 @@
 """Run kiln's benchmark set and write bench/RESULTS.md.
 
-Each row is ``kiln bench``'s method: kiln and one baseline at a time, each engine in its own
-process, alternating A B A B after warm-up, medians over all timed runs. onnxruntime
-(ORT_ENABLE_ALL, spinning off) is measured in every row; TVM's own pipeline (``from_onnx`` +
+Each row is ``kiln bench``'s method: each engine in its own process, alternating A B C A B C
+after warm-up, medians over all timed runs. onnxruntime (ORT_ENABLE_ALL, spinning off) and
+OpenVINO (CPU plugin, fp32, latency hint; ``--no-openvino`` leaves it out) are measured in
+every row, with kiln's ratio to the faster of the two; TVM's own pipeline (``from_onnx`` +
 ``tvm.compile``, no tuning) at batch 1 only, with fewer rounds, since one of its runs takes
 seconds. Models come from the test suite's cache (``tests/models.py``).
 
@@ -56,25 +57,32 @@ CASES = [
 
 
 def _cpu() -> tuple[str, str]:
-    model, flags = platform.processor() or "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in wanted if f in have)
-    except OSError:
-        pass
-    return model, flags
+    from kiln.runtime.cpu import host_cpu_features, host_cpu_name
+
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
+    have = host_cpu_features()
+    return host_cpu_name(), " ".join(f for f in wanted if f in have)
+
+
+def _cell(report, engine: str) -> str:
+    r = report.results.get(engine)
+    return f"{r.median_ms:.2f} ({r.percentile_ms(10):.2f}..{r.percentile_ms(90):.2f})" if r else "not run"
 
 
 def _row(label: str, batch: int, report, tvm_cell: str, tvm_ratio: str) -> str:
-    k, o = report.results["kiln"], report.results["onnxruntime"]
-    return (f"| {label} | {batch} | {k.median_ms:.2f} ({k.percentile_ms(10):.2f}..{k.percentile_ms(90):.2f}) "
-            f"| {o.median_ms:.2f} ({o.percentile_ms(10):.2f}..{o.percentile_ms(90):.2f}) "
-            f"| **{report.ratio('onnxruntime'):.3f}** | {tvm_cell} | {tvm_ratio} |")
+    ov = report.ratio("openvino")
+    best = min(x for x in (report.ratio("onnxruntime"), ov) if x is not None)
+    return (f"| {label} | {batch} | {_cell(report, 'kiln')} | {_cell(report, 'onnxruntime')} "
+            f"| **{report.ratio('onnxruntime'):.3f}** | {_cell(report, 'openvino')} "
+            f"| {'' if ov is None else f'**{ov:.3f}**'} | {best:.3f} | {tvm_cell} | {tvm_ratio} |")
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def main() -> int:
@@ -86,8 +94,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--tuned", action="append", default=[], metavar="NAME=DB_DIR",
                     help="add a batch-1 row for NAME compiled with this tuning database")
+    ap.add_argument("--no-openvino", action="store_true", help="time onnxruntime only")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    peers = ("onnxruntime",) if args.no_openvino else ("onnxruntime", "openvino")
     tuned = dict(t.split("=", 1) for t in args.tuned)
 
     rows: list[str] = []
@@ -101,7 +111,7 @@ def main() -> int:
             # batch 1 compiles the model as exported (static); other batches free the batch dim
             shapes = {k: tuple(1 if (d == "N" and batch == 1) else d for d in v) for k, v in case.shapes.items()}
             print(f"[bench] {case.label}, batch {batch}", flush=True)
-            ort = bench(path, against=("onnxruntime",), batch=batch, rounds=args.rounds,
+            ort = bench(path, against=peers, batch=batch, rounds=args.rounds,
                         iterations=args.iterations, input_shapes=shapes, inputs=feeds)
             tvm_cell, tvm_ratio = "not run", ""
             if case.tvm and batch == 1:
@@ -116,13 +126,14 @@ def main() -> int:
             print("   ", rows[-1], flush=True)
             if batch == 1 and case.name in tuned:
                 print(f"[bench] {case.label}, batch 1, tuned", flush=True)
-                tr = bench(path, against=("onnxruntime",), batch=batch, rounds=args.rounds,
+                tr = bench(path, against=peers, batch=batch, rounds=args.rounds,
                            iterations=args.iterations, input_shapes=shapes, inputs=feeds, tune_db=tuned[case.name])
                 rows.append(_row(f"{case.label}, tuned (`kiln tune`)", batch, tr, "", ""))
                 print("   ", rows[-1], flush=True)
 
     model, flags = _cpu()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("apache-tvm", "apache-tvm-ffi", "onnxruntime", "numpy"))
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("apache-tvm", "apache-tvm-ffi", "onnxruntime", "openvino", "numpy")
+                         if _installed(p))
     from kiln import __version__
 
     text = "\n".join([
@@ -132,14 +143,16 @@ def main() -> int:
         f"- machine: {model}; {platform.machine()}; flags {flags}",
         f"- kiln {__version__} (level O3; default schedules, untuned except rows marked tuned); {versions}",
         f"- method: `bench/run_all.py --rounds {args.rounds} --iterations {args.iterations}`: 2 threads per engine, each "
-        "engine in its own process, alternating runs after warm-up, onnxruntime ORT_ENABLE_ALL with spinning off; "
+        "engine in its own process, alternating runs after warm-up, onnxruntime ORT_ENABLE_ALL with spinning off, "
+        "OpenVINO's CPU plugin (fp32, latency hint, reshaped to the input's static shape); "
         f"medians (p10..p90) in ms over {args.rounds}x{args.iterations} runs; TVM's own pipeline over "
         f"{args.tvm_rounds} runs at batch 1",
         "- batch 1 compiles each model at its exported, static shape; batch 8 on the light models compiles them "
         "with a free batch N, and onnxruntime runs kiln's export of the same graph, its batch freed the same way",
         "",
-        "| model | batch | kiln ms | onnxruntime ms | kiln / onnxruntime | TVM pipeline ms | kiln / TVM |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | kiln ms | onnxruntime ms | kiln / onnxruntime | OpenVINO ms | kiln / OpenVINO "
+        "| kiln / the faster peer | TVM pipeline ms | kiln / TVM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

@@ -676,16 +676,10 @@ def ray_bench(cases: list[Case], actors: list[int], samples: dict[str, int], rou
 # -- report ----------------------------------------------------------------------------------
 
 def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo, and the cores this process may use."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    """The CPU model, and the cores this process may use."""
+    from kiln.runtime.cpu import host_cpu_name
+
+    return f"{host_cpu_name()}, {len(os.sched_getaffinity(0))} cores"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ the median latency, its spread (10th to 90th percentile), the throughput and
 the ratio kiln / baseline. onnxruntime runs with ``ORT_ENABLE_ALL``, the same
 thread count, and spin-waiting off, so an idle worker never holds a core.
 
-Engines: ``kiln`` (an artifact), ``onnxruntime``, and ``tvm`` (TVM's own
+Engines: ``kiln`` (an artifact), ``onnxruntime``, ``openvino`` (its CPU plugin, fp32, the
+latency hint, the same thread count, the model reshaped to the feeds' static shapes as its
+users do for latency; ``pip install 'kiln-compiler[bench]'``), and ``tvm`` (TVM's own
 ``from_onnx`` + default ``tvm.compile`` pipeline, untuned).
 """
 
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.runtime.cpu import host_cpu_name
 
-ENGINES = ("kiln", "onnxruntime", "tvm")
+ENGINES = ("kiln", "onnxruntime", "openvino", "tvm")
 
 
 @dataclass
@@ -82,11 +85,30 @@ def _load_engine(engine: str, spec: dict, feeds: dict[str, np.ndarray]) -> Any:
 
         session = onnxruntime_session(spec["model"], threads=spec["threads"], spinning=False)
         return lambda: session.run(None, feeds)
+    if engine == "openvino":
+        return _openvino(spec["model"], feeds, spec["threads"])
     if engine == "tvm":
         from kiln.codegen.baseline import tvm_pipeline
 
         return tvm_pipeline(spec["model"], feeds, spec["threads"])
     raise KilnError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+
+
+def _openvino(model: str, feeds: dict[str, np.ndarray], threads: int) -> Any:
+    """An OpenVINO CPU infer request on ``model`` at the feeds' shapes; returns its run function."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise KilnError("the openvino engine needs OpenVINO: pip install 'kiln-compiler[bench]'") from None
+    core = ov.Core()
+    net = core.read_model(model)
+    names = {p.get_any_name() for p in net.inputs}
+    net.reshape({k: ov.PartialShape(list(v.shape)) for k, v in feeds.items() if k in names})
+    compiled = core.compile_model(net, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                               "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+    request = compiled.create_infer_request()
+    inputs = {k: v for k, v in feeds.items() if k in names}
+    return lambda: request.infer(inputs)
 
 
 @dataclass
@@ -110,6 +132,7 @@ class BenchReport:
         return {
             "model": self.model, "threads": self.threads, "rounds": self.rounds, "iterations": self.iterations,
             "batch": self.batch, "isolation": "one process per engine; onnxruntime spinning off",
+            "cpu": host_cpu_name(),
             "engines": {
                 name: {"median_ms": r.median_ms, "p10_ms": r.percentile_ms(10), "p90_ms": r.percentile_ms(90),
                        "throughput_per_s": self.batch / (r.median_ms / 1e3), "samples": len(r.latencies),

@@ -597,10 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", parents=[common, shapes, threads],
-                       help="time kiln against onnxruntime (and TVM's own pipeline), alternating, one process each")
+                       help="time kiln against onnxruntime (OpenVINO, TVM's own pipeline), alternating, one process each")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--artifact", metavar="A.kiln", help="a compiled artifact (default: compile the model first)")
-    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime, tvm (comma-separated)")
+    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime, openvino, tvm (comma-separated)")
     p.add_argument("--batch", default="1", help="batch sizes for a symbolic batch dim, e.g. 1,8")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")

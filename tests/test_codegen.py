@@ -305,19 +305,19 @@ def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
     import os
 
     out = tmp_path / "bench.json"
-    assert main(["bench", str(EXAMPLE), "--against", "onnxruntime", "--batch", "2", "--rounds", "2",
+    assert main(["bench", str(EXAMPLE), "--against", "onnxruntime,openvino", "--batch", "2", "--rounds", "2",
                  "--iterations", "2", "--json", str(out), "--profile"]) == 0
     data = json.loads(out.read_text())
-    assert set(data["engines"]) == {"kiln", "onnxruntime"} and data["batch"] == 2
+    assert set(data["engines"]) == {"kiln", "onnxruntime", "openvino"} and data["batch"] == 2
     pids = {e["pid"] for e in data["engines"].values()}
-    assert len(pids) == 2 and os.getpid() not in pids  # each engine in its own process
+    assert len(pids) == 3 and os.getpid() not in pids  # each engine in its own process
     assert all(e["samples"] == 4 and e["median_ms"] > 0 for e in data["engines"].values())
-    assert data["ratios"]["kiln/onnxruntime"] > 0
+    assert data["ratios"]["kiln/onnxruntime"] > 0 and data["ratios"]["kiln/openvino"] > 0 and data["cpu"]
     printed = capsys.readouterr().out
     assert "onnxruntime spinning off" in printed and "kiln per kernel" in printed
     kernels = {k["name"]: k for k in data["kernels"]}
     assert sum(1 for name in kernels if "conv" in name) >= 2 and all(k["ms"] > 0 for k in kernels.values())
-    assert main(["bench", str(EXAMPLE), "--against", "openvino"]) == 2
+    assert main(["bench", str(EXAMPLE), "--against", "nosuch"]) == 2
     assert main(["bench", str(EXAMPLE), "--artifact", str(out), "--tune-db", str(tmp_path)]) == 2
 
 

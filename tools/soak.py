@@ -68,10 +68,10 @@ def os_threads(settle: float = 1.0) -> int:
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+    """The CPU model (with its family and model numbers where the name is generic)."""
+    from kiln.runtime.cpu import host_cpu_name
+
+    return host_cpu_name()
 
 
 def feeds_for(model: Any, seed: int) -> dict[str, np.ndarray]:

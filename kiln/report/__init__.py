@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from kiln import __version__
 from kiln.errors import KilnError
 from kiln.report.graphs import GraphPicture, render as render_graph
 from kiln.report.profile import KernelRow, Peak, kernel_rows, measure_peak
+from kiln.runtime.cpu import host_cpu_name
 
 if TYPE_CHECKING:
     from kiln.check import CheckReport
@@ -240,21 +240,11 @@ def _summary(src: Path, artifact: Path, manifest: Mapping[str, Any], sha: str, c
         "kiln_version": manifest.get("kiln_version") or __version__,
         "tvm_version": manifest.get("tvm_version") or metadata.version("apache-tvm"),
         "report_kiln_version": __version__,
-        "cpu": _cpu_name(),
+        "cpu": host_cpu_name(),
         "generated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "inputs": [f"{s['name']}: {s['dtype']}[{','.join(map(str, s['shape']))}]" for s in manifest["inputs"]],
         "outputs": [f"{s['name']}: {s['dtype']}[{','.join(map(str, s['shape'] or []))}]" for s in manifest["outputs"]],
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(data: ReportData) -> str:

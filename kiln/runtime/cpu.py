@@ -9,6 +9,7 @@ say less than its mcpu needs.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 #: LLVM CPU names, most capable first, with the /proc/cpuinfo flags each one assumes.
@@ -41,25 +42,33 @@ def mcpu_features(mcpu: str | None) -> tuple[str, ...] | None:
     return None
 
 
-def host_cpu_vendor() -> str | None:
-    """This machine's CPU vendor (``GenuineIntel``, ``AuthenticAMD``), or None if unknown."""
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` field of /proc/cpuinfo (None if unknown)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
+        if line.split(":", 1)[0].strip() == key:
             return line.split(":", 1)[1].strip() or None
     return None
 
 
+def host_cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers when the name alone is generic
+    (a hypervisor may say just "AMD EPYC"; family 25 model 17 is Zen 4)."""
+    name = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    if family and model and not any(ch.isdigit() for ch in name):
+        name = f"{name} (family {family}, model {model})"
+    return name
+
+
+def host_cpu_vendor() -> str | None:
+    """This machine's CPU vendor (``GenuineIntel``, ``AuthenticAMD``), or None if unknown."""
+    return _cpuinfo("vendor_id")
+
+
 def host_cpu_features() -> set[str]:
     """The CPU feature flags of this machine (``/proc/cpuinfo`` flags; empty if unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set((_cpuinfo("flags") or "").split())
