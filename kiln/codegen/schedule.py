@@ -283,6 +283,49 @@ def _sum_blocks_in_registers(sch: Any, block: Any, partial: Any, tile_loop: Any,
     sch.vectorize(lane)
 
 
+#: query rows an attention tile takes through QK^T, softmax and P·V together: its scores (rows x
+#: keys floats) stay in L1 for keys up to a few hundred
+ATTENTION_ROWS = 16
+
+
+def schedule_attention(sch: Any) -> None:
+    """One attention (:func:`kiln.codegen.lowering.attention.fused_attention`), a tile of
+    :data:`ATTENTION_ROWS` query rows at a time: ``(batch, heads, row tiles) parallel``, and under
+    it every stage for those rows only, so the scores never leave the core's cache.
+
+    Both products accumulate register tiles of 4 rows x up to 4 vectors (QK^T across keys, P·V
+    across the value dims), summing over the contracted dim; exp and the normalisation run
+    over whole vectors.
+    """
+    out = sch.get_sblock("attention")
+    *batch, rows, cols = sch.get_loops(out)
+    row_tile, row = sch.split(rows, [None, ATTENTION_ROWS])
+    tasks = sch.fuse(*batch, row_tile)
+    sch.parallel(tasks)
+    _, lanes = sch.split(cols, [None, 16])
+    sch.vectorize(lanes)
+    for name in ("pv", "row_sum", "exp", "row_max", "qk"):
+        sch.compute_at(sch.get_sblock(name), tasks)
+    for name in ("qk", "pv"):
+        block = sch.get_sblock(name)
+        r, c, k = sch.get_loops(block)[-3:]
+        ro, ri = sch.split(r, [None, 4])
+        c_static = _static(sch.get(c).extent)
+        vecs = 4 if c_static is None else max(1, min(4, c_static // 16))
+        co, cv, cl = sch.split(c, [None, vecs, 16])
+        sch.reorder(ro, co, k, ri, cv, cl)
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, co)
+        unroll_static(sch, ri)
+        unroll_static(sch, cv)
+        sch.vectorize(cl)
+        init = sch.decompose_reduction(block, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(write_back)[-1])
+    _, lanes = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, 16])
+    sch.vectorize(lanes)
+
+
 def first_that_applies(*schedules: Callable[[Any], None]) -> Callable[[Any], None]:
     """A schedule applying the first of ``schedules`` that succeeds on a copy (the last one as it is)."""
 
@@ -318,6 +361,7 @@ SCHEDULES: dict[str, Callable[[Any], None]] = {
     "dense": first_that_applies(schedule_dense_in_k_blocks, schedule_dense),
     "conv_nchwc": first_that_applies(schedule_conv_in_k_blocks, schedule_conv_nchwc),
     "depthwise_nchwc": schedule_depthwise_nchwc,
+    "attention": first_that_applies(schedule_attention, lambda sch: schedule_generic(sch)),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import batched_matmul, get_topi, is_one
+from kiln.codegen.lowering.te import broadcast_dims, exp_expr, is_one
 from kiln.ir import Node
 
 if TYPE_CHECKING:
@@ -22,26 +22,72 @@ if TYPE_CHECKING:
 
 @lowers("Attention", domain="kiln")
 def _kiln_attention(lw: Lowerer, node: Node) -> list[Any]:
-    """``softmax(scale * Q @ Kt + Mask) @ V`` over the last axis (see kiln.ir.kiln_ops)."""
+    """``softmax(scale * Q @ Kt + Mask) @ V`` over the last axis (see kiln.ir.kiln_ops), as one
+    kernel that the ``attention`` schedule runs a tile of query rows at a time, in cache."""
     q, kt, v, mask = (node.input(i) for i in range(4))
     scale = node.attr("scale", 1.0)
-    nan_to_zero = node.attr("nan_to_zero", 0)
-    has_mask = mask is not None
+    nan_to_zero = bool(node.attr("nan_to_zero", 0))
 
     def compute(qt: Any, ktt: Any, vt: Any, *m: Any) -> Any:
-        topi = get_topi()
-        s = batched_matmul(qt, ktt)
-        if scale != 1.0:
-            s = topi.multiply(s, scale)
-        if m:
-            s = topi.add(s, m[0])
-        p = topi.nn.softmax(s, -1)
-        if nan_to_zero:
-            p = topi.where(topi.isnan(p), topi.full_like(p, 0.0), p)
-        return batched_matmul(p, vt)
+        return fused_attention(qt, ktt, vt, m[0] if m else None, scale, nan_to_zero)
 
-    args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if has_mask else [])
-    return [lw.emit(compute, *args, name="attention")]
+    args = [lw.get(q), lw.get(kt), lw.get(v)] + ([lw.get(mask)] if mask is not None else [])
+    return [lw.emit(compute, *args, name="attention", attrs={"kiln.schedule": "attention"})]
+
+
+def fused_attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: float, nan_to_zero: bool) -> Any:
+    """The stages of one attention, named for the ``attention`` schedule: ``qk`` (Q @ Kt), ``row_max``,
+    ``exp`` (of the scaled, masked scores less the row's max), ``row_sum``, ``pv`` (exp @ V) and
+    ``attention`` (pv over the row's sum).
+
+    A row whose every score is -inf (fully masked) gives NaN, as softmax's 0/0 does, or 0 with
+    ``nan_to_zero``; a NaN score makes its row NaN.
+    """
+    from tvm import te, tirx
+
+    dt = q.dtype
+    batch = broadcast_dims(broadcast_dims(list(q.shape[:-2]), list(kt.shape[:-2])), list(v.shape[:-2]))
+    sq, d, sk, dv = q.shape[-2], q.shape[-1], kt.shape[-1], v.shape[-1]
+    nb = len(batch)
+
+    def at(t: Any, idx: tuple, *last: Any) -> Any:  # t's element for output batch index idx (broadcast)
+        lead = t.shape[:len(t.shape) - len(last)]
+        off = nb - len(lead)
+        return t[(*[0 if is_one(n) else idx[off + k] for k, n in enumerate(lead)], *last)]
+
+    rd = te.reduce_axis((0, d), "rd")
+    qk = te.compute((*batch, sq, sk), lambda *i: te.sum(at(q, i, i[-2], rd) * at(kt, i, rd, i[-1]), axis=rd),
+                    name="qk")
+
+    def score(*i: Any) -> Any:
+        s = qk[i] * tirx.const(scale, dt) if scale != 1.0 else qk[i]
+        if mask is None:
+            return s
+        off = len(i) - len(mask.shape)  # the mask broadcasts against [*batch, sq, sk] from the right
+        return s + mask[tuple(0 if is_one(n) else i[off + k] for k, n in enumerate(mask.shape))]
+
+    ninf, zero = tirx.const(float("-inf"), dt), tirx.const(0, dt)
+    rj = te.reduce_axis((0, sk), "rj")
+    row_max = te.compute((*batch, sq), lambda *i: te.max(score(*i, rj), axis=rj), name="row_max")
+
+    def exp_of(*i: Any) -> Any:
+        x = score(*i) - row_max[i[:-1]]
+        e = exp_expr(x) if dt == "float32" else tirx.exp(x)
+        return tirx.Select(row_max[i[:-1]] == ninf, zero, tirx.Select(tirx.isnan(x), x, e))
+
+    e = te.compute((*batch, sq, sk), exp_of, name="exp")
+    rs = te.reduce_axis((0, sk), "rs")
+    row_sum = te.compute((*batch, sq), lambda *i: te.sum(e[(*i, rs)], axis=rs), name="row_sum")
+    rp = te.reduce_axis((0, sk), "rp")
+    pv = te.compute((*batch, sq, dv), lambda *i: te.sum(e[(*i[:-1], rp)] * at(v, i[:-2], rp, i[-1]), axis=rp),
+                    name="pv")
+    masked = zero if nan_to_zero else tirx.const(float("nan"), dt)
+
+    def normalized(*i: Any) -> Any:
+        o = tirx.Select(row_max[i[:-1]] == ninf, masked, pv[i] / row_sum[i[:-1]])
+        return tirx.Select(tirx.isnan(o), zero, o) if nan_to_zero else o
+
+    return te.compute((*batch, sq, dv), normalized, name="attention")
 
 
 @lowers("Attention")
