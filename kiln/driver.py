@@ -185,14 +185,15 @@ def compile_graph(graph: Graph, output: str | os.PathLike, *, target: Target, le
     they compile as symbolic dims.
     """
     from kiln.codegen.build import build
-    from kiln.ir import name_unknown_dims
+    from kiln.ir import name_unknown_dims, window_minimums
 
     say = progress or (lambda _: None)
     named = name_unknown_dims(graph)  # an unknown dim compiles as a symbol: the artifact runs at any size
+    minimums = window_minimums(graph)  # before the layout pass moves the convs' dims
     optimized, report, pass_list = optimize_for(graph, target, level, passes, progress=say)
     names = [*applied, *(p.describe() for p in pass_list)]
     built = build(optimized, output, target=target, source_sha256=source[0], source_name=source[1], passes=names,
-                  progress=say, tuning_db=tuning_db)
+                  progress=say, tuning_db=tuning_db, dim_minimums=minimums)
     return CompileResult(Path(output), target, compile_level(level, passes), optimized, report, built, names,
                          tuning_db.manifest() if tuning_db is not None else None, named_dims=named)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import f32, make_model
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import kiln
 from kiln.cli import main
@@ -94,6 +94,15 @@ CASES = {
         make_model([helper.make_node("Expand", ["x", "s"], ["y"], name="expand")], [f32("x", [2, 3])],
                    [f32("y", None)], [_w("s", (2,))]),
         "input 1 ('shape') is tensor(float), which Expand does not take"),
+    "an If output declared with another dtype than its branches give": (
+        make_model([helper.make_node("If", ["c"], ["y"], name="if",
+                                     then_branch=helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
+                                                                   [f32("t", [2, 3])]),
+                                     else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                                                                   [f32("e", [2, 3])]))],
+                   [f32("x", [2, 3]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])]),
+        "its output 'y' is int32, but its then branch gives float32"),
     "resize scales past any tensor": (
         make_model([helper.make_node("Resize", ["x", "", "s"], ["y"], name="resize")], [f32("x", [1, 1, 4, 4])],
                    [f32("y", None)], [numpy_helper.from_array(np.array([1, 1, 1e10, 1e10], np.float32), "s")]),
@@ -144,15 +153,19 @@ def test_an_empty_recurrence_and_a_tensor_past_the_index_range_are_refused_in_on
         kiln.load(big)
 
 
-@pytest.mark.parametrize("op", ["Conv", "BatchNormalization"])
+@pytest.mark.parametrize("op", ["Conv", "BatchNormalization", "LayerNormalization"])
 def test_a_symbolic_channel_dim_is_pinned_to_the_weights(tmp_path, op):
-    """A conv's (or batch norm's) input channels must be its weight's: a symbolic channel dim is pinned
-    at import, so a run with other channels is refused in one line, as onnxruntime refuses it."""
+    """A conv's (or a normalization's) input channels must be its weight's (its scale's): a symbolic
+    channel dim is pinned at import, so a run with other channels is refused in one line, as
+    onnxruntime refuses it."""
     import kiln.runtime
     from kiln.errors import InputError
 
     if op == "Conv":
         node, inits = helper.make_node("Conv", ["x", "w"], ["y"], name="n"), [_w("w", (6, 4, 3, 3))]
+    elif op == "LayerNormalization":  # over the last three dims, a [4, 8, 8] scale: C is pinned to 4
+        node = helper.make_node("LayerNormalization", ["x", "s"], ["y"], name="n", axis=1)
+        inits = [_w("s", (4, 8, 8))]
     else:
         node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="n")
         inits = [_w("s", (4,)), _w("b", (4,)), _w("m", (4,)),
@@ -167,3 +180,23 @@ def test_a_symbolic_channel_dim_is_pinned_to_the_weights(tmp_path, op):
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(InputError, match="input 'x' has shape \\[2, 3, 8, 8\\]"):
         runtime.run({"x": x[:, :3]})
+
+
+def test_an_input_smaller_than_a_conv_window_is_refused_at_run_time(tmp_path):
+    """A 5x5 conv without pads needs H and W of 5 at least: a smaller input is refused in one line (onnxruntime
+    fails such a run too), a fitting one matches onnxruntime."""
+    import kiln.runtime
+    from kiln.errors import InputError
+
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [f32("x", [1, 2, "H", "W"])],
+                       [f32("y", None)], [_w("w", (3, 2, 5, 5))])
+    kiln.compile(kiln.load(model), tmp_path / "m.kiln", threads=1)
+    runtime = kiln.runtime.load(tmp_path / "m.kiln")
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(runtime.run({"x": x})["y"], run_onnxruntime(model.SerializeToString(), {"x": x})["y"],
+                               rtol=1e-4, atol=1e-5)
+    small = x[:, :, :4]
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime raises several types
+        run_onnxruntime(model.SerializeToString(), {"x": small})
+    with pytest.raises(InputError, match=r"its dim 2 \(H\) must be at least 5 for the model's conv and pool windows"):
+        runtime.run({"x": small})

@@ -663,7 +663,7 @@ VALID_THOUGH_ONNXRUNTIME_REFUSES = {
                                             "versions (it implements opsets from 7), kiln runs the op as the spec says",
     "crashed": "onnxruntime crashed on a model that is valid ONNX (an absent optional input, such as "
                "LayerNormalization's bias)",
-    "but the computed output shape for this run is": "an If branch declares a static output shape that its body "
+    "ensure the pre-allocated shapes match the expected output shapes": "an If branch declares a static output shape that its body "
                                                      "does not compute for this input; ONNX takes declared shapes as "
                                                      "hints, and kiln runs the shape the branch computes, as it does "
                                                      "for graph outputs (onnxruntime enforces it inside If only)",

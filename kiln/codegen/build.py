@@ -16,7 +16,7 @@ import numpy as np
 from kiln import __version__
 from kiln.codegen.lowering import CodegenError, lower
 from kiln.codegen.target import Target, cpu_target
-from kiln.ir import Graph, Value, is_static, is_unknown_dim, shape_example
+from kiln.ir import Graph, Value, is_static, is_unknown_dim, shape_example, window_minimums
 from kiln.runtime.artifact import CUDA_FATBIN, CUDA_SOURCE, LIBRARY, WEIGHTS, weight_signature, write_artifact
 
 if TYPE_CHECKING:
@@ -34,12 +34,16 @@ class BuildReport:
     num_kernels: int = 0
 
 
-def signature(graph: Graph) -> tuple[list[dict], list[dict]]:
-    """The graph's input and output signature as manifest entries (symbolic dims by name)."""
+def signature(graph: Graph, minimums: dict[str, int] | None = None) -> tuple[list[dict], list[dict]]:
+    """The graph's input and output signature as manifest entries (symbolic dims by name; an
+    input's ``min`` holds the least size of a symbolic dim, by its index, where one is needed)."""
 
     def entry(v: Value) -> dict:
         out = {"name": v.name, "dtype": v.dtype.numpy.name if v.dtype else None,
                "shape": None if v.shape is None else list(v.shape)}
+        least = {str(i): minimums[d] for i, d in enumerate(v.shape or ()) if isinstance(d, str) and d in (minimums or {})}
+        if least and v in graph.inputs:
+            out["min"] = least
         if v.sequence:  # a sequence of tensors: dtype and shape are its elements' (the runtime takes or returns a list)
             out.update(sequence=True, shape=out["shape"] or [])
             if v.seq_shapes is not None:  # an input's: its length and elements are fixed when compiling
@@ -98,10 +102,13 @@ def build(
     passes: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
     tuning_db: "TuningDatabase | None" = None,
+    dim_minimums: dict[str, int] | None = None,
 ) -> BuildReport:
     """Compile ``graph`` for ``target`` (the host CPU by default) into the artifact ``out``.
 
     With ``tuning_db``, every kernel the database holds gets its best recorded schedule.
+    ``dim_minimums`` (see :func:`kiln.ir.window_minimums`; by default, ``graph``'s own) go into
+    the signature, so that the runtime refuses an input too small for a window.
     """
     import tvm
     from safetensors.numpy import save as save_safetensors
@@ -148,7 +155,7 @@ def build(
     t = time.perf_counter()
     say("writing artifact")
     weights = save_safetensors({name: np.ascontiguousarray(arr) for name, arr in lowered.weights.items()})
-    inputs, outputs = signature(graph)
+    inputs, outputs = signature(graph, window_minimums(graph) if dim_minimums is None else dim_minimums)
     manifest = {
         "kiln_version": __version__,
         "tvm_version": metadata.version("apache-tvm"),

@@ -211,6 +211,13 @@ def _equal_dims(n: Node) -> list[tuple[object, object]]:
     if n.op_type in ("BatchNormalization", "InstanceNormalization"):
         scale = n.input(1).shape if n.input(1) is not None else None
         return [(a[1], scale[0])] if len(a) >= 2 and scale and len(scale) == 1 else []
+    if n.op_type in ("LayerNormalization", "LayerNorm"):  # the normalised dims against the scale's (not 1s)
+        scale = n.input(1).shape if n.input(1) is not None else None
+        axis = n.attr("axis", -1)
+        axis = axis + len(a) if isinstance(axis, int) and axis < 0 else axis
+        if not scale or not isinstance(axis, int) or not 0 <= axis < len(a) or len(scale) > len(a) - axis:
+            return []
+        return [(x, d) for x, d in zip(a[len(a) - len(scale):], scale) if d != 1]
     return []
 
 
@@ -235,6 +242,40 @@ def pin_contracted_dims(graph: Graph) -> dict[str, int]:
         set_input_shapes(graph, {name: tuple(pins.get(d, d) if isinstance(d, str) else d for d in shape)
                                  for name, shape in inputs.items()})
     return {k: v for k, v in pins.items() if any(k in (s or ()) for s in inputs.values())}
+
+
+_WINDOWED = {("", "Conv"), ("", "ConvInteger"), ("", "MaxPool"), ("", "AveragePool"), ("", "LpPool"),
+             (KILN_DOMAIN, "FusedConv")}
+
+
+def window_minimums(graph: Graph) -> dict[str, int]:
+    """The least size of each symbolic dim that a conv's or pool's window needs.
+
+    A window of ``dilation * (kernel - 1) + 1`` must fit its padded input, or the op has no
+    output (onnxruntime refuses such a run). Where an input dim reaches a window as the
+    symbol itself (through ops that keep the size, such as "same"-padded convs), the symbol
+    must be at least the window less the pads. (Dims derived by arithmetic are not covered.)
+    """
+    least: dict[str, int] = {}
+    for n in graph.nodes:
+        if (n.domain, n.op_type) not in _WINDOWED or n.input(0) is None or not n.input(0).shape:
+            continue
+        x = n.input(0).shape
+        w = n.input(1).shape if n.op_type != "MaxPool" and n.op_type != "AveragePool" and n.op_type != "LpPool" \
+            and n.input(1) is not None else None
+        kernel = list(n.attr("kernel_shape", ()) or (w[2:] if w else ()))
+        spatial = len(x) - 2
+        if len(kernel) != spatial or not all(isinstance(k, int) for k in kernel) or \
+                n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            continue  # (a blocked layout's extra dim, a symbolic kernel, or SAME padding: any size fits)
+        pads = list(n.attr("pads", ()) or [0] * (2 * spatial))
+        dil = list(n.attr("dilations", ()) or [1] * spatial)
+        for i, d in enumerate(x[2:]):
+            if isinstance(d, str) and len(pads) == 2 * spatial:
+                need = dil[i] * (kernel[i] - 1) + 1 - pads[i] - pads[i + spatial]
+                if need > 1:
+                    least[d] = max(least.get(d, 1), need)
+    return least
 
 
 def _reinfer(graph: Graph) -> None:

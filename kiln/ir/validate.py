@@ -575,6 +575,23 @@ def _batch_norm_params(node: Node) -> Iterator[str]:
             return
 
 
+@constraint("If")
+def _branch_types(node: Node) -> Iterator[str]:
+    """Each output's dtype is what both branches give (a declared dtype the branches contradict
+    would be read as the wrong type)."""
+    branches = [(side, node.attr(f"{side}_branch")) for side in ("then", "else")]
+    for i, out in enumerate(node.outputs):
+        for side, g in branches:
+            if g is None or i >= len(g.outputs):
+                continue
+            given = g.outputs[i].dtype
+            if out.dtype is not None and given is not None and given != out.dtype and \
+                    not out.sequence and not g.outputs[i].sequence:
+                yield f"its output '{out.name}' is {out.dtype.name.lower()}, but its {side} branch gives " \
+                      f"{given.name.lower()}"
+                return
+
+
 @constraint("Pad")
 def _pads_count(node: Node) -> Iterator[str]:
     opset = node.graph.model_opset.get("", 0) if node.graph is not None else 0

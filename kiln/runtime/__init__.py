@@ -50,6 +50,7 @@ class Signature:
     shape: tuple[int | str, ...]
     sequence: bool = False  # a sequence of tensors: a list of arrays (dtype and shape are its elements')
     elements: tuple[tuple[int | str, ...], ...] | None = None  # a sequence input's elements' dims, fixed when compiling
+    least: tuple[tuple[int, int], ...] = ()  # (dim index, least size) of symbolic dims a conv's window needs
 
     def __str__(self) -> str:
         text = f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
@@ -132,7 +133,8 @@ class CompiledModel:
         self.manifest = m
         self.signer = artifact.signer
         self.inputs = [Signature(s["name"], s["dtype"], tuple(s["shape"]), bool(s.get("sequence")),
-                                 None if s.get("elements") is None else tuple(tuple(e) for e in s["elements"]))
+                                 None if s.get("elements") is None else tuple(tuple(e) for e in s["elements"]),
+                                 tuple(sorted((int(i), int(n)) for i, n in (s.get("min") or {}).items())))
                        for s in m["inputs"]]
         self.outputs = [Signature(s["name"], s["dtype"], tuple(s["shape"] or ()), bool(s.get("sequence")))
                         for s in m["outputs"]]
@@ -197,6 +199,10 @@ class CompiledModel:
                         ok = False
                 if not ok:
                     raise InputError(f"input '{label}' has shape {list(a.shape)}; expected {sig}")
+                for i, least in s.least:
+                    if a.shape[i] < least:
+                        raise InputError(f"input '{label}' has shape {list(a.shape)}: its dim {i} ({shape[i]}) must be "
+                                         f"at least {least} for the model's conv and pool windows; expected {sig}")
                 arrays.append(a)
         return arrays
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, branch_failure, lowers
 from kiln.codegen.lowering.te import get_topi
+from kiln.errors import RUNTIME_CHECK
 from kiln.ir import Graph, Node, Value, is_static
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def _failing_branch(lw: Lowerer, node: Node, reason: str, like: Graph, name: str
             raise CodegenError(f"node {node.label()}: a branch fails at run time ({reason}), and the other "
                                f"branch's output '{v.name}' is {v.type_str()}, not a static shape")
 
-    message = f"kiln: If {node.label()} took a branch that cannot run at the compiled shapes: {reason}"
+    message = RUNTIME_CHECK + f"If {node.label()} took a branch that cannot run at the compiled shapes: {reason}"
 
     def fail() -> Any:  # a TIR assertion: relax's assert_op lives in the compiler library, not the runtime
         import tvm
