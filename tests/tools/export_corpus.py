@@ -15,13 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import cpu_torch  # noqa: F401 - first: torchvision imports on the CPU torch
 import torch
-
-# torchvision's wheel registers fake kernels for its CUDA ops on import, which the CPU torch refuses;
-# the model definitions do not need them
-torch.library.register_fake = lambda *a, **k: (lambda f: f)
-
-import torchvision  # noqa: E402
+import torchvision
 
 Batch = torch.export.Dim("batch", min=1, max=64)  # examples have batch 2: torch specialises a dim of 1
 Sequence = torch.export.Dim("sequence", min=2, max=512)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import cpu_torch  # noqa: F401 - first: transformers imports torchvision, which needs it on the CPU torch
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
