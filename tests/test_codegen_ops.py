@@ -298,3 +298,15 @@ def test_run_time_indices_are_checked_as_onnxruntime_checks_them(tmp_path, op):
     with pytest.raises(kiln.errors.InputError, match=rf"^{op} node 'ix': an index is out of range") as e:
         runtime.run(wrong)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("op", ["Erf", "Tanh"])
+def test_vector_erf_and_tanh_match_onnxruntime_over_their_range(tmp_path, op):
+    """kiln's polynomial erf and exp-based tanh (TIR's run one libm call per lane), from the tails to
+    around 0 where tanh's formula switches, with NaN, infinities and signed zeros."""
+    x = np.concatenate([np.linspace(-12, 12, 20001), np.linspace(-0.3, 0.3, 20001),
+                        [np.nan, np.inf, -np.inf, 0.0, -0.0, 0.25, -0.25]]).astype(np.float32)
+    model = make_model([helper.make_node(op, ["x"], ["y"])], [f32("x", [x.size])], [f32("y", [x.size])])
+    got, want = _compiled(model, tmp_path, {"x": x})["y"], ort_outputs(model, {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=5e-7, equal_nan=True)
+    assert np.array_equal(np.signbit(got[-7:-2]), np.signbit(want[-7:-2]))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.te import apply_activation, get_topi, is_one, keep_nan_max, keep_nan_min
+from kiln.codegen.lowering.te import apply_activation, erf_expr, get_topi, is_one, keep_nan_max, keep_nan_min, tanh_expr
 from kiln.ir import Node, const_ints
 
 if TYPE_CHECKING:
@@ -56,10 +56,17 @@ def _emit_ew(lw: Lowerer, node: Node, fn: Callable[..., Any]) -> list[Any]:
 # =========================================================================== unary math
 
 
+def _map(x: Any, expr: Callable[[Any], Any], name: str) -> Any:
+    """``expr`` on every element of the TE tensor ``x``."""
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: expr(x(*i)), name=name)
+
+
 _UNARY: dict[str, Callable[[Any], Any]] = {
-    "Relu": lambda x: apply_activation(x, "Relu", ()), "Sigmoid": lambda x: get_topi().sigmoid(x), "Tanh": lambda x: get_topi().tanh(x),
+    "Relu": lambda x: apply_activation(x, "Relu", ()), "Sigmoid": lambda x: get_topi().sigmoid(x), "Tanh": lambda x: _map(x, tanh_expr, "tanh"),
     "Exp": lambda x: get_topi().exp(x), "Log": lambda x: get_topi().log(x), "Sqrt": lambda x: get_topi().sqrt(x),
-    "Abs": lambda x: get_topi().abs(x), "Neg": lambda x: get_topi().negative(x), "Erf": lambda x: get_topi().erf(x),
+    "Abs": lambda x: get_topi().abs(x), "Neg": lambda x: get_topi().negative(x), "Erf": lambda x: _map(x, erf_expr, "erf"),
     "Floor": lambda x: get_topi().floor(x), "Ceil": lambda x: get_topi().ceil(x), "Sin": lambda x: get_topi().sin(x),
     "Cos": lambda x: get_topi().cos(x), "Reciprocal": lambda x: get_topi().divide(1.0, x),
 }

@@ -82,6 +82,61 @@ def statements() -> Iterator[None]:
         yield
 
 
+#: erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (a rational fit of degrees 13 and 8; erf is 1 to float32
+#: precision beyond 4): P's coefficients, highest power first, then Q's
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf_expr(v: Any) -> Any:
+    """``erf(v)`` from vector-friendly arithmetic for float32 (other dtypes: TIR's erf).
+
+    LLVM makes TIR's erf one libm call per lane: a BERT's GELU took 9% of its run. Measured
+    against math.erf over [-6, 6]: at most 4.2e-7 apart (7 ulp). NaN stays NaN.
+    """
+    from tvm import tirx
+
+    if _expr_dtype(v) != "float32":
+        return tirx.erf(v)
+
+    def c(x: float) -> Any:
+        return tirx.const(x, "float32")
+
+    x = tirx.min(tirx.max(v, c(-4.0)), c(4.0))
+    x2 = x * x
+    p = c(_ERF_P[0])
+    for k in _ERF_P[1:]:
+        p = p * x2 + c(k)
+    q = c(_ERF_Q[0])
+    for k in _ERF_Q[1:]:
+        q = q * x2 + c(k)
+    return tirx.Select(tirx.isnan(v), v, x * p / q)
+
+
+def tanh_expr(v: Any) -> Any:
+    """``tanh(v)`` from vector-friendly arithmetic for float32 (other dtypes: TIR's tanh).
+
+    TIR's tanh becomes one libm exp per lane. Here: ``1 - 2 / (exp(2|v|) + 1)`` with kiln's vector
+    exp, with the sign of ``v``, and below |v| = 1/4 (where that formula cancels) the odd Taylor
+    polynomial to v^9. NaN stays NaN.
+    """
+    from tvm import tirx
+
+    if _expr_dtype(v) != "float32":
+        return tirx.tanh(v)
+
+    def c(x: float) -> Any:
+        return tirx.const(x, "float32")
+
+    a = tirx.abs(v)
+    big = c(1) - c(2) / (exp_expr(a * c(2)) + c(1))
+    v2 = v * v
+    small = v * (c(1) + v2 * (c(-1 / 3) + v2 * (c(2 / 15) + v2 * (c(-17 / 315) + v2 * c(62 / 2835)))))
+    return tirx.Select(tirx.isnan(v), v, tirx.Select(a < c(0.25), small, tirx.Select(v < c(0), -big, big)))
+
+
 def _sigmoid_expr(v: Any) -> Any:
     from tvm import tirx
 
@@ -134,7 +189,7 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "Sigmoid":
         return _sigmoid_expr(v)
     if name == "Tanh":
-        return tirx.tanh(v)
+        return tanh_expr(v)
     if name == "HardSigmoid":
         return keep_nan_max(keep_nan_min(v * c(params[0]) + c(params[1]), c(1)), c(0))
     if name == "HardSwish":
@@ -144,8 +199,8 @@ def activation_expr(v: Any, name: str, params: tuple[float, ...]) -> Any:
     if name == "Gelu":
         if params and params[0]:
             k = float(np.sqrt(2 / np.pi))
-            return c(0.5) * v * (c(1) + tirx.tanh(c(k) * (v + c(0.044715) * v * v * v)))
-        return c(0.5) * v * (c(1) + tirx.erf(v * c(float(1 / np.sqrt(2)))))
+            return c(0.5) * v * (c(1) + tanh_expr(c(k) * (v + c(0.044715) * v * v * v)))
+        return c(0.5) * v * (c(1) + erf_expr(v * c(float(1 / np.sqrt(2)))))
     raise CodegenError(f"activation '{name}' has no lowering")
 
 
