@@ -14,7 +14,9 @@ Ops
     ``Y = act(Conv(X, W, B) + Z)``. Conv attributes as ONNX ``Conv`` (explicit
     ``pads``; no ``auto_pad``). ``Z`` is an optional residual of ``Y``'s shape.
 ``kiln::FusedGemm(A, B, C?)``
-    ``Y = act(Gemm(A, B, C))``, with Gemm's ``alpha``, ``beta``, ``transA``, ``transB``.
+    ``Y = act(Gemm(A, B, C))``, with Gemm's ``alpha``, ``beta``, ``transA``, ``transB``. An ``A`` of
+    rank 3 or more is rows: ``[..., K] @ B -> [..., N]``, with C per column (alpha and beta 1, A
+    not transposed).
 
 Both take ``activation`` (a string, empty for none) and ``activation_params``
 (floats). Activations and their parameters:
@@ -236,15 +238,21 @@ def _gemm_out_shape(node: Node) -> list[tuple]:
     a, b = node.input(0), node.input(1)
     if a is None or b is None or a.shape is None or b.shape is None:
         return [(a.dtype if a else None, None)]
-    m = a.shape[1] if node.attr("transA", 0) else a.shape[0]
     n = b.shape[0] if node.attr("transB", 0) else b.shape[1]
+    if len(a.shape) > 2:  # rows: [..., K] @ [K, N] -> [..., N]
+        return [(a.dtype, (*a.shape[:-1], n))]
+    m = a.shape[1] if node.attr("transA", 0) else a.shape[0]
     return [(a.dtype, (m, n))]
 
 
 def _decompose_gemm(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
     attrs, act, params = _split_epilogue(node)
     a, b, c = (list(inputs) + [None])[:3]
-    y = op.Gemm(a, b, c, **attrs) if c is not None else op.Gemm(a, b, **attrs)
+    if a is not None and a.rank is not None and a.rank > 2:  # rows (alpha, beta 1; A not transposed)
+        y = op.MatMul(a, op.Transpose(b) if attrs.get("transB") else b)
+        y = op.Add(y, c) if c is not None else y
+    else:
+        y = op.Gemm(a, b, c, **attrs) if c is not None else op.Gemm(a, b, **attrs)
     return [decompose_activation(op, y, act, params, opset)]
 
 

@@ -218,6 +218,8 @@ def _matmul(node: Node) -> list[MaybeShape]:
 @rule("Gemm")
 def _gemm(node: Node) -> list[MaybeShape]:
     a, b = _shape(node.input(0)), _shape(node.input(1))
+    if a is not None and b is not None and len(a) > 2 and len(b) == 2 and node.op_type == "FusedGemm":  # rows
+        return [(*a[:-1], b[0] if node.attr("transB", 0) else b[1])]
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return [None]
     m = a[1] if node.attr("transA", 0) else a[0]

@@ -12,13 +12,16 @@ Rules (priority in brackets where rules overlap at the same root):
 - ``pad-conv``: a zero ``Pad`` of the spatial dims folds into the Conv's pads;
 - ``pad-averagepool``, ``pad-maxpool``: a zero (counted) or -inf ``Pad`` folds into the pooling;
 - ``matmul-add-gemm``: a 2-D MatMul by a constant matrix plus a bias becomes Gemm;
+- ``matmul-rows-gemm``, ``matmul-rows`` (pass ``fuse-gemm``): a MatMul of ``[..., K]`` rows by a constant
+  ``[K, N]``, plus a bias or with none after it, becomes ``kiln::FusedGemm`` over the rows;
 - ``hardswish-clip``: Paddle's hard-swish ``x·clip(x+3, 0, 6)·c`` (c = 1/6, or a learnt scale folded
   in) becomes ``HardSwish(x)·6c`` (before opset 14, ``x·HardSigmoid(x)``, which the epilogue rules
   also recognise);
 - ``conv-residual``, ``conv-residual-sum``: ``Conv(...) + z`` (an Add, or a two-input Sum) of
   the same shape becomes ``FusedConv(..., Z=z)``;
-- ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``: an activation after a Conv,
-  a FusedConv without one, or a Gemm becomes the op's epilogue;
+- ``conv-<act>``, ``fused-conv-<act>``, ``gemm-<act>``, ``fused-gemm-<act>``: an activation after a Conv,
+  a FusedConv without one, a Gemm, or a FusedGemm without one becomes the op's epilogue (the Gemm
+  ones again in ``fuse-gemm``, after the transformer fusion has made its GELUs);
 - ``convtranspose-depthtospace`` [-5]: a ConvTranspose whose stride equals its kernel is a 1x1
   Conv and a DepthToSpace; ``depthtospace-add``/``-mul`` and ``depthtospace-<act>`` move
   per-channel affines and activations before the DepthToSpace, into the conv's epilogue.
@@ -435,6 +438,48 @@ def _matmul_add_example():
     return example_graph("matmul_add", {"a": (DType.FLOAT32, (4, 5))}, build)
 
 
+def _matmul_rows_check(ctx, a, b, c) -> None:
+    if a.rank is None or a.rank < 3 or b.rank != 2 or a.dtype != DType.FLOAT32:
+        raise MatchFailure(f"not a float32 [..., K] @ [K, N] of rank 3 or more; A is {a.type_str()}, B {b.type_str()}")
+    n = b.shape[1]
+    if c is None:
+        return
+    if c.rank is None or c.rank > 1 or (c.rank == 1 and c.shape[0] not in (1, n)):
+        raise MatchFailure(f"the bias {c.type_str()} is not one value per output column")
+
+
+MATMUL_ROWS_GEMM = RewriteRule(
+    "matmul-rows-gemm", _matmul_add_pattern, lambda op, a, b, c: op.kiln.FusedGemm(a, b, c),
+    check=_matmul_rows_check,
+    example=lambda: example_graph("matmul_rows", {"a": (DType.FLOAT32, (2, 4, 5))}, lambda op, a: op.Add(
+        op.MatMul(a, op.constant(_f32(_rng().standard_normal((5, 3))))), op.constant(_f32(_rng().standard_normal(3))))),
+    description="A MatMul of [..., K] rows by a constant [K, N] plus a bias per column becomes kiln::FusedGemm over "
+                "the rows, whose epilogue then takes an activation.",
+)
+
+
+def _matmul_rows_alone_check(ctx, a, b, mm) -> None:
+    _matmul_rows_check(ctx, a, b, None)
+    for user in mm.outputs[0].users:
+        c = next((v for v in user.inputs if v is not None and v is not mm.outputs[0]), None)
+        if user.op_type == "Add" and c is not None and c.is_constant:
+            try:
+                _matmul_rows_check(ctx, a, b, c)
+            except MatchFailure:
+                continue
+            raise MatchFailure("a bias follows: matmul-rows-gemm takes the two together")
+
+
+MATMUL_ROWS = RewriteRule(
+    "matmul-rows", lambda op, a, b=Const(): op.MatMul(a, b, _name="mm"), lambda op, a, b, mm: op.kiln.FusedGemm(a, b),
+    check=_matmul_rows_alone_check,
+    example=lambda: example_graph("matmul_rows_alone", {"a": (DType.FLOAT32, (2, 4, 5))}, lambda op, a: op.MatMul(
+        a, op.constant(_f32(_rng().standard_normal((5, 3)))))),
+    description="A MatMul of [..., K] rows by a constant [K, N] with no bias after it becomes kiln::FusedGemm "
+                "over the rows, whose epilogue then takes an activation.",
+)
+
+
 MATMUL_ADD_GEMM = RewriteRule(
     "matmul-add-gemm", _matmul_add_pattern, _matmul_add_rewrite, check=_matmul_add_check, example=_matmul_add_example,
     description="A 2-D MatMul by a constant matrix plus a broadcastable bias becomes Gemm.",
@@ -523,6 +568,9 @@ def _act_table() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple[floa
                                   lambda act, hsig=None, **_: _hardswish_sigmoid_params(hsig)),
         "Gelu": (lambda op, y: op.Gelu(y, _name="act"),
                  lambda act, **_: (1.0,) if act.attr("approximate", "none") == "tanh" else ()),
+        # GELU before opset 20, as the transformer fusion writes it
+        "Gelu-kiln": (lambda op, y: op.kiln.Gelu(y, _name="act"),
+                      lambda act, **_: (1.0,) if act.attr("approximate", "none") == "tanh" else ()),
     }
 
 
@@ -545,6 +593,9 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
         def pattern(op, x, w, b, z):
             return make_act(op, op.kiln.FusedConv(x, w, Optional(b), Optional(z), activation=lambda a: not a,
                                                   _name="core"))
+    elif core == "fused-gemm":
+        def pattern(op, x, w, b):
+            return make_act(op, op.kiln.FusedGemm(x, w, Optional(b), activation=lambda a: not a, _name="core"))
     else:
         def pattern(op, x, w, b):
             return make_act(op, getattr(op, "Conv" if core == "conv" else "Gemm")(x, w, Optional(b), _name="core"))
@@ -558,7 +609,7 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
         b, z = bound.get("b"), bound.get("z")
         attrs = copy_attrs(core, "auto_pad", "activation", "activation_params", activation=act_name,
                            activation_params=list(params))
-        if core.op_type == "Gemm":
+        if core.op_type in ("Gemm", "FusedGemm"):
             return op.kiln.FusedGemm(x, w, b, **attrs)
         return op.kiln.FusedConv(x, w, b, z, **attrs)
 
@@ -569,6 +620,9 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
             if core == "gemm":
                 y = op.Gemm(x, op.constant(_f32(rng.standard_normal((6, 5)))), op.constant(_f32(rng.standard_normal(6))),
                             transB=1)
+            elif core == "fused-gemm":  # rows of a 3-D input, as the matmul-rows-gemm rule makes
+                y = op.kiln.FusedGemm(x, op.constant(_f32(rng.standard_normal((5, 6)))),
+                                      op.constant(_f32(rng.standard_normal(6))))
             else:
                 w = op.constant(_f32(rng.standard_normal((4, 3, 3, 3)) * 0.5))
                 b = op.constant(_f32(rng.standard_normal(4)))
@@ -580,6 +634,8 @@ def _epilogue_rule(core: str, form: str) -> RewriteRule:
 
         if core == "gemm":
             inputs = {"x": (DType.FLOAT32, (3, 5))}
+        elif core == "fused-gemm":
+            inputs = {"x": (DType.FLOAT32, (2, 3, 5))}
         else:
             inputs = {"x": (DType.FLOAT32, (1, 3, 5, 5))}
             if core == "fused-conv":
@@ -604,6 +660,8 @@ def example_activation(op, y: Value, form: str) -> Value:
         return op.Mul(op.Sigmoid(y), y)
     if form == "HardSwish-HardSigmoid":
         return op.Mul(op.HardSigmoid(y, alpha=1 / 6, beta=0.5), y)
+    if form == "Gelu-kiln":
+        return op.kiln.Gelu(y)
     return getattr(op, form)(y)
 
 
@@ -656,7 +714,43 @@ HARDSWISH_CLIP_14 = RewriteRule(
 )
 
 
+def _act_before_reshape_rule(form: str) -> RewriteRule:
+    """``act(Reshape(Gemm(...)))`` becomes ``Reshape(act(Gemm(...)))``: an elementwise activation does not
+    care about the shape, and next to the product it joins its epilogue (GPT-2 reshapes its MLP's Gemm
+    back to [batch, sequence, width] before the GELU)."""
+    make_act = ACTIVATION_PATTERNS[form][0]  # single-input activations only
+
+    def pattern(op, y, s):
+        return make_act(op, op.Reshape(y, s, _name="rs"))
+
+    def check(ctx, y, rs, **_) -> None:
+        core = y.producer
+        if core is None or core.op_type not in ("Gemm", "FusedGemm") or core.attr("activation"):
+            raise MatchFailure(f"%{y.name} is not the output of a Gemm without an activation")
+        if len(y.users) != 1 or y.is_graph_output:
+            raise MatchFailure(f"%{y.name} has other users than the Reshape")
+
+    def rewrite(op, y, s, act, rs):
+        make = getattr(op.kiln, act.op_type) if act.domain == "kiln" else getattr(op, act.op_type)
+        return op.Reshape(make(y, **copy_attrs(act)), s, **copy_attrs(rs))  # the same activation, on the product
+
+    def example():
+        rng = _rng()
+
+        def build(op, x):
+            y = op.Gemm(x, op.constant(_f32(rng.standard_normal((5, 6)))), op.constant(_f32(rng.standard_normal(6))))
+            return example_activation(op, op.Reshape(y, op.constant(np.array([1, 3, 6], np.int64))), form)
+
+        return example_graph(f"reshape_{form.lower()}", {"x": (DType.FLOAT32, (3, 5))}, build,
+                             opset=20 if form == "Gelu" else 17)
+
+    return RewriteRule(f"{form.lower()}-before-reshape", pattern, rewrite, check=check, example=example,
+                       description=f"{form.replace('-', ' written as ')} after a Gemm's Reshape moves before the Reshape, "
+                                   "into the Gemm's epilogue.")
+
+
 EPILOGUE_RULES = [_epilogue_rule(core, act) for core in ("conv", "fused-conv", "gemm") for act in ACTIVATION_PATTERNS]
+FUSED_GEMM_EPILOGUE_RULES = [_epilogue_rule("fused-gemm", act) for act in ACTIVATION_PATTERNS]
 
 # --------------------------------------------------------------------------- ConvTranspose as Conv + DepthToSpace
 
@@ -770,4 +864,9 @@ FOLD_RULES = [CONV_BN, CONVT_BN, GEMM_BN, BN_AFFINE, CONV_ADD_BIAS, CONV_MUL_SCA
 RULES = [*FOLD_RULES, CONV_RESIDUAL, CONV_RESIDUAL_SUM, *EPILOGUE_RULES, *D2S_RULES]
 
 register_rule_set("fuse-conv", RULES)
+#: after fuse-transformer has made its GELUs: products by constant weights take their bias and
+#: activation into one epilogue
+register_rule_set("fuse-gemm", [MATMUL_ADD_GEMM, MATMUL_ROWS_GEMM, MATMUL_ROWS, *(r for r in EPILOGUE_RULES if r.name.startswith("gemm-")),
+                                *FUSED_GEMM_EPILOGUE_RULES,
+                                *(_act_before_reshape_rule(f) for f in ("Relu", "Gelu", "Gelu-kiln", "Sigmoid", "Tanh"))])
 register_rule_set("fold-into-conv", FOLD_RULES)

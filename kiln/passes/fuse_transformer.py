@@ -3,8 +3,8 @@
 - ``layernorm``, ``layernorm-square``: ``ReduceMean / Sub / Pow 2 (or d·d) / ReduceMean / Add eps /
   Sqrt / Div / Mul γ / Add β`` (as Paddle and PyTorch export it) becomes ``LayerNormalization``
   at opset 17+, else ``kiln::LayerNorm``;
-- ``gelu-erf`` (and ``-half-first``, ``-scaled`` variants): ``x · ½ · (1 + erf(x / √2))`` in either
-  multiplication order, with ``x / √2`` or ``x · (1/√2)``, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
+- ``gelu-erf`` (and ``-half-first``, ``-half-inner``, ``-scaled`` variants): ``x · ½ · (1 + erf(x / √2))``
+  with the ½ in any of the three places, with ``x / √2`` or ``x · (1/√2)``, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
   at opset 20+, else ``kiln::Gelu``;
 - ``attention-scaled-q``, ``attention-scaled-scores``, ``attention-masked``: ``Q·Kt`` with a
   constant scale on Q or on the scores, an optional additive mask, a last-axis Softmax and a
@@ -149,22 +149,28 @@ def _gelu_rewrite(op, x, tanh_form: bool = False):
     return op.kiln.Gelu(x, approximate=approximate)
 
 
-def _gelu_erf(op, x, arg, one, half, half_first: bool):
-    """x·½·(1 + erf(arg)), with the ½ applied last or first."""
+#: where a GELU's ½ goes: last, (x·φ)·½; first, (x·½)·φ; inner, x·(½·φ) (torch's dynamo export), with φ = 1 + erf(x/√2)
+_HALF = ("last", "first", "inner")
+
+
+def _gelu_erf(op, x, arg, one, half, where: str):
+    """x·½·(1 + erf(arg)), with the ½ applied where ``where`` says (see :data:`_HALF`)."""
     phi2 = op.Add(op.Erf(arg), one)  # 1 + erf(x / sqrt 2)
-    if half_first:
+    if where == "first":
         return op.Mul(op.Mul(x, half), phi2)
+    if where == "inner":
+        return op.Mul(x, op.Mul(half, phi2))
     return op.Mul(op.Mul(x, phi2), half)
 
 
-def _gelu_erf_pattern_for(half_first: bool, scaled: bool):
-    """x·½·(1 + erf(x/√2)), with the ½ applied last or first, and x/√2 written as x·(1/√2) or not."""
+def _gelu_erf_pattern_for(where: str, scaled: bool):
+    """x·½·(1 + erf(x/√2)), with the ½ applied where ``where`` says, and x/√2 written as x·(1/√2) or not."""
     if scaled:
         def pattern(op, x, inv_root2=Const(), one=Const(), half=Const()):
-            return _gelu_erf(op, x, op.Mul(x, inv_root2), one, half, half_first)
+            return _gelu_erf(op, x, op.Mul(x, inv_root2), one, half, where)
     else:
         def pattern(op, x, root2=Const(), one=Const(), half=Const()):
-            return _gelu_erf(op, x, op.Div(x, root2), one, half, half_first)
+            return _gelu_erf(op, x, op.Div(x, root2), one, half, where)
     return pattern
 
 
@@ -188,6 +194,8 @@ def _gelu_example(form: str, opset: int = 17, scaled: bool = False):
             phi2 = op.Add(op.Erf(arg), c(1.0))
             if form == "half-first":
                 return op.Mul(op.Mul(x, c(0.5)), phi2)
+            if form == "half-inner":
+                return op.Mul(x, op.Mul(c(0.5), phi2))
             return op.Mul(op.Mul(x, phi2), c(0.5))
 
         return example_graph(f"gelu_{form}", {"x": (DType.FLOAT32, (3, 16))}, build, opset=opset)
@@ -195,15 +203,19 @@ def _gelu_example(form: str, opset: int = 17, scaled: bool = False):
     return make
 
 
+_GELU_TEXT = {"last": ("x * (1 + erf(x", " * 0.5"), "first": ("(x * 0.5) * (1 + erf(x", ""),
+              "inner": ("x * (0.5 * (1 + erf(x", ")")}
+
 GELU_ERF_RULES = [
     RewriteRule(
-        f"gelu-erf{'-half-first' if half_first else ''}{'-scaled' if scaled else ''}",
-        _gelu_erf_pattern_for(half_first, scaled), lambda op, x: _gelu_rewrite(op, x), check=_gelu_erf_check,
-        example=_gelu_example("half-first" if half_first else "erf", opset=20 if half_first else 17, scaled=scaled),
-        description=("(x * 0.5) * (1 + erf(x" if half_first else "x * (1 + erf(x")
-        + (" * (1/sqrt 2)))" if scaled else " / sqrt 2))") + (" becomes Gelu." if half_first else " * 0.5 becomes Gelu."),
+        f"gelu-erf{'' if where == 'last' else '-half-' + where}{'-scaled' if scaled else ''}",
+        _gelu_erf_pattern_for(where, scaled), lambda op, x: _gelu_rewrite(op, x), check=_gelu_erf_check,
+        example=_gelu_example("erf" if where == "last" else "half-" + where, opset=20 if where == "first" else 17,
+                              scaled=scaled),
+        description=_GELU_TEXT[where][0] + (" * (1/sqrt 2)))" if scaled else " / sqrt 2))") + _GELU_TEXT[where][1]
+        + " becomes Gelu.",
     )
-    for half_first in (False, True) for scaled in (False, True)
+    for where in _HALF for scaled in (False, True)
 ]
 
 

@@ -52,6 +52,9 @@ class Lowerer:
         self._node: Node | None = None  # the node being lowered
         # (node id, input index) -> the prepacked constant its lowering reads (see registry.PREPACKS)
         self._packed: dict[tuple[int, int], Value] = {}
+        # a product's [..., N] result (its relax var) -> the [M, N] rows it was shaped from, so that the
+        # next product over rows reads those (FuseOps would otherwise fuse the two reshapes into a copy)
+        self.rows_of: dict[Any, Any] = {}
 
     def bind_dims(self, v: Value, r: Any) -> None:
         """Learn the TIR expression of each of ``v``'s symbolic dims from its lowered value ``r``.

@@ -65,8 +65,25 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
     ins = [lw.get(v) for v in node.inputs if v is not None]
     act = node.attr("activation", "") or ""
     params = tuple(node.attr("activation_params", ()) or ())
-    return [lw.emit(_gemm_compute(node, act, params), *ins, name=f"fused_gemm_{act.lower() or 'linear'}",
-                    attrs=_gemm_attrs(node))]
+    name = f"fused_gemm_{act.lower() or 'linear'}"
+    if node.input(0).rank > 2:  # rows: the scheduled dense kernel on [M, K], between reshapes (views)
+        return [_on_rows(lw, ins[0], lambda rows: lw.emit(_gemm_compute(node, act, params), rows, *ins[1:], name=name,
+                                                          attrs=_gemm_attrs(node)))]
+    return [lw.emit(_gemm_compute(node, act, params), *ins, name=name, attrs=_gemm_attrs(node))]
+
+
+def _on_rows(lw: Lowerer, x: Any, product: Callable[[Any], Any]) -> Any:
+    """``product`` of ``x [..., K]`` flattened to rows ``[M, K]``, its ``[M, N]`` result shaped back to ``[..., N]``.
+    TVM turns both reshapes into views (RewriteDataflowReshape)."""
+    lead = list(x.ty.shape.values)[:-1]
+    flat = lw.rows_of.get(x)
+    if flat is None:
+        flat = lw.emit(lambda t: get_topi().reshape(t, (simplify(prod(t.shape[:-1])), t.shape[-1])), x,
+                       name="matmul_rows")
+    rows = product(flat)
+    out = lw.emit(lambda t: get_topi().reshape(t, (*lead, t.shape[-1])), rows, name="matmul_unrows")
+    lw.rows_of[out] = rows
+    return out
 
 
 @lowers("MatMul")
@@ -77,11 +94,8 @@ def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     if a.rank >= 2 and b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
         # [..., K] @ [K, N]: the scheduled dense kernel on [M, K], between reshapes that
         # TVM turns into views (RewriteDataflowReshape)
-        lead = list(lw.get(a).ty.shape.values)[:-1]
-        flat = lw.emit(lambda x: get_topi().reshape(x, (simplify(prod(x.shape[:-1])), x.shape[-1])), lw.get(a),
-                       name="matmul_rows")
-        y = lw.emit(_gemm_compute(node), flat, lw.get(b), name="matmul", attrs={"kiln.schedule": "dense"})
-        return [lw.emit(lambda t: get_topi().reshape(t, (*lead, t.shape[-1])), y, name="matmul_unrows")]
+        return [_on_rows(lw, lw.get(a), lambda rows: lw.emit(_gemm_compute(node), rows, lw.get(b), name="matmul",
+                                                             attrs={"kiln.schedule": "dense"}))]
 
     def compute(x: Any, y: Any) -> Any:
         # numpy's 1-D rules: a vector on the left is a row, on the right a column, then dropped
