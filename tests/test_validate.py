@@ -200,3 +200,29 @@ def test_an_input_smaller_than_a_conv_window_is_refused_at_run_time(tmp_path):
         run_onnxruntime(model.SerializeToString(), {"x": small})
     with pytest.raises(InputError, match=r"its dim 2 \(H\) must be at least 5 for the model's conv and pool windows"):
         runtime.run({"x": small})
+
+
+def test_a_window_need_is_carried_back_through_convs_and_pools():
+    """conv 3x3 -> relu -> maxpool 2/2 -> conv 3x3, none padded: the last conv needs 3 rows, so the pool
+    6, so the input 8. onnxruntime runs at 8 and refuses 7; kiln's runtime refuses 7 in one line."""
+    import kiln.runtime
+    from kiln.errors import InputError
+    from kiln.ir import window_minimums
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["y"])]
+    model = make_model(nodes, [f32("x", [1, 2, "H", "W"])], [f32("y", None)], [_w("w1", (2, 2, 3, 3)), _w("w2", (2, 2, 3, 3))])
+    assert window_minimums(kiln.load(model)) == {"H": 8, "W": 8}
+    x = np.random.default_rng(0).standard_normal((1, 2, 8, 9)).astype(np.float32)
+    run_onnxruntime(model.SerializeToString(), {"x": x})
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime raises several types
+        run_onnxruntime(model.SerializeToString(), {"x": x[:, :, :7]})
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        kiln.compile(kiln.load(model), f"{tmp}/m.kiln", threads=1)
+        runtime = kiln.runtime.load(f"{tmp}/m.kiln")
+        np.testing.assert_allclose(runtime.run({"x": x})["y"], run_onnxruntime(model.SerializeToString(), {"x": x})["y"],
+                                   rtol=1e-4, atol=1e-5)
+        with pytest.raises(InputError, match=r"its dim 2 \(H\) must be at least 8"):
+            runtime.run({"x": x[:, :, :7]})

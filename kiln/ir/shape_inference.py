@@ -246,36 +246,84 @@ def pin_contracted_dims(graph: Graph) -> dict[str, int]:
 
 _WINDOWED = {("", "Conv"), ("", "ConvInteger"), ("", "MaxPool"), ("", "AveragePool"), ("", "LpPool"),
              (KILN_DOMAIN, "FusedConv")}
+#: ops whose output has each input's spatial dims (inputs of the output's rank; a broadcast 1 aside)
+_SAME_DIMS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu",
+              "Celu", "Softplus", "Softsign", "Gelu", "Erf", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
+              "Identity", "Dropout", "Cast", "BatchNormalization", "InstanceNormalization", "LRN", "Add", "Sub",
+              "Mul", "Div", "Max", "Min", "Sum", "Mean", "Where"}
+
+
+def _window(n: Node, spatial: int) -> tuple[list[int], list[int], list[int], list[int], str, int] | None:
+    """(kernel, strides, dilations, pads, auto_pad, ceil_mode) of a conv or pool, or None if not static."""
+    w = n.input(1).shape if n.op_type not in ("MaxPool", "AveragePool", "LpPool") and n.input(1) is not None else None
+    kernel = list(n.attr("kernel_shape", ()) or (w[2:] if w else ()))
+    if len(kernel) != spatial or not all(isinstance(k, int) for k in kernel):
+        return None
+    pads = list(n.attr("pads", ()) or [0] * (2 * spatial))
+    if len(pads) != 2 * spatial:
+        return None
+    return (kernel, list(n.attr("strides", ()) or [1] * spatial), list(n.attr("dilations", ()) or [1] * spatial),
+            pads, n.attr("auto_pad", "NOTSET"), n.attr("ceil_mode", 0))
 
 
 def window_minimums(graph: Graph) -> dict[str, int]:
-    """The least size of each symbolic dim that a conv's or pool's window needs.
+    """The least size of each symbolic dim that the convs' and pools' windows need.
 
     A window of ``dilation * (kernel - 1) + 1`` must fit its padded input, or the op has no
-    output (onnxruntime refuses such a run). Where an input dim reaches a window as the
-    symbol itself (through ops that keep the size, such as "same"-padded convs), the symbol
-    must be at least the window less the pads. (Dims derived by arithmetic are not covered.)
+    output (onnxruntime refuses such a run). Each window's need is carried back to the model's
+    inputs: through the convs and pools before it (the input size whose output is that large),
+    and through ops that keep the spatial dims (activations, normalizations, elementwise
+    arithmetic, channel concats). Where it reaches a symbolic dim, that symbol must be at least
+    so large. (A need that meets any other op, a Resize or Reshape, is not carried further.)
+    Returns the input dims' symbols only.
     """
     least: dict[str, int] = {}
+
+    def need(v: Value | None, axis: int, size: int, depth: int = 0) -> None:
+        if v is None or size <= 1 or depth > 256 or v.shape is None or axis >= len(v.shape):
+            return
+        d = v.shape[axis]
+        if isinstance(d, int):
+            return  # a static dim: shape inference and validation see it
+        if isinstance(d, str):
+            least[d] = max(least.get(d, 1), size)
+        p = v.producer
+        if p is None:
+            return
+        rank = len(v.shape)
+        if (p.domain, p.op_type) in _WINDOWED and axis >= 2 and p.input(0) is not None and p.input(0).shape \
+                and len(p.input(0).shape) == rank:
+            geometry = _window(p, rank - 2)
+            if geometry is None:
+                return
+            kernel, strides, dil, pads, auto_pad, ceil = geometry
+            i = axis - 2
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                need(p.input(0), axis, (size - 1) * strides[i] + 1, depth + 1)
+                return
+            span = dil[i] * (kernel[i] - 1) + 1 - (pads[i] + pads[i + rank - 2] if auto_pad == "NOTSET" else 0)
+            back = (size - 2) * strides[i] + span + 1 if ceil else (size - 1) * strides[i] + span
+            need(p.input(0), axis, back, depth + 1)
+        elif p.domain == "" and (p.op_type in _SAME_DIMS or p.op_type == "Concat"
+                                 and normalize_axis(p.attr("axis", 0), rank) != axis):
+            for x in p.inputs:
+                if x is not None and x.shape is not None and len(x.shape) == rank and x.shape[axis] != 1:
+                    need(x, axis, size, depth + 1)
+
     for n in graph.nodes:
-        if (n.domain, n.op_type) not in _WINDOWED or n.input(0) is None or not n.input(0).shape:
+        x = n.input(0)
+        if (n.domain, n.op_type) not in _WINDOWED or x is None or not x.shape or len(x.shape) < 3:
             continue
-        x = n.input(0).shape
-        w = n.input(1).shape if n.op_type != "MaxPool" and n.op_type != "AveragePool" and n.op_type != "LpPool" \
-            and n.input(1) is not None else None
-        kernel = list(n.attr("kernel_shape", ()) or (w[2:] if w else ()))
-        spatial = len(x) - 2
-        if len(kernel) != spatial or not all(isinstance(k, int) for k in kernel) or \
-                n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        geometry = _window(n, len(x.shape) - 2)
+        if geometry is None or geometry[4] not in ("NOTSET", "VALID"):
             continue  # (a blocked layout's extra dim, a symbolic kernel, or SAME padding: any size fits)
-        pads = list(n.attr("pads", ()) or [0] * (2 * spatial))
-        dil = list(n.attr("dilations", ()) or [1] * spatial)
-        for i, d in enumerate(x[2:]):
-            if isinstance(d, str) and len(pads) == 2 * spatial:
-                need = dil[i] * (kernel[i] - 1) + 1 - pads[i] - pads[i + spatial]
-                if need > 1:
-                    least[d] = max(least.get(d, 1), need)
-    return least
+        kernel, _, dil, pads, auto_pad, _ = geometry
+        spatial = len(kernel)
+        for i in range(spatial):
+            pad = pads[i] + pads[i + spatial] if auto_pad == "NOTSET" else 0
+            need(x, 2 + i, dil[i] * (kernel[i] - 1) + 1 - pad)
+    inputs = {d for v in graph.inputs for d in (v.shape or ()) if isinstance(d, str)}
+    return {d: n for d, n in least.items() if d in inputs}
 
 
 def _reinfer(graph: Graph) -> None:
