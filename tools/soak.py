@@ -105,22 +105,26 @@ def soak(path: str | os.PathLike, *, callers: int = 8, calls: int = 10_000, thro
     model = kiln.runtime.load(path)
     feeds = [feeds_for(model, seed) for seed in range(callers)]
     expected = [model.run(f) for f in feeds]  # single-threaded reference
-    for _ in range(20):  # warm-up: the runners' pools and VMs, numpy's allocator
-        model.run(feeds[0])
-    rss_warm = rss_mb()
     mismatches = [0] * callers
 
-    def caller(i: int) -> None:
-        for _ in range(calls):
+    def caller(i: int, n: int) -> None:
+        for _ in range(n):
             got = model.run(feeds[i])
             if any(not np.array_equal(got[k], expected[i][k], equal_nan=True) for k in expected[i]):
                 mismatches[i] += 1
 
-    workers = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    def all_callers(n: int) -> None:
+        workers = [threading.Thread(target=caller, args=(i, n)) for i in range(callers)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    # warm-up, as many callers as the soak: every runner's TVM pool and VM (several runs in flight use
+    # narrower runners than one alone), numpy's allocator
+    all_callers(20)
+    rss_warm = rss_mb()
+    all_callers(calls)
     rss_end = rss_mb()
     one = _throughput(model, 1, throughput_calls, feeds[0])
     many = _throughput(model, callers, throughput_calls, feeds[0])
