@@ -278,10 +278,14 @@ def window_minimums(graph: Graph) -> dict[str, int]:
     Returns the input dims' symbols only.
     """
     least: dict[str, int] = {}
+    carried: dict[tuple[int, int], int] = {}  # (value, axis) -> the largest need already carried from it
 
     def need(v: Value | None, axis: int, size: int, depth: int = 0) -> None:
         if v is None or size <= 1 or depth > 256 or v.shape is None or axis >= len(v.shape):
             return
+        if carried.get((id(v), axis), 0) >= size:
+            return  # a need at least as large went this way already (residual graphs branch and rejoin)
+        carried[(id(v), axis)] = size
         d = v.shape[axis]
         if isinstance(d, int):
             return  # a static dim: shape inference and validation see it
