@@ -103,12 +103,14 @@ def build(
     progress: Callable[[str], None] | None = None,
     tuning_db: "TuningDatabase | None" = None,
     dim_minimums: dict[str, int] | None = None,
+    compression: dict[str, Any] | None = None,
 ) -> BuildReport:
     """Compile ``graph`` for ``target`` (the host CPU by default) into the artifact ``out``.
 
     With ``tuning_db``, every kernel the database holds gets its best recorded schedule.
     ``dim_minimums`` (see :func:`kiln.ir.window_minimums`; by default, ``graph``'s own) go into
-    the signature, so that the runtime refuses an input too small for a window.
+    the signature, so that the runtime refuses an input too small for a window. ``compression``
+    is the manifest's compression entry (see :func:`kiln.ir.summary.compression_entry`).
     """
     import tvm
     from safetensors.numpy import save as save_safetensors
@@ -168,6 +170,7 @@ def build(
         "passes": list(passes or []),
         "tuning_db": tuning_db.manifest() if tuning_db is not None else None,
         "quantization": None,
+        "compression": compression,
     }
     write_artifact(out, manifest, {**members, WEIGHTS: weights})
     report.seconds["write"] = time.perf_counter() - t

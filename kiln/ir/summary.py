@@ -158,23 +158,42 @@ def _op_list(ops: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
     return [{"domain": d or "ai.onnx", "op": op, "nodes": nodes} for (d, op), nodes in sorted(ops.items())]
 
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+#: kiln's own ops that multiply and accumulate (fused before layout; blocked or packed after it).
+KILN_MAC_OPS = ("FusedConv", "BlockedConv", "FusedGemm", "Attention", "QBlockedConv", "QDense")
+#: Where each op's weight (or second operand) is among its inputs.
+_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3}
 
 
 def node_macs(node: Node) -> Poly | None:
-    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul node, if its shapes are known."""
-    if node.domain != "" or node.op_type not in MAC_OPS:
+    """Multiply-accumulates of one product node (Conv, Gemm, MatMul, their integer and QLinear forms,
+    and kiln's fused, blocked and int8 kernels), if its shapes are known.
+
+    Blocked and packed kernels count the padded channels they compute.
+    """
+    op = node.op_type
+    if not (node.domain == "" and op in MAC_OPS or node.domain == "kiln" and op in KILN_MAC_OPS):
         return None
-    x, w = node.input(0), node.input(1)
+    x, w = node.input(0), node.input(_WEIGHT_INPUT.get(op, 1))
     y = node.outputs[0]
     if x is None or w is None or x.shape is None or w.shape is None or y.shape is None:
         return None
-    op = node.op_type
-    if op == "Conv":
+    if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
         return Poly.product(y.shape) * _static_product(w.shape[1:])
     if op == "ConvTranspose":
         return Poly.product(x.shape) * _static_product(w.shape[1:])
-    if op == "Gemm":
+    if op in ("BlockedConv", "QBlockedConv"):  # W is [O/bo, C'/bi, kh, kw, bi, bo] (int8: more inner axes)
+        return Poly.product(y.shape) * _static_product(w.shape[1:-1] if op == "BlockedConv" else
+                                                       (w.shape[1], *w.shape[2:4], w.shape[4] * w.shape[6]))
+    if op == "QDense":  # W is [N'/16, K/4, 16, 4]; Y is [M, N]
+        return Poly.product((*y.shape, w.shape[1] * w.shape[3]))
+    if op == "Attention":  # softmax(Q Kt) V: [.., S, D] x [.., D, T], then [.., S, T] x [.., T, Dv]
+        v = node.input(2)
+        if v is None or v.shape is None:
+            return None
+        return Poly.product((*x.shape[:-1], w.shape[-1], x.shape[-1])) + Poly.product(
+            (*x.shape[:-1], w.shape[-1], v.shape[-1]))
+    if op in ("Gemm", "FusedGemm"):
         k = x.shape[0] if node.attr("transA", 0) else x.shape[-1]
         return Poly.product((*y.shape, k))
     # MatMul: the contracted dim is the last of A
@@ -216,3 +235,33 @@ def summarize(graph: Graph, cannot_evaluate: dict[tuple[str, str], list[str]] | 
         num_subgraphs=subgraphs, params=params, param_bytes=param_bytes, fill_params=fills, macs=macs,
         cannot_evaluate=dict(cannot_evaluate or {}),
     )
+
+
+def _at_one(p: Poly) -> int:
+    """A MAC polynomial with every symbolic dim at 1."""
+    return sum(p.terms.values())
+
+
+def compression_entry(before: Summary, after: Summary) -> dict[str, Any]:
+    """The manifest's ``compression`` entry: parameters, weight bytes and MACs before and after, and
+    the compression rates (1 - after/before) of bytes and MACs.
+
+    ``before`` is the model as given; ``after`` the graph as compressed, before the layout pass pads
+    channels to its blocks. Symbolic MACs are also given as polynomials; their rate is at every
+    symbolic dim = 1 (``macs_at`` says so).
+    """
+    def side(s: Summary) -> dict[str, Any]:
+        total = s.total_macs
+        return {"params": s.params, "weight_bytes": s.param_bytes, "macs": _at_one(total),
+                "macs_poly": str(total)}
+
+    def rate(a: int, b: int) -> float | None:
+        return None if not b else round(1.0 - a / b, 4)
+
+    b, a = side(before), side(after)
+    symbolic = not (before.total_macs.is_constant and after.total_macs.is_constant)
+    return {"before": b, "after": a,
+            "rate": {"weight_bytes": rate(a["weight_bytes"], b["weight_bytes"]), "macs": rate(a["macs"], b["macs"]),
+                     "params": rate(a["params"], b["params"])},
+            "macs_at": "every symbolic dim = 1" if symbolic else "the static shapes"}
+

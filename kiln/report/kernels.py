@@ -18,10 +18,9 @@ from typing import Collection, Iterable, Mapping
 import numpy as np
 
 from kiln.ir import Graph, Node, Value
-from kiln.ir.summary import node_macs
+from kiln.ir.summary import KILN_MAC_OPS, node_macs
 
 FUSED_PREFIX = "fused_"
-KILN_MAC_OPS = ("FusedConv", "BlockedConv", "FusedGemm", "Attention")
 
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -34,47 +33,24 @@ def _static(shape: object) -> tuple[int, ...] | None:
 
 
 def node_flops(node: Node, shapes: Shapes | None = None) -> int | None:
-    """2 x the multiply-accumulates of ``node``; None when not counted or not known.
+    """2 x the multiply-accumulates of ``node`` (see :func:`kiln.ir.summary.node_macs`); None when
+    not counted or not known.
 
     ``shapes`` gives values' concrete shapes (from a run) where the graph's are symbolic.
     """
-    def shape(v: Value | None) -> tuple[int, ...] | None:
-        if v is None:
-            return None
-        return tuple(shapes[v.name]) if shapes and v.name in shapes else _static(v.shape)
-
-    y = node.outputs[0] if node.outputs else None
-    x, w = node.input(0), node.input(1)
-    if node.domain == "":
-        macs = node_macs(node)
-        if macs is None:
-            return None
-        bound: dict[str, int] = {}
-        for v in (*node.inputs, *node.outputs):
-            if v is not None and v.shape is not None and shape(v) is not None:
-                bound.update((d, a) for d, a in zip(v.shape, shape(v)) if isinstance(d, str))  # type: ignore[arg-type]
-        if any(s not in bound for syms in macs.terms for s in syms):
-            return None
-        return 2 * sum(c * int(np.prod([bound[s] for s in syms], dtype=np.int64)) for syms, c in macs.terms.items())
-    ys, xs, ws = shape(y), shape(x), shape(w)
-    if node.domain != "kiln" or ys is None or xs is None or ws is None:
+    macs = node_macs(node)
+    if macs is None:
         return None
-    out = int(np.prod(ys, dtype=np.int64))
-    op = node.op_type
-    if op == "FusedConv":  # W is [O, C/group, kh, kw]
-        return 2 * out * int(np.prod(ws[1:], dtype=np.int64))
-    if op == "BlockedConv":  # W is [O/bo, C'/bi, kh, kw, bi, bo]: the padded channels, as the kernel computes them
-        return 2 * out * int(np.prod(ws[1:5], dtype=np.int64))
-    if op == "FusedGemm":
-        k = xs[0] if node.attr("transA", 0) else xs[-1]
-        return 2 * out * k
-    if op == "Attention":  # softmax(Q Kt) V: [.., S, D] x [.., D, T], then [.., S, T] x [.., T, Dv]
-        vs = shape(node.input(2))
-        if vs is None:
-            return None
-        scores = int(np.prod(xs[:-1], dtype=np.int64)) * ws[-1]
-        return 2 * scores * xs[-1] + 2 * scores * vs[-1]
-    return None
+    bound: dict[str, int] = {}
+    for v in (*node.inputs, *node.outputs):
+        if v is None or v.shape is None:
+            continue
+        concrete = tuple(shapes[v.name]) if shapes and v.name in shapes else _static(v.shape)
+        if concrete is not None and len(concrete) == len(v.shape):
+            bound.update((d, a) for d, a in zip(v.shape, concrete) if isinstance(d, str))
+    if any(s not in bound for syms in macs.terms for s in syms):
+        return None
+    return 2 * sum(c * int(np.prod([bound[s] for s in syms], dtype=np.int64)) for syms, c in macs.terms.items())
 
 
 def unknown_shapes(graph: Graph) -> list[str]:

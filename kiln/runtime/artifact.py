@@ -312,6 +312,26 @@ def check_host_compatible(path: Path, manifest: Mapping[str, Any]) -> None:
             )
 
 
+def _count(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {suffix}{unit}"
+    return f"{n:g}{(' ' + unit) if unit else ''}"
+
+
+def compression_line(entry: Mapping[str, Any]) -> str:
+    """One line of a manifest's ``compression`` entry, for ``kiln compile`` and ``kiln inspect``."""
+    b, a, r = entry["before"], entry["after"], entry["rate"]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    at = "" if entry.get("macs_at") == "the static shapes" else f" (MACs at {entry.get('macs_at')})"
+    return (f"compression: params {_count(b['params'])} -> {_count(a['params'])}, weights "
+            f"{_count(b['weight_bytes'], 'B')} -> {_count(a['weight_bytes'], 'B')} ({pct(r['weight_bytes'])}), "
+            f"MACs {_count(b['macs'])} -> {_count(a['macs'])} ({pct(r['macs'])}){at}")
+
+
 def describe(manifest: Mapping[str, Any], signer: Signer | None = None) -> str:
     """A readable summary of a manifest (and who signed it), for ``kiln inspect ARTIFACT``."""
     out = io.StringIO()
@@ -343,6 +363,16 @@ def describe(manifest: Mapping[str, Any], signer: Signer | None = None) -> str:
             out.write(f"    {name}: cosine {acc.get('cosine')}, max abs error {acc.get('max_abs_error')}"
                       f"{'' if agree is None else f', argmax agreement {agree}'} on {calib.get('held_out_samples')} "
                       f"held-out samples\n")
+    comp = manifest.get("compression")
+    if isinstance(comp, dict) and {"before", "after", "rate"} <= set(comp):
+        out.write(f"  {compression_line(comp)}\n")
+        prune = comp.get("pruning")
+        if isinstance(prune, dict):
+            out.write(f"    pruned {prune.get('removed_channels')} channels in {prune.get('groups')} channel groups "
+                      f"({prune.get('norm')} importance)\n")
+        for name, acc in ((comp.get("accuracy") or {}) if isinstance(comp.get("accuracy"), dict) else {}).items():
+            out.write(f"    {name}: cosine {acc.get('cosine')}, max abs error {acc.get('max_abs_error')} against "
+                      f"the uncompressed model\n")
     for name, digest in sorted((manifest.get("members") or {}).items()):
         out.write(f"  member {name}: sha256 {digest[:16]}...\n")
     out.write(f"  signed by: {signer} (ed25519; the signature verifies)\n" if signer else "  signature: none\n")
