@@ -30,6 +30,8 @@ from kiln.errors import KilnError
 from kiln.runtime.cpu import host_cpu_name
 
 ENGINES = ("kiln", "onnxruntime", "openvino", "tvm")
+#: An engine named ``kiln:PATH`` runs another artifact of the same model (the unpruned one, say).
+OTHER_ARTIFACT = "kiln:"
 
 
 @dataclass
@@ -75,10 +77,11 @@ def _worker(conn: Any, engine: str, spec: dict) -> None:
 
 
 def _load_engine(engine: str, spec: dict, feeds: dict[str, np.ndarray]) -> Any:
-    if engine == "kiln":
+    if engine == "kiln" or engine.startswith(OTHER_ARTIFACT):
         import kiln.runtime
 
-        model = kiln.runtime.load(spec["artifact"], threads=spec["threads"])
+        path = spec["artifact"] if engine == "kiln" else engine[len(OTHER_ARTIFACT):]
+        model = kiln.runtime.load(path, threads=spec["threads"])
         return lambda: model.run(feeds)
     if engine == "onnxruntime":
         from kiln.ir.oracle import onnxruntime_session

@@ -186,7 +186,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             raise KilnError("--report profiles the artifact on this machine's CPU; it takes --target cpu")
     result = compile_model(args.model, args.output, target=args.target, arch=args.arch, threads=args.threads,
                            level=args.level, passes=args.passes, input_shapes=parse_shape_overrides(args.input_shape),
-                           tune_db=args.tune_db, quantize=_quantize_options(args), sign_key=args.sign,
+                           tune_db=args.tune_db, quantize=_quantize_options(args), prune=_prune_options(args),
+                           sign_key=args.sign,
                            signer=args.signer, progress=_stage)
     dst, report, target = result.path, result.build, result.target
     code = 0
@@ -196,6 +197,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
               f"target {target.tvm.get('mcpu', target.kind)}; {times})")
     else:
         code = _print_int8(result, args)
+    _print_compression(result)
     _print_symbolic_dims(result)
     if result.tuning is not None:
         info = result.tuning
@@ -263,6 +265,34 @@ def _quantize_options(args: argparse.Namespace):
     return QuantizeOptions(args.calib, method=args.calib_method, per_channel=args.per_channel,
                            symmetric=args.symmetric, exclude=exclude, eval=args.eval,
                            sensitivity=args.sensitivity or budget is not None, budget=budget)
+
+
+def _prune_options(args: argparse.Namespace):
+    """``--prune-channels RATIO`` and its flags as :class:`kiln.quantize.PruneOptions` (None without it)."""
+    if args.prune_channels is None:
+        return None
+    from kiln.quantize import PruneOptions
+
+    return PruneOptions(args.prune_channels, norm=args.prune_norm, eval=args.eval)
+
+
+def _print_compression(result) -> None:
+    """The compression line (every compile), and pruning's record and accuracy when it ran."""
+    from kiln.runtime.artifact import compression_line
+
+    entry = result.compression
+    if not entry:
+        return
+    print(compression_line(entry))
+    prune = entry.get("pruning")
+    if prune:
+        print(f"pruned {prune['removed_channels']} channels from {prune['groups']} channel groups "
+              f"({prune['fraction']:.1%} of each, {prune['norm']} importance; see kiln inspect for the groups kept)")
+    for name, acc in (entry.get("accuracy") or {}).items():
+        agree = acc.get("argmax_agreement")
+        print(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
+              f"{'' if agree is None else f', argmax agreement {agree}'} against the unpruned model on "
+              f"{entry.get('accuracy_samples')} samples")
 
 
 def _print_int8(result, args: argparse.Namespace) -> int:
@@ -432,13 +462,17 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kiln.bench import ENGINES, bench
+    from kiln.bench import ENGINES, OTHER_ARTIFACT, bench
     from kiln.check import parse_shape_overrides
 
     against = tuple(a.strip() for a in args.against.split(",") if a.strip())
-    bad = [a for a in against if a not in ENGINES]
+    bad = [a for a in against if a not in ENGINES and not a.startswith(OTHER_ARTIFACT)]
     if bad:
-        raise KilnError(f"--against: unknown engine {bad[0]!r}; choose from {', '.join(e for e in ENGINES if e != 'kiln')}")
+        raise KilnError(f"--against: unknown engine {bad[0]!r}; choose from {', '.join(e for e in ENGINES if e != 'kiln')}, "
+                        f"or {OTHER_ARTIFACT}OTHER.kiln")
+    for a in against:
+        if a.startswith(OTHER_ARTIFACT) and not Path(a[len(OTHER_ARTIFACT):]).is_file():
+            raise KilnError(f"--against {a}: no such artifact")
     if args.artifact and args.tune_db:
         raise KilnError("--tune-db applies when bench compiles the model; an --artifact is already compiled")
     try:
@@ -551,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sensitivity", action="store_true", help="measure and print each layer's int8 error")
     q.add_argument("--accuracy-budget", metavar="METRIC>=X",
                    help="keep the most sensitive layers in float until it holds: argmax>=0.99 or cosine>=0.999")
+    c = p.add_argument_group("structured pruning (see docs/compression.md)")
+    c.add_argument("--prune-channels", type=float, metavar="RATIO",
+                   help="remove the least important conv and dense channels until the MACs fall by RATIO (0..1); "
+                        "--eval SAMPLES.npz reports the accuracy against the unpruned model")
+    c.add_argument("--prune-norm", default="l1", choices=["l1", "l2"],
+                   help="a channel's importance: the L1 (default) or L2 norm of its filters")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("tune", parents=[common, level, shapes, threads],
@@ -600,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time kiln against onnxruntime (OpenVINO, TVM's own pipeline), alternating, one process each")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--artifact", metavar="A.kiln", help="a compiled artifact (default: compile the model first)")
-    p.add_argument("--against", default="onnxruntime", help="baselines: onnxruntime, openvino, tvm (comma-separated)")
+    p.add_argument("--against", default="onnxruntime",
+                   help="baselines: onnxruntime, openvino, tvm, or kiln:OTHER.kiln (another artifact of the model, "
+                        "e.g. the unpruned one; comma-separated)")
     p.add_argument("--batch", default="1", help="batch sizes for a symbolic batch dim, e.g. 1,8")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")

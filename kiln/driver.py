@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from kiln.codegen.build import BuildReport
     from kiln.codegen.target import Target
     from kiln.ir import Graph
+    from kiln.ir.summary import Summary
     from kiln.passes.manager import Pass, PipelineReport
-    from kiln.quantize import QuantizeOptions
+    from kiln.quantize import PruneOptions, QuantizeOptions
 
 ShapeSpecs = Mapping[str, Sequence[int | str]]
 
@@ -47,6 +48,7 @@ class CompileResult:
     tuning: dict[str, Any] | None = None  # the tuning database's manifest entry
     quantization: dict[str, Any] | None = None  # the manifest's quantization entry (with --quantize)
     extra: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports beyond the manifest
+    compression: dict[str, Any] | None = None  # the manifest's compression entry (kiln.ir.summary.compression_entry)
     signer: Any = None  # who signed the artifact (kiln.runtime.signing.Signer), with sign_key
     named_dims: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # unknown input dims kiln named
 
@@ -111,6 +113,7 @@ def compile(
     input_shapes: ShapeSpecs | None = None,
     tune_db: str | os.PathLike | None = None,
     quantize: QuantizeOptions | None = None,
+    prune: PruneOptions | None = None,
     sign_key: str | os.PathLike | None = None,
     signer: str = "",
     progress: Callable[[str], None] | None = None,
@@ -121,7 +124,8 @@ def compile(
     ``"sm_90"``), a JSON target dict, or a :class:`~kiln.codegen.target.Target`. ``level`` is
     O0..O3 (default O3); ``passes`` replaces it with pass specs. ``tune_db`` schedules kernels
     from a tuning database; ``quantize`` (:class:`kiln.quantize.QuantizeOptions`) calibrates and
-    quantizes the model to int8 first. ``sign_key`` (an ed25519 private key file) signs the
+    quantizes the model to int8 first; ``prune`` (:class:`kiln.quantize.PruneOptions`) removes
+    its least important channels first. ``sign_key`` (an ed25519 private key file) signs the
     artifact's manifest, by ``signer``. ``progress`` is told each stage as it starts.
     """
     from kiln.codegen.build import file_sha256
@@ -135,7 +139,17 @@ def compile(
             raise KilnError(f"{dst}: refusing to overwrite the input model; choose another output path")
     tgt = target if isinstance(target, Target) else parse_target(target, arch=arch, threads=threads)
     db = _tuning_database(tune_db)
-    if quantize is not None:
+    if quantize is not None and prune is not None:
+        raise KilnError("--quantize and --prune-channels are separate jobs today; prune, then quantize the pruned "
+                        "model (kiln optimize writes it)")
+    if prune is not None:
+        from kiln.quantize import compile_pruned
+
+        if not is_path or passes:
+            raise KilnError("pruning takes a model file and an optimisation level (not a Graph, not --passes)")
+        result = compile_pruned(model, dst, prune, target=tgt, level=level, input_shapes=input_shapes,
+                                tuning_db=db, progress=progress)
+    elif quantize is not None:
         from kiln.quantize import compile_int8
 
         if not is_path or passes:
@@ -157,11 +171,15 @@ def compile(
 
 
 def optimize_for(graph: Graph, target: Target, level: str | None = None, passes: str | Sequence[str] | None = None,
-                 *, progress: Callable[[str], None] | None = None) -> tuple[Graph, PipelineReport, list[Pass]]:
+                 *, progress: Callable[[str], None] | None = None,
+                 before_layout: Callable[[Graph], None] | None = None) -> tuple[Graph, PipelineReport, list[Pass]]:
     """The passes compilation runs for ``target``: ``level`` (default O3) or explicit pass specs.
 
     ``kiln tune`` optimizes through here too, so that it tunes the kernels compilation will build.
-    Returns the optimized graph, the pipeline report and the passes that ran.
+    ``before_layout`` is shown the graph once, as it is just before the first layout pass runs
+    (or as optimized, when no layout pass runs): the compression report counts channels there,
+    before the blocked layout pads them. Returns the optimized graph, the pipeline report and the
+    passes that ran.
     """
     from kiln.passes import PassManager
 
@@ -169,33 +187,53 @@ def optimize_for(graph: Graph, target: Target, level: str | None = None, passes:
     if progress is not None:
         progress(f"optimizing ({level or 'passes: ' + _spec_text(passes)})")
     pass_list = pipeline_passes(level, passes, target=target)
-    optimized, report = PassManager(pass_list).run(graph)
+    first_layout = next((i for i, p in enumerate(pass_list) if p.name == "layout"), None)
+    shown = [first_layout is None or before_layout is None]
+    if first_layout == 0 and before_layout is not None:
+        before_layout(graph)
+
+    def on_pass(p: Pass, iteration: int, g: Graph, _result: Any) -> None:
+        if not shown[0] and iteration == 1 and p is pass_list[first_layout - 1]:  # type: ignore[operator]
+            shown[0] = True
+            before_layout(g)  # type: ignore[misc]
+
+    optimized, report = PassManager(pass_list, on_pass=on_pass if first_layout else None).run(graph)
+    if first_layout is None and before_layout is not None:
+        before_layout(optimized)
     return optimized, report, pass_list
 
 
 def compile_graph(graph: Graph, output: str | os.PathLike, *, target: Target, level: str | None = None,
                   passes: str | Sequence[str] | None = None, tuning_db: Any = None,
                   source: tuple[str | None, str | None] = (None, None), applied: Sequence[str] = (),
-                  progress: Callable[[str], None] | None = None) -> CompileResult:
+                  progress: Callable[[str], None] | None = None, baseline: Summary | None = None) -> CompileResult:
     """Optimize an imported ``graph`` and build it into ``output`` (the steps after import).
 
     ``source`` is the source model's (sha256, file name) for the manifest; ``applied`` names
-    passes that already ran before this pipeline (the quantizer's), recorded first. Unknown
+    passes that already ran before this pipeline (the quantizer's, the pruner's), recorded first;
+    ``baseline`` summarizes the model as given, before them (default: ``graph``), for the
+    manifest's compression entry. Unknown
     input dims (unnamed, ``-1``, ``?``) are named first (``x_0``), in ``graph`` itself, so that
     they compile as symbolic dims.
     """
     from kiln.codegen.build import build
     from kiln.ir import name_unknown_dims, window_minimums
+    from kiln.ir.summary import compression_entry, summarize
 
     say = progress or (lambda _: None)
     named = name_unknown_dims(graph)  # an unknown dim compiles as a symbol: the artifact runs at any size
     minimums = window_minimums(graph)  # before the layout pass moves the convs' dims
-    optimized, report, pass_list = optimize_for(graph, target, level, passes, progress=say)
+    before = baseline if baseline is not None else summarize(graph)
+    after: list[Summary] = []
+    optimized, report, pass_list = optimize_for(graph, target, level, passes, progress=say,
+                                                before_layout=lambda g: after.append(summarize(g)))
+    compression = compression_entry(before, after[0])
     names = [*applied, *(p.describe() for p in pass_list)]
     built = build(optimized, output, target=target, source_sha256=source[0], source_name=source[1], passes=names,
-                  progress=say, tuning_db=tuning_db, dim_minimums=minimums)
+                  progress=say, tuning_db=tuning_db, dim_minimums=minimums, compression=compression)
     return CompileResult(Path(output), target, compile_level(level, passes), optimized, report, built, names,
-                         tuning_db.manifest() if tuning_db is not None else None, named_dims=named)
+                         tuning_db.manifest() if tuning_db is not None else None, named_dims=named,
+                         compression=compression)
 
 
 def compile_level(level: str | None, passes: str | Sequence[str] | None) -> str | None:
@@ -215,6 +253,7 @@ def _tuning_database(path: str | os.PathLike | None) -> Any:
 
 def _is_graph(model: Any) -> bool:
     from kiln.ir import Graph
+    from kiln.ir.summary import Summary
 
     return isinstance(model, Graph)
 

@@ -201,7 +201,7 @@ def test_optimize_writes_a_model_that_matches(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["rules"] == {"conv-bn": 4, "conv-relu": 3, "conv-residual": 1, "fused-conv-relu": 1}
     assert data["nodes"] == {"before": 18, "after": 9}
-    assert set(data["passes"]) == {"qdq", "fold-constants", "inline-if", "simplify", "cse", "dce", "fuse-conv",
+    assert set(data["passes"]) == {"qdq", "fold-constants", "inline-if", "simplify", "cse", "dce", "dead-channels", "fuse-conv",
                                  "fuse-transformer", "fuse-gemm"}
     assert main(["check", str(out), "--input-shape", "input=3x3x64x64"]) == 0
 

@@ -3,7 +3,8 @@
     O0  nothing
     O1  QDQ import (qdq: quantized convs as QLinearConv), then cleanup and folding: fold-constants,
         inline-if (Ifs on constants), simplify (no-ops and algebra), cse, dce
-    O2  O1, then the fusions: fuse-conv, fuse-transformer, fuse-gemm (bias and activation epilogues of
+    O2  O1, then dead-channels (channels with all-zero weights, or that nobody reads, removed exactly),
+        then the fusions: fuse-conv, fuse-transformer, fuse-gemm (bias and activation epilogues of
         products by constant weights, once the GELUs are made)
     O3  O2, then layout: convs in NCHW[b]c with pre-packed weights (b from the target's vector width)
 
@@ -21,7 +22,7 @@ from kiln.passes.manager import Pass, PassError, parse_passes
 CLEANUP = ["fold-constants", "inline-if", "simplify", "cse", "dce"]
 
 O1 = ["qdq", *CLEANUP]
-O2 = O1 + ["fuse-conv", "fuse-transformer", "fuse-gemm", "dce"]
+O2 = O1 + ["dead-channels", "fuse-conv", "fuse-transformer", "fuse-gemm", "dce"]
 O3 = O2 + ["layout", "fold-constants", "cse", "dce"]
 
 LEVELS: dict[str, list[str]] = {"O0": [], "O1": O1, "O2": O2, "O3": O3}

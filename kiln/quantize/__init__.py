@@ -1,4 +1,5 @@
-"""Quantization: calibration, observers, accuracy reports, sensitivity and budgets.
+"""Compression jobs: int8 quantization (calibration, observers, accuracy reports, sensitivity and
+budgets) and structured pruning (``compile_pruned``, standing on :mod:`kiln.passes.prune`).
 
 ``kiln compile MODEL --quantize int8 --calib SAMPLES.npz`` and ``kiln.compile(...,
 quantize=QuantizeOptions(...))`` run :func:`compile_int8`, which calibrates the float model
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 from kiln.quantize.accuracy import Budget, OutputAccuracy, compare, format_accuracy
 from kiln.quantize.calibration import METHODS, Observer, read_samples
-from kiln.quantize.options import QuantizeError, QuantizeOptions
+from kiln.quantize.options import PruneOptions, QuantizeError, QuantizeOptions
+from kiln.quantize.pruning import compile_pruned
 from kiln.quantize.static import LayerSensitivity, QuantizeSession, compile_int8, format_sensitivity
 
 __all__ = [
-    "METHODS", "Budget", "LayerSensitivity", "Observer", "OutputAccuracy", "QuantizeError", "QuantizeOptions",
+    "METHODS", "Budget", "LayerSensitivity", "Observer", "OutputAccuracy", "PruneOptions", "QuantizeError",
+    "QuantizeOptions", "compile_pruned",
     "QuantizeSession", "compare", "compile_int8", "format_accuracy", "format_sensitivity", "read_samples",
 ]

@@ -28,3 +28,12 @@ class QuantizeOptions:
     sensitivity: bool = False
     observer: str = "auto"  # auto | compiled | evaluator
     budget: Budget | None = None  # keep the most sensitive layers in float until it holds (implies sensitivity)
+
+
+@dataclass
+class PruneOptions:
+    """What ``kiln compile --prune-channels RATIO`` was asked for."""
+
+    ratio: float  # the share of the model's MACs to remove
+    norm: str = "l1"  # how a channel's importance is measured: l1 or l2 of its filters
+    eval: str | None = None  # held-out samples for the accuracy report against the unpruned model

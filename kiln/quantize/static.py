@@ -153,6 +153,9 @@ class QuantizeSession:
 
             set_input_shapes(graph, self.input_shapes)
         check_compilable_signature(graph)  # calibration runs the model: its input shapes must be known
+        from kiln.ir.summary import summarize
+
+        self.baseline = summarize(graph)  # the float model as given: the compression report's "before"
         self.graph, _ = optimize(graph, passes=FLOAT_PREP)
         self.layers = quantizable_layers(self.graph)
         if not self.layers:
@@ -356,7 +359,8 @@ def compile_int8(model: str | os.PathLike, output: str | os.PathLike, options: Q
             session.fit_budget(budget)
         for attempt in range(BUDGET_RETRIES + 1):
             result = compile_graph(session.quantized_graph(), output, target=target, level=level,
-                                   tuning_db=tuning_db, source=source, applied=["quantize"], progress=say)
+                                   tuning_db=tuning_db, source=source, applied=["quantize"], progress=say,
+                                   baseline=session.baseline)
             accuracy = session.evaluate(output)
             if budget is None or budget.holds(accuracy) or attempt == BUDGET_RETRIES or not session.keep_more():
                 break
