@@ -188,17 +188,18 @@ def optimize_for(graph: Graph, target: Target, level: str | None = None, passes:
         progress(f"optimizing ({level or 'passes: ' + _spec_text(passes)})")
     pass_list = pipeline_passes(level, passes, target=target)
     first_layout = next((i for i, p in enumerate(pass_list) if p.name == "layout"), None)
-    shown = [first_layout is None or before_layout is None]
-    if first_layout == 0 and before_layout is not None:
+    if before_layout is not None and first_layout == 0:
         before_layout(graph)
+    on_pass = None
+    if before_layout is not None and first_layout:
+        ahead = pass_list[first_layout - 1]
 
-    def on_pass(p: Pass, iteration: int, g: Graph, _result: Any) -> None:
-        if not shown[0] and iteration == 1 and p is pass_list[first_layout - 1]:  # type: ignore[operator]
-            shown[0] = True
-            before_layout(g)  # type: ignore[misc]
+        def on_pass(p: Pass, iteration: int, g: Graph, _result: Any) -> None:
+            if iteration == 1 and p is ahead:  # the pass just before the first layout run
+                before_layout(g)
 
-    optimized, report = PassManager(pass_list, on_pass=on_pass if first_layout else None).run(graph)
-    if first_layout is None and before_layout is not None:
+    optimized, report = PassManager(pass_list, on_pass=on_pass).run(graph)
+    if before_layout is not None and first_layout is None:
         before_layout(optimized)
     return optimized, report, pass_list
 

@@ -25,7 +25,7 @@ carried through the members by evaluating them on a one-element-per-channel prob
 "not constant"). :func:`remove_channels` then drops chosen atoms everywhere at once, and folds a
 removed constant channel into its readers' biases: exactly for dense layers and unpadded convs,
 and also for a zero constant; padded convs see a constant channel differently at the borders,
-so only ``approximate`` removal (pruning) folds those.
+so only pruning, which is lossy anyway, folds those.
 
 Used by the exact ``dead-channels`` pass and by ``prune-channels``.
 """
@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import numpy as np
+
+from networkx.utils import UnionFind
 
 from kiln.ir import Graph, Node, Value, evaluate_node
 
@@ -47,28 +49,6 @@ UNARY = frozenset({
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean"})
 #: Pools that keep the channel index and carry a constant channel through unchanged.
 POOLS = frozenset({"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "AveragePool"})
-
-
-# --------------------------------------------------------------------------- union-find
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[object, object] = {}
-
-    def find(self, a: object) -> object:
-        self.parent.setdefault(a, a)
-        root = a
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[a] != root:
-            self.parent[a], a = root, self.parent[a]
-        return root
-
-    def union(self, a: object, b: object) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
 
 
 # --------------------------------------------------------------------------- spaces
@@ -145,7 +125,7 @@ class ChannelGraph:
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self._uf = _UnionFind()
+        self._uf = UnionFind()
         self._axis: dict[int, int] = {}  # id(value) -> channel axis
         self._values: dict[int, Value] = {}
         self._pins: dict[int, str] = {}  # id(value) -> why its space is pinned
@@ -164,7 +144,7 @@ class ChannelGraph:
             return True
         self._axis[id(v)] = axis
         self._values[id(v)] = v
-        self._uf.find(id(v))
+        self._uf[id(v)]  # a set of its own until tied
         if _channels(v, axis) is None:
             self._pins[id(v)] = f"'{v.name}' has no static channel count"
         return True
@@ -319,7 +299,7 @@ class ChannelGraph:
         for vid, v in self._values.items():
             if vid not in self._axis:
                 continue
-            root = self._uf.find(vid)
+            root = self._uf[vid]
             size = _channels(v, self._axis[vid]) or 0
             space = roots.setdefault(root, Space(size))
             space.values.append(v)
@@ -329,9 +309,9 @@ class ChannelGraph:
                 self._pins.setdefault(vid, f"'{v.name}' is made by {v.producer.label()}")
         for vid, why in self._pins.items():
             if vid in self._axis:
-                roots[self._uf.find(vid)].pin(why)
+                roots[self._uf[vid]].pin(why)
         self.spaces: list[Space] = list(roots.values())
-        self.space_of: dict[int, Space] = {vid: roots[self._uf.find(vid)] for vid in self._axis}
+        self.space_of: dict[int, Space] = {vid: roots[self._uf[vid]] for vid in self._axis}
         for node in self.graph.nodes:
             role = self._role.get(id(node))
             if role == "producer":
@@ -341,7 +321,7 @@ class ChannelGraph:
                 self.space_of[id(node.outputs[0])].members.append(node)
         # atoms: (space index, channel) pairs that concats make one channel
         index = {id(s): i for i, s in enumerate(self.spaces)}
-        self._atoms = _UnionFind()
+        self._atoms = UnionFind()
         for node, _axis in self._links:
             out = self.space_of[id(node.outputs[0])]
             offset = 0
@@ -359,7 +339,7 @@ class ChannelGraph:
         out: dict[object, list[tuple[Space, int]]] = {}
         for i, s in enumerate(self.spaces):
             for c in range(s.size):
-                out.setdefault(self._atoms.find((i, c)), []).append((s, c))
+                out.setdefault(self._atoms[(i, c)], []).append((s, c))
         return out
 
     def constants(self) -> dict[int, np.ndarray]:
@@ -428,19 +408,6 @@ class ChannelGraph:
         flat = np.moveaxis(result, axis, 0).reshape(size, -1)
         return np.where((flat == flat[:, :1]).all(axis=1), flat[:, 0], np.nan)
 
-    def read(self, space: Space) -> np.ndarray:
-        """Per channel of ``space``: whether a reader (or a pin) reads it."""
-        if space.pinned:
-            return np.ones(space.size, bool)
-        out = np.zeros(space.size, bool)
-        for node, _ in space.readers:
-            out |= reader_weights(node) != 0
-        for v in space.values:  # a concat's inputs are read wherever its output is; the atoms carry that
-            for use in v.uses:
-                if self._role.get(id(use.node)) is None:
-                    return np.ones(space.size, bool)
-        return out
-
 
 def _producer_constant(node: Node, size: int) -> np.ndarray:
     """What each output channel of a producer holds when its weights there are all zero (else NaN)."""
@@ -483,13 +450,11 @@ def producer_importance(space: Space, norm: str = "l1") -> np.ndarray:
 # --------------------------------------------------------------------------- removal
 
 
-def foldable(node: Node, value: float, approximate: bool) -> bool:
-    """Whether reader ``node`` can take a removed input channel that holds ``value`` into its bias."""
+def foldable(node: Node, value: float) -> bool:
+    """Whether reader ``node`` can take a removed input channel that holds ``value`` into its bias exactly."""
     if np.isnan(value):
         return False
-    if value == 0 or node.op_type != "Conv" or approximate:
-        return True
-    return not _padded(node)
+    return value == 0 or node.op_type != "Conv" or not _padded(node)
 
 
 def _slice(arr: np.ndarray, axis: int, keep: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from kiln.passes.manager import Pass, PassResult, register_pass
 
 #: Passes over one graph before the dead-channel pass stops (each removal can free channels upstream).
 MAX_ROUNDS = 8
-#: Fractions of each group's channels the pruner's bisection tries between (it keeps at least one block).
+#: Halvings of the pruner's bisection on the fraction of each group's channels removed.
 _BISECT_STEPS = 30
 
 
@@ -42,10 +42,9 @@ class PruneError(KilnError):
     """A pruning request kiln cannot carry out (a bad ratio, nothing prunable)."""
 
 
-def _dead_mask(cg: ChannelGraph) -> tuple[dict[int, np.ndarray], int]:
-    """Per space: the channels removing which changes no output; and how many channels that is
-    (one through a concat counts once)."""
-    consts = cg.constants()
+def _dead_mask(cg: ChannelGraph, consts: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], int]:
+    """Per space: the channels removing which changes no output (``consts``: ``cg.constants()``);
+    and how many channels that is (one through a concat counts once)."""
     removable: dict[int, np.ndarray] = {}
     for s in cg.spaces:
         if s.pinned or s.size < 2:
@@ -56,7 +55,7 @@ def _dead_mask(cg: ChannelGraph) -> tuple[dict[int, np.ndarray], int]:
         for node, i in s.readers:
             rows = reader_weights(node)
             value = consts.get(id(node.input(i)), np.full(s.size, np.nan))
-            fold = np.array([foldable(node, float(v), False) for v in value])
+            fold = np.array([foldable(node, float(v)) for v in value])
             ok &= (rows == 0) | fold
             read |= rows != 0
         removable[id(s)] = ok
@@ -97,10 +96,11 @@ class DeadChannels(Pass):
         removed = 0
         for _ in range(MAX_ROUNDS):
             cg = ChannelGraph(graph)
-            drop, atoms = _dead_mask(cg)
+            consts = cg.constants()
+            drop, atoms = _dead_mask(cg, consts)
             if not atoms:
                 break
-            remove_channels(cg, drop, cg.constants())
+            remove_channels(cg, drop, consts)
             removed += atoms
         return PassResult.of(graph, removed, {"channels": removed} if removed else None)
 

@@ -58,7 +58,6 @@ def compile_pruned(model: str | os.PathLike, output: str | os.PathLike, options:
         entry["accuracy_samples"] = len(samples)
     set_manifest_entry(output, "compression", entry)
     result.compression = entry
-    result.extra = {"pruning": pruned}
     return result
 
 
