@@ -191,7 +191,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
                            signer=args.signer, progress=_stage)
     dst, report, target = result.path, result.build, result.target
     code = 0
-    if result.quantization is None:
+    if result.quantization is not None and result.quantization.get("dynamic"):
+        print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, target "
+              f"{target.tvm.get('mcpu', target.kind)})")
+        code = _print_dynamic(result.quantization)
+    elif result.quantization is None:
         times = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
         print(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB, {report.num_kernels} kernels, "
               f"target {target.tvm.get('mcpu', target.kind)}; {times})")
@@ -256,7 +260,13 @@ def _quantize_options(args: argparse.Namespace):
     """``--quantize int8`` and its flags as :class:`kiln.quantize.QuantizeOptions` (None without it)."""
     if not args.quantize:
         return None
-    from kiln.quantize import Budget, QuantizeOptions
+    from kiln.quantize import Budget, DynamicQuantizeOptions, QuantizeOptions
+
+    if args.quantize == "int8-dynamic":
+        if args.calib or args.accuracy_budget or args.exclude or args.sensitivity:
+            raise KilnError("--quantize int8-dynamic needs no calibration: it takes --eval SAMPLES.npz, not --calib, "
+                            "--accuracy-budget, --exclude or --sensitivity")
+        return DynamicQuantizeOptions(eval=args.eval)
 
     if not args.calib:
         raise KilnError("--quantize int8 needs --calib SAMPLES.npz (arrays keyed by input name, leading sample axis)")
@@ -293,6 +303,23 @@ def _print_compression(result) -> None:
         print(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
               f"{'' if agree is None else f', argmax agreement {agree}'} against the unpruned model on "
               f"{entry.get('accuracy_samples')} samples")
+
+
+def _print_dynamic(record: dict) -> int:
+    """The ``--quantize int8-dynamic`` report: layers and kernels, what stayed float, accuracy."""
+    layers = record["layers"]
+    int8 = sum(1 for v in layers.values() if v == "int8")
+    print(f"dynamic int8: {int8} of {len(layers)} dense layers in {record['int8_kernels']} int8 kernels "
+          f"({record['scheme']['weights']})")
+    if record["int8_kernels"] < int8:
+        print(f"kiln: warning: {int8 - record['int8_kernels']} of {int8} quantized dense layers did not become int8 "
+              f"kernels", file=sys.stderr)
+    for name, acc in (record.get("accuracy") or {}).items():
+        agree = acc.get("argmax_agreement")
+        print(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
+              f"{'' if agree is None else f', argmax agreement {agree}'} against the float model on "
+              f"{record.get('accuracy_samples')} samples")
+    return 0
 
 
 def _print_int8(result, args: argparse.Namespace) -> int:
@@ -571,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="REPORT.html",
                    help="also write the HTML report: passes, rules, graphs, kernels (see docs/check-and-report.md)")
     q = p.add_argument_group("int8 quantization (see docs/int8.md)")
-    q.add_argument("--quantize", choices=["int8"], help="quantize a float model to int8 from calibration samples")
+    q.add_argument("--quantize", choices=["int8", "int8-dynamic"],
+                   help="int8: static, from calibration samples (--calib); int8-dynamic: int8 weights, activations "
+                        "quantized on every call (no samples)")
     q.add_argument("--calib", metavar="SAMPLES.npz",
                    help="calibration inputs keyed by input name, with a leading sample axis")
     q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from kiln.ir import Graph
     from kiln.ir.summary import Summary
     from kiln.passes.manager import Pass, PipelineReport
-    from kiln.quantize import PruneOptions, QuantizeOptions
+    from kiln.quantize import DynamicQuantizeOptions, PruneOptions, QuantizeOptions
 
 ShapeSpecs = Mapping[str, Sequence[int | str]]
 
@@ -112,7 +112,7 @@ def compile(
     passes: str | Sequence[str] | None = None,
     input_shapes: ShapeSpecs | None = None,
     tune_db: str | os.PathLike | None = None,
-    quantize: QuantizeOptions | None = None,
+    quantize: QuantizeOptions | DynamicQuantizeOptions | None = None,
     prune: PruneOptions | None = None,
     sign_key: str | os.PathLike | None = None,
     signer: str = "",
@@ -150,12 +150,13 @@ def compile(
         result = compile_pruned(model, dst, prune, target=tgt, level=level, input_shapes=input_shapes,
                                 tuning_db=db, progress=progress)
     elif quantize is not None:
-        from kiln.quantize import compile_int8
+        from kiln.quantize import DynamicQuantizeOptions, compile_int8, compile_int8_dynamic
 
         if not is_path or passes:
             raise KilnError("quantization takes a model file and an optimisation level (not a Graph, not --passes)")
-        result = compile_int8(model, dst, quantize, target=tgt, level=level, input_shapes=input_shapes,
-                              tuning_db=db, progress=progress)
+        job = compile_int8_dynamic if isinstance(quantize, DynamicQuantizeOptions) else compile_int8
+        result = job(model, dst, quantize, target=tgt, level=level, input_shapes=input_shapes, tuning_db=db,
+                     progress=progress)
     else:
         say = progress or (lambda _: None)
         say("importing")

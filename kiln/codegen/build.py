@@ -122,7 +122,7 @@ def build(
 
     t = time.perf_counter()
     say("lowering")
-    lowered = lower(graph, target.layout_block or 16)
+    lowered = lower(graph, target.layout_block or 16, int8_pairs=not target.has_vnni)
     report.seconds["lower"] = time.perf_counter() - t
     report.num_kernels = sum(1 for gv in lowered.module.get_global_vars() if gv.name_hint != "main")
 

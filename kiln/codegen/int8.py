@@ -34,9 +34,8 @@ MAX_INT8_ACCUMULATORS = 14
 
 
 @functools.lru_cache(maxsize=None)
-def register_vnni_intrinsic() -> str:
-    """Register kiln's 16x4 u8 x s8 -> s32 VNNI tensor intrinsic once; its name."""
-    from tvm.s_tir import TensorIntrin
+def _dot_16x4_desc() -> Any:
+    """What the 16 x 4 int8 dot intrinsics compute: 16 int32 lanes, each adding 4 uint8 x int8 products."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -51,6 +50,17 @@ def register_vnni_intrinsic() -> str:
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+@functools.lru_cache(maxsize=None)
+def register_vnni_intrinsic() -> str:
+    """Register kiln's 16x4 u8 x s8 -> s32 VNNI tensor intrinsic once; its name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    desc = _dot_16x4_desc()
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -73,6 +83,125 @@ def register_vnni_intrinsic() -> str:
     except Exception:  # noqa: BLE001 - not registered yet (TVM raises for an unknown name)
         TensorIntrin.register(VNNI_INTRIN, desc, impl)
     return VNNI_INTRIN
+
+
+PAIRS_INTRIN = "kiln_dot_16x2x2_u8s8s32_avx2"
+#: rows the AVX2 kernel keeps in registers at once (3 x 4 accumulators and 4 widened weight vectors
+#: fill AVX2's 16); the first that divides a static row count, else 1
+PAIRS_ROW_TILES = (2,)
+HALVES = 2  # the pairs kernel keeps two int32 partial sums per output lane (input channels 0-1 and 2-3 of a group)
+
+
+@functools.lru_cache(maxsize=None)
+def register_pairs_intrinsic() -> str:
+    """Register kiln's exact int8 dot for AVX2 once; its name.
+
+    Without VNNI, ``vpmaddwd`` multiplies int16 pairs and adds each pair into an int32 lane, exactly
+    (``vpmaddubsw`` on uint8 x int8 saturates at int16). The weights stay in the VNNI layout, 16
+    output lanes x 4 input channels: 16 bytes (4 lanes) sign-extend to 16 int16, and the 4 uint8
+    inputs, zero-extended and repeated 4 times, multiply them: one ``vpmaddwd`` gives 4 lanes x 2
+    halves (channels 0-1, 2-3). The accumulator keeps the halves apart, summed once in the epilogue.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (GROUP,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES, HALVES), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:LANES, 0:HALVES], A[0:GROUP], B[0:LANES, 0:GROUP])
+            T.writes(C[0:LANES, 0:HALVES])
+            for i, h, k in T.grid(LANES, HALVES, 2):
+                with T.sblock("update"):
+                    vi, vh, vk = T.axis.remap("SSR", [i, h, k])
+                    C[vi, vh] = C[vi, vh] + T.cast(A[vh * 2 + vk], "int32") * T.cast(B[vi, vh * 2 + vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (GROUP,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES, HALVES), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:LANES, 0:HALVES], A[0:GROUP], B[0:LANES, 0:GROUP])
+            T.writes(C[0:LANES, 0:HALVES])
+            a4 = T.reinterpret(T.cast(A.vload([0], "uint8x4"), "int16x4"), dtype="int64")
+            a16 = T.reinterpret(T.broadcast(a4, 4), dtype="int16x16")
+            C.vstore([0, 0], C.vload([0, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a16,
+                T.cast(B.vload([0, 0], "int8x16"), "int16x16"), dtype="int32x8"))
+            C.vstore([4, 0], C.vload([4, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a16,
+                T.cast(B.vload([4, 0], "int8x16"), "int16x16"), dtype="int32x8"))
+            C.vstore([8, 0], C.vload([8, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a16,
+                T.cast(B.vload([8, 0], "int8x16"), "int16x16"), dtype="int32x8"))
+            C.vstore([12, 0], C.vload([12, 0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a16,
+                T.cast(B.vload([12, 0], "int8x16"), "int16x16"), dtype="int32x8"))
+
+    try:
+        TensorIntrin.get(PAIRS_INTRIN)
+    except Exception:  # noqa: BLE001 - not registered yet (TVM raises for an unknown name)
+        TensorIntrin.register(PAIRS_INTRIN, desc, impl)
+    return PAIRS_INTRIN
+
+
+MADDUBS_INTRIN = "kiln_dot_16x4_u8s7s32_avx2"
+
+
+@functools.lru_cache(maxsize=None)
+def register_maddubs_intrinsic() -> str:
+    """Register kiln's AVX2 int8 dot for 7-bit weights once; its name.
+
+    It has VNNI's description (16 int32 lanes, each adding 4 uint8 x int8 products), built from
+    ``vpmaddubsw`` (pairs of uint8 x int8 products added into int16) and ``vpmaddwd`` by ones (pairs
+    of int16 into int32). ``vpmaddubsw`` saturates at int16: it is exact only while
+    ``2 * 255 * |w| <= 32767``, that is for weights in [-64, 63], which the lowering checks.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    desc = _dot_16x4_desc()
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (GROUP,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (LANES, GROUP), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:GROUP], B[0:LANES, 0:GROUP])
+            T.writes(C[0:LANES])
+            a4 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a32 = T.reinterpret(T.broadcast(a4, 8), dtype="int8x32")
+            ones = T.broadcast(T.int16(1), 16)
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a32, B.vload([0, 0], dtype="int8x32"),
+                    dtype="int16x16"), ones, dtype="int32x8")
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a32, B.vload([8, 0], dtype="int8x32"),
+                    dtype="int16x16"), ones, dtype="int32x8")
+
+    try:
+        TensorIntrin.get(MADDUBS_INTRIN)
+    except Exception:  # noqa: BLE001 - not registered yet (TVM raises for an unknown name)
+        TensorIntrin.register(MADDUBS_INTRIN, desc, impl)
+    return MADDUBS_INTRIN
+
+
+#: the weights' range where ``vpmaddubsw`` cannot saturate (``2 * 255 * 64 <= 32767``... with -64: 32640)
+MADDUBS_WEIGHT_RANGE = (-64, 63)
+
+
+def has_avx2() -> bool:
+    """Whether the current TVM target (``with target:``) has AVX2."""
+    from tvm.target import Target, codegen
+
+    target = Target.current(allow_none=True)
+    return target is not None and bool(codegen.target_has_features("avx2", target))
 
 
 def has_vnni() -> bool:
@@ -207,10 +336,151 @@ def dense_int8(x: Any, w: Any, c: Any, s: Any, b: Any | None, n: int) -> Any:
     return te.compute((m, n), lambda i, j: epilogue[i, j // lanes, j % lanes], name="unblock")
 
 
-def schedule_dense_int8(sch: Any) -> None:
-    """``j_o parallel, m, k/4, j_i, 16 x 4`` around the VNNI instruction: up to 4 output blocks
-    accumulate side by side (independent ``vpdpbusd`` chains), the epilogue in the write-back."""
-    intrin = register_vnni_intrinsic()
+def dynamic_quantize(t: Any) -> tuple[Any, Any, Any]:
+    """ONNX's DynamicQuantizeLinear as TE stages: ``max`` and ``min`` over ``t`` (with 0), ``scale``
+    (1 for an all-zero tensor, as onnxruntime), ``zero_point`` and the uint8 ``quantized`` tensor."""
+    from tvm import te, tirx
+
+    f = "float32"
+    width = t.shape[-1] if len(t.shape) == 2 else None
+    lanes = next((v for v in (16, 8) if isinstance(width, tirx.IntImm) and int(width) % v == 0), 0)
+    if lanes:  # rows [M, K]: per row and lane first (``partial_max``, ``partial_min``: parallel, vectorised)
+        m = t.shape[0]
+        ko = te.reduce_axis((0, int(width) // lanes), "ko")
+        ko2 = te.reduce_axis((0, int(width) // lanes), "ko2")
+        pmax = te.compute((m, lanes), lambda i, v: te.max(t[i, ko * lanes + v], axis=ko), name="partial_max")
+        pmin = te.compute((m, lanes), lambda i, v: te.min(t[i, ko2 * lanes + v], axis=ko2), name="partial_min")
+        t_max, t_min = pmax, pmin
+    else:
+        t_max = t_min = t
+    axes = [te.reduce_axis((0, d), f"r{k}") for k, d in enumerate(t_max.shape)]
+    axes2 = [te.reduce_axis((0, d), f"s{k}") for k, d in enumerate(t_min.shape)]
+    mx = te.compute((), lambda: te.max(t_max[tuple(axes)], axis=axes), name="max")
+    mn = te.compute((), lambda: te.min(t_min[tuple(axes2)], axis=axes2), name="min")
+    zero = tirx.const(0, f)
+
+    def scale_fn() -> Any:
+        s = (tirx.max(mx[()], zero) - tirx.min(mn[()], zero)) / tirx.const(255, f)
+        return tirx.Select(s == zero, tirx.const(1, f), s)
+
+    scale = te.compute((), scale_fn, name="scale")
+
+    def zp_fn() -> Any:
+        z = tirx.nearbyint((zero - tirx.min(mn[()], zero)) / scale[()])
+        return tirx.Cast("uint8", tirx.max(tirx.min(z, tirx.const(255, f)), zero))
+
+    zp = te.compute((), zp_fn, name="zero_point")
+
+    def q(*i: Any) -> Any:
+        v = tirx.nearbyint(t[i] / scale[()]) + tirx.Cast(f, zp[()])
+        return tirx.Cast("uint8", tirx.max(tirx.min(v, tirx.const(255, f)), zero))
+
+    return te.compute(t.shape, q, name="quantized"), scale, zp
+
+
+def dense_int8_dynamic(xq: Any, scale: Any, zp: Any, w: Any, wsum: Any, ws: Any, b: Any | None, n: int,
+                       pairs: bool) -> Any:
+    """The TE compute of ``kiln::DynQDense``'s product on rows: ``xq`` uint8 ``[M, K]`` with its
+    ``scale`` and ``zp`` (from :func:`dynamic_quantize`) times ``w`` packed ``[N'/16, K/4, 16, 4]``,
+    then ``float32(acc - zp * wsum) * (scale * ws) + b`` sliced to ``n`` outputs. ``pairs`` keeps two
+    partial sums per lane for the AVX2 kernel (:func:`register_pairs_intrinsic`), else one (VNNI)."""
+    from tvm import te
+
+    m = xq.shape[0]
+    no, ko, lanes, group = w.shape
+    rk = te.reduce_axis((0, ko), name="rk")
+    if pairs:
+        rp = te.reduce_axis((0, 2), name="rp")
+        acc = te.compute((m, no, lanes, HALVES), lambda i, j, l, h: te.sum(
+            xq[i, rk * group + h * 2 + rp].astype("int32") * w[j, rk, l, h * 2 + rp].astype("int32"), axis=[rk, rp]),
+            name="dense")
+        rh = te.reduce_axis((0, HALVES), name="rh")
+        halves = te.compute((m, no, lanes), lambda i, j, l: te.sum(acc[i, j, l, rh], axis=rh), name="halves")
+
+        def total(i: Any, j: Any, l: Any) -> Any:
+            return halves[i, j, l]
+    else:
+        rl = te.reduce_axis((0, group), name="rl")
+        acc = te.compute((m, no, lanes), lambda i, j, l: te.sum(
+            xq[i, rk * group + rl].astype("int32") * w[j, rk, l, rl].astype("int32"), axis=[rk, rl]), name="dense")
+
+        def total(i: Any, j: Any, l: Any) -> Any:
+            return acc[i, j, l]
+
+    def scaled(i: Any, j: Any, l: Any) -> Any:
+        c = j * lanes + l
+        y = (total(i, j, l) - zp[()].astype("int32") * wsum[c]).astype("float32") * (scale[()] * ws[c])
+        return y + b[c] if b is not None else y
+
+    epilogue = te.compute((m, no, lanes), scaled, name="epilogue")
+    return te.compute((m, n), lambda i, j: epilogue[i, j // lanes, j % lanes], name="unblock")
+
+
+def schedule_dynamic_quantize(sch: Any) -> None:
+    """:func:`dynamic_quantize` on rows ``[M, K]``: the quantization's rows in parallel, vectorised along K."""
+    for name in ("partial_max", "partial_min"):
+        try:
+            block = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - a width that is no multiple of 8: one reduction
+            continue
+        i, v, ko = sch.get_loops(block)
+        sch.reorder(i, ko, v)
+        sch.parallel(i)
+        init = sch.decompose_reduction(block, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(block)[-1])
+    q = sch.get_sblock("quantized")
+    i, k = sch.get_loops(q)
+    kk = int(sch.get(k).extent)
+    vec = next(v for v in (16, 8, 4, 1) if kk % v == 0)
+    sch.parallel(i)
+    if vec > 1:
+        sch.vectorize(sch.split(k, [None, vec])[1])
+
+
+def schedule_dense_int8_dynamic(sch: Any) -> None:
+    """The dynamic kernel's product: around VNNI where the target has it (:func:`schedule_dense_int8`),
+    else around the AVX2 pairs kernel, in the same loop order."""
+    if has_vnni():
+        schedule_dense_int8(sch)
+        return
+    if not has_avx2():
+        raise RuntimeError("the target has neither AVX-512 VNNI nor AVX2")
+    if len(sch.get_loops(sch.get_sblock("dense"))) == 5:  # one sum per lane: 7-bit weights
+        schedule_dense_int8(sch, register_maddubs_intrinsic())
+        return
+    from tvm import tirx
+
+    intrin = register_pairs_intrinsic()
+    dense = sch.get_sblock("dense")
+    i, j, lane, h, rk, rp = sch.get_loops(dense)
+    rows = sch.get(i).extent
+    row_tile = next((t for t in PAIRS_ROW_TILES if isinstance(rows, tirx.IntImm) and int(rows) % t == 0), 1)
+    i_o, i_i = sch.split(i, [None, row_tile])
+    j_o, j_i = sch.split(j, [None, 1])
+    sch.reorder(j_o, i_o, rk, i_i, j_i, lane, h, rp)
+    sch.parallel(j_o)
+    halves = sch.get_sblock("halves")
+    sch.reverse_compute_at(halves, i_o)
+    epilogue = sch.get_sblock("epilogue")
+    sch.reverse_compute_at(epilogue, i_o)
+    sch.set_scope(dense, 0, "local")
+    sch.set_scope(halves, 0, "local")
+    sch.unroll(i_i)
+    init = sch.decompose_reduction(dense, rk)
+    sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+    sch.tensorize(sch.get_loops(dense)[-3], intrin)
+    *_, hl, hr = sch.get_loops(halves)
+    sch.reorder(hr, hl)
+    sch.vectorize(hl)
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+
+
+def schedule_dense_int8(sch: Any, intrin: str | None = None) -> None:
+    """``j_o parallel, m, k/4, j_i, 16 x 4`` around the VNNI instruction (or ``intrin``, with the same
+    description): up to 4 output blocks accumulate side by side (independent chains), the epilogue in
+    the write-back."""
+    intrin = intrin or register_vnni_intrinsic()
     dense = sch.get_sblock("dense")
     i, j, lane, rk, rl = sch.get_loops(dense)
     no = int(sch.get(j).extent)

@@ -358,6 +358,8 @@ def needs_vnni(schedule: Callable[[Any], None]) -> Callable[[Any], None]:
 SCHEDULES: dict[str, Callable[[Any], None]] = {
     "conv_nchwc_int8": needs_vnni(int8.schedule_conv_nchwc_int8),
     "dense_int8": needs_vnni(int8.schedule_dense_int8),
+    "dense_int8_dynamic": int8.schedule_dense_int8_dynamic,
+    "dynamic_quantize": int8.schedule_dynamic_quantize,
     "dense": first_that_applies(schedule_dense_in_k_blocks, schedule_dense),
     "conv_nchwc": first_that_applies(schedule_conv_in_k_blocks, schedule_conv_nchwc),
     "depthwise_nchwc": schedule_depthwise_nchwc,

@@ -38,6 +38,11 @@ class Target:
         feats = set(self.cpu_features)
         return 16 if "avx512f" in feats else 8 if "avx2" in feats else 4
 
+    @property
+    def has_vnni(self) -> bool:
+        """Whether the CPU this target builds for has AVX-512 VNNI (kiln's int8 kernels' instruction)."""
+        return self.kind == "cpu" and "avx512_vnni" in self.cpu_features
+
     def manifest(self) -> dict[str, Any]:
         """The target as recorded in an artifact's manifest."""
         out: dict[str, Any] = {"kind": self.kind, "tvm": self.tvm}

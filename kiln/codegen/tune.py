@@ -135,7 +135,7 @@ def fused_module(graph: Graph, target: Target) -> Any:
     """``graph`` lowered and fused: the module whose prim funcs compilation will schedule."""
     import tvm
 
-    lowered = lower(graph, target.layout_block or 16)
+    lowered = lower(graph, target.layout_block or 16, int8_pairs=not target.has_vnni)
     with tvm.target.Target(dict(target.tvm)):
         return tvm.transform.Sequential(fusion_passes())(lowered.module)
 

@@ -274,10 +274,10 @@ def decomposition_graph(node: Node, opset: dict[str, int]) -> Graph:
 
     class _Builder:
         def __getattr__(self, op_type: str) -> Callable[..., Value]:
-            def build(*args: Value | None, **attrs: Any) -> Value:
-                n = _Node(op_type, list(args), coerce_attrs("", op_type, attrs, g.opset.get("")))
+            def build(*args: Value | None, _outputs: int = 1, **attrs: Any) -> Any:
+                n = _Node(op_type, list(args), coerce_attrs("", op_type, attrs, g.opset.get("")), outputs=_outputs)
                 g.append(n)
-                return n.outputs[0]
+                return n.outputs[0] if _outputs == 1 else tuple(n.outputs)
 
             return build
 
@@ -733,3 +733,54 @@ def _decompose_qdense(op: Any, node: Node, inputs: Sequence[Value | None], opset
 
 register_kiln_op("QDense", inputs=(4, 5), attrs={"n": (AttrType.INT, 0)}, infer=_qdense_shape,
                  decompose=_decompose_qdense)(qdense)
+
+
+# ``kiln::DynQDense(X, W, WSUM, WS, B?)``: a dense layer with int8 weights whose float input is
+#     quantized on every call, as onnxruntime's ``quantize_dynamic`` writes it (DynamicQuantizeLinear,
+#     MatMulInteger, Cast, Mul): X is float32 ``[..., K]`` (K a multiple of 4), quantized to uint8 per
+#     tensor with the scale ``(max(x, 0) - min(x, 0)) / 255`` (1 when X is all zeros) and the zero point
+#     ``round(-min(x, 0) / scale)``; W is int8 ``[N'/16, K/4, 16, 4]`` as for QDense; WSUM is int32
+#     ``[N']``, ``sum_k W[n, k]``; WS is float32 ``[N']``, the weights' scale per output.
+#     ``Y[..., n] = float32(sum_k Xq[..., k] W[n, k] - zp * WSUM[n]) * (scale * WS[n]) + B[n]``.
+def dynamic_quantize_uint8(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.uint8]:
+    """ONNX's DynamicQuantizeLinear: uint8 ``x`` with its scale and zero point from its range (and 0)."""
+    lo, hi = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    scale = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(255)) or np.float32(1)
+    zp = np.uint8(np.clip(np.rint(np.float32(-lo) / scale), 0, 255))
+    q = np.clip(np.rint(x.astype(np.float32) / scale) + np.float32(zp), 0, 255).astype(np.uint8)
+    return q, scale, zp
+
+
+def dyn_qdense(x, w, wsum, ws, b=None, n=0):
+    """kiln::DynQDense: quantize ``x`` per tensor, uint8 x int8 with int32 sums, scaled to float32."""
+    q, scale, zp = dynamic_quantize_uint8(x)
+    acc = q.astype(np.int64) @ unpack_qdense_weight(w).astype(np.int64).T - int(zp) * wsum.astype(np.int64)
+    y = acc.astype(np.float32) * (scale * ws.astype(np.float32))
+    if b is not None:
+        y = y + b.astype(np.float32)
+    return (y[..., :n].astype(np.float32),)
+
+
+def _dyn_qdense_shape(node: Node) -> list[tuple]:
+    x = node.input(0)
+    if x is None or x.shape is None:
+        return [(DType.FLOAT32, None)]
+    return [(DType.FLOAT32, (*x.shape[:-1], node.attr("n", 0)))]
+
+
+def _decompose_dyn_qdense(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    x, w, wsum, ws, b = (list(inputs) + [None])[:5]
+    no, ko, lanes, group = w.shape
+    n = node.attr("n", 0)
+    plain = op.Reshape(op.Transpose(w, perm=[1, 3, 0, 2]), op.constant(np.array([ko * group, no * lanes], np.int64)))
+    xq, scale, zp = op.DynamicQuantizeLinear(x, _outputs=3)
+    acc = op.MatMulInteger(xq, plain, zp)  # [..., N'] int32, the zero point's term included
+    y = op.Mul(op.Cast(acc, to=1), op.Mul(scale, ws))
+    if b is not None:
+        y = op.Add(y, b)
+    return [op.Slice(y, op.constant(np.array([0], np.int64)), op.constant(np.array([n], np.int64)),
+                     op.constant(np.array([-1], np.int64)), op.constant(np.array([1], np.int64)))]
+
+
+register_kiln_op("DynQDense", inputs=(4, 5), attrs={"n": (AttrType.INT, 0)}, infer=_dyn_qdense_shape,
+                 decompose=_decompose_dyn_qdense)(dyn_qdense)

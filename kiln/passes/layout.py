@@ -377,6 +377,13 @@ def _qactivation_rule(form: str) -> RewriteRule:
                                                 "in the conv's write-back, in the same float32 steps.")
 
 
+def _per_output(v: np.ndarray, dtype: type, *, n: int, npad: int) -> np.ndarray:
+    """A scale, bias or sum per output column (or one for all), zero-padded to ``npad`` outputs."""
+    out = np.zeros(npad, dtype)
+    out[:n] = np.broadcast_to(v.reshape(-1), (n,))
+    return out
+
+
 def _qdense_rule(bias: bool) -> RewriteRule:
     """``MatMulInteger(x, w) * s (+ b)`` (what ``qdq-gemm`` makes) becomes the VNNI ``kiln::QDense``."""
 
@@ -416,10 +423,7 @@ def _qdense_rule(bias: bool) -> RewriteRule:
         k, n = wv.shape
         npad = _padded(n, INT8_BLOCK)
 
-        def padded(v: np.ndarray, dtype: type) -> np.ndarray:
-            out = np.zeros(npad, dtype)
-            out[:n] = np.broadcast_to(v.reshape(-1), (n,))
-            return out
+        padded = functools.partial(_per_output, n=n, npad=npad)
 
         zp = int(xzp.numpy().reshape(()))
         c = padded(-zp * wv.astype(np.int64).sum(axis=0), np.int32)
@@ -448,6 +452,84 @@ def _qdense_rule(bias: bool) -> RewriteRule:
 
 
 QDENSE_RULES = [_qdense_rule(True), _qdense_rule(False)]
+
+
+def _dyn_qdense_rule(bias: bool) -> RewriteRule:
+    """onnxruntime's dynamic int8 matmul, ``DynamicQuantizeLinear`` then ``MatMulInteger`` scaled by the
+    product of the two scales (what ``quantize_dynamic`` writes, and what kiln's ``quantize-dynamic``
+    pass writes), becomes ``kiln::DynQDense``: one kernel that quantizes its input and multiplies."""
+
+    def scaled(op, x, w, wzp, ws):
+        xq, xs, xzp = op.DynamicQuantizeLinear(x, _outputs=3, _shared=True, _name="dql")
+        acc = op.MatMulInteger(xq, w, xzp, Optional(wzp), _name="mm")
+        return op.Mul(op.Cast(acc, _name="cast"), op.Mul(xs, ws, _name="smul"), _name="mul")
+
+    if bias:
+        def pattern(op, x, w=Const(), wzp=Const(), ws=Const(), b=Const()):
+            return op.Add(scaled(op, x, w, wzp, ws), b)
+    else:
+        def pattern(op, x, w=Const(), wzp=Const(), ws=Const()):
+            return scaled(op, x, w, wzp, ws)
+
+    def check(ctx: MatchContext, x: Value, w: Value, ws: Value, cast: Node, mul: Node, wzp: Value | None = None,
+              b: Value | None = None) -> None:
+        users = mul.outputs[0].users
+        if not bias and len(users) == 1 and users[0].op_type == "Add" and any(v.is_constant for v in users[0].inputs):
+            raise MatchFailure("a constant bias add follows: dyn-qdense-bias takes it")
+        if x.dtype != DType.FLOAT32 or w.dtype != DType.INT8:
+            raise MatchFailure(f"input {x.dtype}, weights {w.dtype}: the kernel takes float32 x int8")
+        if w.shape is None or len(w.shape) != 2 or x.shape is None or len(x.shape) < 2:
+            raise MatchFailure("the weights are not 2-D, or the input not at least 2-D")
+        k, n = w.shape
+        if k % 4:
+            raise MatchFailure(f"the reduction ({k}) is not a multiple of 4")
+        if wzp is not None and np.any(wzp.numpy()):
+            raise MatchFailure("the weights' zero point is not 0 (the kernel takes symmetric int8 weights)")
+        if cast.attr("to") != 1:
+            raise MatchFailure("the int32 sums are not cast to float32")
+        if ws.numpy().size not in (1, n) or (b is not None and (b.numpy().size not in (1, n) or b.numpy().ndim > 1)):
+            raise MatchFailure("the weight scale or the bias is not per output column")
+
+    def rewrite(op, x, w, ws, wzp=None, b=None):
+        from kiln.ir.kiln_ops import pack_qdense_weight
+
+        wv = w.numpy()
+        k, n = wv.shape
+        npad = _padded(n, INT8_BLOCK)
+
+        padded = functools.partial(_per_output, n=n, npad=npad)
+
+        inputs = [x, op.constant(pack_qdense_weight(np.ascontiguousarray(wv.T)), f"{w.name}_packed"),
+                  op.constant(padded(wv.astype(np.int64).sum(axis=0), np.int32), f"{w.name}_sum"),
+                  op.constant(padded(ws.numpy(), np.float32), f"{w.name}_scale")]
+        if b is not None:
+            inputs.append(op.constant(padded(b.numpy(), np.float32), "dense_bias"))
+        return op.kiln.DynQDense(*inputs, n=n)
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, x):  # 40 -> 20 outputs (padded to 32), per-column weight scales, shared input quantization
+            xq, xs, xzp = op.DynamicQuantizeLinear(x, _outputs=3)
+            outs = []
+            for j in range(2):
+                acc = op.MatMulInteger(xq, op.constant(rng.integers(-127, 128, (40, 20)).astype(np.int8)), xzp,
+                                       op.constant(np.zeros(20, np.int8)))
+                y = op.Mul(op.Cast(acc, to=1), op.Mul(xs, op.constant((rng.random(20) * 1e-2).astype(np.float32))))
+                outs.append(op.Add(y, op.constant(rng.standard_normal(20).astype(np.float32))) if bias else y)
+            return op.Add(*outs)
+
+        return example_graph(f"dyn_qdense{'_bias' if bias else ''}", {"x": (DType.FLOAT32, (2, 3, 40))}, build,
+                             opset=17)
+
+    return RewriteRule(f"dyn-qdense{'-bias' if bias else ''}", pattern, rewrite, check=check, example=example,
+                       priority=1 if bias else 0, rtol=1e-6, atol=1e-5,
+                       description="A dynamically quantized matmul (DynamicQuantizeLinear, MatMulInteger and its "
+                                   "scales) becomes kiln::DynQDense, which quantizes its input and multiplies "
+                                   "in one kernel.")
+
+
+DYN_QDENSE_RULES = [_dyn_qdense_rule(True), _dyn_qdense_rule(False)]
 
 QACTIVATION_RULES = [_qactivation_rule(form) for form in ("SiLU", "HardSwish", "HardSwish-HardSigmoid", "Sigmoid",
                                                            "HardSigmoid", "LeakyRelu", "Clip", "Tanh")]
@@ -803,7 +885,8 @@ GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
     int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES, *QACTIVATION_RULES, *QDENSE_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
-    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *MOVE_RULES, *GEMM_RULES,
+    return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *DYN_QDENSE_RULES, *MOVE_RULES,
+            *GEMM_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
 

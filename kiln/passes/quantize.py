@@ -660,3 +660,84 @@ def fake_quant_model(graph: Graph, layers: list[QuantLayer], params: dict[str, Q
     g.sort()
     infer_shapes(g)
     return g, mask.name
+
+
+# =========================================================================== dynamic int8
+
+
+def dynamic_weight_quantization(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``w [K, N]`` as symmetric int8 per output column with ``bits`` of magnitude (8: [-127, 127];
+    7: [-63, 63], what AVX2's ``vpmaddubsw`` multiplies exactly); the weights and their scales ``[N]``."""
+    top = float(2 ** (bits - 1) - 1)
+    amax = np.abs(w.astype(np.float32)).max(axis=0)
+    scale = np.where(amax > 0, amax / np.float32(top), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -top, top).astype(np.int8)
+    return q, scale
+
+
+def dynamic_dense_reason(node: Node) -> str | None:
+    """Why ``node`` (MatMul or Gemm) cannot run as a dynamic int8 dense layer, or None if it can."""
+    if node.op_type == "Gemm":
+        if node.attr("transA", 0) or node.attr("alpha", 1.0) != 1.0 or node.attr("beta", 1.0) != 1.0:
+            return "a Gemm with transA, alpha or beta"
+        if node.input(2) is not None and not node.input(2).is_constant:
+            return "its bias is not a constant"
+    x, w = node.input(0), node.input(1)
+    if w is None or not w.is_constant or w.shape is None or len(w.shape) != 2:
+        return "its weights are not a 2-D constant (an activation x activation product)"
+    if x is None or x.dtype != DType.FLOAT32 or x.rank is None or x.rank < 2:
+        return "its input is not float32 of rank 2 or more"
+    k = w.shape[1] if node.op_type == "Gemm" and node.attr("transB", 0) else w.shape[0]
+    if k % 4:
+        return f"its reduction ({k}) is not a multiple of 4"
+    return None
+
+
+@register_pass
+@dataclass
+class QuantizeDynamic(Pass):
+    """Dense layers with constant weights as onnxruntime's dynamic int8 form: the input quantized per
+    call (DynamicQuantizeLinear), int8 weights per output column, MatMulInteger, and the two scales.
+    The layout pass turns each into ``kiln::DynQDense``. ``weight_bits`` is 7 for CPUs without VNNI."""
+
+    name: ClassVar[str] = "quantize-dynamic"
+    weight_bits: int = 8
+    layers: list[str] = field(default_factory=list, init=False)  # the layers the last run quantized
+    kept_float: dict[str, str] = field(default_factory=dict, init=False)  # layer -> why it stayed float
+
+    def run(self, graph: Graph) -> PassResult:
+        self.layers, self.kept_float = [], {}
+        changed = 0
+        for node in list(graph.nodes):
+            if node.op_type not in ("MatMul", "Gemm"):
+                continue
+            reason = dynamic_dense_reason(node)
+            if reason:
+                if node.input(1) is not None and node.input(1).is_constant:
+                    self.kept_float[node.name] = reason
+                continue
+            self._rewrite(graph, node)
+            self.layers.append(node.name)
+            changed += 1
+        if changed:
+            infer_shapes(graph)
+        return PassResult.of(graph, changed, {"dense-dynamic-int8": changed} if changed else {})
+
+    def _rewrite(self, graph: Graph, node: Node) -> None:
+        w = node.input(1).numpy()
+        if node.op_type == "Gemm" and node.attr("transB", 0):
+            w = w.T
+        q, scale = dynamic_weight_quantization(w, self.weight_bits)
+        op = RewriteBuilder(graph, anchor=node)
+        xq, xs, xzp = op.DynamicQuantizeLinear(node.input(0), _outputs=3)
+        acc = op.MatMulInteger(xq, op.constant(q, f"{node.input(1).name}_quantized"), xzp,
+                               op.constant(np.zeros(q.shape[1], np.int8), f"{node.input(1).name}_zero_point"))
+        y = op.Mul(op.Cast(acc, to=1), op.Mul(xs, op.constant(scale, f"{node.input(1).name}_scale")))
+        if node.op_type == "Gemm" and node.input(2) is not None:
+            y = op.Add(y, node.input(2))
+        old = node.outputs[0]
+        name = old.name
+        old.replace_all_uses_with(y)
+        graph.remove_node(node)
+        if y in graph.outputs:  # a graph output keeps its name
+            graph.rename_value(y, name)

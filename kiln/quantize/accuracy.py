@@ -87,3 +87,14 @@ def format_accuracy(report: list[OutputAccuracy]) -> str:
         lines.append(f"  {r.name}: cosine {r.cosine:.5f} (min {r.cosine_min:.5f}), max abs error "
                      f"{r.max_abs_error:.4g}{agree}")
     return "\n".join(lines)
+
+
+def against_source(model: Any, artifact: Any, samples: list[dict], target: Any) -> list[OutputAccuracy]:
+    """``artifact`` run on ``samples`` against onnxruntime running the source ``model`` (float, unpruned)."""
+    from kiln.ir.oracle import run_onnxruntime
+    from kiln.runtime import load
+
+    compiled = load(artifact, threads=target.threads)
+    got = [compiled.run(feeds) for feeds in samples]
+    want = [run_onnxruntime(str(model), feeds) for feeds in samples]
+    return compare(want, got, [o.name for o in compiled.outputs])

@@ -31,6 +31,13 @@ class QuantizeOptions:
 
 
 @dataclass
+class DynamicQuantizeOptions:
+    """What ``kiln compile --quantize int8-dynamic`` was asked for (no calibration samples)."""
+
+    eval: str | None = None  # samples for the accuracy report against the float model
+
+
+@dataclass
 class PruneOptions:
     """What ``kiln compile --prune-channels RATIO`` was asked for."""
 

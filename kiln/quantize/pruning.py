@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from kiln.quantize.accuracy import compare
+from kiln.quantize.accuracy import against_source
 from kiln.quantize.calibration import read_samples
 from kiln.quantize.options import PruneOptions
 
@@ -54,18 +54,8 @@ def compile_pruned(model: str | os.PathLike, output: str | os.PathLike, options:
     entry["pruning"] = pruned.to_json()
     if samples is not None:
         say(f"measuring accuracy on {len(samples)} samples against the unpruned model (onnxruntime)")
-        entry["accuracy"] = {a.name: a.to_json() for a in _accuracy(model, output, samples, target)}
+        entry["accuracy"] = {a.name: a.to_json() for a in against_source(model, output, samples, target)}
         entry["accuracy_samples"] = len(samples)
     set_manifest_entry(output, "compression", entry)
     result.compression = entry
     return result
-
-
-def _accuracy(model: str | os.PathLike, artifact: str | os.PathLike, samples: list[dict], target: Any) -> list:
-    from kiln.ir.oracle import run_onnxruntime
-    from kiln.runtime import load
-
-    compiled = load(artifact, threads=target.threads)
-    got = [compiled.run(feeds) for feeds in samples]
-    want = [run_onnxruntime(str(model), feeds) for feeds in samples]
-    return compare(want, got, [o.name for o in compiled.outputs])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kiln.codegen.int8 import conv_int8, dense_int8
+from kiln.codegen.int8 import MADDUBS_WEIGHT_RANGE, conv_int8, dense_int8, dense_int8_dynamic, dynamic_quantize
 from kiln.codegen.lowering.registry import CodegenError, lowers
 from kiln.codegen.lowering.te import activation_expr
 from kiln.ir import Node
@@ -151,3 +151,32 @@ def _qdense(lw: Lowerer, node: Node) -> list[Any]:
 
     args = [lw.get(node.input(i)) for i in range(5 if has_b else 4)]
     return [lw.emit(compute, *args, name="qdense", attrs={"kiln.schedule": "dense_int8"})]
+
+
+@lowers("DynQDense", domain="kiln")
+def _dyn_qdense(lw: Lowerer, node: Node) -> list[Any]:
+    """The dynamic int8 dense layer of :mod:`kiln.codegen.int8` on rows: the input quantized per tensor
+    (one kernel), then multiplied on VNNI or on the AVX2 pairs kernel (another)."""
+    from kiln.codegen.lowering.matmul import on_rows
+
+    n = node.attr("n", 0)
+    has_b = node.input(4) is not None
+    w = node.input(1).numpy() if node.input(1).is_constant else None
+    lo, hi = MADDUBS_WEIGHT_RANGE
+    # without VNNI: vpmaddubsw where the weights cannot saturate it, else the exact int16 pairs kernel
+    pairs = lw.int8_pairs and not (w is not None and w.size and lo <= int(w.min()) and int(w.max()) <= hi)
+    args = [lw.get(node.input(i)) for i in range(5 if has_b else 4)]
+
+    def product(rows: Any) -> Any:
+        quantized = lw.emit(lambda t: list(dynamic_quantize(t)), rows, name="dynamic_quantize_rows",
+                            attrs={"kiln.schedule": "dynamic_quantize"})
+        xq, scale, zp = lw.unpack_all(quantized, 3)
+
+        def compute(xq: Any, scale: Any, zp: Any, w: Any, wsum: Any, ws: Any, *b: Any) -> Any:
+            return dense_int8_dynamic(xq, scale, zp, w, wsum, ws, b[0] if b else None, n, pairs)
+
+        return lw.emit(compute, xq, scale, zp, *args[1:], name="dyn_qdense", attrs={"kiln.schedule": "dense_int8_dynamic"})
+
+    if node.input(0).rank > 2:
+        return [on_rows(lw, args[0], product)]
+    return [product(args[0])]

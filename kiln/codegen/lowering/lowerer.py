@@ -38,11 +38,12 @@ class Lowered:
 class Lowerer:
     """Builds the Relax module for one graph."""
 
-    def __init__(self, graph: Graph, lanes: int = 16) -> None:
+    def __init__(self, graph: Graph, lanes: int = 16, int8_pairs: bool = False) -> None:
         from tvm import relax
 
         self.graph = graph
         self.lanes = lanes  # float32 lanes of the target's vectors (16 with AVX-512, 8 with AVX2)
+        self.int8_pairs = int8_pairs  # the target has no VNNI: int8 products keep two partial sums per lane
         self.bb = relax.BlockBuilder()
         self.env: dict[int, Any] = {}
         self.syms: dict[str, Any] = {}  # named input dims: TIR variables
@@ -333,9 +334,10 @@ def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name) or "v"
 
 
-def lower(graph: Graph, lanes: int = 16) -> Lowered:
+def lower(graph: Graph, lanes: int = 16, int8_pairs: bool = False) -> Lowered:
     """Lower ``graph`` to a Relax module (raises ``CodegenError`` listing what it cannot lower).
 
-    ``lanes`` is the float32 width of the target's vectors, for kernels that size register tiles.
+    ``lanes`` is the float32 width of the target's vectors, for kernels that size register tiles;
+    ``int8_pairs`` says the target lacks VNNI, so int8 products take the AVX2 form.
     """
-    return Lowerer(graph, lanes).lower()
+    return Lowerer(graph, lanes, int8_pairs).lower()

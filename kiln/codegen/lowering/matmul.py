@@ -67,12 +67,12 @@ def _fused_gemm(lw: Lowerer, node: Node) -> list[Any]:
     params = tuple(node.attr("activation_params", ()) or ())
     name = f"fused_gemm_{act.lower() or 'linear'}"
     if node.input(0).rank > 2:  # rows: the scheduled dense kernel on [M, K], between reshapes (views)
-        return [_on_rows(lw, ins[0], lambda rows: lw.emit(_gemm_compute(node, act, params), rows, *ins[1:], name=name,
+        return [on_rows(lw, ins[0], lambda rows: lw.emit(_gemm_compute(node, act, params), rows, *ins[1:], name=name,
                                                           attrs=_gemm_attrs(node)))]
     return [lw.emit(_gemm_compute(node, act, params), *ins, name=name, attrs=_gemm_attrs(node))]
 
 
-def _on_rows(lw: Lowerer, x: Any, product: Callable[[Any], Any]) -> Any:
+def on_rows(lw: Lowerer, x: Any, product: Callable[[Any], Any]) -> Any:
     """``product`` of ``x [..., K]`` flattened to rows ``[M, K]``, its ``[M, N]`` result shaped back to ``[..., N]``.
     TVM turns both reshapes into views (RewriteDataflowReshape)."""
     lead = list(x.ty.shape.values)[:-1]
@@ -94,7 +94,7 @@ def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     if a.rank >= 2 and b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
         # [..., K] @ [K, N]: the scheduled dense kernel on [M, K], between reshapes that
         # TVM turns into views (RewriteDataflowReshape)
-        return [_on_rows(lw, lw.get(a), lambda rows: lw.emit(_gemm_compute(node), rows, lw.get(b), name="matmul",
+        return [on_rows(lw, lw.get(a), lambda rows: lw.emit(_gemm_compute(node), rows, lw.get(b), name="matmul",
                                                              attrs={"kiln.schedule": "dense"}))]
 
     def compute(x: Any, y: Any) -> Any:

@@ -66,33 +66,10 @@ def _quantize(lw: Lowerer, node: Node) -> list[Any]:
 @lowers("DynamicQuantizeLinear")
 def _dynamic_quantize(lw: Lowerer, node: Node) -> list[Any]:
     """uint8 quantization with the scale and zero point computed from the data's range (incl. 0)."""
-    from tvm import te, tirx
+    from kiln.codegen.int8 import dynamic_quantize
 
     def compute(t: Any) -> Any:
-        f = "float32"
-        axes = [te.reduce_axis((0, d), f"r{k}") for k, d in enumerate(t.shape)]
-        axes2 = [te.reduce_axis((0, d), f"s{k}") for k, d in enumerate(t.shape)]
-        mx = te.compute((), lambda: te.max(t[tuple(axes)], axis=axes), name="max")
-        mn = te.compute((), lambda: te.min(t[tuple(axes2)], axis=axes2), name="min")
-        zero = tirx.const(0, f)
-
-        def scale_fn() -> Any:  # all zeros: a scale of 1, as in onnxruntime
-            s = (tirx.max(mx[()], zero) - tirx.min(mn[()], zero)) / tirx.const(255, f)
-            return tirx.Select(s == zero, tirx.const(1, f), s)
-
-        scale = te.compute((), scale_fn, name="scale")
-
-        def zp_fn() -> Any:
-            z = tirx.nearbyint((zero - tirx.min(mn[()], zero)) / scale[()])
-            return tirx.Cast("uint8", tirx.max(tirx.min(z, tirx.const(255, f)), zero))
-
-        zp = te.compute((), zp_fn, name="zero_point")
-
-        def q(*i: Any) -> Any:
-            v = tirx.nearbyint(t[i] / scale[()]) + tirx.Cast(f, zp[()])
-            return tirx.Cast("uint8", tirx.max(tirx.min(v, tirx.const(255, f)), zero))
-
-        return [te.compute(t.shape, q, name="quantized"), scale, zp]
+        return list(dynamic_quantize(t))
 
     out = lw.emit(compute, lw.get(node.input(0)), name="dynamic_quantize_linear")
     return lw.unpack(out, node)

@@ -1,0 +1,87 @@
+"""Dynamic int8 as a compile job: int8 weights, the activations quantized on every call.
+
+``kiln compile MODEL --quantize int8-dynamic [--eval SAMPLES.npz]`` runs :func:`compile_int8_dynamic`:
+
+1. the model is imported and folded with the float passes;
+2. the ``quantize-dynamic`` pass rewrites every MatMul and Gemm with constant 2-D weights into
+   onnxruntime's dynamic form (DynamicQuantizeLinear, MatMulInteger by int8 weights per output
+   column, the two scales), which the layout pass turns into ``kiln::DynQDense`` kernels. Products of
+   two activations (attention's) stay float. No calibration samples are needed;
+3. on a CPU without VNNI the weights get 7 bits of magnitude, so that AVX2's ``vpmaddubsw`` multiplies
+   them exactly (with 8 it saturates); with VNNI they get 8;
+4. with ``--eval``, the artifact runs on the samples against onnxruntime running the float model
+   (cosine, max abs error and argmax agreement per output), as static int8 reports.
+
+Models that onnxruntime's ``quantize_dynamic`` already quantized need no job: ``kiln compile`` puts
+their DynamicQuantizeLinear + MatMulInteger pairs on the same kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from kiln.quantize.accuracy import against_source
+from kiln.quantize.calibration import read_samples
+from kiln.quantize.options import DynamicQuantizeOptions, QuantizeError
+
+if TYPE_CHECKING:
+    from kiln.driver import CompileResult
+
+#: ops whose presence means the model is already quantized
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "QLinearConv", "QLinearMatMul")
+
+
+def compile_int8_dynamic(model: str | os.PathLike, output: str | os.PathLike, options: DynamicQuantizeOptions, *,
+                         target: Any, level: str | None = None, input_shapes: dict[str, tuple] | None = None,
+                         tuning_db: Any = None, progress: Callable[[str], None] | None = None) -> CompileResult:
+    """Quantize ``model``'s dense layers to dynamic int8 and compile it into ``output``."""
+    from kiln.codegen.build import file_sha256, set_manifest_entry
+    from kiln.driver import compile_graph, load_model
+    from kiln.ir.summary import summarize
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import FLOAT_PREP, passes_for
+    from kiln.passes.quantize import QuantizeDynamic
+
+    if target.kind != "cpu":
+        raise QuantizeError("--quantize int8-dynamic builds CPU kernels; CUDA int8 is not built yet")
+    say = progress or (lambda _: None)
+    say("importing")
+    graph = load_model(model, input_shapes)
+    if any(n.op_type in QUANTIZED_OPS for n in graph.walk_nodes()):
+        raise QuantizeError(f"{model} is already quantized (it has QuantizeLinear or MatMulInteger); compile it "
+                            f"without --quantize")
+    baseline = summarize(graph)
+    samples = read_samples(options.eval, graph.inputs) if options.eval else None
+    prep = passes_for(names=FLOAT_PREP)
+    graph, _ = PassManager(prep).run(graph)
+    bits = 8 if target.has_vnni else 7
+    q = QuantizeDynamic(weight_bits=bits)
+    graph, _ = PassManager([q], max_iterations=1).run(graph)
+    if not q.layers:
+        raise QuantizeError(f"{model}: no MatMul or Gemm with constant 2-D weights to quantize")
+    say(f"quantized {len(q.layers)} dense layers to dynamic int8 ({bits}-bit weights per output column)")
+    result = compile_graph(graph, output, target=target, level=level, tuning_db=tuning_db,
+                           source=(file_sha256(model), Path(model).name),
+                           applied=[*(p.describe() for p in prep), q.describe()], progress=say, baseline=baseline)
+    kernels = sum(1 for n in result.graph.walk_nodes() if n.domain == "kiln" and n.op_type == "DynQDense")
+    record: dict[str, Any] = {
+        "scheme": {
+            "activations": "uint8 per tensor, scale and zero point computed on every call (DynamicQuantizeLinear)",
+            "weights": f"int8 symmetric per output column, {bits}-bit magnitude"
+                       + ("" if bits == 8 else " (no VNNI: AVX2 multiplies 7-bit weights exactly)"),
+        },
+        "dynamic": True,
+        "layers": {name: "int8" for name in q.layers} | {name: "fp32" for name in q.kept_float},
+        "kept_float": dict(q.kept_float),
+        "int8_kernels": kernels,
+    }
+    if samples is not None:
+        say(f"measuring accuracy on {len(samples)} samples against the float model (onnxruntime)")
+        record["accuracy"] = {a.name: a.to_json() for a in against_source(model, output, samples, target)}
+        record["accuracy_samples"] = len(samples)
+    set_manifest_entry(output, "quantization", record)
+    result.quantization = record
+    return result
