@@ -288,6 +288,7 @@ def _prune_options(args: argparse.Namespace):
 
 def _print_compression(result) -> None:
     """The compression line (every compile), and pruning's record and accuracy when it ran."""
+    from kiln.quantize.accuracy import accuracy_lines
     from kiln.runtime.artifact import compression_line
 
     entry = result.compression
@@ -298,15 +299,14 @@ def _print_compression(result) -> None:
     if prune:
         print(f"pruned {prune['removed_channels']} channels from {prune['groups']} channel groups "
               f"({prune['fraction']:.1%} of each, {prune['norm']} importance; see kiln inspect for the groups kept)")
-    for name, acc in (entry.get("accuracy") or {}).items():
-        agree = acc.get("argmax_agreement")
-        print(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
-              f"{'' if agree is None else f', argmax agreement {agree}'} against the unpruned model on "
-              f"{entry.get('accuracy_samples')} samples")
+    for line in accuracy_lines(entry, "the unpruned model"):
+        print(line)
 
 
 def _print_dynamic(record: dict) -> int:
     """The ``--quantize int8-dynamic`` report: layers and kernels, what stayed float, accuracy."""
+    from kiln.quantize.accuracy import accuracy_lines
+
     layers = record["layers"]
     int8 = sum(1 for v in layers.values() if v == "int8")
     print(f"dynamic int8: {int8} of {len(layers)} dense layers in {record['int8_kernels']} int8 kernels "
@@ -314,11 +314,8 @@ def _print_dynamic(record: dict) -> int:
     if record["int8_kernels"] < int8:
         print(f"kiln: warning: {int8 - record['int8_kernels']} of {int8} quantized dense layers did not become int8 "
               f"kernels", file=sys.stderr)
-    for name, acc in (record.get("accuracy") or {}).items():
-        agree = acc.get("argmax_agreement")
-        print(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
-              f"{'' if agree is None else f', argmax agreement {agree}'} against the float model on "
-              f"{record.get('accuracy_samples')} samples")
+    for line in accuracy_lines(record, "the float model"):
+        print(line)
     return 0
 
 

@@ -62,7 +62,7 @@ def test_dyn_qdense_kernel_is_exact(tmp_path, bits, shape):
         full = tuple(rows if isinstance(d, str) else d for d in shape)
         x = rng.standard_normal(full).astype(np.float32) * 3
         x.reshape(-1)[0] = 10.0  # the largest input quantizes to 255
-        got = model.run({"x": x})["dyn_qdense_out" if False else model.outputs[0].name]
+        got = model.run({"x": x})[model.outputs[0].name]
         want = dyn_qdense(x, wp, wsum, scale, b, n=n)[0]
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
         if not isinstance(shape[0], str):
@@ -94,7 +94,7 @@ def test_quantize_dynamic_pass_stays_close_to_float_and_compiles_to_its_numbers(
     g.verify()
     assert sorted(q.layers) == sorted(n.name for n in kiln.load(model).nodes if n.op_type in ("Gemm",)
                                       or (n.op_type == "MatMul" and n.inputs[1].is_constant))
-    assert any("activation" in why for why in q.kept_float.values()) is False  # the gram MatMul reads no constant
+    assert q.kept_float == {}  # the gram MatMul reads no constant weights, so it is no candidate
     assert {v.name for v in g.outputs} == {"y", "gram"}
     want = ort_outputs(model, feeds)
     ours = Evaluator(g).run(feeds, ["y", "gram"])

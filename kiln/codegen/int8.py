@@ -86,8 +86,8 @@ def register_vnni_intrinsic() -> str:
 
 
 PAIRS_INTRIN = "kiln_dot_16x2x2_u8s8s32_avx2"
-#: rows the AVX2 kernel keeps in registers at once (3 x 4 accumulators and 4 widened weight vectors
-#: fill AVX2's 16); the first that divides a static row count, else 1
+#: rows the AVX2 pairs kernel keeps in registers at once (2 rows x 2 halves accumulators beside the
+#: widened weights); the first that divides a static row count, else 1
 PAIRS_ROW_TILES = (2,)
 HALVES = 2  # the pairs kernel keeps two int32 partial sums per output lane (input channels 0-1 and 2-3 of a group)
 
@@ -192,24 +192,27 @@ def register_maddubs_intrinsic() -> str:
     return MADDUBS_INTRIN
 
 
-#: the weights' range where ``vpmaddubsw`` cannot saturate (``2 * 255 * 64 <= 32767``... with -64: 32640)
+#: the int8 weights' range where ``vpmaddubsw`` cannot saturate: a pair of uint8 x int8 products sums to
+#: at most ``2 * 255 * 64 = 32640`` in magnitude, inside int16 (7-bit weights, onnxruntime's reduce_range)
 MADDUBS_WEIGHT_RANGE = (-64, 63)
 
 
-def has_avx2() -> bool:
-    """Whether the current TVM target (``with target:``) has AVX2."""
+def _target_has(feature: str) -> bool:
+    """Whether the current TVM target (``with target:``) has an LLVM CPU feature."""
     from tvm.target import Target, codegen
 
     target = Target.current(allow_none=True)
-    return target is not None and bool(codegen.target_has_features("avx2", target))
+    return target is not None and bool(codegen.target_has_features(feature, target))
+
+
+def has_avx2() -> bool:
+    """Whether the current TVM target has AVX2."""
+    return _target_has("avx2")
 
 
 def has_vnni() -> bool:
-    """Whether the current TVM target (``with target:``) has AVX-512 VNNI."""
-    from tvm.target import Target, codegen
-
-    target = Target.current(allow_none=True)
-    return target is not None and bool(codegen.target_has_features("avx512vnni", target))
+    """Whether the current TVM target has AVX-512 VNNI."""
+    return _target_has("avx512vnni")
 
 
 def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[int, int] = (1, 1),

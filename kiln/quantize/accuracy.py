@@ -98,3 +98,20 @@ def against_source(model: Any, artifact: Any, samples: list[dict], target: Any) 
     got = [compiled.run(feeds) for feeds in samples]
     want = [run_onnxruntime(str(model), feeds) for feeds in samples]
     return compare(want, got, [o.name for o in compiled.outputs])
+
+
+def accuracy_record(model: Any, artifact: Any, samples: list[dict], target: Any) -> dict[str, Any]:
+    """The manifest's ``accuracy`` (per output, :func:`against_source`) and ``accuracy_samples`` keys."""
+    return {"accuracy": {a.name: a.to_json() for a in against_source(model, artifact, samples, target)},
+            "accuracy_samples": len(samples)}
+
+
+def accuracy_lines(entry: dict[str, Any], reference: str) -> list[str]:
+    """A manifest entry's accuracy (from :func:`accuracy_record`), one line per output, against ``reference``."""
+    lines = []
+    for name, acc in (entry.get("accuracy") or {}).items():
+        agree = acc.get("argmax_agreement")
+        lines.append(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
+                     f"{'' if agree is None else f', argmax agreement {agree}'} against {reference} on "
+                     f"{entry.get('accuracy_samples')} samples")
+    return lines

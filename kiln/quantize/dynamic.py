@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from kiln.quantize.accuracy import against_source
+from kiln.quantize.accuracy import accuracy_record
 from kiln.quantize.calibration import read_samples
 from kiln.quantize.options import DynamicQuantizeOptions, QuantizeError
 
@@ -80,8 +80,7 @@ def compile_int8_dynamic(model: str | os.PathLike, output: str | os.PathLike, op
     }
     if samples is not None:
         say(f"measuring accuracy on {len(samples)} samples against the float model (onnxruntime)")
-        record["accuracy"] = {a.name: a.to_json() for a in against_source(model, output, samples, target)}
-        record["accuracy_samples"] = len(samples)
+        record.update(accuracy_record(model, output, samples, target))
     set_manifest_entry(output, "quantization", record)
     result.quantization = record
     return result

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from kiln.quantize.accuracy import against_source
+from kiln.quantize.accuracy import accuracy_record
 from kiln.quantize.calibration import read_samples
 from kiln.quantize.options import PruneOptions
 
@@ -54,8 +54,7 @@ def compile_pruned(model: str | os.PathLike, output: str | os.PathLike, options:
     entry["pruning"] = pruned.to_json()
     if samples is not None:
         say(f"measuring accuracy on {len(samples)} samples against the unpruned model (onnxruntime)")
-        entry["accuracy"] = {a.name: a.to_json() for a in against_source(model, output, samples, target)}
-        entry["accuracy_samples"] = len(samples)
+        entry.update(accuracy_record(model, output, samples, target))
     set_manifest_entry(output, "compression", entry)
     result.compression = entry
     return result
