@@ -288,8 +288,7 @@ def _prune_options(args: argparse.Namespace):
 
 def _print_compression(result) -> None:
     """The compression line (every compile), and pruning's record and accuracy when it ran."""
-    from kiln.quantize.accuracy import accuracy_lines
-    from kiln.runtime.artifact import compression_line
+    from kiln.runtime.artifact import accuracy_lines, compression_line
 
     entry = result.compression
     if not entry:
@@ -299,22 +298,24 @@ def _print_compression(result) -> None:
     if prune:
         print(f"pruned {prune['removed_channels']} channels from {prune['groups']} channel groups "
               f"({prune['fraction']:.1%} of each, {prune['norm']} importance; see kiln inspect for the groups kept)")
-    for line in accuracy_lines(entry, "the unpruned model"):
+    for line in accuracy_lines(entry.get("accuracy"), f"against the unpruned model on {entry.get('accuracy_samples')} "
+                                                      f"samples"):
         print(line)
 
 
 def _print_dynamic(record: dict) -> int:
     """The ``--quantize int8-dynamic`` report: layers and kernels, what stayed float, accuracy."""
-    from kiln.quantize.accuracy import accuracy_lines
+    from kiln.runtime.artifact import accuracy_lines
 
     layers = record["layers"]
     int8 = sum(1 for v in layers.values() if v == "int8")
-    print(f"dynamic int8: {int8} of {len(layers)} dense layers in {record['int8_kernels']} int8 kernels "
+    print(f"dynamic int8: {int8} of {len(layers)} layers in {record['int8_kernels']} int8 kernels "
           f"({record['scheme']['weights']})")
     if record["int8_kernels"] < int8:
-        print(f"kiln: warning: {int8 - record['int8_kernels']} of {int8} quantized dense layers did not become int8 "
+        print(f"kiln: warning: {int8 - record['int8_kernels']} of {int8} quantized layers did not become int8 "
               f"kernels", file=sys.stderr)
-    for line in accuracy_lines(record, "the float model"):
+    for line in accuracy_lines(record.get("accuracy"), f"against the float model on {record.get('accuracy_samples')} "
+                                                        f"samples"):
         print(line)
     return 0
 

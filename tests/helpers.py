@@ -41,3 +41,18 @@ def shape_chain_model() -> onnx.ModelProto:
          numpy_helper.from_array(np.array([0], np.int64), "axes"),
          numpy_helper.from_array(np.array([-1], np.int64), "minus1")],
     )
+
+
+def speech_16k(text: str) -> np.ndarray:
+    """``text`` spoken by espeak-ng (a Debian package; tools/system-deps.sh installs it), as float32 mono audio
+    in [-1, 1] at 16 kHz: espeak-ng writes 22.05 kHz, resampled here by linear interpolation."""
+    import io
+    import subprocess
+    import wave
+
+    wav = subprocess.run(["espeak-ng", "--stdout", "-s", "150", text], check=True, capture_output=True).stdout
+    with wave.open(io.BytesIO(wav)) as w:
+        rate = w.getframerate()
+        x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    t = np.arange(int(len(x) * 16000 / rate)) / 16000
+    return np.interp(t, np.arange(len(x)) / rate, x).astype(np.float32)

@@ -6,6 +6,7 @@ and match onnxruntime."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -14,8 +15,8 @@ from onnx import helper, numpy_helper
 
 import kiln
 import kiln.runtime
-from helpers import f32, make_model, ort_outputs
-from kiln.ir import DType, Evaluator
+from helpers import f32, make_model, ort_outputs, speech_16k
+from kiln.ir import DType, Evaluator, infer_shapes
 from kiln.ir.kiln_ops import dyn_qdense, pack_qdense_weight
 from kiln.passes import PassManager
 from kiln.passes.quantize import QuantizeDynamic
@@ -140,7 +141,7 @@ def test_cli_int8_dynamic_on_a_bert_with_symbolic_dims(tiny_models, tmp_path, ca
     out = tmp_path / "bert.kiln"
     assert main(["compile", str(src), "-o", str(out), "--quantize", "int8-dynamic", "--eval", str(samples)]) == 0
     text = capsys.readouterr().out
-    assert "dynamic int8: 12 of 12 dense layers in 12 int8 kernels" in text, text
+    assert "dynamic int8: 12 of 12 layers in 12 int8 kernels" in text, text
     assert main(["inspect", str(out), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)["quantization"]
     assert record["dynamic"] and record["accuracy"]["hidden"]["cosine"] >= 0.99, record
@@ -195,3 +196,155 @@ def _kernel_asm(mcpu: str, pairs: bool) -> str:
 def test_dyn_qdense_schedules_emit_their_instruction(mcpu, pairs, want, unwanted):
     asm = _kernel_asm(mcpu, pairs)
     assert want in asm and unwanted not in asm
+
+
+# ------------------------------------------------------------------ recurrent layers (kiln::DynQRecurrence)
+
+
+def _recurrent_model(op: str, *, dirs: int = 1, seq: int = 5, batch: int = 3, lbr: int = 0, layout: int = 0,
+                     seq_lens: bool = False, peepholes: bool = False, **attrs):
+    """One LSTM, GRU or RNN (H 32, input 24) with constant weights, its initial state an input; model and feeds."""
+    rng = np.random.default_rng(0)
+    H, width, G = 32, 24, {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    weights = {"W": (dirs, G * H, width), "R": (dirs, G * H, H), "B": (dirs, 2 * G * H)}
+    if peepholes:
+        weights["P"] = (dirs, 3 * H)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * (0.1 if n in "BP" else 0.3)).astype(np.float32), n)
+             for n, s in weights.items()]
+    state = [batch, dirs, H] if layout else [dirs, batch, H]
+    ins = [f32("X", ["a", "b", width]), f32("h0", state)]
+    names = ["X", "W", "R", "B", "sl" if seq_lens else "", "h0"]
+    if op == "LSTM":
+        names += ["", "P" if peepholes else ""]
+    if seq_lens:
+        ins.append(helper.make_tensor_value_info("sl", onnx.TensorProto.INT32, [batch]))
+    outs = ["Y", "Yh"] + (["Yc"] if op == "LSTM" else [])
+    attrs.update(hidden_size=H, direction="bidirectional" if dirs == 2 else "forward")
+    if layout:
+        attrs["layout"] = 1
+    if op == "GRU":
+        attrs["linear_before_reset"] = lbr
+    node = helper.make_node(op, names, outs, **attrs)
+    model = make_model([node], ins, [f32(o, None) for o in outs], inits, opset=14)
+    feeds = {"X": rng.standard_normal([batch, seq, width] if layout else [seq, batch, width]).astype(np.float32),
+             "h0": (rng.standard_normal(state) * 0.5).astype(np.float32)}
+    if seq_lens:
+        feeds["sl"] = np.array([seq, 0, seq - 2][:batch], np.int32)
+    return model, feeds, outs
+
+
+RECURRENT_CASES = {
+    "lstm": ("LSTM", {}),
+    "lstm-bidirectional-lengths": ("LSTM", dict(dirs=2, seq_lens=True)),
+    "lstm-peepholes-clip-coupled": ("LSTM", dict(peepholes=True, clip=2.0, input_forget=1)),
+    "gru": ("GRU", {}),
+    "gru-linear-before-reset": ("GRU", dict(lbr=1)),
+    "gru-batch-first-bidirectional": ("GRU", dict(layout=1, dirs=2, lbr=1)),  # onnx reference: no seq_lens
+    "rnn-relu": ("RNN", dict(activations=["Relu"])),
+    "lstm-one-row": ("LSTM", dict(batch=1, seq=7)),
+}
+
+
+@pytest.mark.parametrize("case", list(RECURRENT_CASES))
+def test_dynamic_recurrence_stays_close_to_float_and_compiles_to_its_numbers(tmp_path, case):
+    """quantize-dynamic turns the layer into a DynQDense projection and a DynQRecurrence: near the float layer
+    (onnxruntime; for batch-first, which onnxruntime refuses, onnx's reference), and the compiled kernels
+    compute what the quantized graph's reference says."""
+    op, kw = RECURRENT_CASES[case]
+    model, feeds, outs = _recurrent_model(op, **kw)
+    want = (Evaluator(kiln.load(model)).run(feeds, outs) if kw.get("layout") else ort_outputs(model, feeds))
+    g = kiln.load(model)
+    q = QuantizeDynamic(weight_bits=7)
+    g, _ = PassManager([q], max_iterations=1).run(g)
+    g.verify()
+    assert len(q.layers) == 1 and q.kept_float == {}
+    ours = Evaluator(g).run(feeds, outs)
+    for name in outs:  # states are tanh-bounded (relu: the RNN's within a few units): int8 moves them by < 0.06
+        err = np.abs(ours[name] - want[name]).max()
+        assert err < 0.06 * max(1.0, float(np.abs(want[name]).max())), (name, err)
+    res = kiln.compile(g, tmp_path / "r.kiln")
+    assert sorted(n.op_type for n in res.graph.nodes) == ["DynQDense", "DynQRecurrence"]
+    got = kiln.runtime.load(tmp_path / "r.kiln").run(feeds)
+    for name in outs:
+        np.testing.assert_allclose(got[name], ours[name], rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dirs", [1, 2])
+def test_dynamic_lstm_matches_onnxruntime_dynamic_quantize_lstm(tmp_path, dirs):
+    """The same int8 weights in onnxruntime's com.microsoft DynamicQuantizeLSTM give kiln's numbers: the input
+    projection quantized per tensor and the hidden state at every step as DynamicQuantizeLinear does. One batch
+    row (onnxruntime quantizes the state per chunk of rows its threads share out; kiln per row) and 7-bit
+    weights (onnxruntime's AVX2 kernel saturates on 8-bit ones)."""
+    from kiln.passes.quantize import dynamic_weight_quantization
+
+    model, feeds, outs = _recurrent_model("LSTM", dirs=dirs, batch=1, seq=6)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    w, r = init["W"], init["R"]
+    gh, width, hidden = w.shape[1], w.shape[2], r.shape[2]
+    wq, ws = dynamic_weight_quantization(w.reshape(dirs * gh, width).T, 7)
+    rq, rs = dynamic_weight_quantization(r.reshape(dirs * gh, hidden).T, 7)
+    consts = {"Wq": wq.reshape(width, dirs, gh).transpose(1, 0, 2), "Rq": rq.reshape(hidden, dirs, gh).transpose(1, 0, 2),
+              "B": init["B"], "ws": ws.reshape(dirs, gh), "rs": rs.reshape(dirs, gh),
+              "wz": np.zeros((dirs, gh), np.int8), "rz": np.zeros((dirs, gh), np.int8)}
+    node = helper.make_node("DynamicQuantizeLSTM", ["X", "Wq", "Rq", "B", "", "h0", "", "", "ws", "wz", "rs", "rz"],
+                            outs, domain="com.microsoft", hidden_size=hidden,
+                            direction="bidirectional" if dirs == 2 else "forward")
+    graph = helper.make_graph([node], "q", list(model.graph.input), list(model.graph.output),
+                              [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in consts.items()])
+    ort_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+    ort_model.ir_version = 8
+    want = ort_outputs(ort_model, feeds)
+    g = kiln.load(model)
+    g, _ = PassManager([QuantizeDynamic(weight_bits=7, recurrent_weight_bits=7)], max_iterations=1).run(g)
+    ours = Evaluator(g).run(feeds, outs)
+    kiln.compile(g, tmp_path / "l.kiln")
+    got = kiln.runtime.load(tmp_path / "l.kiln").run(feeds)
+    for name in outs:
+        np.testing.assert_allclose(ours[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dynamic_recurrence_counts_its_macs_like_the_float_layer():
+    from kiln.ir.summary import node_macs
+
+    model, _, _ = _recurrent_model("GRU", dirs=2)
+    g = kiln.load(model)
+    g.inputs[0].shape = (5, 3, 24)
+    infer_shapes(g)
+    before = sum(node_macs(n).constant() for n in g.nodes)
+    assert before == 5 * 3 * 2 * 96 * (24 + 32)
+    g, _ = PassManager([QuantizeDynamic()], max_iterations=1).run(g)
+    after = sum((node_macs(n).constant() if node_macs(n) is not None else 0) for n in g.nodes)
+    assert after == before
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng (Debian package) speaks the test audio")
+def test_silero_vad_dynamic_int8_tracks_the_float_speech_probabilities(real_model, tmp_path):
+    """silero-vad with its LSTM in int8 (projection and hidden-state products) gives the float model's speech
+    probabilities within 0.02 over 50 chunks of real speech, each chunk 512 samples at 16 kHz after the 64 of
+    context silero's own wrapper prepends, the state carried from chunk to chunk."""
+    path = real_model("silero_vad")
+    out = tmp_path / "vad.kiln"
+    pins = ["--input-shape", "input=1x576", "--input-shape", "state=2x1x128", "--input-shape", "sr="]
+    from kiln.cli import main
+
+    assert main(["compile", str(path), "-o", str(out), "--quantize", "int8-dynamic", *pins]) == 0
+    model = kiln.runtime.load(out)
+    lstm = [n for n, v in model.manifest["quantization"]["layers"].items() if v == "int8"]
+    assert len(lstm) == 1 and lstm[0].endswith("rnn/LSTM"), lstm  # the 16 kHz branch's (8 kHz needs 256 samples)
+    audio = np.concatenate([np.zeros(4000, np.float32), speech_16k("Hello. The quick brown fox jumps over the lazy dog.")])
+    audio = np.concatenate([np.zeros(64, np.float32), audio])
+    sr = np.array(16000, np.int64)
+    state_k = state_o = np.zeros((2, 1, 128), np.float32)
+    got, want = [], []
+    for i in range(50):
+        x = audio[None, i * 512:(i + 1) * 512 + 64]
+        k = model.run({"input": x, "state": state_k, "sr": sr})
+        o = ort_outputs(str(path), {"input": x, "state": state_o, "sr": sr})
+        state_k, state_o = k["stateN"], o["stateN"]
+        got.append(float(k["output"].ravel()[0]))
+        want.append(float(o["output"].ravel()[0]))
+    got, want = np.array(got), np.array(want)
+    assert want.min() < 0.1 and (want > 0.9).sum() >= 10, want  # the clip holds silence and speech
+    assert np.abs(got - want).max() <= 0.02, np.abs(got - want).max()

@@ -784,3 +784,195 @@ def _decompose_dyn_qdense(op: Any, node: Node, inputs: Sequence[Value | None], o
 
 register_kiln_op("DynQDense", inputs=(4, 5), attrs={"n": (AttrType.INT, 0)}, infer=_dyn_qdense_shape,
                  decompose=_decompose_dyn_qdense)(dyn_qdense)
+
+
+# --------------------------------------------------------------------------- DynQRecurrence
+#
+# ``kiln::DynQRecurrence(XW, R, RS, B?, sequence_lens?, initial_h?, initial_c?, P?) -> Y, Y_h(, Y_c)``
+#     The time loop of an ONNX LSTM, GRU or RNN (attribute ``op``) whose hidden-state products are dynamic
+#     int8. XW is float32 ``[seq, batch, dirs*G*H]`` (``layout=1``: ``[batch, seq, ...]``): every step's
+#     input projection ``X·Wᵀ`` plus ``Wb + Rb``, less the GRU h gate's ``Rb`` under linear_before_reset
+#     (read from B, the node's ONNX bias, which only that case reads). R is int8 ``[dirs, G*H, H]``,
+#     symmetric per gate row, with RS float32 ``[dirs, G*H]`` its scales. At every step, each direction
+#     quantizes the product's source (a batch row's hidden state; for the GRU h gate without
+#     linear_before_reset, ``r ⊙ h``) to uint8 per row as DynamicQuantizeLinear does, and adds
+#     ``float32(sum_k (q[b, k] - zp[b]) R[g, k]) * (scale[b] * RS[g])`` to the gates: a row's result does not
+#     depend on the rows batched with it. The other inputs, the
+#     attributes and the outputs are the ONNX op's.
+
+#: activation -> its default (alpha, beta), None where it takes none (ONNX's RNN activations)
+RNN_ACTIVATION_PARAMS: dict[str, tuple[float | None, float | None]] = {
+    "relu": (None, None), "tanh": (None, None), "sigmoid": (None, None), "softsign": (None, None),
+    "softplus": (None, None), "affine": (1.0, 0.0), "leakyrelu": (0.01, None), "thresholdedrelu": (1.0, None),
+    "scaledtanh": (1.0, 1.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, None),
+}
+DEFAULT_RNN_ACTIVATIONS = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
+RNN_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+
+
+def rnn_activations(op: str, dirs: int, names: Sequence[str], alphas: Sequence[float],
+                    betas: Sequence[float]) -> list[list[tuple[str, float, float]]]:
+    """Each direction's activations (f, g, h for LSTM) as (name, alpha, beta), the alphas and betas consumed in
+    order and defaulted as ONNX says; ValueError names what is wrong."""
+    names = [a.lower() for a in names] or DEFAULT_RNN_ACTIVATIONS[op] * dirs
+    per = len(DEFAULT_RNN_ACTIVATIONS[op])
+    if len(names) != per * dirs:
+        raise ValueError(f"{len(names)} activations given, {op} needs {per * dirs}")
+    alphas, betas = list(alphas), list(betas)
+    acts = []
+    for name in names:
+        if name not in RNN_ACTIVATION_PARAMS:
+            raise ValueError(f"unknown activation '{name}'")
+        da, db = RNN_ACTIVATION_PARAMS[name]
+        a = (alphas.pop(0) if alphas else da) if da is not None else 0.0
+        b = (betas.pop(0) if betas else db) if db is not None else 0.0
+        acts.append((name, float(a), float(b)))
+    return [acts[d * per:(d + 1) * per] for d in range(dirs)]
+
+
+def _rnn_activation(x: np.ndarray, name: str, a: float, b: float) -> np.ndarray:
+    f = np.float32
+    if name == "sigmoid":
+        return f(1) / (f(1) + np.exp(-x))
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "relu":
+        return np.maximum(x, f(0))
+    if name == "affine":
+        return f(a) * x + f(b)
+    if name == "leakyrelu":
+        return np.where(x >= 0, x, f(a) * x)
+    if name == "thresholdedrelu":
+        return np.where(x > f(a), x, f(0))
+    if name == "scaledtanh":
+        return f(a) * np.tanh(f(b) * x)
+    if name == "hardsigmoid":
+        return np.maximum(f(0), np.minimum(f(1), f(a) * x + f(b)))
+    if name == "elu":
+        return np.where(x >= 0, x, f(a) * (np.exp(x) - f(1)))
+    if name == "softsign":
+        return x / (f(1) + np.abs(x))
+    return np.log(f(1) + np.exp(x))  # softplus
+
+
+def _int8_product(src: np.ndarray, r: np.ndarray, rs: np.ndarray) -> np.ndarray:
+    """``src [batch, H]`` quantized per row (DynamicQuantizeLinear on each) times ``r [n, H]`` int8, in float32."""
+    out = []
+    for row in src:
+        q, scale, zp = dynamic_quantize_uint8(row)
+        acc = (q.astype(np.int64) - int(zp)) @ r.astype(np.int64).T
+        out.append(acc.astype(np.float32) * (np.float32(scale) * rs.astype(np.float32)))
+    return np.stack(out) if out else np.zeros((0, r.shape[0]), np.float32)
+
+
+def dyn_q_recurrence(xw, r, rs, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None, op="LSTM",
+                     hidden_size=0, direction="forward", activations=(), activation_alpha=(), activation_beta=(),
+                     clip=-1.0, layout=0, input_forget=0, linear_before_reset=0):
+    """kiln::DynQRecurrence: an LSTM, GRU or RNN time loop with dynamic int8 hidden-state products."""
+    f32 = np.float32
+    xw = xw.astype(f32)
+    if layout:
+        xw = xw.transpose(1, 0, 2)
+    seq, batch = xw.shape[0], xw.shape[1]
+    reverse = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    nd, H = len(reverse), int(hidden_size) or r.shape[-1]
+    G = RNN_GATES[op]
+    gh = G * H
+    acts = rnn_activations(op, nd, activations, activation_alpha, activation_beta)
+    lens = (np.full(batch, seq, np.int64) if sequence_lens is None
+            else np.clip(sequence_lens.astype(np.int64), 0, seq))
+
+    def cl(v: np.ndarray) -> np.ndarray:
+        return v if clip is None or clip < 0 else np.clip(v, -f32(clip), f32(clip))
+
+    def st(v: np.ndarray | None) -> np.ndarray:  # an initial state as [dirs, batch, H]
+        if v is None:
+            return np.zeros((nd, batch, H), f32)
+        return (v.transpose(1, 0, 2) if layout else v).astype(f32).copy()
+
+    y = np.zeros((seq, nd, batch, H), f32)
+    yh, yc = st(initial_h), st(initial_c)
+    for d in range(nd):
+        act = [lambda v, a=a: _rnn_activation(v, *a) for a in acts[d]]
+        rd, rsd = r[d], rs[d]
+        for s in range(seq):
+            t = np.maximum(lens - 1 - s, 0) if reverse[d] else np.full(batch, s)
+            x_t = xw[np.minimum(t, seq - 1), np.arange(batch), d * gh:(d + 1) * gh]
+            h = yh[d]
+            if op == "GRU":
+                zr = x_t[:, :2 * H] + _int8_product(h, rd[:2 * H], rsd[:2 * H])
+                z, rg = act[0](cl(zr[:, :H])), act[0](cl(zr[:, H:]))
+                if linear_before_reset:
+                    rb = b[d, gh + 2 * H:gh + 3 * H].astype(f32) if b is not None else f32(0)
+                    hg = _int8_product(h, rd[2 * H:], rsd[2 * H:]) + rb
+                    n = act[1](cl(x_t[:, 2 * H:] + rg * hg))
+                else:
+                    n = act[1](cl(x_t[:, 2 * H:] + _int8_product(rg * h, rd[2 * H:], rsd[2 * H:])))
+                hn, cn = (f32(1) - z) * n + z * h, None
+            else:
+                g = x_t + _int8_product(h, rd, rsd)
+                if op == "LSTM":  # gates i, o, f, c
+                    cp = yc[d]
+                    i_, o_, f_, c_ = (g[:, k * H:(k + 1) * H] for k in range(4))
+                    if p is not None:
+                        i_ = i_ + p[d, :H] * cp
+                        f_ = f_ + p[d, 2 * H:] * cp
+                    ig = act[0](cl(i_))
+                    fg = f32(1) - ig if input_forget else act[0](cl(f_))
+                    cn = fg * cp + ig * act[1](cl(c_))
+                    if p is not None:
+                        o_ = o_ + p[d, H:2 * H] * cn
+                    hn = act[0](cl(o_)) * act[2](cn)
+                else:
+                    hn, cn = act[0](cl(g)), None
+            live = (s < lens)[:, None]
+            yh[d] = np.where(live, hn, h)
+            if cn is not None:
+                yc[d] = np.where(live, cn, yc[d])
+            rows = np.arange(batch)
+            y[np.where(live[:, 0], t, s), d, rows] = np.where(live, hn, f32(0))
+        done = lens == 0
+        yh[d][done] = 0
+        yc[d][done] = 0
+    outs = [y.transpose(2, 0, 1, 3), yh.transpose(1, 0, 2)] if layout else [y, yh]
+    if op == "LSTM":
+        outs.append(yc.transpose(1, 0, 2) if layout else yc)
+    return tuple(o.astype(f32) for o in outs)
+
+
+def _dyn_q_recurrence_shape(node: Node) -> list[tuple]:
+    xw, H = node.input(0), node.attr("hidden_size", 0)
+    nd = 2 if node.attr("direction", "forward") == "bidirectional" else 1
+    n_out = len(node.outputs)
+    if xw is None or xw.shape is None or len(xw.shape) != 3:
+        return [(DType.FLOAT32, None)] * n_out
+    a, b = xw.shape[0], xw.shape[1]  # (seq, batch), or (batch, seq) under layout=1
+    if node.attr("layout", 0):
+        shapes = [(a, b, nd, H), (a, nd, H)]
+    else:
+        shapes = [(a, nd, b, H), (nd, b, H)]
+    shapes.append(shapes[1])
+    return [(DType.FLOAT32, s) for s in shapes[:n_out]]
+
+
+def _validate_dyn_q_recurrence(node: Node) -> list[str]:
+    op = node.attr("op", "LSTM")
+    if op not in RNN_GATES:
+        return [f"op must be LSTM, GRU or RNN, not '{op}'"]
+    if len(node.outputs) > (3 if op == "LSTM" else 2):
+        return [f"{op} has {3 if op == 'LSTM' else 2} outputs at most"]
+    nd = 2 if node.attr("direction", "forward") == "bidirectional" else 1
+    try:
+        rnn_activations(op, nd, node.attr("activations", ()) or (), node.attr("activation_alpha", ()) or (),
+                        node.attr("activation_beta", ()) or ())
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+register_kiln_op("DynQRecurrence", inputs=(3, 8), outputs=(1, 3), attrs={
+    "op": (AttrType.STRING, "LSTM"), "hidden_size": (AttrType.INT, 0), "direction": (AttrType.STRING, "forward"),
+    "activations": (AttrType.STRINGS, ()), "activation_alpha": (AttrType.FLOATS, ()),
+    "activation_beta": (AttrType.FLOATS, ()), "clip": (AttrType.FLOAT, -1.0), "layout": (AttrType.INT, 0),
+    "input_forget": (AttrType.INT, 0), "linear_before_reset": (AttrType.INT, 0),
+}, infer=_dyn_q_recurrence_shape, validate=_validate_dyn_q_recurrence)(dyn_q_recurrence)

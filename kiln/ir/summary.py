@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kiln.ir.core import Graph, Node, Shape, Value
+from kiln.ir.kiln_ops import RNN_GATES
 
 
 class Poly:
@@ -158,9 +159,11 @@ def _op_list(ops: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
     return [{"domain": d or "ai.onnx", "op": op, "nodes": nodes} for (d, op), nodes in sorted(ops.items())]
 
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+           "LSTM", "GRU", "RNN")
 #: kiln's own ops that multiply and accumulate (fused before layout; blocked or packed after it).
-KILN_MAC_OPS = ("FusedConv", "BlockedConv", "FusedGemm", "Attention", "QBlockedConv", "QDense", "DynQDense")
+KILN_MAC_OPS = ("FusedConv", "BlockedConv", "FusedGemm", "Attention", "QBlockedConv", "QDense", "DynQDense",
+                "DynQRecurrence")
 #: Where each op's weight (or second operand) is among its inputs.
 _WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3}
 
@@ -175,8 +178,14 @@ def node_macs(node: Node) -> Poly | None:
     if not (node.domain == "" and op in MAC_OPS or node.domain == "kiln" and op in KILN_MAC_OPS):
         return None
     x, w = node.input(0), node.input(_WEIGHT_INPUT.get(op, 1))
+    if x is None or w is None or x.shape is None or w.shape is None or len(x.shape) < 2:
+        return None
+    if op in ("LSTM", "GRU", "RNN"):  # every step and direction: X [seq, batch, I] by W [D, G*H, I] and R [.., H]
+        return Poly.product((*x.shape[:2], *w.shape[:2])) * (_static_product(w.shape[2:]) + w.shape[1] // RNN_GATES[op])
+    if op == "DynQRecurrence":  # the hidden-state products alone: XW [seq, batch, ...] by R [D, G*H, H]
+        return Poly.product((*x.shape[:2], *w.shape))
     y = node.outputs[0]
-    if x is None or w is None or x.shape is None or w.shape is None or y.shape is None:
+    if y.shape is None:
         return None
     if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
         return Poly.product(y.shape) * _static_product(w.shape[1:])

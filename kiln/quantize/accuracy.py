@@ -105,13 +105,3 @@ def accuracy_record(model: Any, artifact: Any, samples: list[dict], target: Any)
     return {"accuracy": {a.name: a.to_json() for a in against_source(model, artifact, samples, target)},
             "accuracy_samples": len(samples)}
 
-
-def accuracy_lines(entry: dict[str, Any], reference: str) -> list[str]:
-    """A manifest entry's accuracy (from :func:`accuracy_record`), one line per output, against ``reference``."""
-    lines = []
-    for name, acc in (entry.get("accuracy") or {}).items():
-        agree = acc.get("argmax_agreement")
-        lines.append(f"  {name}: cosine {acc['cosine']}, max abs error {acc['max_abs_error']}"
-                     f"{'' if agree is None else f', argmax agreement {agree}'} against {reference} on "
-                     f"{entry.get('accuracy_samples')} samples")
-    return lines

@@ -40,11 +40,11 @@ def compile_pruned(model: str | os.PathLike, output: str | os.PathLike, options:
     say = progress or (lambda _: None)
     say("importing")
     graph = load_model(model, input_shapes)
-    baseline = summarize(graph)
     samples = read_samples(options.eval, graph.inputs) if options.eval else None
     say(f"pruning channels ({options.ratio:g} of the MACs, {options.norm} importance)")
     prep = passes_for(names=FLOAT_PREP)
     graph, _ = PassManager(prep).run(graph)
+    baseline = summarize(graph)  # "before": folded and exact, so every product's shapes are known
     pruned = prune_channels(graph, options.ratio, norm=options.norm, block=target.layout_block or 16)
     spec = f"prune-channels{{ratio={options.ratio:g},norm={options.norm}}}"
     result = compile_graph(graph, output, target=target, level=level, tuning_db=tuning_db,

@@ -319,6 +319,17 @@ def _count(n: float, unit: str = "") -> str:
     return f"{n:g}{(' ' + unit) if unit else ''}"
 
 
+def accuracy_lines(accuracy: dict[str, Any] | None, against: str) -> list[str]:
+    """A manifest entry's per-output accuracy (cosine, max abs error, argmax agreement), one line each,
+    ending with ``against`` (what it was measured against, and on how many samples)."""
+    lines = []
+    for name, acc in (accuracy or {}).items():
+        agree = acc.get("argmax_agreement")
+        lines.append(f"  {name}: cosine {acc.get('cosine')}, max abs error {acc.get('max_abs_error')}"
+                     f"{'' if agree is None else f', argmax agreement {agree}'} {against}")
+    return lines
+
+
 def compression_line(entry: Mapping[str, Any]) -> str:
     """One line of a manifest's ``compression`` entry, for ``kiln compile`` and ``kiln inspect``."""
     b, a, r = entry["before"], entry["after"], entry["rate"]
@@ -354,15 +365,18 @@ def describe(manifest: Mapping[str, Any], signer: Signer | None = None) -> str:
         layers = quant.get("layers") or {}
         calib = quant.get("calibration") or {}
         int8 = sum(1 for v in layers.values() if v == "int8")
-        out.write(f"  quantization: int8 in {int8} of {len(layers)} layers ({calib.get('method')} calibration on "
-                  f"{calib.get('samples')} samples)\n")
+        if quant.get("dynamic"):
+            out.write(f"  quantization: dynamic int8 in {int8} of {len(layers)} layers (activations quantized on "
+                      f"every call; {quant.get('int8_kernels')} int8 kernels)\n")
+            against = f"against the float model on {quant.get('accuracy_samples')} samples"
+        else:
+            out.write(f"  quantization: int8 in {int8} of {len(layers)} layers ({calib.get('method')} calibration "
+                      f"on {calib.get('samples')} samples)\n")
+            against = f"on {calib.get('held_out_samples')} held-out samples"
         for name, why in (quant.get("kept_float") or {}).items():  # every one: inspect is the full view
             out.write(f"    kept in float: {name} ({why})\n")
-        for name, acc in (quant.get("accuracy") or {}).items():
-            agree = acc.get("argmax_agreement")
-            out.write(f"    {name}: cosine {acc.get('cosine')}, max abs error {acc.get('max_abs_error')}"
-                      f"{'' if agree is None else f', argmax agreement {agree}'} on {calib.get('held_out_samples')} "
-                      f"held-out samples\n")
+        for line in accuracy_lines(quant.get("accuracy"), against):
+            out.write(f"  {line}\n")
     comp = manifest.get("compression")
     if isinstance(comp, dict) and {"before", "after", "rate"} <= set(comp):
         out.write(f"  {compression_line(comp)}\n")

@@ -24,18 +24,12 @@ import numpy as np
 from kiln.codegen.lowering.registry import CodegenError, lowers, prepacks, run_time_failure
 from kiln.codegen.lowering.te import exp_expr, statements
 from kiln.ir import Node
+from kiln.ir.kiln_ops import RNN_GATES, rnn_activations
 
 if TYPE_CHECKING:
     from kiln.codegen.lowering.lowerer import Lowerer
 
-GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
-_DEFAULT_ACTIVATIONS = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
-#: activation -> (its default alpha, its default beta), None where it takes none (ONNX's RNN activations)
-_ACTIVATION_PARAMS: dict[str, tuple[float | None, float | None]] = {
-    "relu": (None, None), "tanh": (None, None), "sigmoid": (None, None), "softsign": (None, None),
-    "softplus": (None, None), "affine": (1.0, 0.0), "leakyrelu": (0.01, None), "thresholdedrelu": (1.0, None),
-    "scaledtanh": (1.0, 1.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, None),
-}
+GATES = RNN_GATES
 LANES = 16  # the most vector lanes of a gate-column block
 BLOCK_VECTORS = 4  # vectors of gate columns accumulated in registers by the matvec, one batch row at a time
 #: with a batch (or a symbolic one), batch rows x 16-lane vectors per register tile, by the target's vector
@@ -117,24 +111,14 @@ def _tanh(x: Any, dt: str) -> Any:
     return tirx.Select(ax < c(0.0625), small, tirx.Select(x < c(0), -big, big))
 
 
-def _activations(node: Node, dirs: int) -> list[list[Activation]]:
+def _activations(node: Node, dirs: int, op: str) -> list[list[Activation]]:
     """Each direction's activations (f, g, h for LSTM), with the alphas and betas they consume in order."""
-    op = node.op_type
-    names = [a.lower() for a in node.attr("activations", ()) or ()] or _DEFAULT_ACTIVATIONS[op] * dirs
-    per = len(_DEFAULT_ACTIVATIONS[op])
-    if len(names) != per * dirs:
-        raise CodegenError(f"node {node.label()}: {len(names)} activations given, {op} needs {per * dirs}")
-    alphas = list(node.attr("activation_alpha", ()) or ())
-    betas = list(node.attr("activation_beta", ()) or ())
-    acts = []
-    for name in names:
-        if name not in _ACTIVATION_PARAMS:
-            raise CodegenError(f"node {node.label()}: unknown activation '{name}'")
-        da, db = _ACTIVATION_PARAMS[name]
-        a = (alphas.pop(0) if alphas else da) if da is not None else 0.0
-        b = (betas.pop(0) if betas else db) if db is not None else 0.0
-        acts.append(Activation(name, float(a), float(b)))
-    return [acts[d * per:(d + 1) * per] for d in range(dirs)]
+    try:
+        acts = rnn_activations(op, dirs, node.attr("activations", ()) or (), node.attr("activation_alpha", ()) or (),
+                               node.attr("activation_beta", ()) or ())
+    except ValueError as e:
+        raise CodegenError(f"node {node.label()}: {e}") from None
+    return [[Activation(*a) for a in per] for per in acts]
 
 
 @dataclass(frozen=True)
@@ -151,6 +135,7 @@ class RnnConfig:
     linear_before_reset: bool
     has: frozenset[str]  # the optional inputs given: B, sequence_lens, initial_h, initial_c, P
     row_tile: tuple[int, int]  # batch rows x vectors of a register tile (see ROW_TILES)
+    int8: bool = False  # the hidden-state products are dynamic int8 (kiln::DynQRecurrence)
 
     @property
     def gates(self) -> int:
@@ -161,8 +146,10 @@ _OPTIONAL = {3: "B", 4: "sequence_lens", 5: "initial_h", 6: "initial_c", 7: "P"}
 
 
 def _rnn_config(node: Node, lanes: int) -> RnnConfig:
-    """The node's configuration; refuses, in one line, what does not lower."""
-    op = node.op_type
+    """The node's configuration (an ONNX RNN, GRU or LSTM, or a kiln::DynQRecurrence); refuses, in one line,
+    what does not lower."""
+    int8 = node.domain == "kiln"
+    op = node.attr("op", "LSTM") if int8 else node.op_type
     direction = node.attr("direction", "forward")
     dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
     if dirs is None:
@@ -170,20 +157,22 @@ def _rnn_config(node: Node, lanes: int) -> RnnConfig:
     reason = _rnn_x_rank(node)
     if reason:
         raise CodegenError(reason)
-    r = node.input(2)
+    r = node.input(1 if int8 else 2)
     hidden = node.attr("hidden_size") or (r.shape[-1] if r.shape is not None else None)
     if not isinstance(hidden, int):
         raise CodegenError(f"node {node.label()}: hidden_size is not given and R's shape does not say it")
     w = node.input(1)
-    if w.shape is None or not isinstance(w.shape[-1], int):
+    if not int8 and (w.shape is None or not isinstance(w.shape[-1], int)):
         raise CodegenError(f"node {node.label()}: the input width (W's last dim) must be static to compile")
     clip = node.attr("clip")
+    if int8 and clip is not None and clip < 0:  # kiln::DynQRecurrence's "no clip"
+        clip = None
     has = frozenset(name for i, name in _OPTIONAL.items() if node.input(i) is not None
                     and (op == "LSTM" or i < 6))
-    return RnnConfig(op, hidden, dirs, _activations(node, len(dirs)), None if clip is None else float(clip),
+    return RnnConfig(op, hidden, dirs, _activations(node, len(dirs), op), None if clip is None else float(clip),
                      bool(node.attr("layout", 0)), op == "LSTM" and bool(node.attr("input_forget", 0)),
                      op == "GRU" and bool(node.attr("linear_before_reset", 0)), has,
-                     ROW_TILES.get(lanes, ROW_TILES[8]))
+                     ROW_TILES.get(lanes, ROW_TILES[8]), int8)
 
 
 def _projection(cfg: RnnConfig) -> Callable[..., Any]:
@@ -222,8 +211,8 @@ def _lanes(h: int) -> int:
 
 
 def _recurrence(cfg: RnnConfig) -> Callable[..., Any]:
-    """The time loop: (XW [seq, batch, dirs*G*H] (batch first: [batch, seq, ...]), R_t [dirs, H, G*H], [B],
-    [sequence_lens], [initial_h], [initial_c], [P]) -> [Y, Y_h(, Y_c)]."""
+    """The time loop: (XW [seq, batch, dirs*G*H] (batch first: [batch, seq, ...]), R_t [dirs, H, G*H] (int8:
+    then RS [dirs, G*H], its scales), [B], [sequence_lens], [initial_h], [initial_c], [P]) -> [Y, Y_h(, Y_c)]."""
     H = cfg.hidden
     lanes = _lanes(H)
     names = [n for n in _OPTIONAL.values() if n in cfg.has]
@@ -257,6 +246,8 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
     H, G = cfg.hidden, cfg.gates
     gh = G * H
     lstm, gru = cfg.op == "LSTM", cfg.op == "GRU"
+    rs_p = rest[0] if cfg.int8 else None
+    rest = rest[1:] if cfg.int8 else rest
     n_in = len(names)
     opt = dict(zip(names, rest[:n_in]))
     outs = rest[n_in:]
@@ -269,6 +260,7 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
 
     with IRBuilder() as ib:
         xw, rt = T.buffer_proxy(xw_p), T.buffer_proxy(rt_p)
+        rs = T.buffer_proxy(rs_p) if rs_p is not None else None
         y, yh = T.buffer_proxy(outs[0]), T.buffer_proxy(outs[1])
         yc = T.buffer_proxy(outs[2]) if lstm else None
         bias = T.buffer_proxy(opt["B"]) if "B" in opt else None
@@ -295,6 +287,8 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
             gates = T.buffer_proxy(T.alloc_buffer((nb, gh), dt, scope="global"))
             rh = (T.buffer_proxy(T.alloc_buffer((nb, H), dt, scope="global"))
                   if gru and not cfg.linear_before_reset else None)
+            hq = T.buffer_proxy(T.alloc_buffer((nb, H), "int32", scope="global")) if cfg.int8 else None
+            hs = T.buffer_proxy(T.alloc_buffer((nb,), dt, scope="global")) if cfg.int8 else None
             with T.serial(zero, nb) as b, T.serial(0, H) as j:
                 yh[st(d, b, j)] = h0[st(d, b, j)] if h0 is not None else c(0)
                 if lstm:
@@ -307,18 +301,47 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
             def t_of(s: Any, b: Any) -> Any:  # the time row b is at at loop step s (in range once the row is done)
                 return tirx.max(length(b) - 1 - s, zero) if reverse else s
 
+            def quantized(src: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+                """``src`` quantized to uint8 per batch row as DynamicQuantizeLinear does (the row's scale in ``hs``),
+                held centred (``q - zp``, int32 in ``hq``); the centred reader."""
+                lim = T.buffer_proxy(T.alloc_buffer((2,), dt, scope="local"))  # max, min (with 0)
+                with T.serial(zero, nb) as b:
+                    lim[0], lim[1] = c(0), c(0)
+                    with T.serial(0, H) as k:
+                        v = T.Bind(src(b, k))
+                        lim[0] = tirx.max(lim[0], v)
+                        lim[1] = tirx.min(lim[1], v)
+                    spread = T.Bind((lim[0] - lim[1]) / c(255))
+                    scale = T.Bind(tirx.Select(spread == c(0), c(1), spread))
+                    zp = T.Bind(tirx.max(tirx.min(tirx.nearbyint((c(0) - lim[1]) / scale), c(255)), c(0)))
+                    hs[b] = scale
+                    with T.serial(0, H) as k:
+                        q = tirx.max(tirx.min(tirx.nearbyint(src(b, k) / scale) + zp, c(255)), c(0))
+                        hq[b, k] = tirx.Cast("int32", q) - tirx.Cast("int32", zp)
+                return lambda b, k: hq[b, k]
+
             def matvec(s: Any, col0: int, ncols: int, src: Callable[[Any, Any], Any], init: str) -> None:
                 """gates[:, col0:col0+ncols] = init + src · R_t[d, :, col0:col0+ncols] for every row (init: xw, rbh
-                or 0): for each block of gate columns (one thread's share), tiles of rows that accumulate in registers."""
+                or 0): for each block of gate columns (one thread's share), tiles of rows that accumulate in registers.
+                int8: src is quantized first, the tiles accumulate int32 and the scales apply once at the end."""
                 split = len(cfg.dirs) == 1 and G * H * H >= PARALLEL_MATVEC_MIN
+                if cfg.int8:
+                    src = quantized(src)
+                acc_dt = "int32" if cfg.int8 else dt
                 rows_most, most = cfg.row_tile
                 if isinstance(batch, (int, tirx.IntImm)) and int(batch) == 1:  # one row: the widest tile
                     rows_most, most = 1, BLOCK_VECTORS
                 vecs = next(v for v in range(min(most, ncols // lanes), 0, -1) if (ncols // lanes) % v == 0)
                 width = vecs * lanes
                 blocks = nb // rows_most
+
+                def start(b: Any, col: Any) -> Any:  # what the gate column starts from
+                    if init == "xw":
+                        return xw[xwi(t_of(s, b), b, d * gh + col)]
+                    return bias[d, gh + col] if init == "rbh" else c(0)
+
                 with (T.parallel if split else T.serial)(0, ncols // width) as jo:
-                    acc = T.buffer_proxy(T.alloc_buffer((rows_most * width,), dt, scope="local"))
+                    acc = T.buffer_proxy(T.alloc_buffer((rows_most * width,), acc_dt, scope="local"))
 
                     def tile(b0: Any, rows: int) -> None:
                         def each() -> Any:  # (row, gate column vector, lane) over the tile
@@ -326,20 +349,19 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
 
                         with each()[0] as r, each()[1] as u, each()[2] as v:
                             col = col0 + jo * width + u * lanes + v
-                            b = b0 + r
-                            if init == "xw":
-                                acc[r * width + u * lanes + v] = xw[xwi(t_of(s, b), b, d * gh + col)]
-                            elif init == "rbh":
-                                acc[r * width + u * lanes + v] = bias[d, gh + col]
-                            else:
-                                acc[r * width + u * lanes + v] = c(0)
+                            acc[r * width + u * lanes + v] = (tirx.const(0, "int32") if cfg.int8
+                                                              else start(b0 + r, col))
                         with T.serial(0, H) as k, each()[0] as r:
                             hk = T.Bind(src(b0 + r, k))
                             with each()[1] as u, each()[2] as v:
                                 a = r * width + u * lanes + v
-                                acc[a] = acc[a] + hk * rt[d, k, col0 + jo * width + u * lanes + v]
+                                w = rt[d, k, col0 + jo * width + u * lanes + v]
+                                acc[a] = acc[a] + hk * (tirx.Cast("int32", w) if cfg.int8 else w)
                         with each()[0] as r, each()[1] as u, each()[2] as v:
-                            gates[b0 + r, col0 + jo * width + u * lanes + v] = acc[r * width + u * lanes + v]
+                            col = col0 + jo * width + u * lanes + v
+                            a = r * width + u * lanes + v
+                            gates[b0 + r, col] = (start(b0 + r, col) + tirx.Cast(dt, acc[a]) * (hs[b0 + r] * rs[d, col])
+                                                  if cfg.int8 else acc[a])
 
                     with T.serial(zero, blocks) as bo:
                         tile(bo * rows_most, rows_most)
@@ -456,4 +478,20 @@ def _rnn(lw: Lowerer, node: Node) -> list[Any]:
     xw3 = lw.bb.emit(relax.op.reshape(xw, (xs[0], xs[1], n)))
     opt = [lw.get(node.input(i)) for i, name in _OPTIONAL.items() if name in cfg.has]
     tup = lw.emit(_recurrence(cfg), xw3, rt, *opt, name=f"{cfg.op.lower()}_recurrence")
+    return lw.unpack(tup, node)
+
+
+@prepacks("DynQRecurrence", domain="kiln", input_1=_r_packed)
+@lowers("DynQRecurrence", domain="kiln")
+def _dyn_q_recurrence(lw: Lowerer, node: Node) -> list[Any]:
+    """kiln::DynQRecurrence: the time loop alone (its input projection is a DynQDense before it), int8 products."""
+    from tvm import relax
+
+    cfg = _rnn_config(node, lw.lanes)
+    rt = lw.packed(node, 1)
+    if rt is None:
+        rt = lw.bb.emit(relax.op.permute_dims(lw.get(node.input(1)), [0, 2, 1]))
+    opt = [lw.get(node.input(i)) for i, name in _OPTIONAL.items() if name in cfg.has]
+    tup = lw.emit(_recurrence(cfg), lw.get(node.input(0)), rt, lw.get(node.input(2)), *opt,
+                  name=f"{cfg.op.lower()}_int8_recurrence")
     return lw.unpack(tup, node)
