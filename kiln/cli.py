@@ -488,7 +488,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kiln.bench import ENGINES, OTHER_ARTIFACT, bench
-    from kiln.check import parse_shape_overrides
+    from kiln.check import parse_shape_overrides, read_npz
 
     against = tuple(a.strip() for a in args.against.split(",") if a.strip())
     bad = [a for a in against if a not in ENGINES and not a.startswith(OTHER_ARTIFACT)]
@@ -504,12 +504,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise KilnError(f"--batch '{args.batch}' must be integers separated by commas, e.g. 1,8") from None
+    if args.inputs and batches != [1]:
+        raise KilnError("--inputs gives the feeds, batch included; it takes no --batch")
+    inputs = read_npz(args.inputs) if args.inputs else None
     reports = []
     for batch in batches:
         report = bench(args.model, artifact=args.artifact, against=against, threads=args.threads, batch=batch,
                        rounds=args.rounds, iterations=args.iterations,
                        input_shapes=parse_shape_overrides(args.input_shape), tune_db=args.tune_db,
-                       profile=args.profile)
+                       profile=args.profile, inputs=inputs)
         print(report.format())
         reports.append(report.to_json())
     if args.json:
@@ -671,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baselines: onnxruntime, openvino, tvm, or kiln:OTHER.kiln (another artifact of the model, "
                         "e.g. the unpruned one; comma-separated)")
     p.add_argument("--batch", default="1", help="batch sizes for a symbolic batch dim, e.g. 1,8")
+    p.add_argument("--inputs", metavar="IN.npz", help="the feeds every engine runs, keyed by graph input name "
+                                                      "(default: seeded random at --batch)")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine per round (default 5)")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")

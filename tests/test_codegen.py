@@ -321,6 +321,23 @@ def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
     assert main(["bench", str(EXAMPLE), "--artifact", str(out), "--tune-db", str(tmp_path)]) == 2
 
 
+def test_bench_runs_every_engine_on_the_feeds_given(tmp_path, capsys):
+    import json
+
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, input=np.random.default_rng(3).standard_normal((3, 3, 64, 64)).astype(np.float32))
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(EXAMPLE), "--inputs", str(feeds), "--rounds", "1", "--iterations", "2",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["engines"]) == {"kiln", "onnxruntime"} and all(e["median_ms"] > 0 for e in data["engines"].values())
+    assert main(["bench", str(EXAMPLE), "--inputs", str(feeds), "--batch", "2"]) == 2
+    np.savez(feeds, nope=np.zeros(3, np.float32))
+    capsys.readouterr()
+    assert main(["bench", str(EXAMPLE), "--inputs", str(feeds), "--rounds", "1", "--iterations", "1"]) == 2
+    assert "inputs do not match the model" in capsys.readouterr().err
+
+
 def test_profile_times_every_kernel_of_a_run(artifact):
     model = kiln.runtime.load(artifact)
     rows = model.profile({"input": _x(2)}, runs=3)
