@@ -348,3 +348,40 @@ def test_silero_vad_dynamic_int8_tracks_the_float_speech_probabilities(real_mode
     got, want = np.array(got), np.array(want)
     assert want.min() < 0.1 and (want > 0.9).sum() >= 10, want  # the clip holds silence and speech
     assert np.abs(got - want).max() <= 0.02, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("dirs", [1, 2])
+def test_onnxruntime_dynamic_quantize_lstm_model_compiles_onto_kiln_kernels(tmp_path, dirs):
+    """quantize_dynamic writes com.microsoft::DynamicQuantizeLSTM for an LSTM; kiln imports it as a DynQDense
+    projection and a DynQRecurrence and matches onnxruntime (one batch row, 7-bit weights: see above)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, feeds, outs = _recurrent_model("LSTM", dirs=dirs, batch=1)
+    onnx.save(model, tmp_path / "lstm.onnx")
+    src = tmp_path / "lstm_q.onnx"
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(src), weight_type=QuantType.QInt8, reduce_range=True)
+    assert [n.op_type for n in onnx.load(src).graph.node] == ["DynamicQuantizeLSTM"]
+    res = kiln.compile(src, tmp_path / "lstm_q.kiln")
+    assert sorted(n.op_type for n in res.graph.nodes) == ["DynQDense", "DynQRecurrence"]
+    got = kiln.runtime.load(tmp_path / "lstm_q.kiln").run(feeds)
+    want = ort_outputs(str(src), feeds)
+    for name in outs:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dynamic_quantize_lstm_with_run_time_weights_is_refused_in_one_line(tmp_path, capsys):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from kiln.cli import main
+
+    model, _, _ = _recurrent_model("LSTM", batch=1)
+    onnx.save(model, tmp_path / "lstm.onnx")
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    q = onnx.load(tmp_path / "q.onnx")
+    w = next(t for t in q.graph.initializer if t.name == q.graph.node[0].input[1])
+    q.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
+    q.graph.initializer.remove(w)
+    onnx.save(q, tmp_path / "q_runtime_w.onnx")
+    assert main(["compile", str(tmp_path / "q_runtime_w.onnx"), "-o", str(tmp_path / "x.kiln")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[kiln]")]  # progress
+    assert len(err) == 1 and "DynamicQuantizeLSTM" in err[0] and "its W must be an initializer" in err[0], err

@@ -26,6 +26,7 @@ from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
 from kiln.errors import ModelLoadError, UnsupportedOpError
 from kiln.ir import schemas
+from kiln.ir.contrib import import_contrib_ops
 from kiln.ir.core import KILN_DOMAIN, Graph, normalize_domain
 from kiln.ir.dtypes import DType
 from kiln.ir.serde import KILN_OPSET_VERSION, from_onnx, opset_of, to_onnx
@@ -189,9 +190,11 @@ def load_with_report(
     """Like :func:`load`, but return the unsupported ops instead of raising (for ``kiln inspect``)."""
     model, base_dir = read_model(source)
     where = str(source) if isinstance(source, str | os.PathLike) else "<model>"
+    model, refused = import_contrib_ops(model)  # onnxruntime's DynamicQuantizeLSTM as kiln's own ops
     unsupported = unsupported_ops(model)
     if unsupported and not allow_unsupported:
-        raise UnsupportedOpError(format_unsupported(unsupported, where), unsupported)
+        why = f" (not imported: {'; '.join(refused)})" if refused else ""
+        raise UnsupportedOpError(format_unsupported(unsupported, where) + why, unsupported)
     if min_opset and opset_of(model).get("", 0) < min_opset:
         model = _upgrade(model, min_opset, where)
     if model.functions:
