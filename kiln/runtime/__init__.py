@@ -92,14 +92,31 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     Empty arrays are rebuilt too: numpy gives them arbitrary strides and data pointers, and the
     VM checks both.
     """
-    if a.size and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % _ALIGN == 0:
+    if a.size and a.flags.c_contiguous and a.flags.writeable and a.__array_interface__["data"][0] % _ALIGN == 0:
         return a  # (DLPack cannot export a read-only array)
     buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
-    offset = (-buf.ctypes.data) % _ALIGN
-    strides = tuple(int(np.prod(a.shape[k + 1:], dtype=np.int64)) * a.itemsize for k in range(a.ndim))
-    out = np.ndarray(a.shape, a.dtype, buffer=buf, offset=offset, strides=strides)
+    offset = (-buf.__array_interface__["data"][0]) % _ALIGN
+    strides, step = [], a.itemsize
+    for d in reversed(a.shape):  # C order, spelled out: an empty array's numpy strides are arbitrary
+        strides.append(step)
+        step *= int(d)
+    out = np.ndarray(a.shape, a.dtype, buffer=buf, offset=offset, strides=tuple(reversed(strides)))
     out[...] = a
     return out
+
+
+class _Signature:
+    """A model's inputs as ``name: dtype[dims], ...`` when formatted (a run's checks format it only to fail)."""
+
+    __slots__ = ("inputs",)
+
+    def __init__(self, inputs: Any):
+        self.inputs = inputs
+
+    def __str__(self) -> str:
+        return ", ".join(str(s) for s in self.inputs)
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731 - f-strings call __format__
 
 
 def _configure_tvm_pool(width: int, cpus: list[int]) -> None:
@@ -167,7 +184,7 @@ class CompiledModel:
             raise InputError(message.split(RUNTIME_CHECK, 1)[1].splitlines()[0]) from None
 
     def _check(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        sig = ", ".join(str(s) for s in self.inputs)
+        sig = _Signature(self.inputs)  # the expected inputs, spelled out only in an error
         names = {s.name for s in self.inputs}
         unknown = sorted(set(feeds) - names)
         missing = [s.name for s in self.inputs if s.name not in feeds]
