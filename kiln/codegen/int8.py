@@ -360,25 +360,42 @@ def dynamic_quantize(t: Any) -> tuple[Any, Any, Any]:
     axes2 = [te.reduce_axis((0, d), f"s{k}") for k, d in enumerate(t_min.shape)]
     mx = te.compute((), lambda: te.max(t_max[tuple(axes)], axis=axes), name="max")
     mn = te.compute((), lambda: te.min(t_min[tuple(axes2)], axis=axes2), name="min")
-    zero = tirx.const(0, f)
+    scale = te.compute((), lambda: dq_scale(mx[()], mn[()]), name="scale")
+    zp = te.compute((), lambda: tirx.Cast("uint8", dq_zero_point(mn[()], scale[()])), name="zero_point")
+    q = te.compute(t.shape, lambda *i: tirx.Cast("uint8", dq_value(t[i], scale[()], tirx.Cast(f, zp[()]))),
+                   name="quantized")
+    return q, scale, zp
 
-    def scale_fn() -> Any:
-        s = (tirx.max(mx[()], zero) - tirx.min(mn[()], zero)) / tirx.const(255, f)
-        return tirx.Select(s == zero, tirx.const(1, f), s)
 
-    scale = te.compute((), scale_fn, name="scale")
+def dq_scale(hi: Any, lo: Any) -> Any:
+    """DynamicQuantizeLinear's scale from a tensor's max and min: ``(max(hi, 0) - min(lo, 0)) / 255``, 1 where
+    that is 0 (an all-zero tensor, as onnxruntime)."""
+    from tvm import tirx
 
-    def zp_fn() -> Any:
-        z = tirx.nearbyint((zero - tirx.min(mn[()], zero)) / scale[()])
-        return tirx.Cast("uint8", tirx.max(tirx.min(z, tirx.const(255, f)), zero))
+    zero = tirx.const(0, "float32")
+    s = (tirx.max(hi, zero) - tirx.min(lo, zero)) / tirx.const(255, "float32")
+    return tirx.Select(s == zero, tirx.const(1, "float32"), s)
 
-    zp = te.compute((), zp_fn, name="zero_point")
 
-    def q(*i: Any) -> Any:
-        v = tirx.nearbyint(t[i] / scale[()]) + tirx.Cast(f, zp[()])
-        return tirx.Cast("uint8", tirx.max(tirx.min(v, tirx.const(255, f)), zero))
+def dq_zero_point(lo: Any, scale: Any) -> Any:
+    """DynamicQuantizeLinear's zero point, ``round(-min(lo, 0) / scale)`` in [0, 255], as float32."""
+    from tvm import tirx
 
-    return te.compute(t.shape, q, name="quantized"), scale, zp
+    zero = tirx.const(0, "float32")
+    return _clamp_u8(tirx.nearbyint((zero - tirx.min(lo, zero)) / scale))
+
+
+def dq_value(x: Any, scale: Any, zp: Any) -> Any:
+    """One value quantized as DynamicQuantizeLinear does, ``round(x / scale) + zp`` in [0, 255], as float32."""
+    from tvm import tirx
+
+    return _clamp_u8(tirx.nearbyint(x / scale) + zp)
+
+
+def _clamp_u8(v: Any) -> Any:
+    from tvm import tirx
+
+    return tirx.max(tirx.min(v, tirx.const(255, "float32")), tirx.const(0, "float32"))
 
 
 def dense_int8_dynamic(xq: Any, scale: Any, zp: Any, w: Any, wsum: Any, ws: Any, b: Any | None, n: int,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from kiln.ir.proto import walk_nodes
+
 CONTRIB_DOMAIN = "com.microsoft"
 _LSTM_ATTRS = ("activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size",
                "input_forget")
@@ -24,7 +26,7 @@ _LSTM_ATTRS = ("activation_alpha", "activation_beta", "activations", "clip", "di
 def import_contrib_ops(model: ModelProto) -> tuple[ModelProto, list[str]]:
     """``model`` with every contrib op kiln knows rewritten (the proto is copied only if one is found), and why
     each one that stays (and so is an unsupported op) could not be."""
-    if not any(n.domain == CONTRIB_DOMAIN and n.op_type == "DynamicQuantizeLSTM" for n in _nodes(model.graph)):
+    if not any(n.domain == CONTRIB_DOMAIN and n.op_type == "DynamicQuantizeLSTM" for n in walk_nodes(model.graph)):
         return model, []
     out = ModelProto()
     out.CopyFrom(model)
@@ -33,16 +35,6 @@ def import_contrib_ops(model: ModelProto) -> tuple[ModelProto, list[str]]:
     if not any(o.domain == "kiln" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("kiln", 1))
     return out, refused
-
-
-def _nodes(g: GraphProto):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.g.node:
-                yield from _nodes(a.g)
-            for sg in a.graphs:
-                yield from _nodes(sg)
 
 
 class _Refused(Exception):
@@ -73,7 +65,7 @@ def _rewrite_graph(g: GraphProto, outer: dict[str, TensorProto], refused: list[s
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    read = {x for m in _nodes(g) for x in m.input} | {o.name for o in g.output}
+    read = {x for m in walk_nodes(g) for x in m.input} | {o.name for o in g.output}
     kept = [t for t in g.initializer if t.name not in replaced or t.name in read]  # the old W, R and scales go
     del g.initializer[:]
     g.initializer.extend(kept)

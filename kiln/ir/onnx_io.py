@@ -22,11 +22,12 @@ from typing import Iterator
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 from kiln.errors import ModelLoadError, UnsupportedOpError
 from kiln.ir import schemas
 from kiln.ir.contrib import import_contrib_ops
+from kiln.ir.proto import walk_nodes
 from kiln.ir.core import KILN_DOMAIN, Graph, normalize_domain
 from kiln.ir.dtypes import DType
 from kiln.ir.serde import KILN_OPSET_VERSION, from_onnx, opset_of, to_onnx
@@ -90,7 +91,7 @@ def _looks_like_text(data: bytes) -> bool:
 
 def _check_text(model: ModelProto, where: str) -> None:
     """Names and domains must be text: protobuf hands back bytes for invalid UTF-8."""
-    for n in _walk_nodes(model.graph):
+    for n in walk_nodes(model.graph):
         if not all(isinstance(t, str) for t in (n.op_type, n.domain, n.name, *n.input, *n.output)):
             raise ModelLoadError(f"{where}: a node's name, op type or values are not valid UTF-8; the file is corrupt")
     if not all(isinstance(o.domain, str) for o in model.opset_import):
@@ -124,16 +125,6 @@ def _all_initializers(g: GraphProto) -> Iterator[TensorProto]:
                 yield from _all_initializers(sg)
 
 
-def _walk_nodes(g: GraphProto) -> Iterator[NodeProto]:
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            for sg in a.graphs:
-                yield from _walk_nodes(sg)
-
-
 # =========================================================================== support
 
 
@@ -141,7 +132,7 @@ def unsupported_ops(model: ModelProto) -> dict[tuple[str, str], list[str]]:
     """Every ``(domain, op_type)`` kiln cannot evaluate, with the nodes that use it."""
     opset = opset_of(model)
     found: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for n in _walk_nodes(model.graph):
+    for n in walk_nodes(model.graph):
         domain = normalize_domain(n.domain)
         version = opset.get(domain, KILN_OPSET_VERSION if domain == KILN_DOMAIN else 0)
         if not schemas.is_supported(domain, n.op_type, version):

@@ -22,6 +22,7 @@ their DynamicQuantizeLinear + MatMulInteger pairs on the same kernels.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -72,8 +73,8 @@ def compile_int8_dynamic(model: str | os.PathLike, output: str | os.PathLike, op
     result = compile_graph(graph, output, target=target, level=level, tuning_db=tuning_db,
                            source=(file_sha256(model), Path(model).name),
                            applied=[*(p.describe() for p in prep), q.describe()], progress=say, baseline=baseline)
-    kernels = sum(1 for n in result.graph.walk_nodes() if n.domain == "kiln" and n.op_type in INT8_KERNELS)
-    recurrent = any(n.domain == "kiln" and n.op_type == "DynQRecurrence" for n in result.graph.walk_nodes())
+    built = Counter(n.op_type for n in result.graph.walk_nodes() if n.domain == "kiln" and n.op_type in INT8_KERNELS)
+    kernels, recurrent = sum(built.values()), built["DynQRecurrence"] > 0
     record: dict[str, Any] = {
         "scheme": {
             "activations": "uint8 per tensor, scale and zero point computed on every call (DynamicQuantizeLinear); "

@@ -116,8 +116,6 @@ class _Signature:
     def __str__(self) -> str:
         return ", ".join(str(s) for s in self.inputs)
 
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731 - f-strings call __format__
-
 
 def _configure_tvm_pool(width: int, cpus: list[int]) -> None:
     """Size this runner thread's TVM pool to ``width`` threads, one on each of ``cpus``."""

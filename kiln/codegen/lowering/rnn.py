@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from kiln.codegen.int8 import dq_scale, dq_value, dq_zero_point
 from kiln.codegen.lowering.registry import CodegenError, lowers, prepacks, run_time_failure
 from kiln.codegen.lowering.te import exp_expr, statements
 from kiln.ir import Node
@@ -29,7 +30,6 @@ from kiln.ir.kiln_ops import RNN_GATES, rnn_activations
 if TYPE_CHECKING:
     from kiln.codegen.lowering.lowerer import Lowerer
 
-GATES = RNN_GATES
 LANES = 16  # the most vector lanes of a gate-column block
 BLOCK_VECTORS = 4  # vectors of gate columns accumulated in registers by the matvec, one batch row at a time
 #: with a batch (or a symbolic one), batch rows x 16-lane vectors per register tile, by the target's vector
@@ -139,7 +139,7 @@ class RnnConfig:
 
     @property
     def gates(self) -> int:
-        return GATES[self.op]
+        return RNN_GATES[self.op]
 
 
 _OPTIONAL = {3: "B", 4: "sequence_lens", 5: "initial_h", 6: "initial_c", 7: "P"}
@@ -311,13 +311,11 @@ def _time_loop(cfg: RnnConfig, lanes: int, names: list[str], seq: Any, batch: An
                         v = T.Bind(src(b, k))
                         lim[0] = tirx.max(lim[0], v)
                         lim[1] = tirx.min(lim[1], v)
-                    spread = T.Bind((lim[0] - lim[1]) / c(255))
-                    scale = T.Bind(tirx.Select(spread == c(0), c(1), spread))
-                    zp = T.Bind(tirx.max(tirx.min(tirx.nearbyint((c(0) - lim[1]) / scale), c(255)), c(0)))
+                    scale = T.Bind(dq_scale(lim[0], lim[1]))
+                    zp = T.Bind(dq_zero_point(lim[1], scale))
                     hs[b] = scale
                     with T.serial(0, H) as k:
-                        q = tirx.max(tirx.min(tirx.nearbyint(src(b, k) / scale) + zp, c(255)), c(0))
-                        hq[b, k] = tirx.Cast("int32", q) - tirx.Cast("int32", zp)
+                        hq[b, k] = tirx.Cast("int32", dq_value(src(b, k), scale, zp)) - tirx.Cast("int32", zp)
                 return lambda b, k: hq[b, k]
 
             def matvec(s: Any, col0: int, ncols: int, src: Callable[[Any, Any], Any], init: str) -> None:
