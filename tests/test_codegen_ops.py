@@ -232,6 +232,24 @@ def test_reshape_to_its_own_derived_symbolic_shape_compiles(tmp_path):
         np.testing.assert_allclose(compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_chain_of_1d_convs_with_a_symbolic_length_matches_onnxruntime(tmp_path):
+    # simplify runs 1-D convs as 2-D ones of height 1; the first conv's length is the input's
+    # symbol, the strided one's a derived length (samples // 2 - 1), which stays 1-D
+    rng = np.random.default_rng(5)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, s, rng.standard_normal(int(np.prod(s))))
+             for n, s in (("w1", [6, 2, 3]), ("b1", [6]), ("w2", [4, 6, 4]), ("w3", [4, 4, 1]))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2]), helper.make_node("Tanh", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"])]
+    model = make_model(nodes, [f32("x", ["batch", 2, "samples"])], [f32("y", None)], inits=inits, opset=17)
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    compiled = kiln.runtime.load(path, threads=1)
+    for shape in ((1, 2, 40), (3, 2, 57)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_upsample7_takes_its_scales_from_the_attribute(tmp_path):
     model = make_model([helper.make_node("Upsample", ["x"], ["y"], mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])],
                        [f32("x", [1, 2, 3, 4])], [f32("y", None)], opset=7)

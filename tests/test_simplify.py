@@ -32,7 +32,8 @@ def f32(v):
 def test_rule_is_numerically_verified(rule):
     report = verify_rule(rule)
     assert report.fired >= 1
-    assert report.nodes_after < report.nodes_before or rule.name in {"div-const-to-mul", "pow-two"}
+    # conv1d-as-2d adds the Unsqueeze and Squeeze that the squeeze rules then cancel between convs
+    assert report.nodes_after < report.nodes_before or rule.name in {"div-const-to-mul", "pow-two", "conv1d-as-2d"}
     assert [c.passed for c in report.comparisons] == [True, True]
 
 
@@ -386,3 +387,21 @@ def test_all_rules_together_shrink_the_graph_and_keep_the_numbers():
     ort = run_onnxruntime(to_onnx(after).SerializeToString(), feeds)
     for name in want:
         np.testing.assert_allclose(ort[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_chain_of_1d_convs_runs_as_2d_convs_with_nothing_between_them():
+    """silero-vad's encoder: Conv -> Relu -> Conv in 1-D becomes the same in 2-D (height 1), one Unsqueeze before
+    and one Squeeze after, and the numbers stay."""
+    from kiln.ir import Evaluator
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import passes_for
+    from kiln.passes.simplify import CONV1D_AS_2D
+
+    g = CONV1D_AS_2D.example()
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 19)).astype(np.float32)}
+    want = Evaluator(g).run(feeds)
+    g, _ = PassManager(passes_for(names=["simplify", "dce"])).run(g)
+    assert [n.op_type for n in g.nodes] == ["Unsqueeze", "Conv", "Relu", "Conv", "Squeeze", "Relu"]
+    assert all(len(n.inputs[1].shape) == 4 for n in g.nodes if n.op_type == "Conv")
+    got = Evaluator(g).run(feeds)
+    np.testing.assert_array_equal(got[g.outputs[0].name], want[next(iter(want))])

@@ -5,7 +5,10 @@ This module registers one rule set, the pass ``simplify``, from two lists:
 - ``NOOP_RULES``: nodes that compute their input unchanged (Identity, inference
   Dropout, a Cast to the input's own type, a Reshape/Expand to the input's own
   shape, Transposes that cancel, Squeeze/Unsqueeze pairs that cancel). Each
-  rewrite returns the input value, so the node disappears.
+  rewrite returns the input value, so the node disappears. Two canonical forms go with
+  them: ``conv1d-as-2d`` (a 1-D Conv as a 2-D one of height 1, for kiln's conv kernels)
+  and ``squeeze-<act>-unsqueeze`` (an activation between a Squeeze and the Unsqueeze that
+  undoes it applies to the unsqueezed value), so a chain of 1-D convs stays 2-D.
 - ``ALGEBRA_RULES``: generated from ``ALGEBRA_TABLE``, one row per identity
   (``x * 1 -> x``, ``(x * c1) * c2 -> x * (c1*c2)``, ``Neg(Neg(x)) -> x``, ...),
   each row a whole rule: name, pattern, conditions, replacement, description, example.
@@ -23,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from kiln.ir import DType, Graph, Node, Value, const_ints, normalize_axes
-from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional
+from kiln.passes.pattern import Const, MatchContext, MatchFailure, Optional, copy_attrs
 from kiln.passes.rules import RewriteRule, example_graph, register_rule_set
 
 F32 = DType.FLOAT32
@@ -345,9 +348,108 @@ UNSQUEEZE_SQUEEZE = RewriteRule(
         lambda op, x: op.Relu(op.Squeeze(op.Unsqueeze(x, _axes_const(op, [0, -1])), _axes_const(op, [3, 0])))),
 )
 
+# =========================================================================== 1-D convs as 2-D
+#
+# kiln's conv kernels (fusion, the blocked layout, the tuned schedules) are 2-D. A 1-D Conv (audio:
+# silero-vad's STFT and encoder, Whisper's stem) runs as a 2-D one of height 1, between an Unsqueeze and
+# a Squeeze of that axis; between two such convs, a Squeeze, an elementwise activation and an Unsqueeze
+# cancel, so a chain of 1-D convs stays 2-D.
+
+
+def _axes_op(op, name: str, x: Value, axes: list[int]) -> Value:
+    """Squeeze or Unsqueeze of ``axes``: a constant input from opset 13, the attribute before."""
+    if op.opset >= 13:
+        return getattr(op, name)(x, _axes_const(op, axes))
+    return getattr(op, name)(x, axes=axes)
+
+
+def _conv1d_pattern(op, x, w, b):
+    return op.Conv(x, w, Optional(b), _name="conv")
+
+
+def _conv1d_check(ctx: MatchContext, x: Value, w: Value, b: Value | None, conv: Node) -> None:
+    if x.rank != 3 or w.rank != 3:
+        raise MatchFailure(f"not a 1-D conv: X is {x.type_str()}, W {w.type_str()}")
+    y = conv.outputs[0]
+    for v in (x, y):
+        length = v.shape[2] if v.rank == 3 else None
+        if not isinstance(length, int) and not (isinstance(length, str) and length.isidentifier()):
+            # TVM's reshape-as-view analysis (RewriteDataflowReshape) fails outright on the
+            # Unsqueeze/Squeeze of a length such as (samples // 5 - 1): it cannot prove the
+            # fused extent divisible, and the build stops
+            raise MatchFailure(f"%{v.name}'s length {length} is not a size or a plain symbol")
+
+
+def _conv1d_rewrite(op, x: Value, w: Value, b: Value | None, conv: Node) -> Value:
+    attrs = {"group": conv.attr("group", 1)}
+    pads = list(conv.attr("pads", ()) or ())
+    for name in ("strides", "dilations", "kernel_shape"):
+        v = conv.attr(name)
+        if v:
+            attrs[name] = [1, int(v[0])]  # the height's kernel, stride and dilation: 1
+    if pads:
+        attrs["pads"] = [0, int(pads[0]), 0, int(pads[1])]
+    auto_pad = conv.attr("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", ""):
+        attrs["auto_pad"] = auto_pad  # the height: kernel 1, stride 1, so SAME pads it by 0
+    w4 = (op.constant(w.numpy()[:, :, None, :], f"{w.name}_2d") if w.is_constant
+          else _axes_op(op, "Unsqueeze", w, [2]))
+    y = op.Conv(_axes_op(op, "Unsqueeze", x, [2]), w4, b, **attrs)
+    return _axes_op(op, "Squeeze", y, [2])
+
+
+def _conv1d_example() -> Graph:
+    rng = np.random.default_rng(0)
+
+    def build(op, x):
+        w = op.constant(rng.standard_normal((6, 2, 3)).astype(np.float32))
+        bias = op.constant(rng.standard_normal(6).astype(np.float32))
+        return op.Relu(op.Conv(op.Relu(op.Conv(x, w, bias, strides=[2], pads=[1, 2], dilations=[2], group=2)),
+                               op.constant(rng.standard_normal((4, 6, 1)).astype(np.float32))))
+
+    return example_graph("conv1d", {"x": (F32, (1, 4, 19))}, build)
+
+
+CONV1D_AS_2D = RewriteRule(
+    name="conv1d-as-2d",
+    description="A 1-D Conv becomes a 2-D Conv of height 1 between an Unsqueeze and a Squeeze, for kiln's 2-D "
+                "conv kernels.",
+    pattern=_conv1d_pattern, check=_conv1d_check, rewrite=_conv1d_rewrite, example=_conv1d_example,
+)
+
+#: elementwise ops of one input that commute with a Squeeze
+_UNARY = ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
+          "Softsign", "Mish", "Gelu", "Erf", "Abs", "Neg", "Exp", "Sqrt")
+
+
+def _unary_through_squeeze_rule(act: str) -> RewriteRule:
+    def pattern(op, x, sq_axes, unsq_axes):
+        y = getattr(op, act)(op.Squeeze(x, Optional(sq_axes), _name="sq"), _name="act")
+        return op.Unsqueeze(y, Optional(unsq_axes), _name="unsq")
+
+    def check(ctx, x, sq_axes, unsq_axes, sq, act, unsq) -> None:
+        for v in (sq.outputs[0], act.outputs[0]):
+            if len(v.users) != 1 or v.is_graph_output:
+                raise MatchFailure(f"%{v.name} has readers other than the next op")
+        _squeeze_unsqueeze_check(ctx, x, sq_axes, unsq_axes, sq, unsq)
+
+    def rewrite(op, x, sq_axes, unsq_axes, sq, act, unsq):
+        return getattr(op, act.op_type)(x, **copy_attrs(act))
+
+    def example():
+        return example_graph(f"squeeze_{act.lower()}_unsqueeze", {"x": (F32, (2, 3, 1, 5))},
+                             lambda op, x: op.Relu(op.Unsqueeze(getattr(op, act)(op.Squeeze(x, _axes_const(op, [2]))),
+                                                                _axes_const(op, [2]))),
+                             opset=20 if act == "Gelu" else 18)
+
+    return RewriteRule(f"squeeze-{act.lower()}-unsqueeze", pattern, rewrite, check=check, example=example,
+                       description=f"Unsqueeze({act}(Squeeze(x, axes)), axes) -> {act}(x): the activation does not "
+                                   "care about the shape (two 1-D convs in a row meet so).")
+
+
 NOOP_RULES: list[RewriteRule] = [
     IDENTITY, DROPOUT, CAST_SAME, CASTLIKE_SAME, RESHAPE_NOOP, EXPAND_NOOP, TRANSPOSE_IDENTITY, TRANSPOSE_PAIR,
-    SQUEEZE_UNSQUEEZE, UNSQUEEZE_SQUEEZE,
+    SQUEEZE_UNSQUEEZE, UNSQUEEZE_SQUEEZE, CONV1D_AS_2D, *(_unary_through_squeeze_rule(a) for a in _UNARY),
 ]
 
 # =========================================================================== algebraic rules
