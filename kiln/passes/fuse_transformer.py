@@ -6,9 +6,9 @@
 - ``gelu-erf`` (and ``-half-first``, ``-half-inner``, ``-scaled`` variants): ``x · ½ · (1 + erf(x / √2))``
   with the ½ in any of the three places, with ``x / √2`` or ``x · (1/√2)``, and ``gelu-tanh``: GPT-2's ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, become ``Gelu``
   at opset 20+, else ``kiln::Gelu``;
-- ``attention-scaled-q``, ``attention-scaled-scores``, ``attention-masked``: ``Q·Kt`` with a
-  constant scale on Q or on the scores, an optional additive mask, a last-axis Softmax and a
-  MatMul by V, become ``kiln::Attention``; so does PyTorch's exported SDPA
+- ``attention-scaled-q``, ``attention-scaled-scores``, ``attention-masked``, ``attention-unscaled[-masked]``:
+  ``Q·Kt`` with a constant scale on Q or on the scores (or none: Whisper scales Q's projection), an
+  optional additive mask, a last-axis Softmax and a MatMul by V, become ``kiln::Attention``; so does PyTorch's exported SDPA
   (``attention-sdpa[-masked]``: the scale split between Q and Kt, NaN rows zeroed).
 """
 
@@ -259,28 +259,42 @@ def _attention(op, scores, v, mask):
 
 
 def _attention_rule(name: str, variant: str) -> RewriteRule:
+    """One attention form: ``scaled-q``, ``scaled-scores[-div]`` and ``scaled-scores-masked`` carry a
+    constant scale ``s``; ``unscaled[-masked]`` have none (Whisper scales Q's projection, before the
+    heads are split), so the fused scale is 1."""
+    scaled = variant.startswith("scaled")
+
     def scores(op, q, kt, s):
+        if not scaled:
+            return op.MatMul(q, kt)
         if variant == "scaled-q":
             return op.MatMul(op.Mul(q, s), kt)
         if variant == "scaled-scores-div":
             return op.Div(op.MatMul(q, kt), s)
         return op.Mul(op.MatMul(q, kt), s)
 
-    if variant.endswith("masked"):
+    if variant.endswith("masked") and scaled:
         def pattern(op, q, kt, v, mask, s=Const()):
             return _attention(op, scores(op, q, kt, s), v, mask)
-    else:
+    elif scaled:
         def pattern(op, q, kt, v, s=Const()):
             return _attention(op, scores(op, q, kt, s), v, None)
+    elif variant.endswith("masked"):
+        def pattern(op, q, kt, v, mask):
+            return _attention(op, scores(op, q, kt, None), v, mask)
+    else:
+        def pattern(op, q, kt, v):
+            return _attention(op, scores(op, q, kt, None), v, None)
 
-    def check(ctx, s, softmax, q, kt, v, mask=None) -> None:
-        scale = _check_scalar(s, f"the scale %{s.name}")
-        if variant == "scaled-scores-div" and scale == 0:
-            raise MatchFailure("the scores are divided by zero")
+    def check(ctx, softmax, q, kt, v, s=None, mask=None) -> None:
+        if scaled:
+            scale = _check_scalar(s, f"the scale %{s.name}")
+            if variant == "scaled-scores-div" and scale == 0:
+                raise MatchFailure("the scores are divided by zero")
         _check_softmax_last_axis(softmax)
 
-    def rewrite(op, q, kt, v, s, mask=None):
-        scale = _scalar(s)
+    def rewrite(op, q, kt, v, s=None, mask=None):
+        scale = _scalar(s) if scaled else 1.0
         scale = 1.0 / scale if variant == "scaled-scores-div" else scale
         return op.kiln.Attention(q, kt, v, mask, scale=scale)
 
@@ -294,8 +308,10 @@ def _attention_rule(name: str, variant: str) -> RewriteRule:
                 sc = op.MatMul(op.Mul(q, c), kt)
             elif variant == "scaled-scores-div":
                 sc = op.Div(op.MatMul(q, kt), c)
-            else:
+            elif scaled:
                 sc = op.Mul(op.MatMul(q, kt), c)
+            else:
+                sc = op.MatMul(q, kt)
             if mask:
                 sc = op.Add(sc, mask[0])
             return op.MatMul(op.Softmax(sc, axis=-1), v)
@@ -360,6 +376,9 @@ ATTENTION_RULES = [
     _attention_rule("scaled-scores", "scaled-scores"),
     _attention_rule("scaled-scores-div", "scaled-scores-div"),
     _attention_rule("masked", "scaled-scores-masked"),
+    # last, so that a scale on Q is fused rather than left as a Mul before the attention
+    _attention_rule("unscaled-masked", "unscaled-masked"),
+    _attention_rule("unscaled", "unscaled"),
 ]
 
 RULES = [LAYERNORM, LAYERNORM_SQUARE, *GELU_ERF_RULES, GELU_TANH, *ATTENTION_RULES]
