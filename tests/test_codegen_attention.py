@@ -21,6 +21,9 @@ CASES = {  # name: (q/k/v shape [B, H, S, D], mask shape or None, rows of the ma
     "no mask": ((1, 2, 50, 32), None, 0),
     "a causal 2-D mask with fully masked rows": ((1, 4, 24, 16), (24, 24), 3),
     "symbolic sequence": ((1, 2, "S", 64), (1, 1, 1, "S"), 0),
+    # beyond 512 keys: Q.Kt (a key count the vectors do not divide), softmax and P.V as three kernels
+    "long sequence": ((1, 2, 600, 24), (1, 1, 1, 600), 0),
+    "long sequence with fully masked rows": ((1, 2, 520, 16), (520, 520), 5),
 }
 
 
@@ -47,7 +50,7 @@ def test_attention_kernel_matches_onnxruntime(tmp_path, caplog, case):
     with caplog.at_level(logging.DEBUG, logger="kiln.schedule"):
         kiln.compile(graph, path)
     assert "kiln::Attention" in {n.qualified_op for n in kiln.optimize(kiln.load(model.SerializeToString()))[0].nodes}
-    assert not [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]  # its schedule applied
+    assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]  # its schedules applied
     runtime = kiln.runtime.load(path)
     rng = np.random.default_rng(0)
     for s in ((shape[2],) if isinstance(shape[2], int) else (7, 130)):

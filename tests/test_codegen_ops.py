@@ -38,6 +38,49 @@ def test_matmul_broadcasts_batch_dims_from_both_sides(tmp_path):
                              "b": rng.standard_normal((5, 4, 2), np.float32)})
 
 
+@pytest.mark.parametrize("a_shape,b_shape,sizes", [
+    # attention's Q.Kt with 37 keys (N padded to the vectors), and its P.V
+    ([2, 3, 37, 16], [2, 3, 16, 37], [{}]),
+    ([2, 3, 37, 37], [2, 3, 37, 24], [{}]),
+    # K of 600: summed in blocks; B's batch broadcast
+    ([2, 5, 600], [1, 600, 40], [{}]),
+    # symbolic batch, heads and length (two symbolic extents beside N's panels)
+    (["B", "H", "S", 16], ["B", "H", 16, "S"], [{"B": 1, "H": 2, "S": 5}, {"B": 2, "H": 3, "S": 19}]),
+])
+def test_batched_matmul_runs_the_dense_schedule_and_matches(tmp_path, a_shape, b_shape, sizes):
+    model = make_model([helper.make_node("MatMul", ["a", "b"], ["y"])], [f32("a", a_shape), f32("b", b_shape)],
+                       [f32("y", None)])
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    compiled = kiln.runtime.load(path, threads=2)
+    rng = np.random.default_rng(2)
+    for dims in sizes:
+        feeds = {n: rng.standard_normal([dims.get(d, d) for d in shape]).astype(np.float32)
+                 for n, shape in (("a", a_shape), ("b", b_shape))}
+        np.testing.assert_allclose(compiled.run(feeds)["y"], ort_outputs(model, feeds)["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,sizes", [([3, 4, 37], [{}]), (["B", 2, "S", "S"], [{"B": 1, "S": 3}, {"B": 2, "S": 21}])])
+def test_softmax_over_the_last_axis_matches_with_infinities_and_nans(tmp_path, shape, sizes):
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [f32("x", shape)], [f32("y", None)],
+                       opset=17)
+    path = tmp_path / "m.kiln"
+    build(kiln.load(model.SerializeToString()), path)
+    compiled = kiln.runtime.load(path, threads=2)
+    rng = np.random.default_rng(3)
+    for dims in sizes:
+        x = (rng.standard_normal([dims.get(d, d) for d in shape]) * 20).astype(np.float32)
+        flat = x.reshape(-1, x.shape[-1])
+        flat[0] = -np.inf  # a fully masked row: NaN, as onnxruntime gives
+        flat[-1, :2] = -np.inf
+        flat[-1, -1] = np.nan
+        if len(flat) > 2:
+            flat[1, 1] = np.inf
+        got, want = compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
 def test_matmul_with_vector_operands(tmp_path):
     model = make_model([helper.make_node("MatMul", ["v", "m"], ["y"])],
                        [f32("v", [4]), f32("m", [3, 4, 2])], [f32("y", [3, 2])])

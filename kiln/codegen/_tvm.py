@@ -9,6 +9,14 @@ import functools
 from typing import Any, Iterator
 
 
+def target_has(feature: str) -> bool:
+    """Whether the current TVM target (``with target:``) has an LLVM CPU feature."""
+    from tvm.target import Target, codegen
+
+    target = Target.current(allow_none=True)
+    return target is not None and bool(codegen.target_has_features(feature, target))
+
+
 @functools.lru_cache(maxsize=None)
 def valid_llvm_cpus(names: tuple[str, ...]) -> frozenset[str]:
     """Those of ``names`` that this TVM's LLVM accepts as a CPU for the host triple."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from kiln.codegen._tvm import target_has
+
 VNNI_INTRIN = "kiln_dot_16x4_u8s8s32_vnni"
 LANES = 16  # int32 accumulator lanes of a zmm register
 GROUP = 4  # uint8 x int8 products summed into each lane per instruction
@@ -197,22 +199,14 @@ def register_maddubs_intrinsic() -> str:
 MADDUBS_WEIGHT_RANGE = (-64, 63)
 
 
-def _target_has(feature: str) -> bool:
-    """Whether the current TVM target (``with target:``) has an LLVM CPU feature."""
-    from tvm.target import Target, codegen
-
-    target = Target.current(allow_none=True)
-    return target is not None and bool(codegen.target_has_features(feature, target))
-
-
 def has_avx2() -> bool:
     """Whether the current TVM target has AVX2."""
-    return _target_has("avx2")
+    return target_has("avx2")
 
 
 def has_vnni() -> bool:
     """Whether the current TVM target has AVX-512 VNNI."""
-    return _target_has("avx512vnni")
+    return target_has("avx512vnni")
 
 
 def conv_int8(x: Any, w: Any, bias: Any, scale: Any | None, *, strides: tuple[int, int] = (1, 1),

@@ -11,28 +11,50 @@ injective kernels, then :func:`schedule_module`, then TVM's lowering. Each prim 
 A schedule that fails on some func leaves that func as it was (correct, only slower), so
 scheduling can never break a build. The tile rules come from measurements on AVX-512
 (see the conv schedule notes in docs): the register tile keeps at most 16 accumulator
-vectors, which is what the 32 zmm registers hold alongside the weights and inputs. The int8
+vectors, which is what the 32 zmm registers hold alongside the weights and inputs; on AVX2,
+whose 16 ymm registers hold half as many, 12 (:func:`float_registers`). The int8
 kernels' VNNI schedules are :mod:`kiln.codegen.int8`'s, applied only where the target has VNNI.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import kiln.codegen.int8 as int8
-from kiln.codegen._tvm import unroll_static
+from kiln.codegen._tvm import target_has, unroll_static
 
 log = logging.getLogger("kiln.schedule")
 
 PARALLEL_MIN_ELEMENTS = 4096  # below this, a thread-pool launch costs more than it saves
-#: float32 accumulator vectors a register tile keeps (with the weights and inputs, the 32 zmm registers)
-MAX_FLOAT_ACCUMULATORS = 16
 #: float32 products a register tile sums before adding them to the output's running sum. One
 #: register summing all K products serially loses accuracy with K: a 3x3, 512-channel conv (K =
 #: 4608) was 4.4x further from a float64 result than onnxruntime, whose kernels sum blocks of K
 #: and then the blocks. Summed in blocks of at most this many, kiln is as close as onnxruntime.
 K_BLOCK = 256
+
+
+class FloatRegisters(NamedTuple):
+    """What a float32 register tile may use on the target's vector registers."""
+
+    lanes: int  #: float32 lanes of one vector
+    registers: int  #: vector registers
+    accumulators: int  #: accumulator vectors a tile keeps, beside its operands
+    vectors: int  #: vectors a dense tile spans across N (each one loaded per K step)
+
+
+#: AVX-512: 32 zmm registers; a tile of 16 accumulators leaves room for the weights and inputs
+AVX512_REGISTERS = FloatRegisters(lanes=16, registers=32, accumulators=16, vectors=4)
+#: AVX2: 16 ymm registers; 12 accumulators (6 rows x 2 vectors), 2 B vectors and a broadcast
+AVX2_REGISTERS = FloatRegisters(lanes=8, registers=16, accumulators=12, vectors=2)
+
+
+def float_registers() -> FloatRegisters:
+    """The register budget of the current target (``with target:``): AVX-512's, else AVX2's.
+
+    A tile sized for AVX-512 on an AVX2 CPU keeps 32 ymm accumulators in 16 registers and spills
+    on every K step."""
+    return AVX512_REGISTERS if target_has("avx512f") else AVX2_REGISTERS
 
 
 def _static(e: Any) -> int | None:
@@ -55,7 +77,7 @@ def _width_tile(ow: int | None, limit: int) -> int:
     return d if d >= 4 else min(ow, 8, limit)
 
 
-def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
+def _conv_tiles(ow: int | None, ko: int | None, regs: FloatRegisters = AVX512_REGISTERS) -> tuple[int, int]:
     """(ow_tile, k_tile): the register tile of ``ow_tile x k_tile`` accumulator vectors.
 
     A small cost model picks it. Per lane step the tile issues ``k·o`` FMAs, each with its
@@ -64,10 +86,11 @@ def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
     ``max(k·o, 2k + o) / (k·o)``. Tiles divide the width: a guarded tail puts a predicate on
     every unrolled FMA, measured up to 2x slower (13 wide: 13x1 ran 145 GFLOP/s, 7x2 with a
     tail 96). Only when no divisor of at least 4 exists does a tile of 8 take a tail. At most
-    MAX_FLOAT_ACCUMULATORS vectors (more spill: measured 1.4-3x slower); ties go to the wider tile.
-    It picks 8x2 at width 56, 7x2 at 28, 14 and 7, 3x4 at 27 and 13x1 at 13.
+    ``regs.accumulators`` vectors, with the ``k`` weight vectors and a broadcast beside them in
+    ``regs.registers`` (more spill: measured 1.4-3x slower); ties go to the wider tile. On AVX-512
+    it picks 8x2 at width 56, 7x2 at 28, 14 and 7, 3x4 at 27 and 13x1 at 13.
     """
-    limit = MAX_FLOAT_ACCUMULATORS
+    limit = regs.accumulators
     widths = [o for o in range(1, limit + 1) if ow is not None and ow % o == 0]
     if not widths or max(widths) < 4:
         widths = sorted(set(widths) | {min(8, ow) if ow is not None else 8})
@@ -75,7 +98,7 @@ def _conv_tiles(ow: int | None, ko: int | None) -> tuple[int, int]:
     best: tuple[float, int, int] | None = None
     for o in widths:
         for k in k_options:
-            if k * o > limit:
+            if k * o > limit or k * o + k + 1 > regs.registers:
                 break
             eff = 1.0 if ow is None or ow % o == 0 else ow / (-(-ow // o) * o)
             key = (round(max(k * o, 2 * k + o) / (k * o * eff), 6), -o, k)
@@ -134,7 +157,7 @@ def schedule_conv_in_k_blocks(sch: Any) -> None:
     rco, _ = sch.split(rc, [None, groups])
     partial = sch.rfactor(rco, factor_axis=0)
     n, k, h, w, j, rco = sch.get_loops(conv)
-    ow_tile, k_tile = _conv_tiles(extents[0], _static(sch.get(k).extent))
+    ow_tile, k_tile = _conv_tiles(extents[0], _static(sch.get(k).extent), float_registers())
     ko, ki = sch.split(k, [None, k_tile])
     wo, wi = sch.split(w, [None, ow_tile])
     sch.reorder(n, ko, h, wo, rco, ki, wi, j)
@@ -147,7 +170,7 @@ def schedule_conv_nchwc(sch: Any) -> None:
     conv = sch.get_sblock("conv")
     _pad_stage(sch)
     n, k, h, w, j, rc, ry, rx, rl = sch.get_loops(conv)
-    ow_tile, k_tile = _conv_tiles(_static(sch.get(w).extent), _static(sch.get(k).extent))
+    ow_tile, k_tile = _conv_tiles(_static(sch.get(w).extent), _static(sch.get(k).extent), float_registers())
     ko, ki = sch.split(k, [None, k_tile])
     wo, wi = sch.split(w, [None, ow_tile])
     sch.reorder(n, ko, h, wo, rc, ry, rx, rl, ki, wi, j)
@@ -161,7 +184,7 @@ def schedule_depthwise_nchwc(sch: Any) -> None:
     conv = sch.get_sblock("conv")
     _pad_stage(sch)
     n, k, h, w, j, ry, rx = sch.get_loops(conv)
-    ow_tile = _width_tile(_static(sch.get(w).extent), MAX_FLOAT_ACCUMULATORS)
+    ow_tile = _width_tile(_static(sch.get(w).extent), float_registers().accumulators)
     wo, wi = sch.split(w, [None, ow_tile])
     sch.reorder(n, k, h, wo, ry, rx, wi, j)
     _parallel_rows(sch, n, k, h)
@@ -188,16 +211,38 @@ def _accumulate_in_registers(sch: Any, conv: Any, tile_loop: Any, unrolled: list
 
 
 def _dense_tile(sch: Any, m: Any, n: Any) -> tuple[int, int, int]:
-    """(m_tile, vectors, lanes) of a dense register tile: up to 4 vectors of 16 lanes across N, and
-    as many rows as keep :data:`MAX_FLOAT_ACCUMULATORS` vectors."""
+    """(m_tile, vectors, lanes) of a dense register tile: up to ``vectors`` vectors across N (4 of 16
+    lanes on AVX-512, 2 of 8 on AVX2), and as many rows as keep the target's accumulators."""
+    regs = float_registers()
     n_static, m_static = _static(sch.get(n).extent), _static(sch.get(m).extent)
-    lanes = 16 if n_static is None or n_static >= 16 else n_static
+    lanes = regs.lanes if n_static is None or n_static >= regs.lanes else n_static
     if n_static is not None and n_static % lanes == 0:  # no guard on the lanes (layout pads N)
-        vecs = _largest_divisor_at_most(n_static // lanes, 4)
+        vecs = _largest_divisor_at_most(n_static // lanes, regs.vectors)
     else:
-        vecs = 4 if n_static is None or n_static >= 64 else max(1, n_static // lanes)
-    m_tile = _largest_divisor_at_most(m_static, MAX_FLOAT_ACCUMULATORS // vecs) if m_static else 1
+        vecs = regs.vectors if n_static is None or n_static >= regs.vectors * lanes else max(1, n_static // lanes)
+    m_tile = _largest_divisor_at_most(m_static, regs.accumulators // vecs) if m_static else 1
     return m_tile, vecs, lanes
+
+
+def _b_pad_stage(sch: Any) -> None:
+    """A batched dense kernel's zero-padded copy of B (see ``scheduled_batch_matmul``), if it has
+    one: its rows in parallel, each row vectorised."""
+    try:
+        pad = sch.get_sblock("b_pad")
+    except Exception:  # noqa: BLE001 - TVM raises when the func has no such block
+        return
+    *outer, last = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(sch.split(last, [None, 8])[1])
+
+
+def _parallel_panels(sch: Any, batch: list[Any], no: Any) -> None:
+    """Run a (batched) dense kernel's N panels in parallel, fused with its batch loops unless two of
+    those extents are symbolic (TVM's region analysis then misreads the fused index; see
+    :func:`_parallel_rows`): then the batch loops stay serial outside."""
+    loops = [*batch, no]
+    symbolic = sum(_static(sch.get(loop).extent) is None for loop in loops)
+    sch.parallel(sch.fuse(*loops) if batch and symbolic <= 1 else no)
 
 
 def schedule_dense_in_k_blocks(sch: Any) -> None:
@@ -209,36 +254,39 @@ def schedule_dense_in_k_blocks(sch: Any) -> None:
     :func:`schedule_dense` applies instead.
     """
     dense = sch.get_sblock("dense")
-    m, n, k = sch.get_loops(dense)
+    *batch, m, n, k = sch.get_loops(dense)
     k_static = _static(sch.get(k).extent)
     k_block = _largest_divisor_at_most(k_static, K_BLOCK)
     if k_static is None or k_static < 2 * K_BLOCK or k_block < K_BLOCK // 4 or _static(sch.get(n).extent) is None:
         raise ValueError("dense K blocks need a static K of at least two blocks that a block divides, and a static N")
     m_tile, vecs, lanes = _dense_tile(sch, m, n)
     ko, _ = sch.split(k, [None, k_block])
-    partial = sch.rfactor(ko, factor_axis=0)
-    m, n, ko = sch.get_loops(dense)
+    partial = sch.rfactor(ko, factor_axis=len(batch))
+    *batch, m, n, ko = sch.get_loops(dense)
     no, nv, nl = sch.split(n, [None, vecs, lanes])
     mo, mi = sch.split(m, [None, m_tile])
-    sch.reorder(no, mo, ko, mi, nv, nl)
-    sch.parallel(no)
+    sch.reorder(*batch, no, mo, ko, mi, nv, nl)
+    _parallel_panels(sch, batch, no)
+    _b_pad_stage(sch)
     _sum_blocks_in_registers(sch, dense, partial, mo, ko, [mi, nv], nl, unroll_last_reduction=False, lanes=lanes)
 
 
 def schedule_dense(sch: Any) -> None:
     """``Y[m, n] = A[m, k] B[k, n]``: ``n_o parallel, m_o, k, m_i, n_vec (unrolled), lanes``.
 
-    A tile of up to 4 rows x 4 vectors of 16 lanes accumulates in registers. Each parallel task
-    owns a 64-column panel of B and walks every row tile through it, so B is read from memory
-    once, not once per row.
+    A tile of up to 4 rows x 4 vectors of 16 lanes (AVX-512; 6 x 2 of 8 on AVX2) accumulates in
+    registers. Each parallel task owns a column panel of B and walks every row tile through it, so
+    B is read from memory once, not once per row. Batch dims (a batched MatMul) run in parallel
+    beside the panels.
     """
     dense = sch.get_sblock("dense")
-    m, n, k = sch.get_loops(dense)
+    *batch, m, n, k = sch.get_loops(dense)
     m_tile, vecs, lanes = _dense_tile(sch, m, n)
     no, nv, nl = sch.split(n, [None, vecs, lanes])
     mo, mi = sch.split(m, [None, m_tile])
-    sch.reorder(no, mo, k, mi, nv, nl)
-    sch.parallel(no)
+    sch.reorder(*batch, no, mo, k, mi, nv, nl)
+    _parallel_panels(sch, batch, no)
+    _b_pad_stage(sch)
     _accumulate_in_registers(sch, dense, mo, [mi, nv], nl, k)
 
 
@@ -297,12 +345,13 @@ def schedule_attention(sch: Any) -> None:
     across the value dims), summing over the contracted dim; exp and the normalisation run
     over whole vectors.
     """
+    regs = float_registers()
     out = sch.get_sblock("attention")
     *batch, rows, cols = sch.get_loops(out)
     row_tile, row = sch.split(rows, [None, ATTENTION_ROWS])
     tasks = sch.fuse(*batch, row_tile)
     sch.parallel(tasks)
-    _, lanes = sch.split(cols, [None, 16])
+    _, lanes = sch.split(cols, [None, regs.lanes])
     sch.vectorize(lanes)
     for name in ("pv", "row_sum", "exp", "row_max", "qk"):
         sch.compute_at(sch.get_sblock(name), tasks)
@@ -311,8 +360,8 @@ def schedule_attention(sch: Any) -> None:
         r, c, k = sch.get_loops(block)[-3:]
         ro, ri = sch.split(r, [None, 4])
         c_static = _static(sch.get(c).extent)
-        vecs = 4 if c_static is None else max(1, min(4, c_static // 16))
-        co, cv, cl = sch.split(c, [None, vecs, 16])
+        vecs = regs.vectors if c_static is None else max(1, min(regs.vectors, c_static // regs.lanes))
+        co, cv, cl = sch.split(c, [None, vecs, regs.lanes])
         sch.reorder(ro, co, k, ri, cv, cl)
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, co)
@@ -322,8 +371,36 @@ def schedule_attention(sch: Any) -> None:
         init = sch.decompose_reduction(block, k)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(write_back)[-1])
-    _, lanes = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, 16])
+    _, lanes = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, regs.lanes])
     sch.vectorize(lanes)
+
+
+def schedule_softmax(sch: Any) -> None:
+    """A last-axis softmax (:func:`kiln.codegen.lowering.softmax.softmax_last_axis`) a row at a time:
+    the rows in parallel, and under each row its max, exp, sum and normalisation, vectorised along
+    the row. With two symbolic row dims the first runs in parallel and the others serially under it
+    (see :func:`_parallel_rows`)."""
+    lanes = float_registers().lanes
+    out = sch.get_sblock("softmax")
+    *outer, cols = sch.get_loops(out)
+    if not outer:
+        raise ValueError("a softmax of one row has nothing to run in parallel")
+    if sum(_static(sch.get(loop).extent) is None for loop in outer) <= 1:
+        row = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(row)
+    else:
+        sch.parallel(outer[0])
+        row = outer[-1]
+    n = _static(sch.get(cols).extent)
+    if n is None or n % lanes == 0:
+        sch.vectorize(sch.split(cols, [None, lanes])[1])
+    for name in ("row_sum", "exp", "row_pad", "row_max"):
+        try:
+            block = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - a row the vectors divide has no row_pad
+            continue
+        sch.compute_at(block, row)
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, lanes])[1])
 
 
 def first_that_applies(*schedules: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -361,6 +438,7 @@ SCHEDULES: dict[str, Callable[[Any], None]] = {
     "dense_int8_dynamic": int8.schedule_dense_int8_dynamic,
     "dynamic_quantize": int8.schedule_dynamic_quantize,
     "dense": first_that_applies(schedule_dense_in_k_blocks, schedule_dense),
+    "softmax": schedule_softmax,
     "conv_nchwc": first_that_applies(schedule_conv_in_k_blocks, schedule_conv_nchwc),
     "depthwise_nchwc": schedule_depthwise_nchwc,
     "attention": first_that_applies(schedule_attention, lambda sch: schedule_generic(sch)),

@@ -328,7 +328,34 @@ def batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
     return _broadcast_batch_matmul(a, b, trans_b)
 
 
-def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool) -> Any:
+#: a scheduled batch matmul pads a static N to a multiple of this (every target's vectors divide it)
+BATCH_MATMUL_N_ALIGN = 16
+
+
+def scheduled_batch_matmul(a: Any, b: Any, epilogue: Callable[[Any, tuple], Any] | None = None) -> Any:
+    """``a @ b`` for rank >= 3 (batch dims broadcast) as the ``dense`` reduction and an ``epilogue``
+    stage that the ``dense`` schedule takes, with the batch dims run in parallel beside N's panels.
+
+    A static N that the vectors do not divide (Whisper's 1500 keys) is padded with zero columns
+    in a ``b_pad`` stage, so the register tile's FMAs carry no tail predicate (which scalarised
+    them: Q·Kt took 7x as long as the P·V of the same size); the epilogue drops the pad.
+    ``epilogue(value, index)``, if given, is applied as the tile is written back.
+    """
+    from tvm import te, tirx
+
+    n = b.shape[-1]
+    n_static = getattr(n, "value", None)
+    if isinstance(n_static, int) and n_static % BATCH_MATMUL_N_ALIGN:
+        padded = -(-n_static // BATCH_MATMUL_N_ALIGN) * BATCH_MATMUL_N_ALIGN
+        src = b
+        b = te.compute((*b.shape[:-1], padded), lambda *i: tirx.if_then_else(
+            i[-1] < n_static, src[(*i[:-1], tirx.min(i[-1], n_static - 1))], tirx.const(0, src.dtype)), name="b_pad")
+    dense = _broadcast_batch_matmul(a, b, False, name="dense")
+    return te.compute((*dense.shape[:-1], n), lambda *i: dense(*i) if epilogue is None else epilogue(dense(*i), i),
+                      name="epilogue")
+
+
+def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool, name: str = "batch_matmul") -> Any:
     """``a @ b`` (or ``a @ b^T``) for rank >= 3, broadcasting the batch dims in place.
 
     A direct compute rather than topi's batch_matmul, which asserts that the contracted dims
@@ -354,7 +381,7 @@ def _broadcast_batch_matmul(a: Any, b: Any, trans_b: bool) -> Any:
         bi = pick(idx, b_batch, b_off) + ([j, k] if trans_b else [k, j])
         return te.sum(a[tuple(ai)] * b[tuple(bi)], axis=k)
 
-    return te.compute((*batch, a.shape[-2], n_out), body, name="batch_matmul")
+    return te.compute((*batch, a.shape[-2], n_out), body, name=name)
 
 
 # =========================================================================== conv and pool geometry
