@@ -41,12 +41,13 @@ class FloatRegisters(NamedTuple):
     registers: int  #: vector registers
     accumulators: int  #: accumulator vectors a tile keeps, beside its operands
     vectors: int  #: vectors a dense tile spans across N (each one loaded per K step)
+    row_vectors: int  #: vectors across N of a one-row tile (a symbolic M gets one row: no tail)
 
 
 #: AVX-512: 32 zmm registers; a tile of 16 accumulators leaves room for the weights and inputs
-AVX512_REGISTERS = FloatRegisters(lanes=16, registers=32, accumulators=16, vectors=4)
+AVX512_REGISTERS = FloatRegisters(lanes=16, registers=32, accumulators=16, vectors=4, row_vectors=4)
 #: AVX2: 16 ymm registers; 12 accumulators (6 rows x 2 vectors), 2 B vectors and a broadcast
-AVX2_REGISTERS = FloatRegisters(lanes=8, registers=16, accumulators=12, vectors=2)
+AVX2_REGISTERS = FloatRegisters(lanes=8, registers=16, accumulators=12, vectors=2, row_vectors=8)
 
 
 def float_registers() -> FloatRegisters:
@@ -216,10 +217,13 @@ def _dense_tile(sch: Any, m: Any, n: Any) -> tuple[int, int, int]:
     regs = float_registers()
     n_static, m_static = _static(sch.get(n).extent), _static(sch.get(m).extent)
     lanes = regs.lanes if n_static is None or n_static >= regs.lanes else n_static
+    # one row of up to 64 columns where M is symbolic: 2 vectors of one row (AVX2's 6 x 2 tile
+    # with 1 row) made DistilBERT's GEMMs 1.7x slower, unpinned
+    most = regs.vectors if m_static else regs.row_vectors
     if n_static is not None and n_static % lanes == 0:  # no guard on the lanes (layout pads N)
-        vecs = _largest_divisor_at_most(n_static // lanes, regs.vectors)
+        vecs = _largest_divisor_at_most(n_static // lanes, most)
     else:
-        vecs = regs.vectors if n_static is None or n_static >= regs.vectors * lanes else max(1, n_static // lanes)
+        vecs = most if n_static is None or n_static >= most * lanes else max(1, n_static // lanes)
     m_tile = _largest_divisor_at_most(m_static, regs.accumulators // vecs) if m_static else 1
     return m_tile, vecs, lanes
 
