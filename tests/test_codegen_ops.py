@@ -15,10 +15,15 @@ from kiln.codegen.build import build
 from helpers import f32, make_model, ort_outputs
 
 
-def _compiled(model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _artifact(model, tmp_path: Path, threads: int = 1) -> kiln.runtime.CompiledModel:
+    """``model`` compiled once and loaded, to run at several sizes."""
     path = tmp_path / "m.kiln"
     build(kiln.load(model.SerializeToString()), path)
-    return kiln.runtime.load(path, threads=1).run(feeds)
+    return kiln.runtime.load(path, threads=threads)
+
+
+def _compiled(model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return _artifact(model, tmp_path).run(feeds)
 
 
 def _check(model, tmp_path: Path, feeds: dict[str, np.ndarray]) -> None:
@@ -50,9 +55,7 @@ def test_matmul_broadcasts_batch_dims_from_both_sides(tmp_path):
 def test_batched_matmul_runs_the_dense_schedule_and_matches(tmp_path, a_shape, b_shape, sizes):
     model = make_model([helper.make_node("MatMul", ["a", "b"], ["y"])], [f32("a", a_shape), f32("b", b_shape)],
                        [f32("y", None)])
-    path = tmp_path / "m.kiln"
-    build(kiln.load(model.SerializeToString()), path)
-    compiled = kiln.runtime.load(path, threads=2)
+    compiled = _artifact(model, tmp_path, threads=2)
     rng = np.random.default_rng(2)
     for dims in sizes:
         feeds = {n: rng.standard_normal([dims.get(d, d) for d in shape]).astype(np.float32)
@@ -64,9 +67,7 @@ def test_batched_matmul_runs_the_dense_schedule_and_matches(tmp_path, a_shape, b
 def test_softmax_over_the_last_axis_matches_with_infinities_and_nans(tmp_path, shape, sizes):
     model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [f32("x", shape)], [f32("y", None)],
                        opset=17)
-    path = tmp_path / "m.kiln"
-    build(kiln.load(model.SerializeToString()), path)
-    compiled = kiln.runtime.load(path, threads=2)
+    compiled = _artifact(model, tmp_path, threads=2)
     rng = np.random.default_rng(3)
     for dims in sizes:
         x = (rng.standard_normal([dims.get(d, d) for d in shape]) * 20).astype(np.float32)
@@ -194,9 +195,7 @@ def test_resize_of_a_symbolic_input_computes_its_size_at_run_time(tmp_path, mode
         helper.make_node("Resize", ["p", "", "", "s"], ["back"], mode=mode, coordinate_transformation_mode=ctm),
     ], [f32("x", ["N", 4, "H", "W"])], [f32("up", None), f32("back", None)],
         [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
-    path = tmp_path / "m.kiln"
-    build(kiln.load(model.SerializeToString()), path)
-    compiled = kiln.runtime.load(path, threads=1)
+    compiled = _artifact(model, tmp_path)
     rng = np.random.default_rng(0)
     for shape in ((1, 4, 6, 10), (2, 4, 9, 4)):
         feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
@@ -267,9 +266,7 @@ def test_reshape_to_its_own_derived_symbolic_shape_compiles(tmp_path):
              helper.make_node("Relu", ["t"], ["y"])]
     model = make_model(nodes, [f32("x", ["batch", 1, "samples"])], [f32("y", None)], inits=[w], opset=17)
     rng = np.random.default_rng(1)
-    path = tmp_path / "m.kiln"
-    build(kiln.load(model.SerializeToString()), path)
-    compiled = kiln.runtime.load(path, threads=1)
+    compiled = _artifact(model, tmp_path)
     for shape in ((1, 1, 100), (2, 1, 163)):
         x = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
@@ -285,9 +282,7 @@ def test_a_chain_of_1d_convs_with_a_symbolic_length_matches_onnxruntime(tmp_path
              helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2]), helper.make_node("Tanh", ["c2"], ["r2"]),
              helper.make_node("Conv", ["r2", "w3"], ["y"])]
     model = make_model(nodes, [f32("x", ["batch", 2, "samples"])], [f32("y", None)], inits=inits, opset=17)
-    path = tmp_path / "m.kiln"
-    build(kiln.load(model.SerializeToString()), path)
-    compiled = kiln.runtime.load(path, threads=1)
+    compiled = _artifact(model, tmp_path)
     for shape in ((1, 2, 40), (3, 2, 57)):
         x = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(compiled.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)

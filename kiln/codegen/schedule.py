@@ -231,13 +231,12 @@ def _dense_tile(sch: Any, m: Any, n: Any) -> tuple[int, int, int]:
 def _b_pad_stage(sch: Any) -> None:
     """A batched dense kernel's zero-padded copy of B (see ``scheduled_batch_matmul``), if it has
     one: its rows in parallel, each row vectorised."""
-    try:
-        pad = sch.get_sblock("b_pad")
-    except Exception:  # noqa: BLE001 - TVM raises when the func has no such block
+    pad = _block(sch, "b_pad")
+    if pad is None:
         return
     *outer, last = sch.get_loops(pad)
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    sch.vectorize(sch.split(last, [None, 8])[1])
+    sch.vectorize(sch.split(last, [None, float_registers().lanes])[1])
 
 
 def _parallel_panels(sch: Any, batch: list[Any], no: Any) -> None:
@@ -399,11 +398,9 @@ def schedule_softmax(sch: Any) -> None:
     if n is None or n % lanes == 0:
         sch.vectorize(sch.split(cols, [None, lanes])[1])
     for name in ("row_sum", "exp", "row_pad", "row_max"):
-        try:
-            block = sch.get_sblock(name)
-        except Exception:  # noqa: BLE001 - a row the vectors divide has no row_pad
-            continue
-        sch.compute_at(block, row)
+        block = _block(sch, name)  # a row the vectors divide has no row_pad
+        if block is not None:
+            sch.compute_at(block, row)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, lanes])[1])
 
 
@@ -454,7 +451,7 @@ def schedule_generic(sch: Any) -> bool:
     from tvm import tirx
 
     changed = False
-    root = sch.get_sblock("root") if _has_root(sch) else None
+    root = _block(sch, "root")
     blocks = sch.get_child_blocks(root) if root is not None else []
     for block in blocks:
         loops = sch.get_loops(block)
@@ -491,12 +488,12 @@ def schedule_generic(sch: Any) -> bool:
     return changed
 
 
-def _has_root(sch: Any) -> bool:
+def _block(sch: Any, name: str) -> Any | None:
+    """The block called ``name``, or None if the func has none."""
     try:
-        sch.get_sblock("root")
-        return True
+        return sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
-        return False
+        return None
 
 
 def apply_default_schedule(sch: Any) -> bool:

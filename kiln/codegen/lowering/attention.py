@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import CodegenError, lowers
-from kiln.codegen.lowering.softmax import softmax_last_axis
+from kiln.codegen.lowering.softmax import emit_softmax
 from kiln.codegen.lowering.te import broadcast_dims, exp_expr, is_one, scheduled_batch_matmul
 from kiln.ir import DType, Node
 
@@ -31,7 +31,7 @@ def _kiln_attention(lw: Lowerer, node: Node) -> list[Any]:
 
     keys = kt.shape[-1] if kt.shape else None
     if isinstance(keys, int) and keys > FUSED_ATTENTION_MAX_KEYS and q.dtype is DType.FLOAT32:
-        return [_attention_in_three_kernels(lw, node)]
+        return [_attention_in_three_kernels(lw, q, kt, v, mask, scale, nan_to_zero)]
 
     def compute(qt: Any, ktt: Any, vt: Any, *m: Any) -> Any:
         return fused_attention(qt, ktt, vt, m[0] if m else None, scale, nan_to_zero)
@@ -46,29 +46,32 @@ def _kiln_attention(lw: Lowerer, node: Node) -> list[Any]:
 FUSED_ATTENTION_MAX_KEYS = 512
 
 
-def _attention_in_three_kernels(lw: Lowerer, node: Node) -> Any:
+def scaled_masked(x: Any, i: tuple, scale: float, mask: Any | None, dtype: str) -> Any:
+    """A score ``x`` at index ``i``, scaled, plus the mask, which broadcasts against the scores
+    from the right."""
+    from tvm import tirx
+
+    x = x * tirx.const(scale, dtype) if scale != 1.0 else x
+    if mask is None:
+        return x
+    off = len(i) - len(mask.shape)
+    return x + mask[tuple(0 if is_one(n) else i[off + k] for k, n in enumerate(mask.shape))]
+
+
+def _attention_in_three_kernels(lw: Lowerer, q: Any, kt: Any, v: Any, mask: Any | None, scale: float,
+                                nan_to_zero: bool) -> Any:
     """``kiln::Attention`` as the scheduled batch matmul Q·Kt (the scale and the mask in its
     write-back), kiln's row softmax, and the batch matmul P·V. A fully masked row is NaN, as the
     softmax of a row of -inf is, or 0 with ``nan_to_zero``."""
     from tvm import te, tirx
 
-    q, kt, v, mask = (node.input(i) for i in range(4))
-    scale = node.attr("scale", 1.0)
-
     def scores(qt: Any, ktt: Any, *m: Any) -> Any:
-        def epilogue(x: Any, i: tuple) -> Any:
-            x = x * tirx.const(scale, qt.dtype) if scale != 1.0 else x
-            if not m:
-                return x
-            off = len(i) - len(m[0].shape)  # the mask broadcasts against the scores from the right
-            return x + m[0][tuple(0 if is_one(n) else i[off + k] for k, n in enumerate(m[0].shape))]
-
-        return scheduled_batch_matmul(qt, ktt, epilogue)
+        return scheduled_batch_matmul(qt, ktt, lambda x, i: scaled_masked(x, i, scale, m[0] if m else None, qt.dtype))
 
     args = [lw.get(q), lw.get(kt)] + ([lw.get(mask)] if mask is not None else [])
     s = lw.emit(scores, *args, name="attention_scores", attrs={"kiln.schedule": "dense"})
-    p = lw.emit(softmax_last_axis, s, name="softmax", attrs={"kiln.schedule": "softmax"})
-    if node.attr("nan_to_zero", 0):
+    p = emit_softmax(lw, s)
+    if nan_to_zero:
         p = lw.emit(lambda t: te.compute(t.shape, lambda *i: tirx.Select(tirx.isnan(t[i]), tirx.const(0, t.dtype), t[i]),
                                          name="nan_to_zero"), p, name="nan_to_zero")
     return lw.emit(scheduled_batch_matmul, p, lw.get(v), name="attention_values", attrs={"kiln.schedule": "dense"})
@@ -99,11 +102,7 @@ def fused_attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: float, nan
                     name="qk")
 
     def score(*i: Any) -> Any:
-        s = qk[i] * tirx.const(scale, dt) if scale != 1.0 else qk[i]
-        if mask is None:
-            return s
-        off = len(i) - len(mask.shape)  # the mask broadcasts against [*batch, sq, sk] from the right
-        return s + mask[tuple(0 if is_one(n) else i[off + k] for k, n in enumerate(mask.shape))]
+        return scaled_masked(qk[i], i, scale, mask, dt)
 
     ninf, zero = tirx.const(float("-inf"), dt), tirx.const(0, dt)
     rj = te.reduce_axis((0, sk), "rj")

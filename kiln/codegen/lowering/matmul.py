@@ -92,13 +92,14 @@ def _matmul_nd(lw: Lowerer, node: Node) -> list[Any]:
     a, b = node.input(0), node.input(1)
     if not a.rank or not b.rank:
         raise CodegenError(f"node {node.label()}: MatMul of 0-d operands does not compile")
-    if a.rank >= 2 and b.rank == 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
+    floats = a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float
+    if a.rank >= 2 and b.rank == 2 and floats:
         # [..., K] @ [K, N]: the scheduled dense kernel on [M, K], between reshapes that
         # TVM turns into views (RewriteDataflowReshape)
         return [on_rows(lw, lw.get(a), lambda rows: lw.emit(_gemm_compute(node), rows, lw.get(b), name="matmul",
                                                              attrs={"kiln.schedule": "dense"}))]
 
-    if a.rank >= 2 and b.rank >= 2 and a.dtype == b.dtype and a.dtype is not None and a.dtype.is_float:
+    if a.rank >= 2 and b.rank >= 2 and floats:
         # [..., M, K] @ [..., K, N]: attention's products when they are not fused (Whisper's
         # encoder: 87% of its time ran as an unscheduled batch_matmul)
         return [lw.emit(scheduled_batch_matmul, lw.get(a), lw.get(b), name="matmul", attrs={"kiln.schedule": "dense"})]

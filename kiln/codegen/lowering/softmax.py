@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kiln.codegen.lowering.registry import lowers
-from kiln.codegen.lowering.te import exp_expr, get_topi, prod
+from kiln.codegen.lowering.te import exp_expr, get_topi, pad_last_axis, prod
 from kiln.ir import DType, Node, normalize_axis
 
 if TYPE_CHECKING:
@@ -16,10 +16,6 @@ if TYPE_CHECKING:
 
 def _softmax_fn(t: Any, axis: int) -> Any:
     return get_topi().nn.softmax(t, axis)
-
-
-#: the padded row length's multiple (every target's float32 vector divides it)
-SOFTMAX_ALIGN = 16
 
 
 def softmax_last_axis(t: Any) -> Any:
@@ -37,13 +33,7 @@ def softmax_last_axis(t: Any) -> Any:
 
     # a static row the vectors do not divide (Whisper's 1500 keys) is copied to a row padded with
     # -inf (exp 0) first: a tail predicate, or a clamped read, in the vectorised exp scalarised it
-    n_static = getattr(n, "value", None)
-    src = t
-    if isinstance(n_static, int) and n_static % SOFTMAX_ALIGN:
-        padded = -(-n_static // SOFTMAX_ALIGN) * SOFTMAX_ALIGN
-        src = te.compute((*lead, padded), lambda *i: tirx.if_then_else(
-            i[-1] < n_static, t[(*i[:-1], tirx.min(i[-1], n_static - 1))], tirx.const(float("-inf"), t.dtype)),
-            name="row_pad")
+    src = pad_last_axis(t, float("-inf"), "row_pad")
     e = te.compute(src.shape, lambda *i: exp_expr(src[i] - row_max[i[:-1]]), name="exp")
     rs = te.reduce_axis((0, src.shape[-1]), "rs")  # the padded row (pads add exp(-inf) = 0)
 
@@ -55,6 +45,11 @@ def softmax_last_axis(t: Any) -> Any:
 
     row_sum = te.compute(lead, lambda *i: te.sum(term(*i, rs), axis=rs), name="row_sum")
     return te.compute(t.shape, lambda *i: e[i] / row_sum[i[:-1]], name="softmax")
+
+
+def emit_softmax(lw: Lowerer, x: Any) -> Any:
+    """The kernel of :func:`softmax_last_axis` on ``x``, with its ``softmax`` schedule."""
+    return lw.emit(softmax_last_axis, x, name="softmax", attrs={"kiln.schedule": "softmax"})
 
 
 def _log_softmax(t: Any, axis: int) -> Any:
@@ -102,7 +97,7 @@ def _softmax(lw: Lowerer, node: Node) -> list[Any]:
     axis = normalize_axis(node.attr("axis", -1 if opset >= 13 else 1), rank)
     fn, flat_name = _ALONG_AXIS[node.op_type]
     if node.op_type == "Softmax" and axis == rank - 1 and rank >= 2 and x.dtype is DType.FLOAT32:
-        return [lw.emit(softmax_last_axis, lw.get(x), name="softmax", attrs={"kiln.schedule": "softmax"})]
+        return [emit_softmax(lw, lw.get(x))]
     if opset >= 13 or axis == rank - 1:
         return [lw.emit(lambda t: fn(t, axis), lw.get(x), name=node.op_type.lower())]
     return [lw.emit(lambda t: _coerced(fn, t, axis), lw.get(x), name=flat_name)]

@@ -328,8 +328,22 @@ def batched_matmul(a: Any, b: Any, trans_b: bool = False) -> Any:
     return _broadcast_batch_matmul(a, b, trans_b)
 
 
-#: a scheduled batch matmul pads a static N to a multiple of this (every target's vectors divide it)
-BATCH_MATMUL_N_ALIGN = 16
+#: a static last axis that vectorised loops run is padded to a multiple of this (every target's
+#: float32 vector divides it): a tail predicate in a vectorised loop scalarises it
+VECTOR_ALIGN = 16
+
+
+def pad_last_axis(t: Any, fill: float, name: str) -> Any:
+    """``t`` with a static last axis padded with ``fill`` to a multiple of :data:`VECTOR_ALIGN`
+    (``t`` itself if it is symbolic or already a multiple)."""
+    from tvm import te, tirx
+
+    n = getattr(t.shape[-1], "value", None)
+    if not isinstance(n, int) or n % VECTOR_ALIGN == 0:
+        return t
+    padded = -(-n // VECTOR_ALIGN) * VECTOR_ALIGN
+    return te.compute((*t.shape[:-1], padded), lambda *i: tirx.if_then_else(
+        i[-1] < n, t[(*i[:-1], tirx.min(i[-1], n - 1))], tirx.const(fill, t.dtype)), name=name)
 
 
 def scheduled_batch_matmul(a: Any, b: Any, epilogue: Callable[[Any, tuple], Any] | None = None) -> Any:
@@ -341,16 +355,10 @@ def scheduled_batch_matmul(a: Any, b: Any, epilogue: Callable[[Any, tuple], Any]
     them: Q·Kt took 7x as long as the P·V of the same size); the epilogue drops the pad.
     ``epilogue(value, index)``, if given, is applied as the tile is written back.
     """
-    from tvm import te, tirx
+    from tvm import te
 
     n = b.shape[-1]
-    n_static = getattr(n, "value", None)
-    if isinstance(n_static, int) and n_static % BATCH_MATMUL_N_ALIGN:
-        padded = -(-n_static // BATCH_MATMUL_N_ALIGN) * BATCH_MATMUL_N_ALIGN
-        src = b
-        b = te.compute((*b.shape[:-1], padded), lambda *i: tirx.if_then_else(
-            i[-1] < n_static, src[(*i[:-1], tirx.min(i[-1], n_static - 1))], tirx.const(0, src.dtype)), name="b_pad")
-    dense = _broadcast_batch_matmul(a, b, False, name="dense")
+    dense = _broadcast_batch_matmul(a, pad_last_axis(b, 0.0, "b_pad"), False, name="dense")
     return te.compute((*dense.shape[:-1], n), lambda *i: dense(*i) if epilogue is None else epilogue(dense(*i), i),
                       name="epilogue")
 
