@@ -93,7 +93,8 @@ def _database_with(tmp_path: Path, tuned_seconds: float):
     args = ArgInfo.from_prim_func(k.mod["main"])
     tvm_target = tvm.target.Target(dict(target.tvm))
     default = s_tir.Schedule(k.mod)
-    apply_default_schedule(default)
+    with tvm_target:  # as kiln tune and kiln compile apply it: the register tiles follow the target
+        apply_default_schedule(default)
     other = s_tir.Schedule(k.mod)  # a valid schedule that is not kiln's: the generic one
     assert schedule_generic(other)
     for sch, secs in ((default, 1e-5), (other, tuned_seconds)):
