@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 import threading
@@ -531,12 +533,30 @@ def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):
     assert cmp.passed, cmp.max_abs
 
 
+def test_a_stand_in_llvm_cpu_emits_no_instruction_its_cpu_lacks():
+    """kiln builds znver4's code as icelake-server's: every ISA feature LLVM gives icelake-server,
+    znver4 has too; what differs is tuning (and PCONFIG, a system instruction no compiler emits)."""
+    import tvm
+    from tvm.target import codegen
+
+    from kiln.codegen.target import CODE_AS
+
+    def features(cpu: str) -> set[str]:
+        return set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+
+    tuning = re.compile(r"^(fast-|slow-|no-bypass-|prefer-|tuning-|allow-light|macrofusion|branchfusion|"
+                        r"idivq-to-divl|ermsb|sbb-dep-breaking|false-deps-|lea-|pad-short|use-)")
+    for cpu, stand_in in CODE_AS.items():
+        extra = {f for f in features(stand_in) - features(cpu) if not tuning.match(f)}
+        assert extra <= {"pconfig"}, (cpu, stand_in, sorted(extra))
+
+
 def test_an_llvm_cpu_name_is_chosen_for_its_own_vendor_only():
     """A Xeon with AMX hidden has every flag znver4 lists, but znver4 code (SSE4A, CLZERO) is not for it."""
     from kiln.codegen.target import choose_mcpu
 
     zen4_flags = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"}
-    assert choose_mcpu(zen4_flags, vendor="AuthenticAMD")[0] == "znver4"
+    assert choose_mcpu(zen4_flags, vendor="AuthenticAMD")[0] == "icelake-server"  # znver4's stand-in
     assert choose_mcpu(zen4_flags, vendor="GenuineIntel")[0] == "cooperlake"
     assert choose_mcpu(zen4_flags | {"amx_int8"}, vendor="GenuineIntel")[0] == "sapphirerapids"
     assert choose_mcpu({"avx2", "fma"}, vendor="AuthenticAMD")[0] == "haswell"  # Zen 3: no AVX-512

@@ -56,14 +56,29 @@ class Target:
         return out
 
 
+#: LLVM CPU names whose code kiln builds as another name's. The second's instructions are a subset
+#: of the first's (LLVM's own feature lists; a test checks them), so its code runs wherever the
+#: first's does, and LLVM's scheduling model for it serves kiln's register tiles better: for
+#: znver4, LLVM hoists an unrolled conv tile's input broadcasts ahead of their FMAs and spills
+#: them to the stack. On an AMD EPYC (Zen 4, 2 threads) a 3x3 64-channel conv at 56x56 ran
+#: 140 GFLOP/s as znver4 code and 211 as icelake-server code, a 1x1 256->64 one 170 and 219, and
+#: the transformer GEMMs the same or up to 5% faster.
+CODE_AS: dict[str, str] = {"znver4": "icelake-server"}
+
+
 def choose_mcpu(features: set[str], valid: set[str] | None = None,
                 vendor: str | None = None) -> tuple[str, list[str]]:
-    """The best LLVM CPU name for a host with ``features`` (from ``vendor``, when known), and the
-    features it assumes. A vendor's CPU names are never chosen for another vendor's CPU."""
+    """The LLVM CPU name kiln builds code as for a host with ``features`` (from ``vendor``, when
+    known), and the features that code assumes. A vendor's CPU names are never chosen for another
+    vendor's CPU, except as the :data:`CODE_AS` stand-in for one of its own."""
+    models = dict(CPU_MODELS)
     for name, needed in CPU_MODELS:
         if vendor is not None and CPU_VENDORS.get(name, vendor) != vendor:
             continue
         if set(needed) <= features and (valid is None or name in valid):
+            alias = CODE_AS.get(name)
+            if alias is not None and (valid is None or alias in valid):
+                return alias, list(models[alias])
             return name, list(needed)
     return "x86-64", []
 
