@@ -1,13 +1,17 @@
-"""Run kiln's benchmark set and write bench/RESULTS.md.
+"""Run kiln's benchmark set and the real-model corpus, and write bench/RESULTS.md.
 
 Each row is ``kiln bench``'s method: each engine in its own process, alternating A B C A B C
 after warm-up, medians over all timed runs. onnxruntime (ORT_ENABLE_ALL, spinning off) and
 OpenVINO (CPU plugin, fp32, latency hint; ``--no-openvino`` leaves it out) are measured in
 every row, with kiln's ratio to the faster of the two; TVM's own pipeline (``from_onnx`` +
 ``tvm.compile``, no tuning) at batch 1 only, with fewer rounds, since one of its runs takes
-seconds. Models come from the test suite's cache (``tests/models.py``).
+seconds. The benchmark set comes from the test suite's cache (``tests/models.py``); the corpus
+rows are torch's default exporter's models with random weights (``tests/tools/export_corpus.py``,
+cached beside the test corpus, exported on first use), the text and audio ones at their real
+sizes. Each model is compiled once, by ``kiln compile`` in its own process, whose wall time and
+peak memory are recorded; the table ends with the geometric means of the batch-1 ratios.
 
-    .venv/bin/python bench/run_all.py [--rounds 8] [--only NAME,...] [--tuned NAME=DB_DIR ...]
+    .venv/bin/python bench/run_all.py [--rounds 8] [--only NAME,...] [--batches 1] [--tuned NAME=DB_DIR ...]
 
 ``--tuned`` adds a batch-1 row for that model compiled with a tuning database made by
 ``kiln tune`` (say how long it was tuned in the commit that updates RESULTS.md).
@@ -17,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -27,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from models import make_inputs, model_path  # noqa: E402
+from models import corpus_dir, make_inputs, model_path  # noqa: E402
 
 from kiln.bench import bench  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -41,7 +49,17 @@ class Case:
     batches: tuple[int, ...] = (1,)
     tvm: bool = True
     feeds: bool = False  # the model needs real inputs (silero's sample rate)
+    corpus: bool = False  # exported by tests/tools/export_corpus.py, not fetched by tests/models.py
     notes: list[str] = field(default_factory=list)
+
+
+def _image(name: str, label: str, batches: tuple[int, ...] = (1,)) -> Case:
+    return Case(name, label, {"x": ("N", 3, 224, 224)}, batches, tvm=False, corpus=True)
+
+
+def _text(name: str, label: str) -> Case:
+    return Case(name, f"{label}, sequence 128", {"input_ids": (1, 128), "attention_mask": (1, 128)},
+                tvm=False, corpus=True)
 
 
 CASES = [
@@ -53,7 +71,50 @@ CASES = [
     Case("ocr_rec", "rapidocr rec 1x3x48x320", {"x": (1, 3, 48, 320)}),
     Case("silero_vad", "silero-vad (512 samples, 16 kHz)", {"input": (1, 512), "state": (2, 1, 128), "sr": ()},
          tvm=False, feeds=True),
+    _image("resnet18", "torchvision ResNet-18", (1, 8)),
+    _image("resnet50", "torchvision ResNet-50", (1, 8)),
+    _image("resnext50_32x4d", "torchvision ResNeXt-50 32x4d"),
+    _image("mobilenet_v2", "torchvision MobileNetV2", (1, 8)),
+    _image("mobilenet_v3_large", "torchvision MobileNetV3-Large"),
+    _image("efficientnet_b0", "torchvision EfficientNet-B0"),
+    _image("efficientnet_v2_s", "torchvision EfficientNetV2-S"),
+    _image("shufflenet_v2_x1_0", "torchvision ShuffleNetV2 x1.0"),
+    _image("regnet_y_400mf", "torchvision RegNetY-400MF"),
+    _image("googlenet", "torchvision GoogLeNet"),
+    _image("convnext_tiny", "torchvision ConvNeXt-Tiny"),
+    _image("vit_b_16", "torchvision ViT-B/16"),
+    _image("swin_t", "torchvision Swin-T"),
+    _text("distilbert_base", "DistilBERT-base (6 layers)"),
+    _text("roberta_base", "RoBERTa-base (12 layers)"),
+    _text("bert_base", "BERT-base (12 layers)"),
+    _text("gpt2", "GPT-2 small (12 layers)"),
+    Case("whisper_tiny_encoder", "Whisper-tiny encoder, 1x80x3000", {"input_features": (1, 80, 3000)}, tvm=False,
+         corpus=True),
 ]
+
+
+def _corpus_path(name: str) -> Path:
+    """The corpus model's file, exported by the test suite's exporter if it is not cached yet."""
+    out = corpus_dir()
+    path = out / f"{name}.onnx"
+    if not path.exists():
+        subprocess.run([sys.executable, str(ROOT / "tests" / "tools" / "export_corpus.py"), str(out), name],
+                       check=True)
+    return path
+
+
+def _compile(path: Path, shapes: dict[str, tuple], out: Path) -> tuple[float, float]:
+    """``kiln compile`` in its own process: (wall seconds, peak resident GB)."""
+    cmd = [str(Path(sys.executable).parent / "kiln"), "compile", str(path), "-o", str(out)]
+    for k, v in shapes.items():
+        cmd += ["--input-shape", f"{k}={'x'.join(str(d) for d in v)}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise KilnError(f"kiln compile failed: {proc.stderr.read().decode().strip().splitlines()[-1:]}")
+    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def _cpu() -> tuple[str, str]:
@@ -69,12 +130,20 @@ def _cell(report, engine: str) -> str:
     return f"{r.median_ms:.2f} ({r.percentile_ms(10):.2f}..{r.percentile_ms(90):.2f})" if r else "not run"
 
 
-def _row(label: str, batch: int, report, tvm_cell: str, tvm_ratio: str) -> str:
+def _best(report) -> float:
+    """kiln's ratio to the faster of the peers timed (the larger ratio)."""
+    return max(x for x in (report.ratio("onnxruntime"), report.ratio("openvino")) if x is not None)
+
+
+def _row(label: str, batch: int, report, build: str, tvm_cell: str, tvm_ratio: str) -> str:
     ov = report.ratio("openvino")
-    best = min(x for x in (report.ratio("onnxruntime"), ov) if x is not None)
     return (f"| {label} | {batch} | {_cell(report, 'kiln')} | {_cell(report, 'onnxruntime')} "
             f"| **{report.ratio('onnxruntime'):.3f}** | {_cell(report, 'openvino')} "
-            f"| {'' if ov is None else f'**{ov:.3f}**'} | {best:.3f} | {tvm_cell} | {tvm_ratio} |")
+            f"| {'' if ov is None else f'**{ov:.3f}**'} | {_best(report):.3f} | {build} | {tvm_cell} | {tvm_ratio} |")
+
+
+def _geomean(xs: list[float]) -> str:
+    return f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.3f}" if xs else ""
 
 
 def _installed(package: str) -> bool:
@@ -91,28 +160,42 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--tvm-rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated model names")
+    ap.add_argument("--batches", help="comma-separated batch sizes to run (default: each model's own)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--tuned", action="append", default=[], metavar="NAME=DB_DIR",
                     help="add a batch-1 row for NAME compiled with this tuning database")
     ap.add_argument("--no-openvino", action="store_true", help="time onnxruntime only")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    batches = {int(b) for b in args.batches.split(",")} if args.batches else None
     peers = ("onnxruntime",) if args.no_openvino else ("onnxruntime", "openvino")
     tuned = dict(t.split("=", 1) for t in args.tuned)
 
     rows: list[str] = []
+    ratios: dict[str, list[float]] = {"onnxruntime": [], "openvino": [], "best": []}
     start = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     for case in CASES:
         if only and case.name not in only:
             continue
-        path = model_path(case.name)
+        path = _corpus_path(case.name) if case.corpus else model_path(case.name)
         for batch in case.batches:
+            if batches and batch not in batches:
+                continue
             feeds = make_inputs(case.name) if case.feeds else None
-            # batch 1 compiles the model as exported (static); other batches free the batch dim
+            # batch 1 compiles the model at a static shape; other batches free the batch dim
             shapes = {k: tuple(1 if (d == "N" and batch == 1) else d for d in v) for k, v in case.shapes.items()}
             print(f"[bench] {case.label}, batch {batch}", flush=True)
-            ort = bench(path, against=peers, batch=batch, rounds=args.rounds,
+            artifact = tmp / f"{case.name}-{batch}.kiln"
+            seconds, gb = _compile(path, shapes, artifact)
+            build = f"{seconds:.0f} s, {gb:.2f} GB"
+            ort = bench(path, artifact=artifact, against=peers, batch=batch, rounds=args.rounds,
                         iterations=args.iterations, input_shapes=shapes, inputs=feeds)
+            artifact.unlink()
+            if batch == 1:
+                for peer in peers:
+                    ratios[peer].append(ort.ratio(peer))
+                ratios["best"].append(_best(ort))
             tvm_cell, tvm_ratio = "not run", ""
             if case.tvm and batch == 1:
                 try:
@@ -122,13 +205,13 @@ def main() -> int:
                     tvm_ratio = f"{tv.ratio('tvm'):.4f}"
                 except KilnError as e:
                     tvm_cell = f"fails: {str(e).split(': ', 2)[-1][:60]}"
-            rows.append(_row(case.label, batch, ort, tvm_cell, tvm_ratio))
+            rows.append(_row(case.label, batch, ort, build, tvm_cell, tvm_ratio))
             print("   ", rows[-1], flush=True)
             if batch == 1 and case.name in tuned:
                 print(f"[bench] {case.label}, batch 1, tuned", flush=True)
                 tr = bench(path, against=peers, batch=batch, rounds=args.rounds,
                            iterations=args.iterations, input_shapes=shapes, inputs=feeds, tune_db=tuned[case.name])
-                rows.append(_row(f"{case.label}, tuned (`kiln tune`)", batch, tr, "", ""))
+                rows.append(_row(f"{case.label}, tuned (`kiln tune`)", batch, tr, "", "", ""))
                 print("   ", rows[-1], flush=True)
 
     model, flags = _cpu()
@@ -147,13 +230,18 @@ def main() -> int:
         "OpenVINO's CPU plugin (fp32, latency hint, reshaped to the input's static shape); "
         f"medians (p10..p90) in ms over {args.rounds}x{args.iterations} runs; TVM's own pipeline over "
         f"{args.tvm_rounds} runs at batch 1",
-        "- batch 1 compiles each model at its exported, static shape; batch 8 on the light models compiles them "
-        "with a free batch N, and onnxruntime runs kiln's export of the same graph, its batch freed the same way",
+        "- batch 1 compiles each model at a static shape (the corpus's dynamic batch and sequence pinned); "
+        "batch 8 compiles it with a free batch N (a light model's fixed batch freed, and onnxruntime runs kiln's "
+        "export of the same graph, its batch freed the same way)",
+        "- compile: `kiln compile` in its own process, wall time and peak resident memory; the corpus rows "
+        "(torch's exporter, random weights) are not run through TVM's pipeline, whose runs take seconds each",
         "",
         "| model | batch | kiln ms | onnxruntime ms | kiln / onnxruntime | OpenVINO ms | kiln / OpenVINO "
-        "| kiln / the faster peer | TVM pipeline ms | kiln / TVM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kiln / the faster peer | compile | TVM pipeline ms | kiln / TVM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        f"| geometric mean, batch 1 ({len(ratios['best'])} models) | | | | **{_geomean(ratios['onnxruntime'])}** | "
+        f"| {_geomean(ratios['openvino'])} | {_geomean(ratios['best'])} | | | |",
         "",
     ])
     Path(args.out).write_text(text)

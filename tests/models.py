@@ -24,6 +24,14 @@ CACHE = Path(os.environ.get("KILN_MODEL_CACHE", Path.home() / ".cache" / "kiln" 
 ONNX_LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
+def corpus_dir() -> Path:
+    """Where ``tests/tools/export_corpus.py``'s exports are cached: one folder per torch and
+    torchvision version (raises PackageNotFoundError when either is not installed)."""
+    from importlib.metadata import version
+
+    return CACHE / "corpus" / f"torch-{version('torch')}-torchvision-{version('torchvision')}"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One real model: its wheel (or onnx's own test data), path inside it, and test inputs."""

@@ -21,7 +21,7 @@ import kiln
 import kiln.runtime
 from kiln.check import compare
 from helpers import ort_outputs
-from models import CACHE
+from models import corpus_dir
 
 EXPORTER = Path(__file__).parent / "tools" / "export_corpus.py"
 
@@ -47,16 +47,15 @@ KNOWN: dict[str, str] = {
 
 @pytest.fixture(scope="module")
 def corpus() -> Path:
-    torch = pytest.importorskip("torch", reason="torch is not installed (the transformers-tests extra)")
+    pytest.importorskip("torch", reason="torch is not installed (the transformers-tests extra)")
     pytest.importorskip("transformers", reason="transformers is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (torch's ONNX exporter) is not installed")
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError
 
     try:
-        vision = version("torchvision")
+        out = corpus_dir()
     except PackageNotFoundError:
         pytest.skip("torchvision is not installed (the transformers-tests extra)")
-    out = CACHE / "corpus" / f"torch-{torch.__version__}-torchvision-{vision}"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:  # one test worker exports; the others wait for it
         fcntl.flock(lock, fcntl.LOCK_EX)

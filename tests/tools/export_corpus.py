@@ -2,10 +2,12 @@
 
     python tests/tools/export_corpus.py OUT_DIR [NAME ...]
 
-Writes ``OUT_DIR/NAME.onnx`` for each model not already there. Image and video models get a dynamic
-``batch`` dim; text and audio models a dynamic ``batch`` and ``sequence`` dim (Whisper's encoder, whose
-positional table fixes its 3,000 mel frames, a dynamic batch only). The text and audio models keep
-their real widths and operator structure with fewer layers (2), so that the corpus fits a test run.
+Writes ``OUT_DIR/NAME.onnx`` for each model not already there (with no names, the test corpus:
+``MODELS``). Image and video models get a dynamic ``batch`` dim; text and audio models a dynamic
+``batch`` and ``sequence`` dim (Whisper's encoder, whose positional table fixes its 3,000 mel frames,
+a dynamic batch only). The test corpus's text and audio models keep their real widths and operator
+structure with fewer layers (2), so that the corpus fits a test run; ``BENCH_MODELS``, which
+``bench/run_all.py`` times, are the architectures at their real sizes.
 """
 
 from __future__ import annotations
@@ -36,18 +38,23 @@ class _Out(torch.nn.Module):
         self.model, self.key = model, key
 
     def forward(self, x: Any, mask: Any = None) -> Any:
-        return (self.model(x) if mask is None else self.model(x, mask))[self.key]
+        return (self.model(x) if mask is None else self.model(x, attention_mask=mask))[self.key]
 
 
-def _text(kind: str) -> tuple[Any, tuple, dict]:
+def _text(kind: str, layers: int | None = 2) -> tuple[Any, tuple, dict]:
+    """A transformers encoder or decoder with random weights; ``layers=None`` keeps the real depth."""
     import transformers
 
-    if kind == "distilbert":
-        config = transformers.DistilBertConfig(n_layers=2)
-        model = transformers.DistilBertModel(config)
-    else:
-        config = transformers.RobertaConfig(num_hidden_layers=2)
-        model = transformers.RobertaModel(config)
+    depth = {} if layers is None else {"n_layers": layers} if kind == "distilbert" else \
+        {"n_layer": layers} if kind == "gpt2" else {"num_hidden_layers": layers}
+    build = {
+        "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+        "bert": (transformers.BertConfig, transformers.BertModel),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2Model),
+    }[kind]
+    extra = {"use_cache": False} if kind == "gpt2" else {}
+    model = build[1](build[0](**depth, **extra))
     ids = torch.randint(0, 1000, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
     dims = {0: Batch, 1: Sequence}
@@ -93,11 +100,28 @@ MODELS: dict[str, Callable[[], tuple[Any, tuple, dict]]] = {
     "whisper_tiny_encoder": _whisper,
     "wav2vec2_base": _wav2vec2,
 }
+#: The architectures ``bench/run_all.py`` times beyond the test corpus, at their real sizes (the
+#: corpus's Whisper-tiny encoder already is).
+BENCH_MODELS: dict[str, Callable[[], tuple[Any, tuple, dict]]] = {
+    "resnet18": lambda: _vision(lambda: M.resnet18(), (2, 3, 224, 224)),
+    "mobilenet_v3_large": lambda: _vision(lambda: M.mobilenet_v3_large(), (2, 3, 224, 224)),
+    "efficientnet_b0": lambda: _vision(lambda: M.efficientnet_b0(), (2, 3, 224, 224)),
+    "efficientnet_v2_s": lambda: _vision(lambda: M.efficientnet_v2_s(), (2, 3, 224, 224)),
+    "shufflenet_v2_x1_0": lambda: _vision(lambda: M.shufflenet_v2_x1_0(), (2, 3, 224, 224)),
+    "regnet_y_400mf": lambda: _vision(lambda: M.regnet_y_400mf(), (2, 3, 224, 224)),
+    "resnext50_32x4d": lambda: _vision(lambda: M.resnext50_32x4d(), (2, 3, 224, 224)),
+    "convnext_tiny": lambda: _vision(lambda: M.convnext_tiny(), (2, 3, 224, 224)),
+    "vit_b_16": lambda: _vision(lambda: M.vit_b_16(), (2, 3, 224, 224)),
+    "distilbert_base": lambda: _text("distilbert", None),
+    "roberta_base": lambda: _text("roberta", None),
+    "bert_base": lambda: _text("bert", None),
+    "gpt2": lambda: _text("gpt2", None),
+}
 
 
 def export(name: str, out: Path) -> None:
     torch.manual_seed(0)
-    model, args, dims = MODELS[name]()
+    model, args, dims = {**MODELS, **BENCH_MODELS}[name]()
     names = list(dims)
     with torch.no_grad():
         program = torch.onnx.export(model, args, dynamo=True, opset_version=18, input_names=names,
