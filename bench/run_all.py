@@ -103,18 +103,25 @@ def _corpus_path(name: str) -> Path:
     return path
 
 
+#: ``kiln compile`` that reports its own peak resident memory (VmHWM, in kB) on its last stderr line. The
+#: child's rusage will not do: Linux carries the parent's resident high-water mark across fork and exec.
+_COMPILE = ("import sys\nfrom kiln.cli import main\nrc = main(sys.argv[1:])\n"
+            "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0], "
+            "file=sys.stderr)\nsys.exit(rc)")
+
+
 def _compile(path: Path, shapes: dict[str, tuple], out: Path) -> tuple[float, float]:
     """``kiln compile`` in its own process: (wall seconds, peak resident GB)."""
-    cmd = [str(Path(sys.executable).parent / "kiln"), "compile", str(path), "-o", str(out)]
+    cmd = [sys.executable, "-c", _COMPILE, "compile", str(path), "-o", str(out)]
     for k, v in shapes.items():
         cmd += ["--input-shape", f"{k}={'x'.join(str(d) for d in v)}"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise KilnError(f"kiln compile failed: {proc.stderr.read().decode().strip().splitlines()[-1:]}")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 0:
+        raise KilnError(lines[-2] if len(lines) > 1 else f"kiln compile exited with {proc.returncode}")
+    return seconds, int(lines[-1]) / 2**20
 
 
 def _cpu() -> tuple[str, str]:
@@ -187,7 +194,12 @@ def main() -> int:
             shapes = {k: tuple(1 if (d == "N" and batch == 1) else d for d in v) for k, v in case.shapes.items()}
             print(f"[bench] {case.label}, batch {batch}", flush=True)
             artifact = tmp / f"{case.name}-{batch}.kiln"
-            seconds, gb = _compile(path, shapes, artifact)
+            try:
+                seconds, gb = _compile(path, shapes, artifact)
+            except KilnError as e:  # the row says why, and the others still run
+                rows.append(f"| {case.label} | {batch} | fails to compile: {str(e)[:120]} |  |  |  |  |  |  |  |  |")
+                print("   ", rows[-1], flush=True)
+                continue
             build = f"{seconds:.0f} s, {gb:.2f} GB"
             ort = bench(path, artifact=artifact, against=peers, batch=batch, rounds=args.rounds,
                         iterations=args.iterations, input_shapes=shapes, inputs=feeds)

@@ -124,7 +124,9 @@ class BenchReport:
     iterations: int
     batch: int
     results: dict[str, EngineResult]
-    kernels: list[Any] = field(default_factory=list)  # kiln's per-kernel times (KernelTime), if profiled
+    kernels: list[Any] = field(default_factory=list)  # kiln's kernels (report.profile.KernelRow), if profiled
+    peak: Any = None  # the practical peak their GFLOP/s are a share of (report.profile.Peak)
+    kernels_note: str = ""
 
     def ratio(self, baseline: str) -> float | None:
         if "kiln" not in self.results or baseline not in self.results:
@@ -143,7 +145,9 @@ class BenchReport:
                 for name, r in self.results.items()
             },
             "ratios": {f"kiln/{b}": self.ratio(b) for b in self.results if b != "kiln"},
-            "kernels": [{"name": k.name, "calls": k.calls, "ms": k.ms} for k in self.kernels],
+            "kernels": [{"name": k.name, "calls": k.calls, "ms": k.ms, "gflops": k.gflops, "peak_share": k.peak_share}
+                        for k in self.kernels],
+            "peak_gflops": self.peak.gflops if self.peak is not None else None,
         }
 
     def format(self) -> str:
@@ -157,21 +161,28 @@ class BenchReport:
             if b != "kiln" and self.ratio(b) is not None:
                 lines.append(f"  kiln / {b}: {self.ratio(b):.3f}")
         if self.kernels:
-            lines.append(format_kernels(self.kernels))
+            lines.append(format_kernels(self.kernels, self.peak, self.kernels_note))
         return "\n".join(lines)
 
 
-def format_kernels(kernels: list[Any], top: int = 15) -> str:
-    """kiln's per-kernel profile as a table: the ``top`` slowest, then the rest summed."""
+def format_kernels(kernels: list[Any], peak: Any = None, note: str = "", top: int = 15) -> str:
+    """kiln's per-kernel profile as a table (``report.profile.KernelRow``s): the ``top`` slowest, with
+    their GFLOP/s and share of ``peak`` where their FLOPs are known, then the rest summed."""
     total = sum(k.ms for k in kernels) or 1.0
-    lines = [f"  kiln per kernel (VM instrument hook; {total:.2f} ms per run in all):",
-             f"    {'ms/run':>8} {'share':>6} {'calls':>5}  kernel"]
+    lines = [f"  kiln per kernel (VM instrument hook; {total:.2f} ms per run in all"
+             + (f"; peak {peak.gflops:.0f} GFLOP/s: {peak.how}" if peak is not None else "") + "):",
+             f"    {'ms/run':>8} {'share':>6} {'calls':>5} {'GFLOP/s':>8} {'of peak':>7}  kernel"]
     for k in kernels[:top]:
-        lines.append(f"    {k.ms:8.3f} {k.ms / total:6.1%} {k.calls:5d}  {k.name}")
+        rate = f"{k.gflops:8.1f}" if k.gflops else f"{'':8}"
+        share = f"{k.peak_share:7.0%}" if k.peak_share else f"{'':7}"
+        lines.append(f"    {k.ms:8.3f} {k.ms / total:6.1%} {k.calls:5d} {rate} {share}  {k.name}")
     rest = kernels[top:]
     if rest:
         ms = sum(k.ms for k in rest)
-        lines.append(f"    {ms:8.3f} {ms / total:6.1%} {sum(k.calls for k in rest):5d}  ({len(rest)} more kernels)")
+        lines.append(f"    {ms:8.3f} {ms / total:6.1%} {sum(k.calls for k in rest):5d} {'':8} {'':7}  "
+                     f"({len(rest)} more kernels)")
+    if note:
+        lines.append(f"  ({note})")
     return "\n".join(lines)
 
 
@@ -213,12 +224,13 @@ def bench(
 
             baseline_model = str(Path(tmp) / "baseline.onnx")
             save_onnx(graph, baseline_model)
+        built = None
         if artifact is None:
             from kiln.codegen.target import cpu_target
             from kiln.driver import compile as compile_model
 
             artifact = Path(tmp) / "bench.kiln"
-            compile_model(graph, artifact, target=cpu_target(threads), tune_db=tune_db)
+            built = compile_model(graph, artifact, target=cpu_target(threads), tune_db=tune_db).graph
         spec = {"model": baseline_model, "artifact": str(artifact), "threads": threads, "feeds": feeds}
         engines = ["kiln", *[e for e in against if e != "kiln"]]
         ctx = mp.get_context("spawn")
@@ -241,8 +253,12 @@ def bench(
                     results[e].latencies.extend(_ask(workers[e], iterations, e))
             if profile:  # in this process, while the engines' processes wait
                 import kiln.runtime
+                from kiln.report.profile import artifact_graph, kernel_rows, measure_peak
 
-                kernels = kiln.runtime.load(artifact, threads=threads).profile(feeds, runs=max(iterations, 5))
+                passes = list(kiln.runtime.load(artifact).manifest.get("passes") or [])
+                peak = measure_peak()
+                kernels, note = kernel_rows(artifact, feeds, built or artifact_graph(graph, passes), peak,
+                                            runs=max(iterations, 5), threads=threads)
         finally:
             for proc, conn in workers.values():
                 try:
@@ -252,7 +268,9 @@ def bench(
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
-    return BenchReport(str(model), threads, rounds, iterations, batch, results, kernels if profile else [])
+    if not profile:
+        return BenchReport(str(model), threads, rounds, iterations, batch, results)
+    return BenchReport(str(model), threads, rounds, iterations, batch, results, kernels, peak, note)
 
 
 def _frees_a_static_dim(model: str | os.PathLike, graph: Any) -> bool:

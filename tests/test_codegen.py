@@ -319,6 +319,16 @@ def test_bench_alternates_engines_in_their_own_processes(tmp_path, capsys):
     assert "onnxruntime spinning off" in printed and "kiln per kernel" in printed
     kernels = {k["name"]: k for k in data["kernels"]}
     assert sum(1 for name in kernels if "conv" in name) >= 2 and all(k["ms"] > 0 for k in kernels.values())
+    convs = [k for name, k in kernels.items() if "conv" in name]
+    assert data["peak_gflops"] > 0 and all(k["gflops"] > 0 and k["peak_share"] > 0 for k in convs)
+    assert "GFLOP/s" in printed and "of peak" in printed
+    # an artifact given: its graph is re-derived from the model and its recorded passes, for the FLOPs
+    art = tmp_path / "m.kiln"
+    assert main(["compile", str(EXAMPLE), "-o", str(art)]) == 0
+    assert main(["bench", str(EXAMPLE), "--artifact", str(art), "--rounds", "1", "--iterations", "1",
+                 "--json", str(out), "--profile"]) == 0
+    again = {k["name"]: k for k in json.loads(out.read_text())["kernels"]}
+    assert all(again[name]["gflops"] > 0 for name in kernels if "conv" in name)
     assert main(["bench", str(EXAMPLE), "--against", "nosuch"]) == 2
     assert main(["bench", str(EXAMPLE), "--artifact", str(out), "--tune-db", str(tmp_path)]) == 2
 

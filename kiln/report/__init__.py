@@ -31,7 +31,7 @@ import numpy as np
 from kiln import __version__
 from kiln.errors import KilnError
 from kiln.report.graphs import GraphPicture, render as render_graph
-from kiln.report.profile import KernelRow, Peak, kernel_rows, measure_peak
+from kiln.report.profile import KernelRow, Peak, is_quantized, kernel_rows, measure_peak
 from kiln.runtime.cpu import host_cpu_name
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def collect(
         before = load_model(src, shapes)
         data.before = render_graph(before, "before")
         optimized: Graph | None = None
-        if recorded and recorded[0].split("{")[0] == "quantize":
+        if is_quantized(recorded):
             if compiled is not None:
                 optimized, data.pipeline = compiled.graph, compiled.pipeline
                 data.pipeline_note = ("a quantized artifact: the rules and near misses are the compile's own run; "

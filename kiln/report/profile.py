@@ -72,16 +72,36 @@ class KernelRow:
                 "ops": self.ops}
 
 
+def is_quantized(passes: list[str]) -> bool:
+    """Whether an artifact's recorded passes start with a quantization, which needs its calibration
+    data: they cannot be re-run from the source model alone."""
+    return bool(passes) and passes[0].split("{")[0] == "quantize"
+
+
+def artifact_graph(before: Graph, passes: list[str]) -> Graph | None:
+    """The graph an artifact was built from, re-derived: its recorded ``passes`` re-run on a copy of
+    ``before`` (the source model at the artifact's input shapes); None for a quantized artifact."""
+    from kiln.codegen.target import cpu_target
+    from kiln.driver import pipeline_passes
+    from kiln.passes import PassManager
+
+    if is_quantized(passes):
+        return None
+    graph, _ = PassManager(pipeline_passes(None, passes, target=cpu_target()) if passes else []).run(before.clone())
+    return graph
+
+
 def kernel_rows(artifact: str | os.PathLike, feeds: Mapping[str, np.ndarray], graph: Graph | None, peak: Peak | None,
-                *, runs: int = 10) -> tuple[list[KernelRow], str]:
-    """The artifact's kernels, slowest first, over ``runs`` runs on ``feeds``; and a note on what is missing.
+                *, runs: int = 10, threads: int | None = None) -> tuple[list[KernelRow], str]:
+    """The artifact's kernels, slowest first, over ``runs`` runs on ``feeds`` (at ``threads``, by
+    default the artifact's own); and a note on what is missing.
 
     ``graph`` is the graph the artifact was built from (its kernels' nodes and FLOPs); without it
     the rows have times only.
     """
     import kiln.runtime
 
-    model = kiln.runtime.load(Path(artifact))
+    model = kiln.runtime.load(Path(artifact), threads=threads)
     times = model.profile(feeds, runs=runs)
     total = sum(k.ms for k in times) or 1.0
     kmap = kernel_map(graph) if graph is not None else None

@@ -242,9 +242,6 @@ class CompiledModel:
         """
         arrays = [_aligned(a) for a in self._check(inputs)]
         args = [self._ffi.from_dlpack(a, require_alignment=_ALIGN) for a in arrays]
-        vm = self._module["vm_load_executable"]()
-        vm["vm_initialization"](1, 0, 2)
-        vm["main"](*args, *self._weights)  # warm up before the hook goes in
         seconds: dict[str, float] = {}
         calls: dict[str, int] = {}
         started: dict[str, float] = {}
@@ -258,9 +255,15 @@ class CompiledModel:
                 calls[name] = calls.get(name, 0) + 1
             return 0  # carry on as usual
 
-        vm["set_instrument"](hook)
-        for _ in range(runs):
-            vm["main"](*args, *self._weights)
+        def profiled() -> None:  # on a runner thread, as run() is: its TVM pool has the run's width
+            vm = self._module["vm_load_executable"]()  # its own VM: the runner's keeps no hook
+            vm["vm_initialization"](1, 0, 2)
+            vm["main"](*args, *self._weights)  # warm up before the hook goes in
+            vm["set_instrument"](hook)
+            for _ in range(runs):
+                vm["main"](*args, *self._weights)
+
+        run_on_cores(self.threads, profiled, _configure_tvm_pool)
         rows = [KernelTime(n, calls[n] // runs, s / runs * 1e3) for n, s in seconds.items()]
         return sorted(rows, key=lambda r: -r.ms)
 
