@@ -181,7 +181,8 @@ def main() -> int:
     rows: list[str] = []
     ratios: dict[str, list[float]] = {"onnxruntime": [], "openvino": [], "best": []}
     start = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="kiln-bench-")  # removed at exit, whatever happens
+    tmp = Path(scratch.name)
     for case in CASES:
         if only and case.name not in only:
             continue
@@ -196,14 +197,15 @@ def main() -> int:
             artifact = tmp / f"{case.name}-{batch}.kiln"
             try:
                 seconds, gb = _compile(path, shapes, artifact)
-            except KilnError as e:  # the row says why, and the others still run
-                rows.append(f"| {case.label} | {batch} | fails to compile: {str(e)[:120]} |  |  |  |  |  |  |  |  |")
+                build = f"{seconds:.0f} s, {gb:.2f} GB"
+                ort = bench(path, artifact=artifact, against=peers, batch=batch, rounds=args.rounds,
+                            iterations=args.iterations, input_shapes=shapes, inputs=feeds)
+            except KilnError as e:  # a compile, or an engine, that fails: the row says why, the others still run
+                rows.append(f"| {case.label} | {batch} | fails: {' '.join(str(e).split())[:160]} |  |  |  |  |  |  |  |  |")
                 print("   ", rows[-1], flush=True)
                 continue
-            build = f"{seconds:.0f} s, {gb:.2f} GB"
-            ort = bench(path, artifact=artifact, against=peers, batch=batch, rounds=args.rounds,
-                        iterations=args.iterations, input_shapes=shapes, inputs=feeds)
-            artifact.unlink()
+            finally:
+                artifact.unlink(missing_ok=True)
             if batch == 1:
                 for peer in peers:
                     ratios[peer].append(ort.ratio(peer))

@@ -252,13 +252,13 @@ def bench(
                 for e in engines:
                     results[e].latencies.extend(_ask(workers[e], iterations, e))
             if profile:  # in this process, while the engines' processes wait
-                import kiln.runtime
                 from kiln.report.profile import artifact_graph, kernel_rows, measure_peak
+                from kiln.runtime.artifact import read_artifact
 
-                passes = list(kiln.runtime.load(artifact).manifest.get("passes") or [])
+                if built is None:  # an --artifact: its graph re-derived from its recorded passes
+                    built = artifact_graph(graph, list(read_artifact(artifact).manifest.get("passes") or []))
                 peak = measure_peak()
-                kernels, note = kernel_rows(artifact, feeds, built or artifact_graph(graph, passes), peak,
-                                            runs=max(iterations, 5), threads=threads)
+                kernels, note = kernel_rows(artifact, feeds, built, peak, runs=max(iterations, 5), threads=threads)
         finally:
             for proc, conn in workers.values():
                 try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.runtime.cpu import CPU_MODELS, CPU_VENDORS, host_cpu_features, host_cpu_vendor
+from kiln.runtime.cpu import CPU_MODELS, CPU_VENDORS, host_cpu_features, host_cpu_vendor, mcpu_features
 
 class TargetError(KilnError):
     """The requested target is unknown, invalid, or not buildable here."""
@@ -71,14 +71,13 @@ def choose_mcpu(features: set[str], valid: set[str] | None = None,
     """The LLVM CPU name kiln builds code as for a host with ``features`` (from ``vendor``, when
     known), and the features that code assumes. A vendor's CPU names are never chosen for another
     vendor's CPU, except as the :data:`CODE_AS` stand-in for one of its own."""
-    models = dict(CPU_MODELS)
     for name, needed in CPU_MODELS:
         if vendor is not None and CPU_VENDORS.get(name, vendor) != vendor:
             continue
         if set(needed) <= features and (valid is None or name in valid):
             alias = CODE_AS.get(name)
             if alias is not None and (valid is None or alias in valid):
-                return alias, list(models[alias])
+                return alias, list(mcpu_features(alias) or ())
             return name, list(needed)
     return "x86-64", []
 

@@ -31,7 +31,7 @@ import numpy as np
 from kiln import __version__
 from kiln.errors import KilnError
 from kiln.report.graphs import GraphPicture, render as render_graph
-from kiln.report.profile import KernelRow, Peak, is_quantized, kernel_rows, measure_peak
+from kiln.report.profile import KernelRow, Peak, is_quantized, kernel_rows, measure_peak, recorded_passes
 from kiln.runtime.cpu import host_cpu_name
 
 if TYPE_CHECKING:
@@ -185,11 +185,7 @@ def collect(
                                       f"re-run here; it was built with {', '.join(recorded)}")
         else:
             say("running the pass pipeline")
-            from kiln.codegen.target import cpu_target
-            from kiln.driver import pipeline_passes
-
-            pass_list = pipeline_passes(None, recorded, target=cpu_target()) if recorded else []
-            optimized, data.pipeline, data.runs = run_pipeline(before.clone(), pass_list)
+            optimized, data.pipeline, data.runs = run_pipeline(before.clone(), recorded_passes(recorded))
         if optimized is not None:
             say("drawing the graph after the passes")
             data.after = render_graph(optimized, "after")

@@ -78,16 +78,22 @@ def is_quantized(passes: list[str]) -> bool:
     return bool(passes) and passes[0].split("{")[0] == "quantize"
 
 
+def recorded_passes(passes: list[str]) -> list[Any]:
+    """The passes an artifact's manifest records (``passes``), as pass objects to run again."""
+    from kiln.codegen.target import cpu_target
+    from kiln.driver import pipeline_passes
+
+    return pipeline_passes(None, passes, target=cpu_target()) if passes else []
+
+
 def artifact_graph(before: Graph, passes: list[str]) -> Graph | None:
     """The graph an artifact was built from, re-derived: its recorded ``passes`` re-run on a copy of
     ``before`` (the source model at the artifact's input shapes); None for a quantized artifact."""
-    from kiln.codegen.target import cpu_target
-    from kiln.driver import pipeline_passes
     from kiln.passes import PassManager
 
     if is_quantized(passes):
         return None
-    graph, _ = PassManager(pipeline_passes(None, passes, target=cpu_target()) if passes else []).run(before.clone())
+    graph, _ = PassManager(recorded_passes(passes)).run(before.clone())
     return graph
 
 

@@ -45,16 +45,13 @@ def _text(kind: str, layers: int | None = 2) -> tuple[Any, tuple, dict]:
     """A transformers encoder or decoder with random weights; ``layers=None`` keeps the real depth."""
     import transformers
 
-    depth = {} if layers is None else {"n_layers": layers} if kind == "distilbert" else \
-        {"n_layer": layers} if kind == "gpt2" else {"num_hidden_layers": layers}
-    build = {
-        "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel),
-        "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
-        "bert": (transformers.BertConfig, transformers.BertModel),
-        "gpt2": (transformers.GPT2Config, transformers.GPT2Model),
+    config, build, depth_key, extra = {  # the config's name for its layer count differs by family
+        "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel, "n_layers", {}),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaModel, "num_hidden_layers", {}),
+        "bert": (transformers.BertConfig, transformers.BertModel, "num_hidden_layers", {}),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2Model, "n_layer", {"use_cache": False}),
     }[kind]
-    extra = {"use_cache": False} if kind == "gpt2" else {}
-    model = build[1](build[0](**depth, **extra))
+    model = build(config(**({} if layers is None else {depth_key: layers}), **extra))
     ids = torch.randint(0, 1000, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
     dims = {0: Batch, 1: Sequence}
