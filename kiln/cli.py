@@ -187,6 +187,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     result = compile_model(args.model, args.output, target=args.target, arch=args.arch, threads=args.threads,
                            level=args.level, passes=args.passes, input_shapes=parse_shape_overrides(args.input_shape),
                            tune_db=args.tune_db, quantize=_quantize_options(args), prune=_prune_options(args),
+                           precision=args.precision, eval=args.eval if args.precision != "fp32" else None,
                            sign_key=args.sign,
                            signer=args.signer, progress=_stage)
     dst, report, target = result.path, result.build, result.target
@@ -201,6 +202,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
               f"target {target.tvm.get('mcpu', target.kind)}; {times})")
     else:
         code = _print_int8(result, args)
+    if result.precision is not None:
+        _print_precision(result.precision)
     _print_compression(result)
     _print_symbolic_dims(result)
     if result.tuning is not None:
@@ -300,6 +303,20 @@ def _print_compression(result) -> None:
               f"({prune['fraction']:.1%} of each, {prune['norm']} importance; see kiln inspect for the groups kept)")
     for line in accuracy_lines(entry.get("accuracy"), f"against the unpruned model on {entry.get('accuracy_samples')} "
                                                       f"samples"):
+        print(line)
+
+
+def _print_precision(record: dict) -> None:
+    """The ``--precision bf16`` report: the convs in bf16, those kept in float32, accuracy."""
+    from kiln.runtime.artifact import accuracy_lines
+
+    kept = record["kept_float"]
+    mb = record["bf16_weight_bytes"] / 1e6
+    print(f"bf16: {record['bf16_convs']} convs on vdpbf16ps (bf16 inputs and weights, float32 sums; their weights "
+          f"{mb:.1f} MB, {2 * mb:.1f} MB in float32); {len(kept)} kept in float32"
+          + (f" ({'; '.join(sorted(set(kept.values())))})" if kept else ""))
+    for line in accuracy_lines(record.get("accuracy"), f"against the float model on {record.get('accuracy_samples')} "
+                                                        f"samples"):
         print(line)
 
 
@@ -615,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sensitivity", action="store_true", help="measure and print each layer's int8 error")
     q.add_argument("--accuracy-budget", metavar="METRIC>=X",
                    help="keep the most sensitive layers in float until it holds: argmax>=0.99 or cosine>=0.999")
+    q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: convs with bf16 inputs and weights and float32 sums (AVX-512 BF16); --eval "
+                        "SAMPLES.npz reports the accuracy against the float model")
     c = p.add_argument_group("structured pruning (see docs/compression.md)")
     c.add_argument("--prune-channels", type=float, metavar="RATIO",
                    help="remove the least important conv and dense channels until the MACs fall by RATIO (0..1); "

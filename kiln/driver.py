@@ -47,6 +47,7 @@ class CompileResult:
     passes: list[str] = field(default_factory=list)  # the passes that ran, as specs
     tuning: dict[str, Any] | None = None  # the tuning database's manifest entry
     quantization: dict[str, Any] | None = None  # the manifest's quantization entry (with --quantize)
+    precision: dict[str, Any] | None = None  # the manifest's precision entry (with --precision bf16)
     extra: dict[str, Any] = field(default_factory=dict)  # what the quantizer reports beyond the manifest
     compression: dict[str, Any] | None = None  # the manifest's compression entry (kiln.ir.summary.compression_entry)
     signer: Any = None  # who signed the artifact (kiln.runtime.signing.Signer), with sign_key
@@ -75,11 +76,14 @@ def load_model(model: str | os.PathLike | Graph, input_shapes: ShapeSpecs | None
 
 def pipeline_passes(level: str | None = None, passes: str | Sequence[str] | None = None, *,
                     target: Target | None = None) -> list[Pass]:
-    """The passes of ``level`` (or the explicit pass specs), fitted to ``target``'s layout."""
+    """The passes of ``level`` (or the explicit pass specs), fitted to ``target``'s layout and
+    compute precision (a bf16 target adds the bf16 pass)."""
     from kiln.passes.pipeline import passes_for
 
     names = list(passes) if isinstance(passes, list | tuple) else passes
-    return passes_for(level, names or None, block=None if target is None else target.layout_block)
+    if target is None:
+        return passes_for(level, names or None)
+    return passes_for(level, names or None, block=target.layout_block, precision=target.precision)
 
 
 def optimize(graph: Graph, level: str | None = None, *, passes: str | Sequence[str] | None = None,
@@ -114,6 +118,8 @@ def compile(
     tune_db: str | os.PathLike | None = None,
     quantize: QuantizeOptions | DynamicQuantizeOptions | None = None,
     prune: PruneOptions | None = None,
+    precision: str = "fp32",
+    eval: str | os.PathLike | None = None,
     sign_key: str | os.PathLike | None = None,
     signer: str = "",
     progress: Callable[[str], None] | None = None,
@@ -125,7 +131,9 @@ def compile(
     O0..O3 (default O3); ``passes`` replaces it with pass specs. ``tune_db`` schedules kernels
     from a tuning database; ``quantize`` (:class:`kiln.quantize.QuantizeOptions`) calibrates and
     quantizes the model to int8 first; ``prune`` (:class:`kiln.quantize.PruneOptions`) removes
-    its least important channels first. ``sign_key`` (an ed25519 private key file) signs the
+    its least important channels first. ``precision="bf16"`` runs the convs in bfloat16 on a CPU
+    with AVX-512 BF16 (``eval``, a samples file, adds its accuracy against the float model to the
+    manifest). ``sign_key`` (an ed25519 private key file) signs the
     artifact's manifest, by ``signer``. ``progress`` is told each stage as it starts.
     """
     from kiln.codegen.build import file_sha256
@@ -142,7 +150,20 @@ def compile(
     if quantize is not None and prune is not None:
         raise KilnError("--quantize and --prune-channels are separate jobs today; prune, then quantize the pruned "
                         "model (kiln optimize writes it)")
-    if prune is not None:
+    if precision not in ("fp32", "bf16"):
+        raise KilnError(f"unknown precision '{precision}'; use fp32 or bf16")
+    if precision == "bf16" and (quantize is not None or prune is not None):
+        raise KilnError("--precision bf16 is a float job of its own; it does not combine with --quantize or "
+                        "--prune-channels")
+    if precision == "bf16":
+        from kiln.codegen.target import with_bf16
+        from kiln.quantize.precision import compile_bf16
+
+        if not is_path:
+            raise KilnError("--precision bf16 takes a model file (not a Graph)")
+        result = compile_bf16(model, dst, target=with_bf16(tgt), level=level, passes=passes,  # type: ignore[arg-type]
+                              input_shapes=input_shapes, tuning_db=db, eval=eval, progress=progress)
+    elif prune is not None:
         from kiln.quantize import compile_pruned
 
         if not is_path or passes:

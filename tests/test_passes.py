@@ -446,7 +446,7 @@ def test_describe_writes_every_settable_field():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("fold-constants,nope", "pass spec 'fold-constants,nope': no pass named 'nope'; known passes: cse, dce, "),
+    ("fold-constants,nope", "pass spec 'fold-constants,nope': no pass named 'nope'; known passes: bf16, cse, dce, "),
     ("layout{blok=8}", "pass spec 'layout{blok=8}': pass 'layout' has no field 'blok'; it takes block (int)"),
     ("dce{depth=2}", "pass spec 'dce{depth=2}': pass 'dce' has no field 'depth'; it takes no fields"),
     ("layout{block=eight}", "pass spec 'layout{block=eight}': block='eight' is not a valid int for pass 'layout'; "

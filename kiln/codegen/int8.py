@@ -282,10 +282,7 @@ def schedule_conv_nchwc_int8(sch: Any) -> None:
     """``(n·ko_o·oh) parallel, ow_o, rc, ry, rx, rg, ko_i, ow_i`` around the VNNI instruction."""
     intrin = register_vnni_intrinsic()
     conv = sch.get_sblock("conv")
-    pad = sch.get_sblock("pad")
-    loops = sch.get_loops(pad)
-    sch.parallel(sch.fuse(*loops[:3]))
-    sch.vectorize(loops[-1])
+    parallel_pad_stage(sch)
     n, k, h, w, j, rc, ry, rx, rg, rl = sch.get_loops(conv)
     ow = int(sch.get(w).extent)
     ko = int(sch.get(k).extent)
@@ -296,16 +293,31 @@ def schedule_conv_nchwc_int8(sch: Any) -> None:
     w_o, w_i = sch.split(w, [None, ow_tile])
     sch.reorder(n, k_o, h, w_o, rc, ry, rx, rg, k_i, w_i, j, rl)
     sch.parallel(sch.fuse(n, k_o, h))
+    tensorized_conv_tile(sch, conv, w_o, [k_i, w_i], rc, intrin)
+
+
+def parallel_pad_stage(sch: Any) -> None:
+    """A conv's materialised padding stage: its ``(n, c, y)`` rows in parallel, its lanes vectorised."""
+    loops = sch.get_loops(sch.get_sblock("pad"))
+    sch.parallel(sch.fuse(*loops[:3]))
+    sch.vectorize(loops[-1])
+
+
+def tensorized_conv_tile(sch: Any, conv: Any, tile_loop: Any, unrolled: list[Any], first_reduce: Any,
+                         intrin: str) -> None:
+    """A blocked conv's register tile on a tensor intrinsic (VNNI's, bf16's): the accumulators local
+    under ``tile_loop``, the ``unrolled`` tile loops unrolled, the lane loop (second innermost) on
+    ``intrin``, and the ``epilogue`` written back from the tile, unrolled and vectorised."""
     epilogue = sch.get_sblock("epilogue")
-    sch.reverse_compute_at(epilogue, w_o)
+    sch.reverse_compute_at(epilogue, tile_loop)
     sch.set_scope(conv, 0, "local")
-    sch.unroll(k_i)
-    sch.unroll(w_i)
-    init = sch.decompose_reduction(conv, rc)
+    for loop in unrolled:
+        sch.unroll(loop)
+    init = sch.decompose_reduction(conv, first_reduce)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(sch.get_loops(conv)[-2], intrin)
-    tile = sch.get_loops(epilogue)  # includes the loops above the tile: take those below w_o
-    depth = next(i for i, loop in enumerate(tile) if sch.get(loop).same_as(sch.get(w_o))) + 1
+    tile = sch.get_loops(epilogue)  # includes the loops above the tile: take those below it
+    depth = next(i for i, loop in enumerate(tile) if sch.get(loop).same_as(sch.get(tile_loop))) + 1
     *outer, lane = tile[depth:]
     for loop in outer:
         sch.unroll(loop)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, NamedTuple
 
+import kiln.codegen.bf16 as bf16
 import kiln.codegen.int8 as int8
 from kiln.codegen._tvm import target_has, unroll_static
 
@@ -421,21 +422,45 @@ def first_that_applies(*schedules: Callable[[Any], None]) -> Callable[[Any], Non
     return apply
 
 
-def needs_vnni(schedule: Callable[[Any], None]) -> Callable[[Any], None]:
-    """``schedule`` where the current target has AVX-512 VNNI; elsewhere a schedule that raises,
-    so that the kernel compiles unscheduled: correct, and slow."""
+def needs(has: Callable[[], bool], what: str, schedule: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``schedule`` where the current target has ``what`` (``has()``); elsewhere a schedule that
+    raises, so that the kernel compiles unscheduled: correct, and slow."""
 
-    def where_vnni(sch: Any) -> None:
-        if not int8.has_vnni():
-            raise RuntimeError("the target has no AVX-512 VNNI")
+    def where_it_has(sch: Any) -> None:
+        if not has():
+            raise RuntimeError(f"the target has no {what}")
         schedule(sch)
 
-    return where_vnni
+    return where_it_has
+
+
+def schedule_conv_nchwc_bf16(sch: Any) -> None:
+    """``(n·ko_o·oh) parallel, ow_o, rc, ry, rx, rp, ko_i, ow_i`` around ``vdpbf16ps``: the float
+    conv's register tile (``vdpbf16ps`` broadcasts its pair from memory as an FMA does its float),
+    the rounding to bf16 in the parallel padding stage, the epilogue in the write-back."""
+    intrin = bf16.register_bf16_intrinsic()
+    conv = sch.get_sblock("conv")
+    int8.parallel_pad_stage(sch)
+    n, k, h, w, j, rc, ry, rx, rp, rq = sch.get_loops(conv)
+    ow, ko, regs = _static(sch.get(w).extent), _static(sch.get(k).extent), float_registers()
+    if ow is None:
+        raise ValueError("the bf16 conv needs a static width")
+    ow_tile, k_tile = _conv_tiles(ow, ko, regs)
+    if ow % ow_tile:  # no guarded tail: the instruction cannot take a predicate
+        ow_tile = _largest_divisor_at_most(ow, regs.accumulators)
+        k_tile = _largest_divisor_at_most(ko, max(1, regs.accumulators // ow_tile))
+    k_o, k_i = sch.split(k, [None, k_tile])
+    w_o, w_i = sch.split(w, [None, ow_tile])
+    sch.reorder(n, k_o, h, w_o, rc, ry, rx, rp, k_i, w_i, j, rq)
+    _parallel_rows(sch, n, k_o, h)
+    sch.annotate(w_o, "pragma_import_llvm", bf16.LLVM_IR)  # kiln_dpbf16ps, which the intrinsic calls
+    int8.tensorized_conv_tile(sch, conv, w_o, [k_i, w_i], rc, intrin)
 
 
 SCHEDULES: dict[str, Callable[[Any], None]] = {
-    "conv_nchwc_int8": needs_vnni(int8.schedule_conv_nchwc_int8),
-    "dense_int8": needs_vnni(int8.schedule_dense_int8),
+    "conv_nchwc_int8": needs(int8.has_vnni, "AVX-512 VNNI", int8.schedule_conv_nchwc_int8),
+    "conv_nchwc_bf16": needs(bf16.has_bf16, "AVX-512 BF16", schedule_conv_nchwc_bf16),
+    "dense_int8": needs(int8.has_vnni, "AVX-512 VNNI", int8.schedule_dense_int8),
     "dense_int8_dynamic": int8.schedule_dense_int8_dynamic,
     "dynamic_quantize": int8.schedule_dynamic_quantize,
     "dense": first_that_applies(schedule_dense_in_k_blocks, schedule_dense),

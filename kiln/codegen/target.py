@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kiln.errors import KilnError
@@ -29,6 +29,7 @@ class Target:
     cpu_features: list[str] = field(default_factory=list)
     arch: str | None = None
     threads: int | None = None
+    precision: str = "fp32"  # float32 compute: "fp32", or "bf16" for convs (see with_bf16)
 
     @property
     def layout_block(self) -> int:
@@ -53,6 +54,8 @@ class Target:
             out["arch"] = self.arch
         if self.threads:
             out["threads"] = self.threads
+        if self.precision != "fp32":
+            out["precision"] = self.precision
         return out
 
 
@@ -80,6 +83,24 @@ def choose_mcpu(features: set[str], valid: set[str] | None = None,
                 return alias, list(mcpu_features(alias) or ())
             return name, list(needed)
     return "x86-64", []
+
+
+def with_bf16(target: Target) -> Target:
+    """``target`` computing its convs in bf16: the ``avx512bf16`` LLVM feature on top of its
+    ``mcpu`` (the :data:`CODE_AS` stand-in for a Zen 4 lacks it), ``avx512_bf16`` among the
+    features its artifacts require, and precision ``bf16`` (the pipeline adds the bf16 pass).
+    Raises :class:`TargetError` for a target whose CPU has no AVX-512 BF16."""
+    if target.kind != "cpu":
+        raise TargetError(f"--precision bf16 builds CPU kernels; this target is {target.kind}")
+    mcpu = target.tvm.get("mcpu")
+    known = set(mcpu_features(mcpu) or ()) | set(target.cpu_features)
+    if "avx512_bf16" not in known and not ("avx512_bf16" in host_cpu_features() and mcpu == cpu_target().tvm["mcpu"]):
+        raise TargetError(f"--precision bf16 needs a CPU with AVX-512 BF16 (vdpbf16ps); this target builds as "
+                          f"{mcpu or 'x86-64'}, without it: compile in float32, or with --quantize int8")
+    tvm = dict(target.tvm)
+    tvm["mattr"] = sorted(set(tvm.get("mattr", [])) | {"+avx512bf16"})
+    features = sorted(set(target.cpu_features) | {"avx512_bf16"})
+    return replace(target, tvm=tvm, cpu_features=features, precision="bf16")
 
 
 def cpu_target(threads: int | None = None, features: set[str] | None = None) -> Target:

@@ -543,6 +543,91 @@ register_kiln_op("BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE
                  decompose=_decompose_blocked_conv, validate=_validate_epilogue)(blocked_conv)
 
 
+# ``kiln::BF16BlockedConv(X, W, B?, Z?)``: BlockedConv (group 1) with bf16 inputs and weights and float32
+#     sums, the layout of x86's ``vdpbf16ps``. X, B, Z and Y are BlockedConv's, float32; the conv
+#     rounds X to bf16 (to nearest, ties to even). W holds bf16 bit patterns as uint16, packed
+#     ``[O/16, C/16, kh, kw, 8, 16, 2]`` (input-channel pair, output lane, 2 input channels:
+#     ``pack_bf16_conv_weight``). bf16 stays bits so that every stage below the IR (safetensors,
+#     TVM's LLVM backend, which has no bfloat16 type) sees plain integers.
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to bfloat16 (to nearest, ties to even) and widened back to float32."""
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def pack_bf16_conv_weight(w: np.ndarray) -> np.ndarray:
+    """A BlockedConv weight ``[O/16, C/16, kh, kw, 16, 16]`` (float32) -> bf16 bits ``[O/16, C/16, kh, kw, 8, 16, 2]``."""
+    import ml_dtypes
+
+    ko, ci, kh, kw, bi, bo = w.shape
+    pairs = np.asarray(w, np.float32).reshape(ko, ci, kh, kw, bi // 2, 2, bo).transpose(0, 1, 2, 3, 4, 6, 5)
+    return np.ascontiguousarray(pairs.astype(ml_dtypes.bfloat16)).view(np.uint16)
+
+
+def unpack_bf16_conv_weight(w: np.ndarray) -> np.ndarray:
+    """bf16 bits ``[O/16, C/16, kh, kw, 8, 16, 2]`` -> float32 ``[O, C, kh, kw]``."""
+    import ml_dtypes
+
+    ko, ci, kh, kw, pairs, bo, two = w.shape
+    f = np.ascontiguousarray(w, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    blocked = f.transpose(0, 1, 2, 3, 4, 6, 5).reshape(ko, ci, kh, kw, pairs * two, bo)
+    return unpack_conv_weight(blocked)
+
+
+def bf16_blocked_conv(x, w, b=None, z=None, activation="", activation_params=(), **conv_attrs):
+    """kiln::BF16BlockedConv: FusedConv of bf16-rounded X by the bf16 weight, summed in float32, on NCHW16c."""
+    zz = None if z is None else from_blocked_array(z)
+    (y,) = fused_conv(bf16_round(from_blocked_array(x)), unpack_bf16_conv_weight(w), b, zz, activation,
+                      activation_params, **conv_attrs)
+    return (to_blocked_array(y, w.shape[5]),)
+
+
+def _bf16_blocked_conv_shape(node: Node) -> list[tuple]:
+    x, w = node.input(0), node.input(1)
+    if x is None or w is None or x.shape is None or w.shape is None:
+        return [(x.dtype if x else None, None)]
+    plain = _conv_out_shape_for(node, (x.shape[0], 0, *x.shape[2:-1]), (0, 0, *w.shape[2:4]))
+    return [(x.dtype, (plain[0], w.shape[0], *plain[2:], w.shape[5]))]
+
+
+def _decompose_bf16_blocked_conv(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    # ONNX cannot reinterpret bits: the weight (a constant) goes as float32, and X is rounded to
+    # bf16 by Cast (round to nearest even, as the kernel does)
+    attrs, act, params = _split_epilogue(node)
+    x, _, b, z = (list(inputs) + [None, None])[:4]
+    w = node.input(1)
+    if w is None or not w.is_constant:
+        raise ValueError(f"node {node.label()}: a BF16BlockedConv exports only with a constant weight")
+    plain_w = op.constant(unpack_bf16_conv_weight(w.numpy()))
+    xs = _decompose_from_blocked(op, node, [x], opset)[0]
+    xs = op.Cast(op.Cast(xs, to=16), to=1)  # 16: BFLOAT16, 1: FLOAT
+    y = op.Conv(xs, plain_w, b, **attrs) if b is not None else op.Conv(xs, plain_w, **attrs)
+    if z is not None:
+        y = op.Add(y, _decompose_from_blocked(op, node, [z], opset)[0])
+    y = decompose_activation(op, y, act, params, opset)
+    nhwc = op.Transpose(y, perm=[0, 2, 3, 1])
+    target = op.constant(np.array([0, 0, 0, -1, int(w.shape[5])], np.int64))
+    return [op.Transpose(op.Reshape(nhwc, target), perm=[0, 3, 1, 2, 4])]
+
+
+def _validate_bf16_conv(node: Node) -> list[str]:
+    problems = _validate_epilogue(node)
+    w = node.input(1)
+    if w is not None and w.dtype is not None and w.dtype != DType.UINT16:
+        problems.append(f"the weight holds bf16 bits as uint16, not {w.dtype}")
+    if node.attr("group", 1) != 1:
+        problems.append("BF16BlockedConv takes group 1 only")
+    return problems
+
+
+register_kiln_op("BF16BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPILOGUE_ATTRS},
+                 infer=_bf16_blocked_conv_shape, decompose=_decompose_bf16_blocked_conv,
+                 validate=_validate_bf16_conv)(bf16_blocked_conv)
+
+
 # ``kiln::QBlockedConv(X, W, B, S)``: an int8 conv on blocked tensors, the layout of x86's VNNI
 #     instruction. X is uint8 ``[N, C/16, H, W, 16]``; W is int8 ``[K/16, C/16, kh, kw, 4, 16, 4]``
 #     (input-channel group of 4, output lane, input channel in the group); B is int32 ``[K]`` and

@@ -162,8 +162,8 @@ def _op_list(ops: dict[tuple[str, str], list[str]]) -> list[dict[str, Any]]:
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
            "LSTM", "GRU", "RNN")
 #: kiln's own ops that multiply and accumulate (fused before layout; blocked or packed after it).
-KILN_MAC_OPS = ("FusedConv", "BlockedConv", "FusedGemm", "Attention", "QBlockedConv", "QDense", "DynQDense",
-                "DynQRecurrence")
+KILN_MAC_OPS = ("FusedConv", "BlockedConv", "BF16BlockedConv", "FusedGemm", "Attention", "QBlockedConv", "QDense",
+                "DynQDense", "DynQRecurrence")
 #: Where each op's weight (or second operand) is among its inputs.
 _WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3}
 
@@ -191,7 +191,7 @@ def node_macs(node: Node) -> Poly | None:
         return Poly.product(y.shape) * _static_product(w.shape[1:])
     if op == "ConvTranspose":
         return Poly.product(x.shape) * _static_product(w.shape[1:])
-    if op in ("BlockedConv", "QBlockedConv"):  # W is [O/bo, C'/bi, kh, kw, bi, bo] (int8: more inner axes)
+    if op in ("BlockedConv", "QBlockedConv", "BF16BlockedConv"):  # W is [O/bo, C'/bi, kh, kw, bi, bo] (int8, bf16: more inner axes)
         return Poly.product(y.shape) * _static_product(w.shape[1:-1] if op == "BlockedConv" else
                                                        (w.shape[1], *w.shape[2:4], w.shape[4] * w.shape[6]))
     if op in ("QDense", "DynQDense"):  # W is [N'/16, K/4, 16, 4]; Y is [M, N] (DynQDense: [..., N])

@@ -26,7 +26,7 @@ from kiln.passes.verification import RuleVerificationError, verify_rule
 
 # The pass files: importing them registers their passes and rule sets.
 from kiln.passes import (  # noqa: E402,F401  isort: skip
-    cleanup, control_flow, fold_constants, fuse_conv, fuse_transformer, layout, prune, quantize, simplify,
+    cleanup, control_flow, fold_constants, fuse_conv, fuse_transformer, layout, precision, prune, quantize, simplify,
 )
 
 __all__ = [

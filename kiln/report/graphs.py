@@ -24,8 +24,8 @@ DOT_TIMEOUT = 120
 
 #: Fill colours by op family (the legend in the report uses the same).
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "conv": ("#f6c28b", ("Conv", "ConvTranspose", "FusedConv", "BlockedConv", "QBlockedConv", "QLinearConv",
-                         "ConvInteger")),
+    "conv": ("#f6c28b", ("Conv", "ConvTranspose", "FusedConv", "BlockedConv", "BF16BlockedConv", "QBlockedConv",
+                         "QLinearConv", "ConvInteger")),
     "matmul": ("#f4a3a3", ("Gemm", "MatMul", "FusedGemm", "Attention", "QDense", "MatMulInteger")),
     "norm": ("#d7b8f0", ("BatchNormalization", "LayerNormalization", "LayerNorm", "InstanceNormalization",
                          "Softmax", "LogSoftmax")),

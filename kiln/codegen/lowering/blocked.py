@@ -1,5 +1,5 @@
 """Lowerings for the blocked layout: ``kiln::ToBlocked``, ``kiln::FromBlocked``, ``kiln::BlockedConv``,
-and the int8 kernels ``kiln::QBlockedConv`` and ``kiln::QDense``.
+its bf16 form ``kiln::BF16BlockedConv``, and the int8 kernels ``kiln::QBlockedConv`` and ``kiln::QDense``.
 
 ``BlockedConv`` becomes one prim func: a zero-padding stage (inlined by the schedule), the
 convolution with the input channel split into a block axis and a lane axis (no div/mod in
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kiln.codegen.bf16 import conv_bf16
 from kiln.codegen.int8 import MADDUBS_WEIGHT_RANGE, conv_int8, dense_int8, dense_int8_dynamic, dynamic_quantize
 from kiln.codegen.lowering.registry import CodegenError, lowers
 from kiln.codegen.lowering.te import activation_expr
@@ -60,6 +61,18 @@ def _from_blocked(lw: Lowerer, node: Node) -> list[Any]:
     return [lw.emit(compute, lw.get(node.input(0)), name="from_blocked")]
 
 
+def conv_epilogue(conv: Any, idx: tuple[Any, ...], bias: Any | None, res: Any | None, act: str,
+                  params: tuple[float, ...]) -> Any:
+    """A blocked conv's write-back step at ``idx = (n, k, y, x, lane)``: bias, residual, activation."""
+    i, k, y, v, j = idx
+    val = conv[i, k, y, v, j]
+    if bias is not None:
+        val = val + bias[k * conv.shape[4] + j]
+    if res is not None:
+        val = val + res[i, k, y, v, j]
+    return activation_expr(val, act, params)
+
+
 @lowers("BlockedConv", domain="kiln")
 def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
     from tvm import te, tirx
@@ -104,20 +117,34 @@ def _blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
                 xp[i, first(k) + rc, y * strides[0] + ry * dil[0], v * strides[1] + rx * dil[1], rl] *
                 wt[k, rc, ry, rx, rl, j], axis=[rc, ry, rx, rl]), name="conv")
 
-        def epilogue(i: Any, k: Any, y: Any, v: Any, j: Any) -> Any:
-            val = conv[i, k, y, v, j]
-            if bias is not None:
-                val = val + bias[k * bo + j]
-            if res is not None:
-                val = val + res[i, k, y, v, j]
-            return activation_expr(val, act, params)
-
-        return te.compute(conv.shape, epilogue, name="epilogue")
+        return te.compute(conv.shape, lambda *idx: conv_epilogue(conv, idx, bias, res, act, params), name="epilogue")
 
     args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
     kind = "depthwise_nchwc" if depthwise else "conv_nchwc"
     return [lw.emit(compute, *args, name=f"blocked_conv_{act.lower() or 'linear'}",
                     attrs={"kiln.schedule": kind, "kiln.pads": int(any(pads))})]
+
+
+@lowers("BF16BlockedConv", domain="kiln")
+def _bf16_blocked_conv(lw: Lowerer, node: Node) -> list[Any]:
+    """The bf16 conv of :mod:`kiln.codegen.bf16`, scheduled onto ``vdpbf16ps`` where the target has it."""
+    x, w, b, z = (node.input(i) for i in range(4))
+    strides = tuple(node.attr("strides", ()) or (1, 1))
+    pads = tuple(node.attr("pads", ()) or (0, 0, 0, 0))
+    if tuple(node.attr("dilations", ()) or (1, 1)) != (1, 1):
+        raise CodegenError(f"node {node.label()}: the bf16 conv takes no dilation")
+    act, params = node.attr("activation", "") or "", tuple(node.attr("activation_params", ()) or ())
+    has_b, has_z = b is not None, z is not None
+
+    def compute(xt: Any, wt: Any, *rest: Any) -> Any:
+        bias = rest[0] if has_b else None
+        res = rest[-1] if has_z else None
+        return conv_bf16(xt, wt, lambda conv, idx: conv_epilogue(conv, idx, bias, res, act, params),
+                         strides=strides, pads=pads)
+
+    args = [lw.get(x), lw.get(w)] + ([lw.get(b)] if has_b else []) + ([lw.get(z)] if has_z else [])
+    return [lw.emit(compute, *args, name=f"bf16_conv_{act.lower() or 'linear'}",
+                    attrs={"kiln.schedule": "conv_nchwc_bf16"})]
 
 
 @lowers("QBlockedConv", domain="kiln")
