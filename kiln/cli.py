@@ -312,7 +312,8 @@ def _print_precision(record: dict) -> None:
 
     kept = record["kept_float"]
     mb = record["bf16_weight_bytes"] / 1e6
-    print(f"bf16: {record['bf16_convs']} convs on vdpbf16ps (bf16 inputs and weights, float32 sums; their weights "
+    print(f"bf16: {record['bf16_convs']} convs and {record['bf16_dense']} dense layers on vdpbf16ps (bf16 inputs "
+          f"and weights, float32 sums; their weights "
           f"{mb:.1f} MB, {2 * mb:.1f} MB in float32); {len(kept)} kept in float32"
           + (f" ({'; '.join(sorted(set(kept.values())))})" if kept else ""))
     for line in accuracy_lines(record.get("accuracy"), f"against the float model on {record.get('accuracy_samples')} "

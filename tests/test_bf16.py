@@ -20,6 +20,7 @@ from kiln.ir.kiln_ops import bf16_round, pack_bf16_conv_weight, unpack_bf16_conv
 from kiln.passes.layout import pack_weight
 from kiln.runtime.artifact import host_cpu_features
 from test_int8 import _disassembly
+from test_transformers import tiny_models  # noqa: F401 - the fixture
 
 BF16 = "avx512_bf16" in host_cpu_features()
 needs_bf16 = pytest.mark.skipif(not BF16, reason="the bf16 kernels need AVX-512 BF16")
@@ -48,6 +49,21 @@ def _conv_model(c_in: int = 32, c_out: int = 48, size: int = 13, stem: bool = Tr
     return make_model(nodes, [f32("x", in_shape)], [f32("y", None)], inits)
 
 
+def _compile_bf16(model, tmp_path, name: str):
+    """``model`` written to ``tmp_path`` and compiled with ``precision="bf16"``: (result, loaded artifact)."""
+    src = tmp_path / f"{name}.onnx"
+    src.write_bytes(model.SerializeToString())
+    result = kiln.compile(src, tmp_path / f"{name}.kiln", precision="bf16")
+    return result, kiln.runtime.load(tmp_path / f"{name}.kiln")
+
+
+def _assert_near_float32(got: np.ndarray, ref: np.ndarray) -> None:
+    """bf16's distance from float32 for a few layers: cosine over 0.9999, max error under 2% of the largest output."""
+    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.9999
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+
+
 def test_the_weight_packs_in_pairs_of_input_channels():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 48, 3, 3)).astype(np.float32)
@@ -70,11 +86,8 @@ def test_a_bf16_conv_computes_what_its_reference_does(tmp_path):
                         helper.make_node("Relu", ["c"], ["y"])], [f32("x", ["n", 32, 13, 13])], [f32("y", None)],
                        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(48).astype(
                            np.float32), "b")])
-    src = tmp_path / "c.onnx"
-    src.write_bytes(model.SerializeToString())
-    result = kiln.compile(src, tmp_path / "c.kiln", precision="bf16")
+    result, m = _compile_bf16(model, tmp_path, "c")
     assert [n.op_type for n in result.graph.walk_nodes()].count("BF16BlockedConv") == 1
-    m = kiln.runtime.load(tmp_path / "c.kiln")
     for batch in (1, 3):  # a symbolic batch; width 13 is prime, and the register tile still divides it
         x = rng.standard_normal((batch, 32, 13, 13)).astype(np.float32)
         got = m.run({"x": x})["y"]
@@ -84,19 +97,13 @@ def test_a_bf16_conv_computes_what_its_reference_does(tmp_path):
 @needs_bf16
 def test_a_bf16_model_stays_near_float32(tmp_path):
     model = _conv_model()
-    src = tmp_path / "m.onnx"
-    src.write_bytes(model.SerializeToString())
-    result = kiln.compile(src, tmp_path / "m.kiln", precision="bf16")
+    result, m = _compile_bf16(model, tmp_path, "m")
     ops = [n.op_type for n in result.graph.walk_nodes()]
     assert ops.count("BF16BlockedConv") == 2 and ops.count("BlockedConv") == 1  # the 3-channel stem stays float32
-    m = kiln.runtime.load(tmp_path / "m.kiln")
     rng = np.random.default_rng(1)
     for batch in (1, 2):
         x = rng.standard_normal((batch, 3, 26, 26)).astype(np.float32)
-        got, ref = m.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"]
-        cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
-        assert cos > 0.9999
-        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+        _assert_near_float32(m.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"])
 
 
 @needs_bf16
@@ -140,11 +147,14 @@ def test_eval_reports_the_accuracy_against_float32(tmp_path, capsys):
     assert main(["compile", str(src), "-o", str(tmp_path / "m.kiln"), "--precision", "bf16",
                  "--eval", str(tmp_path / "s.npz")]) == 0
     out = capsys.readouterr().out
-    assert "bf16: 2 convs on vdpbf16ps" in out and "1 kept in float32" in out
+    assert "bf16: 2 convs and 0 dense layers on vdpbf16ps" in out and "1 kept in float32" in out
     with zipfile.ZipFile(tmp_path / "m.kiln") as z:
         record = json.loads(z.read("manifest.json"))["precision"]
     assert record["accuracy_samples"] == 3
     assert record["accuracy"]["y"]["cosine"] > 0.9999
+    assert main(["inspect", str(tmp_path / "m.kiln")]) == 0
+    shown = capsys.readouterr().out
+    assert "precision: bf16 in 2 convs and 0 dense layers" in shown and "kept in float32:" in shown
 
 
 def test_bf16_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
@@ -160,3 +170,76 @@ def test_bf16_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
     assert main(["compile", str(src), "-o", out, "--precision", "bf16", "--level", "O2"]) == 2
     assert "layout pass" in capsys.readouterr().err
     assert not (tmp_path / "m.kiln").exists()
+
+
+def test_the_dense_weight_packs_in_pairs_of_inputs():
+    from kiln.ir.kiln_ops import pack_bf16_dense_weight, unpack_bf16_dense_weight
+
+    w = np.random.default_rng(4).standard_normal((41, 20)).astype(np.float32)  # K odd, N under a block
+    p = pack_bf16_dense_weight(w)
+    assert p.shape == (2, 21, 16, 2)
+    full = np.zeros((42, 32), np.float32)
+    full[:41, :20] = bf16_round(w)
+    np.testing.assert_array_equal(unpack_bf16_dense_weight(p), full)
+
+
+def _mlp_model(k: int = 64, hidden: int = 96, seed: int = 6):
+    """rows [n, s, k] -> MatMul + bias + GELU (erf) -> MatMul + bias -> + the input (a transformer's MLP)."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, arr):
+        return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+    inits = [init("w1", rng.standard_normal((k, hidden)) * 0.1), init("b1", rng.standard_normal(hidden) * 0.1),
+             init("w2", rng.standard_normal((hidden, k)) * 0.1), init("b2", rng.standard_normal(k) * 0.1),
+             init("half", 0.5), init("one", 1.0), init("rsqrt2", 1 / np.sqrt(2))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]),
+             helper.make_node("Mul", ["h", "rsqrt2"], ["hs"]), helper.make_node("Erf", ["hs"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["he"]),
+             helper.make_node("Mul", ["he", "half"], ["g"]),
+             helper.make_node("MatMul", ["g", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["o"]),
+             helper.make_node("Add", ["o", "x"], ["y"])]
+    return make_model(nodes, [f32("x", ["n", "s", k])], [f32("y", None)], inits)
+
+
+@needs_bf16
+def test_a_bf16_dense_layer_computes_what_its_reference_does(tmp_path):
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((70, 40)).astype(np.float32) * 0.1  # K even but not a block, N padded to 48
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [f32("x", ["m", 70])], [f32("y", None)],
+                       [numpy_helper.from_array(w, "w")])
+    result, m = _compile_bf16(model, tmp_path, "d")
+    assert [n.op_type for n in result.graph.walk_nodes()].count("BF16Dense") == 1
+    for rows in (1, 7, 64):  # a symbolic M: one row per tile
+        x = rng.standard_normal((rows, 70)).astype(np.float32)
+        np.testing.assert_allclose(m.run({"x": x})["y"], kiln.evaluate(result.graph, {"x": x})["y"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
+def test_a_bf16_mlp_stays_near_float32_and_runs_on_vdpbf16ps(tmp_path):
+    model = _mlp_model()
+    result, m = _compile_bf16(model, tmp_path, "mlp")
+    assert [n.op_type for n in result.graph.walk_nodes()].count("BF16Dense") == 2
+    assert result.precision["bf16_dense"] == 2 and result.precision["kept_float"] == {}
+    assert "vdpbf16ps" in _disassembly(tmp_path / "mlp.kiln", tmp_path)
+    rng = np.random.default_rng(9)
+    for shape in ((1, 16, 64), (3, 5, 64)):  # symbolic batch and sequence
+        x = rng.standard_normal(shape).astype(np.float32)
+        _assert_near_float32(m.run({"x": x})["y"], ort_outputs(model, {"x": x})["y"])
+
+
+@needs_bf16
+def test_a_tiny_bert_from_torchs_exporter_compiles_in_bf16(tiny_models, tmp_path):
+    from test_transformers import FEEDS
+
+    path = tiny_models / "bert.onnx"
+    result = kiln.compile(path, tmp_path / "bert.kiln", precision="bf16")
+    assert result.precision["bf16_dense"] >= 8  # Q, K, V, output and two MLP products per layer, 2 layers
+    feeds = FEEDS["bert"]
+    got = kiln.runtime.load(tmp_path / "bert.kiln").run(feeds)
+    ref = ort_outputs(str(path), feeds)
+    for name, r in ref.items():
+        g = got[name].astype(np.float64).ravel()
+        cos = float(g @ r.ravel() / np.linalg.norm(g) / np.linalg.norm(r))
+        assert cos > 0.999, (name, cos)

@@ -131,3 +131,32 @@ def conv_bf16(x: Any, w: Any, epilogue: Callable[[Any, tuple[Any, ...]], Any], *
         widen(xp[i, rc, y * strides[0] + ry, v * strides[1] + rx, rp * pair + rq])
         * widen(w[k, rc, ry, rx, rp, j, rq]), axis=[rc, ry, rx, rp, rq]), name="conv")
     return te.compute(conv.shape, lambda *idx: epilogue(conv, idx), name="epilogue")
+
+
+#: rows of a bf16 dense kernel's register tile: its input rows are padded to a multiple (zero rows),
+#: so that a symbolic M gets whole tiles too (the instruction takes no predicate for a tail)
+ROW_TILE = 4
+
+
+def dense_bf16(a: Any, w: Any, epilogue: Callable[[Any, Any, Any], Any], n: int) -> Any:
+    """The TE compute of a bf16 dense layer: ``a`` float32 ``[M, K]``, ``w`` bf16 bits
+    ``[N'/16, K'/2, 16, 2]`` (K' = K rounded up to even, N' to 16); ``epilogue(acc, i, c)`` is the
+    float32 write-back of output ``[i, c]`` for the first ``n`` columns. The sums run over M rounded
+    up to :data:`ROW_TILE` rows."""
+    from tvm import te, tirx
+
+    m, k = a.shape
+    no, kp, lanes, pair = w.shape
+    width, ka = int(kp) * pair, int(k)
+    rows = tirx.indexdiv(m + ROW_TILE - 1, ROW_TILE) * ROW_TILE
+
+    def rounded(i: Any, c: Any) -> Any:
+        inside = tirx.all(i < m, c < ka) if width != ka else i < m
+        return tirx.if_then_else(inside, narrow(a[tirx.min(i, m - 1), tirx.min(c, ka - 1)]), tirx.const(0, "uint16"))
+
+    a16 = te.compute((rows, width), rounded, name="pad")
+    rk = te.reduce_axis((0, kp), name="rk")
+    rq = te.reduce_axis((0, pair), name="rq")
+    acc = te.compute((rows, no * lanes), lambda i, c: te.sum(
+        widen(a16[i, rk * pair + rq]) * widen(w[c // lanes, rk, c % lanes, rq]), axis=[rk, rq]), name="dense")
+    return te.compute((m, n), lambda i, c: epilogue(acc, i, c), name="epilogue")

@@ -457,9 +457,41 @@ def schedule_conv_nchwc_bf16(sch: Any) -> None:
     int8.tensorized_conv_tile(sch, conv, w_o, [k_i, w_i], rc, intrin)
 
 
+#: accumulator vectors of a bf16 dense tile across N, beside its :data:`kiln.codegen.bf16.ROW_TILE` rows
+BF16_DENSE_VECTORS = 4
+
+
+def schedule_dense_bf16(sch: Any) -> None:
+    """``(n_o·m_o) parallel, k/2, m_i, n_vec, 16 x 2`` around ``vdpbf16ps``: a register tile of
+    4 rows (the rows are padded to whole tiles) x up to 4 vectors, the input rounded to bf16 rows in
+    parallel, the epilogue in the write-back."""
+    intrin = bf16.register_bf16_intrinsic()
+    pad = sch.get_sblock("pad")
+    row, col = sch.get_loops(pad)
+    sch.parallel(row)
+    sch.vectorize(sch.split(col, [None, bf16.LANES])[1])
+    dense = sch.get_sblock("dense")
+    m, c, rk, rq = sch.get_loops(dense)
+    m_static = _static(sch.get(m).extent)
+    vecs = _largest_divisor_at_most(_static(sch.get(c).extent) // bf16.LANES, BF16_DENSE_VECTORS)
+    no, nv, nl = sch.split(c, [None, vecs, bf16.LANES])
+    # the rows are a whole number of tiles (padded by the compute), which TVM cannot prove for a symbolic M
+    mo, mi = sch.split(m, [None, bf16.ROW_TILE], disable_predication=True)
+    sch.reorder(no, mo, rk, mi, nv, nl, rq)
+    sch.annotate(rk, "pragma_import_llvm", bf16.LLVM_IR)  # kiln_dpbf16ps, which the intrinsic calls
+    if m_static is None:  # fused with a symbolic row count, the index mixes int32 and int64, and TVM
+        sch.parallel(no)      # cannot blockize the tile for the instruction: the panels alone in parallel
+        tile = mo
+    else:
+        tile = sch.fuse(no, mo)
+        sch.parallel(tile)
+    int8.tensorized_conv_tile(sch, dense, tile, [mi, nv], rk, intrin)
+
+
 SCHEDULES: dict[str, Callable[[Any], None]] = {
     "conv_nchwc_int8": needs(int8.has_vnni, "AVX-512 VNNI", int8.schedule_conv_nchwc_int8),
     "conv_nchwc_bf16": needs(bf16.has_bf16, "AVX-512 BF16", schedule_conv_nchwc_bf16),
+    "dense_bf16": needs(bf16.has_bf16, "AVX-512 BF16", schedule_dense_bf16),
     "dense_int8": needs(int8.has_vnni, "AVX-512 VNNI", int8.schedule_dense_int8),
     "dense_int8_dynamic": int8.schedule_dense_int8_dynamic,
     "dynamic_quantize": int8.schedule_dynamic_quantize,

@@ -628,6 +628,68 @@ register_kiln_op("BF16BlockedConv", inputs=(2, 4), attrs={**_CONV_ATTRS, **_EPIL
                  validate=_validate_bf16_conv)(bf16_blocked_conv)
 
 
+# ``kiln::BF16Dense(A, W, C?)``: ``act(A W + C)`` with A rounded to bf16, bf16 weights and float32 sums.
+#     A is float32 ``[..., K]`` (rows); W holds bf16 bits as uint16, ``[N'/16, K'/2, 16, 2]`` (output
+#     block, input pair, output lane, 2 inputs: ``pack_bf16_dense_weight``), N' and K' the counts
+#     rounded up to 16 and 2 with zeros; C is float32 ``[N']`` or absent; Y is float32 ``[..., n]``.
+
+
+def pack_bf16_dense_weight(w_kn: np.ndarray) -> np.ndarray:
+    """float32 ``[K, N]`` -> bf16 bits ``[N'/16, K'/2, 16, 2]``, zero-padded."""
+    import ml_dtypes
+
+    k, n = w_kn.shape
+    kp, npad = -(-k // 2) * 2, -(-n // 16) * 16
+    full = np.zeros((kp, npad), np.float32)
+    full[:k, :n] = w_kn
+    pairs = full.reshape(kp // 2, 2, npad // 16, 16).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(pairs.astype(ml_dtypes.bfloat16)).view(np.uint16)
+
+
+def unpack_bf16_dense_weight(w: np.ndarray) -> np.ndarray:
+    """bf16 bits ``[N'/16, K'/2, 16, 2]`` -> float32 ``[K', N']``."""
+    import ml_dtypes
+
+    no, kp, lanes, two = w.shape
+    f = np.ascontiguousarray(w, np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    return np.ascontiguousarray(f.transpose(1, 3, 0, 2)).reshape(kp * two, no * lanes)
+
+
+def bf16_dense(a, w, c=None, n=0, activation="", activation_params=()):
+    """kiln::BF16Dense: act(bf16(A) W + C) in float32, the first ``n`` outputs."""
+    wf = unpack_bf16_dense_weight(w)
+    k = a.shape[-1]
+    y = bf16_round(a).astype(np.float64) @ wf[:k].astype(np.float64)
+    if c is not None:
+        y = y + c.astype(np.float64)
+    return (apply_activation(y[..., :n].astype(np.float32), activation, activation_params),)
+
+
+def _bf16_dense_shape(node: Node) -> list[tuple]:
+    a = node.input(0)
+    if a is None or a.shape is None:
+        return [(DType.FLOAT32, None)]
+    return [(DType.FLOAT32, (*a.shape[:-1], node.attr("n", 0)))]
+
+
+def _decompose_bf16_dense(op: Any, node: Node, inputs: Sequence[Value | None], opset: int) -> list[Value]:
+    a, _, c = (list(inputs) + [None])[:3]
+    w = node.input(1)
+    if w is None or not w.is_constant or node.input(0).shape is None:
+        raise ValueError(f"node {node.label()}: a BF16Dense exports only with a constant weight and a known K")
+    k, n = node.input(0).shape[-1], node.attr("n", 0)
+    plain = unpack_bf16_dense_weight(w.numpy())[:k, :n]
+    y = op.MatMul(op.Cast(op.Cast(a, to=16), to=1), op.constant(np.ascontiguousarray(plain)))  # 16: BFLOAT16
+    if c is not None:
+        y = op.Add(y, op.constant(np.ascontiguousarray(node.input(2).numpy()[:n])))
+    return [decompose_activation(op, y, node.attr("activation", "") or "", tuple(node.attr("activation_params", ())
+                                                                                 or ()), opset)]
+
+
+register_kiln_op("BF16Dense", inputs=(2, 3), attrs={"n": (AttrType.INT, 0), **_EPILOGUE_ATTRS},
+                 infer=_bf16_dense_shape, decompose=_decompose_bf16_dense, validate=_validate_epilogue)(bf16_dense)
+
+
 # ``kiln::QBlockedConv(X, W, B, S)``: an int8 conv on blocked tensors, the layout of x86's VNNI
 #     instruction. X is uint8 ``[N, C/16, H, W, 16]``; W is int8 ``[K/16, C/16, kh, kw, 4, 16, 4]``
 #     (input-channel group of 4, output lane, input channel in the group); B is int32 ``[K]`` and

@@ -19,9 +19,8 @@ from kiln.quantize.calibration import read_samples
 if TYPE_CHECKING:
     from kiln.driver import CompileResult
 
-#: the float32 convs the bf16 pass looks at, and the one it makes
-FLOAT_CONVS = ("BlockedConv",)
-BF16_CONVS = ("BF16BlockedConv",)
+#: the bf16 kernels the bf16 pass makes
+BF16_KERNELS = ("BF16BlockedConv", "BF16Dense")
 
 
 def compile_bf16(model: str | os.PathLike, output: str | os.PathLike, *, target: Any, level: str | None = None,
@@ -47,23 +46,25 @@ def compile_bf16(model: str | os.PathLike, output: str | os.PathLike, *, target:
 
 
 def precision_record(result: CompileResult) -> dict[str, Any]:
-    """The manifest's ``precision`` entry: what ran in bf16, and the convs that stayed float32 with why."""
+    """The manifest's ``precision`` entry: what ran in bf16, and the convs and dense layers by constant
+    weights that stayed float32, with why."""
+    from kiln.passes.precision import RULES
+
     nodes = list(result.graph.walk_nodes())
-    kept = {n.name: _why_float(n) for n in nodes if n.domain == "kiln" and n.op_type in FLOAT_CONVS}
-    bf16 = [n for n in nodes if n.domain == "kiln" and n.op_type in BF16_CONVS]
+    kept: dict[str, str] = {}
+    for node in nodes:
+        for rule in RULES:
+            if (node.domain, node.op_type) == (rule.root.node.domain, rule.root.node.op_type):
+                reason = getattr(rule.try_match(node), "reason", "")
+                if reason.startswith("check failed: "):  # not a pattern miss (a product of two activations)
+                    kept[node.name] = reason.removeprefix("check failed: ")
+    bf16 = [n for n in nodes if n.domain == "kiln" and n.op_type in BF16_KERNELS]
     return {
         "compute": "bf16",
-        "scheme": "convs: inputs rounded to bf16 (nearest even), bf16 weights, float32 sums (vdpbf16ps); "
-                  "activations between kernels and every other op in float32",
-        "bf16_convs": len(bf16),
+        "scheme": "convs and dense layers by constant weights: inputs rounded to bf16 (nearest even), bf16 "
+                  "weights, float32 sums (vdpbf16ps); activations between kernels and every other op in float32",
+        "bf16_convs": sum(1 for n in bf16 if n.op_type == "BF16BlockedConv"),
+        "bf16_dense": sum(1 for n in bf16 if n.op_type == "BF16Dense"),
         "bf16_weight_bytes": sum(n.input(1).numpy().nbytes for n in bf16),  # half their float32 bytes
         "kept_float": kept,
     }
-
-
-def _why_float(node: Any) -> str:
-    """Why the bf16 rule leaves ``node`` in float32 (its check's reason)."""
-    from kiln.passes.precision import CONV_BF16
-
-    attempt = CONV_BF16.try_match(node)
-    return getattr(attempt, "reason", None) or "not matched"

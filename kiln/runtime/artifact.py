@@ -377,6 +377,15 @@ def describe(manifest: Mapping[str, Any], signer: Signer | None = None) -> str:
             out.write(f"    kept in float: {name} ({why})\n")
         for line in accuracy_lines(quant.get("accuracy"), against):
             out.write(f"  {line}\n")
+    prec = manifest.get("precision")
+    if isinstance(prec, dict):
+        out.write(f"  precision: {prec.get('compute')} in {prec.get('bf16_convs')} convs and {prec.get('bf16_dense')} "
+                  f"dense layers (bf16 inputs and weights, float32 sums)\n")
+        for name, why in (prec.get("kept_float") or {}).items():
+            out.write(f"    kept in float32: {name} ({why})\n")
+        for line in accuracy_lines(prec.get("accuracy"), f"against the float model on {prec.get('accuracy_samples')} "
+                                                          f"samples"):
+            out.write(f"  {line}\n")
     comp = manifest.get("compression")
     if isinstance(comp, dict) and {"before", "after", "rate"} <= set(comp):
         out.write(f"  {compression_line(comp)}\n")

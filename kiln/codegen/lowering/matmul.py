@@ -196,3 +196,29 @@ def _qlinear_matmul(lw: Lowerer, node: Node) -> list[Any]:
         return te.compute(acc.shape, body, name="qlinear_matmul")
 
     return [lw.emit(compute, *ins, name="qlinear_matmul")]
+
+
+@lowers("BF16Dense", domain="kiln")
+def _bf16_dense(lw: Lowerer, node: Node) -> list[Any]:
+    """The bf16 dense layer of :mod:`kiln.codegen.bf16` on rows, scheduled onto ``vdpbf16ps``."""
+    from kiln.codegen.bf16 import dense_bf16
+
+    n = node.attr("n", 0)
+    act, params = node.attr("activation", "") or "", tuple(node.attr("activation_params", ()) or ())
+    has_c = node.input(2) is not None
+    args = [lw.get(node.input(i)) for i in range(3 if has_c else 2)]
+
+    def compute(a: Any, w: Any, *c: Any) -> Any:
+        def epilogue(acc: Any, i: Any, j: Any) -> Any:
+            v = acc[i, j] + c[0][j] if c else acc[i, j]
+            return activation_expr(v, act, params)
+
+        return dense_bf16(a, w, epilogue, n)
+
+    def product(rows: Any) -> Any:
+        return lw.emit(compute, rows, *args[1:], name=f"bf16_dense_{act.lower() or 'linear'}",
+                       attrs={"kiln.schedule": "dense_bf16"})
+
+    if node.input(0).rank > 2:
+        return [on_rows(lw, args[0], product)]
+    return [product(args[0])]
