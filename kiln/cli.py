@@ -283,10 +283,16 @@ def _quantize_options(args: argparse.Namespace):
 def _prune_options(args: argparse.Namespace):
     """``--prune-channels RATIO`` and its flags as :class:`kiln.quantize.PruneOptions` (None without it)."""
     if args.prune_channels is None:
+        if args.accuracy_budget and not args.quantize:
+            raise KilnError("--accuracy-budget steers --quantize int8 or --prune-channels; give one of them")
         return None
-    from kiln.quantize import PruneOptions
+    from kiln.quantize import Budget, PruneOptions
 
-    return PruneOptions(args.prune_channels, norm=args.prune_norm, eval=args.eval)
+    budget = Budget.parse(args.accuracy_budget) if args.accuracy_budget else None
+    if budget is not None and not args.calib:
+        raise KilnError("--prune-channels with --accuracy-budget needs --calib SAMPLES.npz to measure it on "
+                        "(arrays keyed by input name, leading sample axis)")
+    return PruneOptions(args.prune_channels, norm=args.prune_norm, eval=args.eval, budget=budget, calib=args.calib)
 
 
 def _print_compression(result) -> None:
@@ -301,6 +307,11 @@ def _print_compression(result) -> None:
     if prune:
         print(f"pruned {prune['removed_channels']} channels from {prune['groups']} channel groups "
               f"({prune['fraction']:.1%} of each, {prune['norm']} importance; see kiln inspect for the groups kept)")
+        if "budget" in prune:
+            kept = prune.get("kept_whole") or []
+            print(f"accuracy budget {prune['budget']} on {prune['budget_samples']} samples: {len(kept)} sensitive "
+                  f"groups kept whole; pruned model scores {prune['score']:.5f} (every group alike: "
+                  f"{prune['uniform_score']:.5f}); planned MAC cut {prune.get('planned_mac_rate', 0):.1%}")
     for line in accuracy_lines(entry.get("accuracy"), f"against the unpruned model on {entry.get('accuracy_samples')} "
                                                       f"samples"):
         print(line)
@@ -632,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out samples for the accuracy report (default: the last quarter of --calib)")
     q.add_argument("--sensitivity", action="store_true", help="measure and print each layer's int8 error")
     q.add_argument("--accuracy-budget", metavar="METRIC>=X",
-                   help="keep the most sensitive layers in float until it holds: argmax>=0.99 or cosine>=0.999")
+                   help="keep the most sensitive layers in float (with --prune-channels: whole) until it holds: "
+                        "argmax>=0.99 or cosine>=0.999")
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: convs with bf16 inputs and weights and float32 sums (AVX-512 BF16); --eval "
                         "SAMPLES.npz reports the accuracy against the float model")

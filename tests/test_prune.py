@@ -223,3 +223,58 @@ def test_light_resnet50_pruned_by_30_percent_of_its_macs(tmp_path, capsys):
     assert set(entry["accuracy"]) == {"gpu_0/softmax_1"}
     assert main(["inspect", str(out)]) == 0
     assert "compression: params" in capsys.readouterr().out
+
+
+def _budget_case():
+    """The 1x1 model folded as the pruning job folds it, and 8 samples."""
+    model, _ = _unpadded_model(seed=1)
+    g, _ = PassManager(passes_for(names=FLOAT_PREP)).run(_graph(model))
+    rng = np.random.default_rng(3)
+    return model, g, [{"x": rng.standard_normal((1, 16, 5, 5)).astype(np.float32)} for _ in range(8)]
+
+
+def test_an_accuracy_budget_keeps_the_most_sensitive_groups_whole():
+    from kiln.passes.prune import KEPT_FOR_ACCURACY, prunable_groups
+    from kiln.quantize import Budget, PruneOptions
+    from kiln.quantize.pruning import budgeted_exclusions
+
+    _, g, samples = _budget_case()
+    groups = prunable_groups(g, 16)
+    assert len(groups) == 2  # the residual's channels (r0 and r2 tied by the add) and r1's
+    loose = PruneOptions(0.3, budget=Budget("cosine", 0.0))
+    kept, record = budgeted_exclusions(g, loose, 16, samples, lambda _: None)
+    assert kept == frozenset() and record["budget_met"]
+    uniform = record["uniform_score"]
+    assert uniform < 0.9999  # pruning 30% of random weights moves the outputs
+    tight = Budget("cosine", (uniform + 1) / 2)  # between pruning every group alike and not pruning
+    kept, record = budgeted_exclusions(g, PruneOptions(0.3, budget=tight), 16, samples, lambda _: None)
+    assert record["budget_met"] and record["score"] >= tight.value and kept
+    sensitivity = record["sensitivity"]
+    assert set(sensitivity) == set(groups)
+    assert record["kept_whole"][0] == min(sensitivity, key=sensitivity.get)  # the most sensitive goes first
+    # the groups left prune more, to keep the MAC target
+    alike, whole = prune_channels(g.clone(), 0.3, block=16), prune_channels(g.clone(), 0.3, block=16, exclude=kept)
+    assert len(kept) == len(groups) or whole.fraction > alike.fraction
+    assert all(whole.skipped[name] == KEPT_FOR_ACCURACY for name in kept)
+
+
+def test_a_pruning_budget_compiles_and_is_recorded(tmp_path, capsys):
+    from kiln.cli import main
+
+    model, _, samples = _budget_case()
+    src, out, calib = tmp_path / "m.onnx", tmp_path / "m.kiln", tmp_path / "calib.npz"
+    src.write_bytes(model.SerializeToString())
+    np.savez(calib, x=np.stack([s["x"] for s in samples]))
+    assert main(["compile", str(src), "-o", str(out), "--prune-channels", "0.3", "--accuracy-budget",
+                 "cosine>=0.9999", "--calib", str(calib), "--eval", str(calib)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy budget cosine>=0.9999 on 8 samples" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    pruning = json.loads(capsys.readouterr().out)["compression"]["pruning"]
+    assert pruning["budget_met"] and pruning["score"] >= 0.9999 and pruning["kept_whole"]
+    # without samples to measure on, and without a job to steer: one line, exit 2
+    assert main(["compile", str(src), "-o", str(tmp_path / "n.kiln"), "--prune-channels", "0.3",
+                 "--accuracy-budget", "cosine>=0.99"]) == 2
+    assert "needs --calib" in capsys.readouterr().err
+    assert main(["compile", str(src), "-o", str(tmp_path / "n.kiln"), "--accuracy-budget", "cosine>=0.99"]) == 2
+    assert "steers --quantize int8 or --prune-channels" in capsys.readouterr().err

@@ -138,7 +138,7 @@ def _prunable(cg: ChannelGraph, block: int) -> tuple[list[Space], dict[str, str]
     linked = {id(s) for members in cg.atoms().values() if len({id(s) for s, _ in members}) > 1
               for s, _ in members}
     for s in cg.spaces:
-        name = s.values[0].name if s.values else "?"
+        name = _group_name(s)
         if s.pinned:
             skipped[name] = s.pinned
         elif not s.producers:
@@ -178,11 +178,28 @@ def _planned_macs(cg: ChannelGraph, spaces: list[Space], fraction: float, block:
     return total
 
 
-def prune_channels(graph: Graph, ratio: float, *, norm: str = "l1", block: int = 16) -> PruneReport:
+#: why a group the caller keeps whole (``exclude``) was left whole
+KEPT_FOR_ACCURACY = "kept whole for the accuracy budget (a sensitive group)"
+
+
+def prunable_groups(graph: Graph, block: int = 16) -> list[str]:
+    """The names of the channel groups :func:`prune_channels` may prune (each group's first value)."""
+    spaces, _ = _prunable(ChannelGraph(graph), block)
+    return [_group_name(s) for s in spaces]
+
+
+def _group_name(s: Space) -> str:
+    return s.values[0].name if s.values else "?"
+
+
+def prune_channels(graph: Graph, ratio: float, *, norm: str = "l1", block: int = 16,
+                   exclude: frozenset[str] = frozenset(), fraction: float | None = None) -> PruneReport:
     """Remove the least important output channels so that the model's MACs fall by about ``ratio``.
 
     Every prunable group loses the same fraction of its channels (found by bisection on the MAC
-    count), rounded so that it keeps a multiple of ``block``. Modifies ``graph``; returns what it did.
+    count, or ``fraction`` when given), rounded so that it keeps a multiple of ``block``. The groups
+    named in ``exclude`` (see :func:`prunable_groups`) stay whole, so the others lose more. Modifies
+    ``graph``; returns what it did.
     """
     if not 0 < ratio < 1:
         raise PruneError(f"--prune-channels takes a ratio between 0 and 1 (the share of MACs to remove), not {ratio}")
@@ -195,16 +212,19 @@ def prune_channels(graph: Graph, ratio: float, *, norm: str = "l1", block: int =
     if not spaces:
         raise PruneError("no channel group can be pruned: " + "; ".join(
             f"{k}: {v}" for k, v in list(report.skipped.items())[:3]))
-    target = report.macs_before * (1 - ratio)
-    lo, hi = 0.0, 1.0
-    for _ in range(_BISECT_STEPS):
-        mid = (lo + hi) / 2
-        if _planned_macs(cg, spaces, mid, block) > target:
-            lo = mid
-        else:
-            hi = mid
-    fraction = hi if abs(_planned_macs(cg, spaces, hi, block) - target) <= abs(
-        _planned_macs(cg, spaces, lo, block) - target) else lo
+    report.skipped.update({_group_name(s): KEPT_FOR_ACCURACY for s in spaces if _group_name(s) in exclude})
+    spaces = [s for s in spaces if _group_name(s) not in exclude]
+    if fraction is None:
+        target = report.macs_before * (1 - ratio)
+        lo, hi = 0.0, 1.0
+        for _ in range(_BISECT_STEPS):
+            mid = (lo + hi) / 2
+            if _planned_macs(cg, spaces, mid, block) > target:
+                lo = mid
+            else:
+                hi = mid
+        fraction = hi if abs(_planned_macs(cg, spaces, hi, block) - target) <= abs(
+            _planned_macs(cg, spaces, lo, block) - target) else lo
     report.fraction, report.macs_planned = fraction, _planned_macs(cg, spaces, fraction, block)
     drop: dict[int, np.ndarray] = {}
     for s in spaces:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,3 +46,5 @@ class PruneOptions:
     ratio: float  # the share of the model's MACs to remove
     norm: str = "l1"  # how a channel's importance is measured: l1 or l2 of its filters
     eval: str | None = None  # held-out samples for the accuracy report against the unpruned model
+    budget: Any = None  # a kiln.quantize.accuracy.Budget: sensitive groups are kept whole until it holds
+    calib: str | None = None  # the samples the budget is measured on (with budget)
