@@ -178,6 +178,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from kiln.driver import compile as compile_model
 
     _check_rule_name(args.explain)
+    _check_job_flags(args)
     if args.report:
         from kiln.report import check_output
 
@@ -257,6 +258,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"wrote {private} (private: keep it secret) and {public} (public: give it to kiln run --trust); "
           f"key {key_id(load_public_key(public))}")
     return 0
+
+
+def _check_job_flags(args: argparse.Namespace) -> None:
+    """Refuse a compression job's flag given without its job, rather than ignore it."""
+    job = args.quantize or args.prune_channels is not None or args.precision != "fp32"
+    if args.eval and not job:
+        raise KilnError("--eval reports the accuracy of --quantize, --prune-channels or --precision bf16 against "
+                        "the float model; a plain compile changes no numbers to report")
+    if args.calib and not (args.quantize == "int8" or (args.prune_channels is not None and args.accuracy_budget)):
+        raise KilnError("--calib gives --quantize int8 its calibration samples (or --prune-channels "
+                        "--accuracy-budget its samples to measure on); it does nothing here")
 
 
 def _quantize_options(args: argparse.Namespace):

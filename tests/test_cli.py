@@ -264,3 +264,16 @@ def test_a_closed_pipe_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert err == ""
+
+
+def test_a_compression_flag_without_its_job_is_refused(tmp_path, capsys):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [f32("x", [1, 4])], [f32("y", [1, 4])])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "s.npz", x=np.zeros((2, 1, 4), np.float32))
+    out = str(tmp_path / "m.kiln")
+    assert main(["compile", str(src), "-o", out, "--eval", str(tmp_path / "s.npz")]) == 2
+    assert "--eval reports the accuracy of" in capsys.readouterr().err
+    assert main(["compile", str(src), "-o", out, "--calib", str(tmp_path / "s.npz")]) == 2
+    assert "--calib gives --quantize int8" in capsys.readouterr().err
+    assert not (tmp_path / "m.kiln").exists()
