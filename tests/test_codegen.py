@@ -501,13 +501,15 @@ def _blocked_schedules_apply_and_match(model, kinds: set[str], sample: tuple[int
 @pytest.mark.parametrize("group,width,dilation", [(2, 32, 1), (4, 16, 2), (3, 48, 3)])
 def test_o3_grouped_convs_run_blocked_and_match_onnxruntime(group, width, dilation, tmp_path):
     """Grouped convs whose groups are whole blocks of 16 channels (ResNeXt- and RegNet-style, and
-    dilated ones) run in the blocked layout with the conv schedule; narrower groups stay NCHW."""
+    dilated ones) run in the blocked layout with the conv schedule; so do groups of 8, two to a
+    block; groups of 2 (eight to a block) stay NCHW."""
     from onnx import numpy_helper
 
     rng = np.random.default_rng(group)
     c = group * width
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
-             for n, s in (("w0", (c, 3, 3, 3)), ("wg", (c, width, 3, 3)), ("bg", (c,)), ("w8", (c, 8, 1, 1)))]
+             for n, s in (("w0", (c, 3, 3, 3)), ("wg", (c, width, 3, 3)), ("bg", (c,)), ("w8", (c, 8, 1, 1)),
+                          ("w2", (c, 2, 1, 1)))]
     model = make_model([
         helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),
@@ -515,10 +517,37 @@ def test_o3_grouped_convs_run_blocked_and_match_onnxruntime(group, width, dilati
                          group=group),
         helper.make_node("Add", ["g", "r"], ["s"]),
         helper.make_node("Relu", ["s"], ["t"]),
-        helper.make_node("Conv", ["t", "w8"], ["y"], group=c // 8),  # 8 channels per group: stays NCHW
+        helper.make_node("Conv", ["t", "w8"], ["u"], group=c // 8),  # 8 channels per group: two to a block
+        helper.make_node("Conv", ["u", "w2"], ["y"], group=c // 2),  # 2 channels per group: stays NCHW
     ], [f32("x", ["N", 3, 13, 14])], [f32("y", None)], inits)
     ops = _blocked_schedules_apply_and_match(model, {"conv_nchwc"}, (3, 13, 14), rng, tmp_path)
-    assert ops.count("BlockedConv") == 2 and ops.count("Conv") == 1
+    assert ops.count("BlockedConv") == 3 and ops.count("Conv") == 1
+
+
+@pytest.mark.parametrize("width", [8, 4])
+def test_o3_narrow_groups_merge_into_blocks_and_match_onnxruntime(width, tmp_path):
+    """RegNet's 104 channels in groups of 8 (13 groups: the last block holds one group and padding),
+    and ResNeXt-style groups of 4, merge into one-block groups with block-diagonal weights."""
+    from onnx import numpy_helper
+
+    from kiln.passes.layout import merge_group_weight
+
+    rng = np.random.default_rng(width)
+    c = 104
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+             for n, s in (("w0", (c, 3, 3, 3)), ("wg", (c, width, 3, 3)), ("bg", (c,)))]
+    model = make_model([
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "wg", "bg"], ["g"], pads=[1, 1, 1, 1], strides=[2, 2], group=c // width),
+        helper.make_node("Relu", ["g"], ["y"]),
+    ], [f32("x", ["N", 3, 11, 12])], [f32("y", None)], inits)
+    ops = _blocked_schedules_apply_and_match(model, {"conv_nchwc"}, (3, 11, 12), rng, tmp_path)
+    assert ops.count("BlockedConv") == 2 and "Conv" not in ops
+    merged = merge_group_weight(np.arange(2 * 3 * 4, dtype=np.float32).reshape(6, 2, 1, 2), 3, 2)
+    assert merged.shape == (6, 4, 1, 2)
+    np.testing.assert_array_equal(merged[2:4, :2], 0)  # group 1 sits in lanes 2-3 of its merged group
+    np.testing.assert_array_equal(merged[2:4, 2:], np.arange(8, 16, dtype=np.float32).reshape(2, 2, 1, 2))
 
 
 def test_o3_pooling_runs_blocked_and_matches_onnxruntime(tmp_path):

@@ -84,7 +84,42 @@ def conv_blocks(node: Node, x: Value, w: Value, block: int) -> tuple[int, int]:
         return block, block
     if c_in % group == 0 and c_out % group == 0 and (c_in // group) % block == 0 and (c_out // group) % block == 0:
         return block, block  # each group is whole blocks of input and output channels
-    raise MatchFailure(f"grouped conv (group {group}) whose groups are not whole blocks of {block} channels")
+    if merged_groups(node, x, w, block):
+        return block, block  # narrow groups, merged into groups of one block (see merged_groups)
+    raise MatchFailure(f"grouped conv (group {group}) whose groups are not whole blocks of {block} channels, nor "
+                       f"a divisor of {block} that {MAX_GROUP_MERGE} or fewer fill")
+
+
+#: narrow groups merged into one block at most: a block of r groups multiplies r - 1 zero blocks
+#: for each one it needs, so r times the MACs
+MAX_GROUP_MERGE = 4
+
+
+def merged_groups(node: Node, x: Value, w: Value, block: int) -> int:
+    """How many groups of a grouped conv one block of lanes takes (0: the conv is not such a one).
+
+    A group narrower than a block (RegNet's and ResNeXt's width 8 or 4 on AVX-512) would leave the
+    blocked kernel; instead ``r = block / width`` neighbouring groups become one group of a whole
+    block, with a block-diagonal weight (zeros between the merged groups: exact, at r times the
+    MACs). The channels pad to whole blocks as any conv's do, the last group with zero groups."""
+    c_in, c_out, group = x.shape[1], w.shape[0], node.attr("group", 1)
+    if group == 1 or not isinstance(c_in, int) or c_in % group or c_out % group:
+        return 0
+    width = c_in // group
+    if width != c_out // group or width >= block or block % width or block // width > MAX_GROUP_MERGE:
+        return 0
+    return block // width
+
+
+def merge_group_weight(w: np.ndarray, group: int, r: int) -> np.ndarray:
+    """``[O, width, kh, kw]`` in ``group`` groups -> ``[O, r·width, kh, kw]`` in groups of ``r`` (block-diagonal)."""
+    o, width, kh, kw = w.shape
+    out = np.zeros((o, r * width, kh, kw), w.dtype)
+    per = o // group  # output channels per original group
+    for g in range(group):
+        at = (g % r) * width
+        out[g * per:(g + 1) * per, at:at + width] = w[g * per:(g + 1) * per]
+    return out
 
 
 def _is_depthwise(node: Node, x: Value, w: Value) -> bool:
@@ -124,11 +159,15 @@ def _conv_rule(core: str, block: int) -> RewriteRule:
         c_out = w.shape[0]
         attrs = copy_attrs(conv, "auto_pad")
         attrs.setdefault("kernel_shape", list(w.shape[2:]))
+        weight = w.numpy()
         if depthwise:
             attrs["group"] = _padded(c_out, bo)
+        elif (r := merged_groups(conv, x, w, block)):
+            weight = merge_group_weight(weight, attrs["group"], r)
+            attrs["group"] = _padded(c_out, bo) // bo
         xb = op.kiln.ToBlocked(x, block=bi)
         zb = op.kiln.ToBlocked(z, block=bo) if z is not None else None
-        packed = op.constant(pack_weight(w.numpy(), bi, bo, depthwise), f"{w.name}_packed")
+        packed = op.constant(pack_weight(weight, bi, bo, depthwise), f"{w.name}_packed")
         bias = None
         if b is not None:
             full = np.zeros(_padded(c_out, bo), b.dtype.numpy)
