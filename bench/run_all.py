@@ -24,6 +24,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -142,11 +144,30 @@ def _best(report) -> float:
     return max(x for x in (report.ratio("onnxruntime"), report.ratio("openvino")) if x is not None)
 
 
-def _row(label: str, batch: int, report, build: str, tvm_cell: str, tvm_ratio: str) -> str:
+def _row(label: str, batch: int, report, build: str, tvm_cell: str, tvm_ratio: str,
+         failed: dict[str, str] | None = None) -> str:
     ov = report.ratio("openvino")
+    ov_cell = f"fails: {failed['openvino'][:60]}" if failed and "openvino" in failed else _cell(report, 'openvino')
     return (f"| {label} | {batch} | {_cell(report, 'kiln')} | {_cell(report, 'onnxruntime')} "
-            f"| **{report.ratio('onnxruntime'):.3f}** | {_cell(report, 'openvino')} "
+            f"| **{report.ratio('onnxruntime'):.3f}** | {ov_cell} "
             f"| {'' if ov is None else f'**{ov:.3f}**'} | {_best(report):.3f} | {build} | {tvm_cell} | {tvm_ratio} |")
+
+
+def _bench_peers(path: Path, artifact: Path, peers: tuple[str, ...], batch: int, args: argparse.Namespace,
+                 shapes: dict, feeds: Any) -> tuple[Any, dict[str, str]]:
+    """``kiln bench`` of the artifact against ``peers``; a peer that cannot load the model is left out
+    (its reason returned), so that the others are still timed."""
+    failed: dict[str, str] = {}
+    while True:
+        left = tuple(p for p in peers if p not in failed)
+        try:
+            return bench(path, artifact=artifact, against=left, batch=batch, rounds=args.rounds,
+                         iterations=args.iterations, input_shapes=shapes, inputs=feeds), failed
+        except KilnError as e:
+            m = re.match(r"engine (\S+) failed to load: (.*)", str(e))
+            if not m or m.group(1) not in left or len(left) == 1:
+                raise
+            failed[m.group(1)] = " ".join(m.group(2).split())
 
 
 def _geomean(xs: list[float]) -> str:
@@ -198,8 +219,7 @@ def main() -> int:
             try:
                 seconds, gb = _compile(path, shapes, artifact)
                 build = f"{seconds:.0f} s, {gb:.2f} GB"
-                ort = bench(path, artifact=artifact, against=peers, batch=batch, rounds=args.rounds,
-                            iterations=args.iterations, input_shapes=shapes, inputs=feeds)
+                ort, failed = _bench_peers(path, artifact, peers, batch, args, shapes, feeds)
             except KilnError as e:  # a compile, or an engine, that fails: the row says why, the others still run
                 rows.append(f"| {case.label} | {batch} | fails: {' '.join(str(e).split())[:160]} |  |  |  |  |  |  |  |  |")
                 print("   ", rows[-1], flush=True)
@@ -208,7 +228,8 @@ def main() -> int:
                 artifact.unlink(missing_ok=True)
             if batch == 1:
                 for peer in peers:
-                    ratios[peer].append(ort.ratio(peer))
+                    if ort.ratio(peer) is not None:
+                        ratios[peer].append(ort.ratio(peer))
                 ratios["best"].append(_best(ort))
             tvm_cell, tvm_ratio = "not run", ""
             if case.tvm and batch == 1:
@@ -219,7 +240,7 @@ def main() -> int:
                     tvm_ratio = f"{tv.ratio('tvm'):.4f}"
                 except KilnError as e:
                     tvm_cell = f"fails: {str(e).split(': ', 2)[-1][:60]}"
-            rows.append(_row(case.label, batch, ort, build, tvm_cell, tvm_ratio))
+            rows.append(_row(case.label, batch, ort, build, tvm_cell, tvm_ratio, failed))
             print("   ", rows[-1], flush=True)
             if batch == 1 and case.name in tuned:
                 print(f"[bench] {case.label}, batch 1, tuned", flush=True)

@@ -21,6 +21,9 @@ CASES = {  # name: (q/k/v shape [B, H, S, D], mask shape or None, rows of the ma
     "no mask": ((1, 2, 50, 32), None, 0),
     "a causal 2-D mask with fully masked rows": ((1, 4, 24, 16), (24, 24), 3),
     "symbolic sequence": ((1, 2, "S", 64), (1, 1, 1, "S"), 0),
+    # static counts the tiles do not divide are padded: ViT-B/16's 197 tokens, a Swin window's 49
+    "vit 197 tokens": ((1, 12, 197, 64), None, 0),
+    "swin window of 49 with a mask": ((4, 3, 49, 32), (4, 1, 49, 49), 2),
     # beyond 512 keys: Q.Kt (a key count the vectors do not divide), softmax and P.V as three kernels
     "long sequence": ((1, 2, 600, 24), (1, 1, 1, 600), 0),
     "long sequence with fully masked rows": ((1, 2, 520, 16), (520, 520), 5),
