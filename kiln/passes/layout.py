@@ -17,7 +17,10 @@ the transforms out of the way, so that only the boundaries of the blocked region
 - ``gemm-weight-kn``, ``fused-gemm-weight-kn``: a Gemm by a constant ``B^T`` stores B as
   ``[K, N]``, the layout of the dense kernel (vectors along N);
 - ``matmul-pad-n``, ``gemm-pad-n``, ``fused-gemm-pad-n``: a product by a constant ``[K, N]``
-  computes N rounded up to whole vectors (zero columns), then slices.
+  computes N rounded up to whole vectors (zero columns), then slices;
+- ``matmul-pad-rows``, ``fused-gemm-pad-rows``: one whose static row count has no divisor of 4
+  (ViT's 197 tokens) computes zero rows up to one, then slices: the dense kernel keeps its
+  4-row register tile.
 
 Eligible convs are 2-D and float32 with a static channel count: group 1 (the input channels
 form blocks of ``b``, or one block when fewer, as in an RGB stem), depthwise, or grouped with
@@ -918,14 +921,81 @@ MOVE_RULES = [UNBLOCK_REBLOCK, BLOCKED_CONCAT, _blocked_pool_rule("MaxPool"), _b
               *(_blocked_binary_rule(o) for o in BINARY_OPS)]
 
 
+#: rows of the dense kernel's register tile; a product whose row count it does not divide (ViT's 197
+#: tokens) got 1-row tiles, which re-read the weights for every row (57-100 GFLOP/s, not about 200)
+DENSE_ROW_TILE = 4
+#: row counts below this keep their rows (the weights stay in cache for a few rows)
+MIN_PADDED_ROWS = 16
+
+
+def _dense_rows_rule(core: str) -> RewriteRule:
+    """A product by a constant ``[K, N]`` whose static row count has no divisor of
+    :data:`DENSE_ROW_TILE` computes zero rows up to one (padding its token axis, the second
+    to last) and slices them off the result: exact, and the dense kernel keeps its row tile."""
+
+    if core == "matmul":
+        def pattern(op, a, b=Const()):
+            return op.MatMul(a, b, _name="mm")
+    else:
+        def pattern(op, a, b=Const(), c=Const()):
+            return op.kiln.FusedGemm(a, b, Optional(c), _name="mm")
+
+    def check(ctx: MatchContext, a: Value, b: Value, mm: Node, c: Value | None = None) -> None:
+        if b.rank != 2 or b.dtype != DType.FLOAT32 or mm.attr("transA", 0) or mm.attr("transB", 0):
+            raise MatchFailure("B is not a 2-D float32 [K, N] constant (or an operand is transposed)")
+        if a.shape is None or a.rank < 2 or not all(isinstance(d, int) for d in a.shape):
+            raise MatchFailure("A's shape is not static")
+        m = int(np.prod(a.shape[:-1]))
+        if m < MIN_PADDED_ROWS or m % DENSE_ROW_TILE == 0:
+            raise MatchFailure(f"M = {m} needs no padding")
+        if c is not None and c.shape and (c.rank > 2 or (c.rank == 2 and c.shape[0] != 1)):
+            raise MatchFailure("C varies along the rows")
+
+    def rewrite(op, a, b, mm, c=None):
+        axis, rank = a.rank - 2, a.rank
+        rows, lead = a.shape[axis], int(np.prod(a.shape[:axis]))
+        grown = next(r for r in range(rows + 1, rows + DENSE_ROW_TILE + 1) if (lead * r) % DENSE_ROW_TILE == 0)
+        pads = np.zeros(2 * rank, np.int64)
+        pads[rank + axis] = grown - rows
+
+        def i64(v: int) -> Value:
+            return op.constant(np.array([v], np.int64))
+
+        ap = op.Pad(a, op.constant(pads)) if op.opset >= 11 else op.Pad(a, pads=pads.tolist())
+        y = op.MatMul(ap, b) if core == "matmul" else op.kiln.FusedGemm(ap, b, c, **copy_attrs(mm))
+        # typed here: the layout pass's later sweeps read these shapes before inference runs again
+        ap.dtype, ap.shape = a.dtype, (*a.shape[:axis], grown, a.shape[-1])
+        y.dtype, y.shape = a.dtype, (*a.shape[:axis], grown, b.shape[1])
+        if op.opset >= 10:
+            return op.Slice(y, i64(0), i64(rows), i64(axis))
+        return op.Slice(y, starts=[0], ends=[rows], axes=[axis])
+
+    def example() -> Graph:
+        rng = _rng()
+
+        def build(op, x):  # 19 tokens: no divisor of 4
+            b = op.constant(rng.standard_normal((20, 32)).astype(np.float32))
+            if core == "matmul":
+                return op.MatMul(x, b)
+            return op.kiln.FusedGemm(x, b, op.constant(rng.standard_normal(32).astype(np.float32)),
+                                     activation="Relu")
+
+        return example_graph(f"{core}_rows", {"x": (DType.FLOAT32, (1, 19, 20))}, build)
+
+    return RewriteRule(f"{core}-pad-rows", pattern, rewrite, check=check, example=example,
+                       description=f"A {core.replace('-', ' ')} by a constant [K, N] whose row count has no divisor "
+                                   f"of {DENSE_ROW_TILE} computes zero rows up to one, then slices them off.")
+
+
 GEMM_RULES = [_gemm_kn_rule("gemm"), _gemm_kn_rule("fused-gemm")]
+ROW_RULES = [_dense_rows_rule("matmul"), _dense_rows_rule("fused-gemm")]
 
 
 def layout_rules(block: int) -> list[RewriteRule]:
     """The layout rules for a block size (lanes per vector)."""
     int8 = [QLINEARCONV_BLOCKED, *QRESIDUAL_RULES, *QACTIVATION_RULES, *QDENSE_RULES] if block == INT8_BLOCK else []  # 16 int32 lanes: AVX-512
     return [_conv_rule("conv", block), _conv_rule("fused-conv", block), *int8, *DYN_QDENSE_RULES, *MOVE_RULES,
-            *GEMM_RULES,
+            *GEMM_RULES, *ROW_RULES,
             *(_dense_pad_rule(core, block) for core in ("matmul", "gemm", "fused-gemm"))]
 
 
