@@ -150,8 +150,10 @@ def compile(
     if quantize is not None and prune is not None:
         raise KilnError("--quantize and --prune-channels are separate jobs today; prune, then quantize the pruned "
                         "model (kiln optimize writes it)")
-    if precision not in ("fp32", "bf16"):
-        raise KilnError(f"unknown precision '{precision}'; use fp32 or bf16")
+    from kiln.passes.pipeline import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise KilnError(f"unknown precision '{precision}'; use {' or '.join(PRECISIONS)}")
     if precision == "bf16" and (quantize is not None or prune is not None):
         raise KilnError("--precision bf16 is a float job of its own; it does not combine with --quantize or "
                         "--prune-channels")

@@ -577,3 +577,23 @@ def test_zero_pad_before_maxpool_does_not_fold():
     g = example_graph("p", {"x": (DType.FLOAT32, (1, 1, 4, 4))}, build)
     stats = apply_rules(g, [PAD_MAXPOOL])
     assert stats.fired == {} and "MaxPool pads with -inf; this Pad fills 0.0" in stats.near_miss["pad-maxpool"].reason
+
+
+def test_pad_rows_pads_the_row_axis_that_grows_the_rows_least():
+    """[19, 1, K] (tokens first, as torchvision's attention projections run) pads its 19 to 20,
+    not its 1 to 4, which would quadruple the product; the numbers stay the same."""
+    from kiln.passes import RULES, apply_rules
+    from kiln.passes.rules import example_graph
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 32)).astype(np.float32)
+
+    def build(op, x):
+        return op.MatMul(x, op.constant(w))
+
+    g = example_graph("rows_first", {"x": (DType.FLOAT32, (19, 1, 20))}, build)
+    assert apply_rules(g, [RULES["matmul-pad-rows"]]).fired.get("matmul-pad-rows") == 1
+    (pad,) = [n for n in g.nodes if n.op_type == "Pad"]
+    assert pad.outputs[0].shape == (20, 1, 20)
+    x = rng.standard_normal((19, 1, 20)).astype(np.float32)
+    np.testing.assert_allclose(evaluate(g, {"x": x})[g.outputs[0].name], x @ w, rtol=1e-5, atol=1e-5)

@@ -100,6 +100,24 @@ def _transpose(node: Node) -> list[MaybeShape]:
     return [tuple(s[p] for p in perm)] if len(perm) == len(s) else [None]
 
 
+@rule("Pad")
+def _pad(node: Node) -> list[MaybeShape]:
+    """Each padded axis grows by its two pads (constant pads; opset 18's ``axes`` too)."""
+    s = _shape(node.input(0))
+    pads = list(node.attr("pads", ()) or ()) or const_ints(node.input(1))
+    if s is None or pads is None:
+        return [None]
+    axes = const_ints(node.input(3)) if len(node.inputs) > 3 else None
+    axes = [normalize_axis(a, len(s)) for a in axes] if axes is not None else list(range(len(s)))  # pads' order
+    if len(pads) != 2 * len(axes):
+        return [None]
+    out: list[Dim | None] = list(s)
+    for k, a in enumerate(axes):
+        grow = pads[k] + pads[k + len(axes)]
+        out[a] = out[a] + grow if isinstance(out[a], int) else (out[a] if grow == 0 else None)
+    return [tuple(out)]
+
+
 # ---------------------------------------------------------------- shape-tensor values
 #
 # Small integer tensors computed from ``Shape`` (``Shape → Gather → Concat → Reshape``) hold dims.

@@ -930,8 +930,8 @@ MIN_PADDED_ROWS = 16
 
 def _dense_rows_rule(core: str) -> RewriteRule:
     """A product by a constant ``[K, N]`` whose static row count has no divisor of
-    :data:`DENSE_ROW_TILE` computes zero rows up to one (padding its token axis, the second
-    to last) and slices them off the result: exact, and the dense kernel keeps its row tile."""
+    :data:`DENSE_ROW_TILE` computes zero rows up to one (padding the row axis that grows the rows
+    least) and slices them off the result: exact, and the dense kernel keeps its row tile."""
 
     if core == "matmul":
         def pattern(op, a, b=Const()):
@@ -952,20 +952,25 @@ def _dense_rows_rule(core: str) -> RewriteRule:
             raise MatchFailure("C varies along the rows")
 
     def rewrite(op, a, b, mm, c=None):
-        axis, rank = a.rank - 2, a.rank
-        rows, lead = a.shape[axis], int(np.prod(a.shape[:axis]))
-        grown = next(r for r in range(rows + 1, rows + DENSE_ROW_TILE + 1) if (lead * r) % DENSE_ROW_TILE == 0)
+        rank = a.rank
+        m = int(np.prod(a.shape[:-1]))
+
+        def grown(axis: int) -> int:  # the axis's smallest size that makes the rows a multiple of the tile
+            other = m // a.shape[axis]
+            return next(r for r in range(a.shape[axis] + 1, a.shape[axis] + DENSE_ROW_TILE + 1)
+                        if (other * r) % DENSE_ROW_TILE == 0)
+
+        # the row axis that grows the rows least ([197, 1, K] pads its 197, not its 1)
+        axis = min(range(rank - 1), key=lambda ax: (m // a.shape[ax] * grown(ax), -ax))
+        rows = a.shape[axis]
         pads = np.zeros(2 * rank, np.int64)
-        pads[rank + axis] = grown - rows
+        pads[rank + axis] = grown(axis) - rows
 
         def i64(v: int) -> Value:
             return op.constant(np.array([v], np.int64))
 
         ap = op.Pad(a, op.constant(pads)) if op.opset >= 11 else op.Pad(a, pads=pads.tolist())
         y = op.MatMul(ap, b) if core == "matmul" else op.kiln.FusedGemm(ap, b, c, **copy_attrs(mm))
-        # typed here: the layout pass's later sweeps read these shapes before inference runs again
-        ap.dtype, ap.shape = a.dtype, (*a.shape[:axis], grown, a.shape[-1])
-        y.dtype, y.shape = a.dtype, (*a.shape[:axis], grown, b.shape[1])
         if op.opset >= 10:
             return op.Slice(y, i64(0), i64(rows), i64(axis))
         return op.Slice(y, starts=[0], ends=[rows], axes=[axis])

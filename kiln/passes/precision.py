@@ -93,8 +93,8 @@ def _dense_rule(core: str) -> RewriteRule:
             raise MatchFailure("a transposed operand; the bf16 kernel takes A [.., K] and B [K, N]")
         if mm.attr("alpha", 1.0) != 1.0 or (c is not None and mm.attr("beta", 1.0) != 1.0):
             raise MatchFailure("alpha or beta is not 1")
-        if c is not None and (c.shape is None or _static_product(c.shape) not in (1, b.shape[1])
-                              or (c.rank == 2 and c.shape[0] != 1)):
+        if c is not None and (c.shape is None or (c.shape and c.shape[-1] not in (1, b.shape[1]))
+                              or any(d != 1 for d in c.shape[:-1])):
             raise MatchFailure(f"C {c.shape} does not broadcast along N alone")
 
     def rewrite(op, a, b, mm, c=None):
@@ -130,15 +130,6 @@ def _dense_rule(core: str) -> RewriteRule:
                        atol=BF16_ATOL,
                        description=f"A {core.replace('-', ' ')} by a constant float32 [K, N] becomes kiln::BF16Dense: "
                                    "bf16 weights packed in pairs, its input rounded to bf16, float32 sums.")
-
-
-def _static_product(shape) -> int | None:
-    out = 1
-    for d in shape:
-        if not isinstance(d, int):
-            return None
-        out *= d
-    return out
 
 
 DENSE_RULES = [_dense_rule(core) for core in ("fused-gemm", "gemm", "matmul")]
